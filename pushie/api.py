@@ -1,0 +1,251 @@
+# -*- test-case-name: tests.test_publish -*-
+"""
+The HTTP API: C{POST /publish}, and the mapping of L{PushieError} to JSON
+answers, done here and only here.
+
+A publish body is parsed and validated whole before anything reaches the Hub,
+so a request that gets an error publishes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request
+
+from pushie.auth import Guard
+from pushie.channels import Publication, PublishRequest, check_channel, dumps
+from pushie.errors import EngineUnavailable, PushieError, bad_request
+from pushie.hub import Hub
+from pushie.logs import Throttle
+
+MAX_BATCH = 100
+MAX_EVENT_LENGTH = 128
+MAX_IDEMPOTENCY_KEY_LENGTH = 256
+
+log = Logger()
+
+
+def write_json(request: Request, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
+    """Answer C{request} with a JSON body and finish it, unless the client has gone."""
+    if getattr(request, "_disconnected", False) or request.finished:
+        return
+    request.setResponseCode(status)
+    request.setHeader(b"content-type", b"application/json")
+    request.setHeader(b"cache-control", b"no-store")
+    for name, value in (headers or {}).items():
+        request.setHeader(name.encode("ascii"), value.encode("ascii"))
+    request.write(body)
+    request.finish()
+
+
+def write_error(request: Request, error: PushieError) -> None:
+    """The one mapping of a L{PushieError} to an HTTP answer."""
+    write_json(request, error.status, error.to_json(), error.headers)
+
+
+def json_error_page(status: int, code: str, message: str) -> Resource:
+    """A resource that answers every method with one JSON error."""
+    return ErrorResource(PushieError(status, code, message))
+
+
+class ErrorResource(Resource):
+    isLeaf = True
+
+    def __init__(self, error: PushieError) -> None:
+        super().__init__()
+        self.error = error
+
+    def render(self, request: Request) -> int:
+        write_error(request, self.error)
+        return NOT_DONE_YET
+
+
+# -- parsing ----------------------------------------------------------------
+
+_SINGLE_FIELDS = frozenset({"channel", "channels", "data", "event", "idempotency_key"})
+
+
+def _fold_keys(obj: dict[str, Any], where: str) -> dict[str, Any]:
+    """Lower-case the field names of a publication; refuse ambiguous or unknown ones."""
+    folded: dict[str, Any] = {}
+    for key, value in obj.items():
+        lower = key.lower()
+        if lower in folded:
+            raise bad_request("invalid_body", f"{where}: field {lower!r} is given twice (field names ignore case)")
+        if lower not in _SINGLE_FIELDS:
+            raise bad_request(
+                "unknown_field",
+                f"{where}: unknown field {key!r}; use channel or channels, data, event, idempotency_key",
+            )
+        folded[lower] = value
+    return folded
+
+
+def _options(fields: dict[str, Any], where: str) -> tuple[str, str | None]:
+    event = fields.get("event", "message")
+    if not isinstance(event, str) or not 1 <= len(event) <= MAX_EVENT_LENGTH:
+        raise bad_request("invalid_event", f"{where}: \"event\" must be a string of 1 to {MAX_EVENT_LENGTH} characters")
+    key = fields.get("idempotency_key")
+    if key is not None and (not isinstance(key, str) or not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY_LENGTH):
+        raise bad_request(
+            "invalid_idempotency_key",
+            f"{where}: \"idempotency_key\" must be a string of 1 to {MAX_IDEMPOTENCY_KEY_LENGTH} characters",
+        )
+    return event, key
+
+
+def _data(fields: dict[str, Any], where: str) -> bytes:
+    if "data" not in fields:
+        raise bad_request("missing_data", f"{where}: \"data\" is required (null is allowed)")
+    return dumps(fields["data"])
+
+
+def parse_publish_body(body: bytes) -> tuple[list[PublishRequest], bool]:
+    """
+    Parse and validate a C{/publish} body.
+
+    @return: the publications, in order, and whether the answer is a single
+        object (the body named one C{channel}) rather than C{{"results": [...]}}.
+    @raise PushieError: 400 with a code and a message naming the fault.
+    """
+    try:
+        parsed = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise bad_request("invalid_json", "the body is not valid JSON") from None
+    if isinstance(parsed, dict):
+        fields = _fold_keys(parsed, "body")
+        event, key = _options(fields, "body")
+        if "channel" in fields and "channels" in fields:
+            raise bad_request("invalid_body", "give either \"channel\" or \"channels\", not both")
+        if "channel" in fields:
+            channel = check_channel(fields["channel"])
+            return [PublishRequest(channel, _data(fields, "body"), event, key)], True
+        if "channels" in fields:
+            names = fields["channels"]
+            if not isinstance(names, list) or not 1 <= len(names) <= MAX_BATCH:
+                raise bad_request("invalid_channels", f"\"channels\" must be a list of 1 to {MAX_BATCH} channel names")
+            checked = [check_channel(n) for n in names]
+            if len(set(checked)) != len(checked):
+                raise bad_request("invalid_channels", "\"channels\" names a channel more than once")
+            data = _data(fields, "body")
+            return [PublishRequest(c, data, event, key) for c in checked], False
+        raise bad_request("missing_channel", "the body needs a \"channel\" (or a \"channels\" list)")
+    if isinstance(parsed, list):
+        if not 1 <= len(parsed) <= MAX_BATCH:
+            raise bad_request("invalid_batch", f"a batch holds 1 to {MAX_BATCH} publications")
+        requests = []
+        for index, item in enumerate(parsed):
+            where = f"publication {index}"
+            if not isinstance(item, dict):
+                raise bad_request("invalid_batch", f"{where}: each item of a batch must be an object")
+            fields = _fold_keys(item, where)
+            if "channels" in fields:
+                raise bad_request("invalid_batch", f"{where}: batch items take one \"channel\" each")
+            if "channel" not in fields:
+                raise bad_request("missing_channel", f"{where}: \"channel\" is required")
+            channel = check_channel(fields["channel"])
+            event, key = _options(fields, where)
+            requests.append(PublishRequest(channel, _data(fields, where), event, key))
+        return requests, False
+    raise bad_request("invalid_body", "the body must be a JSON object or an array of objects")
+
+
+def is_json_content_type(value: bytes | None) -> bool:
+    """Whether a C{Content-Type} header value says JSON (C{application/json}, any parameters)."""
+    if value is None:
+        return False
+    media_type, _, params = value.decode("latin-1").partition(";")
+    if media_type.strip().lower() != "application/json":
+        return False
+    for param in params.split(";"):
+        name, _, charset = param.partition("=")
+        if name.strip().lower() == "charset" and charset.strip().strip('"').lower() not in ("utf-8", "utf8"):
+            return False
+    return True
+
+
+def result_of(publication: Publication) -> dict[str, Any]:
+    return {"channel": publication.channel, "offset": publication.offset, "epoch": publication.epoch}
+
+
+# -- resources --------------------------------------------------------------
+
+
+class JSONResource(Resource):
+    """A leaf that answers unsupported methods with a JSON 405 and an C{Allow} header."""
+
+    isLeaf = True
+    allowed_methods: tuple[bytes, ...] = ()
+
+    def render(self, request: Request) -> Any:
+        method = request.method
+        if method not in self.allowed_methods and not (method == b"HEAD" and b"GET" in self.allowed_methods):
+            allow = ", ".join(m.decode() for m in self.allowed_methods)
+            write_error(
+                request,
+                PushieError(
+                    405, "method_not_allowed", f"use {allow} on this path", headers={"Allow": allow}
+                ),
+            )
+            return NOT_DONE_YET
+        return super().render(request)
+
+
+class PublishResource(JSONResource):
+    """C{POST /publish}: validate, authorise, publish, answer with offsets."""
+
+    allowed_methods = (b"POST",)
+
+    def __init__(self, hub: Hub, guard: Guard, throttle: Throttle) -> None:
+        super().__init__()
+        self.hub = hub
+        self.guard = guard
+        self.throttle = throttle
+
+    def render_POST(self, request: Request) -> int:
+        try:
+            requests, single = self._validate(request)
+        except PushieError as e:
+            self.throttle.warn(
+                "publish_" + e.code,
+                "Refused a publish from {peer}: {status} {code}",
+                peer=request.getClientAddress(),
+                status=e.status,
+            )
+            write_error(request, e)
+            return NOT_DONE_YET
+        d = self.hub.publish(requests)
+        d.addCallbacks(
+            lambda publications: self._answer(request, publications, single),
+            lambda failure: self._failed(request, failure),
+        )
+        return NOT_DONE_YET
+
+    def _validate(self, request: Request) -> tuple[list[PublishRequest], bool]:
+        self.guard.check_publisher(request.getHeader(b"authorization"))
+        if self.hub.draining:
+            raise PushieError(503, "shutting_down", "the server is shutting down; retry on another node", {"Retry-After": "1"})
+        if not is_json_content_type(request.getHeader(b"content-type")):
+            raise PushieError(415, "unsupported_media_type", "send the body as JSON with Content-Type: application/json")
+        assert request.content is not None
+        return parse_publish_body(request.content.read())
+
+    def _answer(self, request: Request, publications: list[Publication], single: bool) -> None:
+        if single:
+            body: Any = result_of(publications[0])
+        else:
+            body = {"results": [result_of(p) for p in publications]}
+        write_json(request, 200, dumps(body))
+
+    def _failed(self, request: Request, failure: Failure) -> None:
+        if isinstance(failure.value, PushieError):
+            error = failure.value
+        else:
+            log.failure("Publishing failed", failure)
+            error = EngineUnavailable()
+        write_error(request, error)

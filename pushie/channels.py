@@ -1,0 +1,120 @@
+# -*- test-case-name: tests.test_units -*-
+"""
+Channel names and the records that travel through the Hub.
+
+A L{Publication} is built once per published message and carries its encoded
+forms (the JSON envelope and the WebSocket frame), computed lazily the first
+time a subscriber needs them, so fan-out never encodes per subscriber.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import attr
+from autobahn.websocket.protocol import PreparedMessage
+
+from pushie.errors import bad_request
+
+MAX_CHANNEL_LENGTH = 164
+_CHANNEL_RE = re.compile(r"[A-Za-z0-9_\-=@,.;:]{1,%d}\Z" % MAX_CHANNEL_LENGTH)
+PRIVATE_PREFIXES = ("private-", "presence-")
+
+
+def is_valid_channel(name: object) -> bool:
+    """Whether C{name} is a string that PROTOCOL.md allows as a channel name."""
+    return isinstance(name, str) and _CHANNEL_RE.match(name) is not None
+
+
+def check_channel(name: object) -> str:
+    """
+    Return C{name} if it is a valid channel name.
+
+    @raise PushieError: 400 C{invalid_channel} naming the rule.
+    """
+    if not is_valid_channel(name):
+        raise bad_request(
+            "invalid_channel",
+            "a channel name is 1 to %d characters of A-Z a-z 0-9 _ - = @ , . ; :"
+            % MAX_CHANNEL_LENGTH,
+            channel=name if isinstance(name, str) and len(name) <= 200 else None,
+        )
+    assert isinstance(name, str)
+    return name
+
+
+def is_guarded(name: str) -> bool:
+    """Whether a channel needs a granting subscriber token (C{private-*}, C{presence-*})."""
+    return name.startswith(PRIVATE_PREFIXES)
+
+
+def dumps(value: Any) -> bytes:
+    """Compact JSON bytes, non-ASCII kept as UTF-8."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class PublishRequest:
+    """One validated publication, before the engine gives it an offset."""
+
+    channel: str
+    data: bytes
+    """The published data as compact JSON bytes."""
+    event: str = "message"
+    idempotency_key: str | None = None
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class ChannelState:
+    """Where a channel stands: the offset of its last message and its epoch."""
+
+    offset: int
+    epoch: str
+
+
+@attr.s(slots=True, auto_attribs=True, eq=False)
+class Publication:
+    """
+    A message with its place in the channel: offset and epoch.
+
+    The envelope and the WebSocket frame are built on first use and then
+    shared by every subscriber.
+    """
+
+    channel: str
+    offset: int
+    epoch: str
+    data: bytes
+    event: str = "message"
+    _envelope: bytes | None = attr.ib(default=None, init=False, repr=False)
+    _frame: bytes | None = attr.ib(default=None, init=False, repr=False)
+
+    @property
+    def envelope(self) -> bytes:
+        """The JSON envelope that subscribers receive, as UTF-8 bytes."""
+        if self._envelope is None:
+            self._envelope = b"".join(
+                (
+                    b'{"type":"message","channel":',
+                    dumps(self.channel),
+                    b',"event":',
+                    dumps(self.event),
+                    b',"offset":%d,"epoch":' % self.offset,
+                    dumps(self.epoch),
+                    b',"data":',
+                    self.data,
+                    b"}",
+                )
+            )
+        return self._envelope
+
+    @property
+    def websocket_frame(self) -> bytes:
+        """The envelope as one unmasked WebSocket text frame, ready for a transport."""
+        if self._frame is None:
+            self._frame = PreparedMessage(
+                self.envelope, isBinary=False, applyMask=False, doNotCompress=True
+            ).payloadHybi
+        return self._frame

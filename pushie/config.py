@@ -1,0 +1,212 @@
+# -*- test-case-name: tests.test_config -*-
+"""
+Settings: the one place where Pushie reads its configuration.
+
+Each setting has a name (C{max_message_size}), a command-line option
+(C{--max-message-size}), an environment variable (C{PUSHIE_MAX_MESSAGE_SIZE}),
+a TOML key (C{max_message_size}) and a default.  Precedence, lowest first:
+defaults, the TOML file given by C{--config} (or C{PUSHIE_CONFIG}), C{PUSHIE_*}
+variables, the command line.  An unknown key or a bad value raises
+L{ConfigError} naming it, so a daemon never starts half-configured.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from typing import Any, Callable, Mapping
+
+import attr
+
+
+class ConfigError(ValueError):
+    """A setting is unknown or has a value that cannot be used."""
+
+
+def _positive_int(value: Any) -> int:
+    if isinstance(value, bool):
+        raise ValueError("expected a whole number")
+    number = int(value)
+    if number <= 0:
+        raise ValueError("must be greater than 0")
+    return number
+
+
+def _seconds(value: Any) -> float:
+    if isinstance(value, bool):
+        raise ValueError("expected a number of seconds")
+    number = float(value)
+    if number < 0:
+        raise ValueError("must not be negative")
+    return number
+
+
+def _flag(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError("expected 1/0, true/false, yes/no or on/off")
+
+
+def _endpoints(value: Any) -> list[str]:
+    if isinstance(value, str):
+        items = value.split()
+    elif isinstance(value, (list, tuple)):
+        items = [str(v) for v in value]
+    else:
+        raise ValueError("expected an endpoint string or a list of them")
+    if not items:
+        raise ValueError("at least one endpoint is needed")
+    return items
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError("expected a non-empty string")
+    return value
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class Setting:
+    """How one setting is named, parsed and documented."""
+
+    name: str
+    parse: Callable[[Any], Any]
+    default: Any
+    help: str
+    metavar: str = "VALUE"
+    flag: bool = False
+    repeatable: bool = False
+
+    @property
+    def option(self) -> str:
+        return self.name.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return "PUSHIE_" + self.name.upper()
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting(
+        "listen",
+        _endpoints,
+        ["tcp:8080:interface=127.0.0.1"],
+        "Twisted endpoint to serve on (repeatable; environment: space-separated).",
+        metavar="ENDPOINT",
+        repeatable=True,
+    ),
+    Setting("engine", _text, "memory", "Engine: 'memory' (one process).", metavar="ENGINE"),
+    Setting(
+        "max_message_size",
+        _positive_int,
+        65536,
+        "Largest /publish body and largest client WebSocket frame, in bytes.",
+        metavar="BYTES",
+    ),
+    Setting(
+        "ping_interval",
+        _seconds,
+        25.0,
+        "Seconds of silence before the server pings a WebSocket client (0: never).",
+        metavar="SECONDS",
+    ),
+    Setting(
+        "ping_timeout",
+        _seconds,
+        20.0,
+        "Seconds to wait for a pong before dropping the connection.",
+        metavar="SECONDS",
+    ),
+    Setting(
+        "handshake_timeout",
+        _seconds,
+        10.0,
+        "Seconds a client has to complete the WebSocket opening handshake.",
+        metavar="SECONDS",
+    ),
+    Setting(
+        "shutdown_timeout",
+        _seconds,
+        5.0,
+        "Seconds to wait for clients to close on shutdown before dropping them.",
+        metavar="SECONDS",
+    ),
+)
+
+SETTINGS_BY_NAME = {s.name: s for s in SETTINGS}
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class Settings:
+    """The daemon's effective settings, after every source was applied."""
+
+    listen: list[str]
+    engine: str
+    max_message_size: int
+    ping_interval: float
+    ping_timeout: float
+    handshake_timeout: float
+    shutdown_timeout: float
+
+    @classmethod
+    def defaults(cls) -> "Settings":
+        return cls(**{s.name: s.default for s in SETTINGS})
+
+    def replace(self, **changes: Any) -> "Settings":
+        return attr.evolve(self, **changes)
+
+
+def _apply(values: dict[str, Any], source: str, raw: Mapping[str, Any]) -> None:
+    for key, value in raw.items():
+        setting = SETTINGS_BY_NAME.get(key)
+        if setting is None:
+            raise ConfigError(f"{source}: unknown setting {key!r}")
+        try:
+            values[key] = setting.parse(value)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{source}: bad value for {key!r}: {e}") from None
+
+
+def read_toml(path: str) -> dict[str, Any]:
+    """Read a TOML settings file; keys are the long option names with C{_}."""
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+    return data
+
+
+def load_settings(
+    command_line: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+    config_file: str | None = None,
+) -> Settings:
+    """
+    Combine every source into L{Settings}.
+
+    @param command_line: values given on the command line, by setting name;
+        only the ones the user gave (C{None} values are ignored).
+    @param environ: the process environment (C{PUSHIE_*} are read).
+    @param config_file: a TOML file; defaults to C{PUSHIE_CONFIG} if set.
+    @raise ConfigError: naming the source and the setting at fault.
+    """
+    environ = environ or {}
+    values: dict[str, Any] = {s.name: s.default for s in SETTINGS}
+    path = config_file or environ.get("PUSHIE_CONFIG")
+    if path:
+        _apply(values, f"config file {path}", read_toml(path))
+    from_env = {}
+    for setting in SETTINGS:
+        if setting.env in environ:
+            from_env[setting.name] = environ[setting.env]
+    _apply(values, "environment", from_env)
+    given = {k: v for k, v in (command_line or {}).items() if v is not None}
+    _apply(values, "command line", given)
+    return Settings(**values)

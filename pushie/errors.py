@@ -1,0 +1,66 @@
+# -*- test-case-name: tests.test_publish -*-
+"""
+Errors as values: each has a stable code, a message a user can act on and the
+HTTP status it maps to.  Front doors raise them; L{pushie.api} turns them into
+JSON answers and L{pushie.websocket} into C{error} frames, in one place each.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+
+class PushieError(Exception):
+    """
+    A refusal of a client's request.
+
+    @ivar code: a short machine-readable code, such as C{"invalid_channel"}.
+    @ivar message: what went wrong and what to do about it.
+    @ivar status: the HTTP status this maps to.
+    @ivar headers: extra HTTP headers for the answer (C{Allow}, C{Retry-After}).
+    """
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        headers: dict[str, str] | None = None,
+        channel: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = headers or {}
+        self.channel = channel
+
+    def to_json(self) -> bytes:
+        """The JSON body of an HTTP error answer."""
+        return json.dumps({"error": self.code, "message": self.message}).encode()
+
+    def to_frame(self) -> dict[str, Any]:
+        """The WebSocket C{error} frame for this refusal."""
+        frame: dict[str, Any] = {
+            "type": "error",
+            "code": self.code,
+            "message": self.message,
+        }
+        if self.channel is not None:
+            frame["channel"] = self.channel
+        return frame
+
+    def __repr__(self) -> str:
+        return f"PushieError({self.status}, {self.code!r}, {self.message!r})"
+
+
+def bad_request(code: str, message: str, channel: str | None = None) -> PushieError:
+    return PushieError(400, code, message, channel=channel)
+
+
+class EngineUnavailable(PushieError):
+    """The engine could not promise storage and delivery; nothing was published."""
+
+    def __init__(self, message: str = "the engine is unavailable; nothing was published, retry later") -> None:
+        super().__init__(503, "engine_unavailable", message, headers={"Retry-After": "1"})

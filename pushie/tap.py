@@ -1,0 +1,184 @@
+# -*- test-case-name: tests.test_daemon -*-
+"""
+twistd's entry: L{Options} and L{makeService}, the only place where Pushie's
+parts are wired together.
+
+C{makeService(options, reactor)} takes the reactor as a parameter so that
+tests can run the whole daemon in-process on port 0.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping
+
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort
+from twisted.logger import Logger
+from twisted.python import usage
+
+from pushie import __version__
+from pushie.auth import Guard
+from pushie.config import SETTINGS, ConfigError, Settings, load_settings
+from pushie.engines import engine_from_setting
+from pushie.hub import Hub
+from pushie.logs import Throttle
+from pushie.web import PushieSite, build_site
+from pushie.websocket import PushieServerFactory
+
+log = Logger(namespace="pushie")
+
+
+class Options(usage.Options):
+    """C{twistd pushie} options; every setting is also a C{PUSHIE_*} variable and a TOML key."""
+
+    synopsis = "[options]"
+    longdesc = (
+        "Run the Pushie push server.  Settings come from defaults, then the TOML "
+        "file given by --config, then PUSHIE_* environment variables, then these options."
+    )
+    optParameters = [["config", "c", None, "TOML settings file (environment: PUSHIE_CONFIG)."]] + [
+        [s.option, None, None, f"{s.help} [default: {s.default}; environment: {s.env}]"]
+        for s in SETTINGS
+        if not s.flag and not s.repeatable
+    ]
+    optFlags = [[s.option, None, s.help] for s in SETTINGS if s.flag]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.repeated: dict[str, list[str]] = {}
+
+    def opt_listen(self, endpoint: str) -> None:
+        """Twisted endpoint string to serve on; repeat for several [default: tcp:8080:interface=127.0.0.1]."""
+        self.repeated.setdefault("listen", []).append(endpoint)
+
+    opt_l = opt_listen
+
+    def opt_version(self) -> None:
+        print(f"pushie {__version__}")
+        raise SystemExit(0)
+
+    def command_line_values(self) -> dict[str, Any]:
+        """The settings given on the command line, by setting name."""
+        values: dict[str, Any] = dict(self.repeated)
+        for setting in SETTINGS:
+            if setting.repeatable:
+                continue
+            value = self.get(setting.option)
+            if setting.flag:
+                value = True if value else None
+            if value is not None:
+                values[setting.name] = value
+        return values
+
+    def postOptions(self) -> None:
+        try:
+            self["settings"] = load_settings(self.command_line_values(), os.environ, self["config"])
+        except ConfigError as e:
+            raise usage.UsageError(str(e)) from None
+
+
+class ListeningService(Service):
+    """Listens on one endpoint while running; remembers the port it got."""
+
+    def __init__(self, description: str, factory: Any, reactor: Any) -> None:
+        self.description = description
+        self.factory = factory
+        self.reactor = reactor
+        self.port: IListeningPort | None = None
+
+    def startService(self) -> Deferred[None]:  # type: ignore[override]
+        super().startService()
+        endpoint = serverFromString(self.reactor, self.description)
+        d = endpoint.listen(self.factory)
+
+        def listening(port: IListeningPort) -> None:
+            self.port = port
+            log.info("Pushie listening on {endpoint} ({address})", endpoint=self.description, address=describe(port))
+
+        return d.addCallback(listening)
+
+    def stopService(self) -> Deferred[None] | None:  # type: ignore[override]
+        super().stopService()
+        if self.port is not None:
+            port, self.port = self.port, None
+            return port.stopListening()  # type: ignore[no-any-return]
+        return None
+
+
+def describe(port: IListeningPort) -> str:
+    host = port.getHost()
+    if hasattr(host, "port"):
+        return f"{host.host}:{host.port}"
+    return str(getattr(host, "name", host))
+
+
+class PushieService(MultiService):
+    """
+    The whole daemon: the Hub, then one L{ListeningService} per endpoint.
+
+    Stopping it stops listening first (children stop in reverse order), then
+    drains the Hub.
+    """
+
+    def __init__(self, settings: Settings, reactor: Any) -> None:
+        super().__init__()
+        self.settings = settings
+        self.engine = engine_from_setting(settings.engine, settings, reactor)
+        self.hub = Hub(self.engine, reactor, shutdown_timeout=settings.shutdown_timeout)
+        self.hub.setServiceParent(self)
+        self.guard = Guard()
+        throttle = Throttle(Logger(namespace="pushie.api"), reactor)
+        self.websocket_factory = PushieServerFactory(
+            self.hub,
+            self.guard,
+            max_message_size=settings.max_message_size,
+            ping_interval=settings.ping_interval,
+            ping_timeout=settings.ping_timeout,
+            handshake_timeout=settings.handshake_timeout,
+        )
+        self.site: PushieSite = build_site(
+            self.hub, self.guard, self.websocket_factory, throttle, settings.max_message_size
+        )
+        self.listeners = [ListeningService(d, self.site, reactor) for d in settings.listen]
+        for listener in self.listeners:
+            listener.setServiceParent(self)
+
+    def startService(self) -> Deferred[Any]:  # type: ignore[override]
+        log.info(
+            "Pushie {version} starting: engine {engine}, endpoints {endpoints}",
+            version=__version__,
+            engine=self.engine.name,
+            endpoints=" ".join(self.settings.listen),
+        )
+        if self.guard.publishing_open:
+            log.warn(
+                "Publishing is OPEN: no publisher keys are configured, so anyone who can "
+                "reach the port may publish.  Configure keys before exposing this daemon."
+            )
+        # MultiService.startService ignores its children's Deferreds; gather
+        # them so that callers (and tests) learn when every port listens.
+        Service.startService(self)
+        results = [d for d in (child.startService() for child in self) if isinstance(d, Deferred)]
+        gathered = DeferredList(results, fireOnOneErrback=True, consumeErrors=True)
+
+        def failed(failure: Any) -> Any:
+            log.failure("Pushie could not start", failure.value.subFailure)
+            return failure.value.subFailure
+
+        return gathered.addErrback(failed)
+
+    def ports(self) -> list[IListeningPort]:
+        return [listener.port for listener in self.listeners if listener.port is not None]
+
+
+def makeService(options: Mapping[str, Any], reactor: Any = None) -> PushieService:
+    """Build the daemon from parsed L{Options} (or any mapping with C{settings})."""
+    if reactor is None:
+        from twisted.internet import reactor as default_reactor
+
+        reactor = default_reactor
+    settings = options["settings"]
+    return PushieService(settings, reactor)

@@ -1,0 +1,126 @@
+# -*- test-case-name: tests.test_publish -*-
+"""
+The resource tree and the HTTP site, built in one readable place.
+
+  /            the demo page (static/index.html)
+  /publish     L{pushie.api.PublishResource}
+  /websocket   the WebSocket door (Autobahn's WebSocketResource)
+
+L{PushieRequest} enforces the body size limit while the body arrives:
+twisted.web would otherwise buffer any body whole before a resource runs.
+"""
+
+from __future__ import annotations
+
+import io
+from importlib.resources import files
+from typing import Any
+
+from autobahn.twisted.resource import WebSocketResource
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request, Site
+
+from pushie.api import ErrorResource, PublishResource, write_error
+from pushie.errors import PushieError
+
+STATIC = files("pushie") / "static"
+
+
+class PushieRequest(Request):
+    """
+    A request that refuses bodies over the site's C{max_body_size} with a JSON
+    413, counting bytes as they arrive and keeping none past the limit.
+    """
+
+    body_too_large = False
+    _body_size = 0
+
+    def _limit(self) -> int:
+        return self.channel.site.max_body_size  # type: ignore[no-any-return]
+
+    def gotLength(self, length: int | None) -> None:
+        if length is not None and length > self._limit():
+            self.body_too_large = True
+        self.content = io.BytesIO()
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self.body_too_large:
+            return
+        self._body_size += len(data)
+        if self._body_size > self._limit():
+            self.body_too_large = True
+            self.content = io.BytesIO()
+            return
+        self.content.write(data)
+
+    def process(self) -> None:
+        if self.body_too_large:
+            self.site = self.channel.site
+            write_error(
+                self,
+                PushieError(
+                    413,
+                    "payload_too_large",
+                    f"the body is over the limit of {self._limit()} bytes (max_message_size)",
+                ),
+            )
+            return
+        super().process()
+
+
+class PushieSite(Site):
+    """A L{Site} with Pushie's request class and no access log by default."""
+
+    requestFactory = PushieRequest
+    noisy = False
+
+    def __init__(self, root: Resource, max_body_size: int) -> None:
+        super().__init__(root)
+        self.max_body_size = max_body_size
+
+    def log(self, request: Request) -> None:
+        """No per-request access log: a push server sees too many."""
+
+
+class StaticFile(Resource):
+    """One packaged file, served from memory with a fixed content type."""
+
+    isLeaf = True
+
+    def __init__(self, name: str, content_type: bytes) -> None:
+        super().__init__()
+        self.body = (STATIC / name).read_bytes()
+        self.content_type = content_type
+
+    def render_GET(self, request: Request) -> bytes:
+        request.setHeader(b"content-type", self.content_type)
+        request.setHeader(b"cache-control", b"no-cache")
+        return self.body
+
+    def render_HEAD(self, request: Request) -> bytes:
+        return self.render_GET(request)
+
+
+class Root(Resource):
+    """The top of the tree: known children, the demo page at /, JSON 404 elsewhere."""
+
+    def __init__(self, index: Resource) -> None:
+        super().__init__()
+        self.index = index
+
+    def getChild(self, path: bytes, request: Request) -> Resource:
+        if path == b"" and not request.postpath:
+            return self.index
+        return ErrorResource(PushieError(404, "not_found", "no such path; see the README for the endpoints"))
+
+    def render(self, request: Request) -> Any:
+        write_error(request, PushieError(404, "not_found", "no such path"))
+        return NOT_DONE_YET
+
+
+def build_site(hub: Any, guard: Any, websocket_factory: Any, throttle: Any, max_body_size: int) -> PushieSite:
+    """Assemble the resource tree for one daemon."""
+    root = Root(StaticFile("index.html", b"text/html; charset=utf-8"))
+    root.putChild(b"publish", PublishResource(hub, guard, throttle))
+    root.putChild(b"websocket", WebSocketResource(websocket_factory))
+    return PushieSite(root, max_body_size)

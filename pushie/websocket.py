@@ -1,0 +1,308 @@
+# -*- test-case-name: tests.test_websocket -*-
+"""
+The WebSocket front door at C{/websocket}.
+
+A connection subscribes with C{?channel=} in the URL and with C{subscribe}
+frames, and receives one JSON text frame per publication.  Publications reach
+it through L{PushieServerProtocol.deliver}, which writes the frame bytes that
+the publication built once straight to the transport when nothing else is
+queued: no per-subscriber encoding or framing.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from typing import Any, Callable
+
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.protocol import WebSocketProtocol
+from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
+from twisted.logger import Logger
+
+from pushie.auth import Guard
+from pushie.channels import ChannelState, Publication, check_channel, dumps
+from pushie.errors import PushieError, bad_request
+from pushie.hub import Hub
+from pushie.logs import Throttle
+
+_OPEN = WebSocketProtocol.STATE_OPEN
+_CONNECTING = WebSocketProtocol.STATE_CONNECTING
+_CLOSED = WebSocketProtocol.STATE_CLOSED
+_GROUND = WebSocketProtocol.SEND_STATE_GROUND
+
+CLOSE_GOING_AWAY = 1001
+CLOSE_UNSUPPORTED_DATA = 1003
+
+# Autobahn logs every failed connection as a warning.  Those failures are
+# client errors; we report them ourselves through the throttled log.
+_AUTOBAHN_QUIET_CODES = frozenset({1002, 1003, 1007, 1009})
+
+
+class PushieServerProtocol(WebSocketServerProtocol):
+    """One browser's WebSocket connection: a subscriber of any number of channels."""
+
+    factory: "PushieServerFactory"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.client_id = secrets.token_urlsafe(12)
+        self.token: str | None = None
+        self.subscriptions: dict[str, None] = {}
+        # Channels whose subscribe answer is not sent yet: their
+        # publications wait here so that `subscribed` always comes first.
+        self._pending: dict[str, list[Publication]] = {}
+        self._initial_channels: list[str] = []
+        self._opened = False
+
+    # -- handshake -------------------------------------------------------
+
+    def onConnect(self, request: ConnectionRequest) -> None:
+        factory = self.factory
+        if factory.hub.draining:
+            raise ConnectionDeny(503, "server shutting down")
+        params = request.params
+        tokens = params.get("token", [])
+        self.token = tokens[-1] if tokens else None
+        channels: list[str] = []
+        try:
+            for name in params.get("channel", []):
+                check_channel(name)
+                factory.guard.check_subscribe(name, self.token)
+                if name not in channels:
+                    channels.append(name)
+        except PushieError as e:
+            factory.throttle.warn(
+                "handshake_" + e.code,
+                "Refused a WebSocket handshake from {peer}: {code}",
+                peer=self.peer,
+                code=e.code,
+            )
+            # The reason goes out in a bare status line: a fixed text only.
+            raise ConnectionDeny(e.status, _DENY_REASONS.get(e.status, "refused")) from None
+        self._initial_channels = channels
+        return None
+
+    def onOpen(self) -> None:
+        self._opened = True
+        self.factory.hub.connection_opened(self)
+        self.send_json({"type": "welcome", "client": self.client_id})
+        for name in self._initial_channels:
+            self._subscribe(name)
+        self._initial_channels = []
+
+    # -- delivery (hot path) ---------------------------------------------
+
+    def deliver(self, publication: Publication) -> None:
+        """
+        Send one publication.  Called once per subscriber per publication.
+        """
+        if self._pending and publication.channel in self._pending:
+            self._pending[publication.channel].append(publication)
+            return
+        if self.state != _OPEN:
+            return
+        if self._perMessageCompress is None and self.send_state == _GROUND and not self.send_queue:
+            self.transport.write(publication.websocket_frame)
+        else:
+            self.sendMessage(publication.envelope, isBinary=False)
+
+    def send_json(self, frame: dict[str, Any]) -> None:
+        if self.state == _OPEN:
+            self.sendMessage(dumps(frame), isBinary=False)
+
+    # -- client frames ---------------------------------------------------
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        if isBinary:
+            self._close_with(CLOSE_UNSUPPORTED_DATA, "binary frames are not accepted; send JSON text")
+            return
+        try:
+            self._handle(payload)
+        except PushieError as e:
+            self.send_json(e.to_frame())
+
+    def _handle(self, payload: bytes) -> None:
+        try:
+            frame = json.loads(payload)
+        except ValueError:
+            raise bad_request("invalid_json", "a frame must be a JSON object such as {\"type\": \"ping\"}")
+        if not isinstance(frame, dict):
+            raise bad_request("invalid_frame", "a frame must be a JSON object with a \"type\"")
+        kind = frame.get("type")
+        handler = self._handlers.get(kind) if isinstance(kind, str) else None
+        if handler is None:
+            raise bad_request(
+                "unknown_type",
+                "\"type\" must be one of: " + ", ".join(sorted(self._handlers)),
+            )
+        handler(self, frame)
+
+    def _frame_channel(self, frame: dict[str, Any]) -> str:
+        if "channel" not in frame:
+            raise bad_request("missing_channel", f"a {frame['type']} frame needs a \"channel\"")
+        return check_channel(frame["channel"])
+
+    def _on_subscribe(self, frame: dict[str, Any]) -> None:
+        name = self._frame_channel(frame)
+        token = frame.get("token")
+        if token is not None:
+            if not isinstance(token, str):
+                raise bad_request("invalid_token", "\"token\" must be a string", channel=name)
+            self.token = token
+        if name in self.subscriptions:
+            raise bad_request(
+                "already_subscribed",
+                "this connection is already subscribed to the channel; unsubscribe first",
+                channel=name,
+            )
+        self.factory.guard.check_subscribe(name, self.token)
+        self._subscribe(name)
+
+    def _on_unsubscribe(self, frame: dict[str, Any]) -> None:
+        name = self._frame_channel(frame)
+        if name not in self.subscriptions:
+            raise bad_request("not_subscribed", "this connection is not subscribed to the channel", channel=name)
+        del self.subscriptions[name]
+        self._pending.pop(name, None)
+        self.factory.hub.unsubscribe(name, self)
+        self.send_json({"type": "unsubscribed", "channel": name})
+
+    def _on_ping(self, frame: dict[str, Any]) -> None:
+        self.send_json({"type": "pong"})
+
+    _handlers: dict[str, Callable[["PushieServerProtocol", dict[str, Any]], None]] = {
+        "subscribe": _on_subscribe,
+        "unsubscribe": _on_unsubscribe,
+        "ping": _on_ping,
+    }
+
+    # -- subscriptions ---------------------------------------------------
+
+    def _subscribe(self, name: str) -> None:
+        self.subscriptions[name] = None
+        self._pending[name] = []
+        d = self.factory.hub.subscribe(name, self)
+        d.addCallbacks(
+            lambda state: self._subscribed(name, state),
+            lambda failure: self._subscribe_failed(name, failure),
+        )
+
+    def _subscribed(self, name: str, state: ChannelState) -> None:
+        waiting = self._pending.pop(name, None)
+        if waiting is None:
+            return  # unsubscribed or closed meanwhile
+        self.send_json({"type": "subscribed", "channel": name, "offset": state.offset, "epoch": state.epoch})
+        for publication in waiting:
+            if publication.epoch != state.epoch or publication.offset > state.offset:
+                self.deliver(publication)
+
+    def _subscribe_failed(self, name: str, failure: Any) -> None:
+        self._pending.pop(name, None)
+        if name in self.subscriptions:
+            del self.subscriptions[name]
+            self.factory.hub.unsubscribe(name, self)
+        error = failure.value if isinstance(failure.value, PushieError) else None
+        if error is None:
+            self.factory.log.failure("Subscribing to {channel} failed", failure, channel=name)
+            error = PushieError(503, "engine_unavailable", "the channel could not be subscribed; retry later")
+        error.channel = name
+        self.send_json(error.to_frame())
+
+    # -- closing ---------------------------------------------------------
+
+    def _close_with(self, code: int, reason: str) -> None:
+        """Send a close frame with any code (autobahn's sendClose allows only 1000 and 3000-4999)."""
+        if self.state == _OPEN:
+            self.sendCloseFrame(code=code, reasonUtf8=reason.encode("utf-8")[:123], isReply=False)
+
+    def close_for_shutdown(self) -> None:
+        if self.state == _OPEN:
+            self._close_with(CLOSE_GOING_AWAY, "server shutting down")
+        elif self.state != _CLOSED:
+            self.dropConnection(abort=True)
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abortConnection()
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        hub = self.factory.hub
+        hub.unsubscribe_all(list(self.subscriptions), self)
+        self.subscriptions.clear()
+        self._pending.clear()
+        if self._opened:
+            hub.connection_closed(self)
+        if self.failedByMe and self.localCloseCode in _AUTOBAHN_QUIET_CODES:
+            self.factory.throttle.warn(
+                "ws_protocol_error",
+                "Closed a WebSocket connection from {peer} with {code}: {reason}",
+                peer=self.peer,
+                code=self.localCloseCode,
+                reason=(self.localCloseReason or b"").decode("utf-8", "replace"),
+            )
+
+
+_DENY_REASONS = {400: "invalid channel name", 401: "token required or invalid", 403: "channel not granted"}
+
+
+class _QuietLog:
+    """
+    Autobahn's per-protocol logger, with its warnings about failed
+    connections turned into debug messages (we log those, throttled).
+    """
+
+    def __init__(self, log: Any) -> None:
+        self._log = log
+
+    def warn(self, *args: Any, **kwargs: Any) -> None:
+        self._log.debug(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._log, name)
+
+
+PushieServerProtocol.log = _QuietLog(PushieServerProtocol.log)
+
+
+class PushieServerFactory(WebSocketServerFactory):
+    """Builds L{PushieServerProtocol}s that share one L{Hub} and one L{Guard}."""
+
+    protocol = PushieServerProtocol
+    log = Logger()
+
+    def __init__(
+        self,
+        hub: Hub,
+        guard: Guard,
+        max_message_size: int,
+        ping_interval: float,
+        ping_timeout: float,
+        handshake_timeout: float,
+        close_timeout: float = 5.0,
+    ) -> None:
+        super().__init__()
+        self.hub = hub
+        self.guard = guard
+        self.throttle = Throttle(self.log, hub.reactor)
+        # Autobahn's defaults are unlimited sizes, no heartbeats, an HTML
+        # status page on plain GETs and failing by dropping TCP without a
+        # close frame.  Every one of them is set here on purpose.
+        self.setProtocolOptions(
+            webStatus=False,
+            maxFramePayloadSize=max_message_size,
+            maxMessagePayloadSize=max_message_size,
+            autoFragmentSize=0,
+            failByDrop=False,
+            openHandshakeTimeout=handshake_timeout,
+            closeHandshakeTimeout=close_timeout,
+            autoPingInterval=ping_interval,
+            autoPingTimeout=ping_timeout,
+            autoPingSize=12,
+            requireMaskedClientFrames=True,
+            maskServerFrames=False,
+            utf8validateIncoming=True,
+            echoCloseCodeReason=False,
+            tcpNoDelay=True,
+            perMessageCompressionAccept=lambda offers: None,
+        )
