@@ -125,7 +125,8 @@ SETTINGS: tuple[Setting, ...] = (
         "handshake_timeout",
         _seconds,
         10.0,
-        "Seconds a client has to complete the WebSocket opening handshake.",
+        "Seconds a client has to send a complete HTTP request or WebSocket handshake; "
+        "idle keep-alive HTTP connections are closed after it too.",
         metavar="SECONDS",
     ),
     Setting(

@@ -140,7 +140,12 @@ class PushieService(MultiService):
             handshake_timeout=settings.handshake_timeout,
         )
         self.site: PushieSite = build_site(
-            self.hub, self.guard, self.websocket_factory, throttle, settings.max_message_size
+            self.hub,
+            self.guard,
+            self.websocket_factory,
+            throttle,
+            settings.max_message_size,
+            settings.handshake_timeout,
         )
         self.listeners = [ListeningService(d, self.site, reactor) for d in settings.listen]
         for listener in self.listeners:

@@ -74,8 +74,11 @@ class PushieSite(Site):
     requestFactory = PushieRequest
     noisy = False
 
-    def __init__(self, root: Resource, max_body_size: int) -> None:
-        super().__init__(root)
+    def __init__(self, root: Resource, max_body_size: int, timeout: float, reactor: Any) -> None:
+        # `timeout` drops connections that stay silent that long: a request
+        # (or a WebSocket handshake) must arrive in time, and idle keep-alive
+        # connections do not pile up.
+        super().__init__(root, timeout=timeout, reactor=reactor, parsePOSTFormSubmission=False)
         self.max_body_size = max_body_size
 
     def log(self, request: Request) -> None:
@@ -118,9 +121,11 @@ class Root(Resource):
         return NOT_DONE_YET
 
 
-def build_site(hub: Any, guard: Any, websocket_factory: Any, throttle: Any, max_body_size: int) -> PushieSite:
+def build_site(
+    hub: Any, guard: Any, websocket_factory: Any, throttle: Any, max_body_size: int, timeout: float
+) -> PushieSite:
     """Assemble the resource tree for one daemon."""
     root = Root(StaticFile("index.html", b"text/html; charset=utf-8"))
     root.putChild(b"publish", PublishResource(hub, guard, throttle))
     root.putChild(b"websocket", WebSocketResource(websocket_factory))
-    return PushieSite(root, max_body_size)
+    return PushieSite(root, max_body_size, timeout, hub.reactor)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import secrets
+from urllib.parse import parse_qs, urlsplit
 from typing import Any, Callable
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
@@ -61,7 +62,8 @@ class PushieServerProtocol(WebSocketServerProtocol):
         factory = self.factory
         if factory.hub.draining:
             raise ConnectionDeny(503, "server shutting down")
-        params = request.params
+        # Autobahn's params drop blank values; `channel=` must be refused, not ignored.
+        params = parse_qs(urlsplit(self.http_request_uri).query, keep_blank_values=True)
         tokens = params.get("token", [])
         self.token = tokens[-1] if tokens else None
         channels: list[str] = []
@@ -225,6 +227,15 @@ class PushieServerProtocol(WebSocketServerProtocol):
     def abort(self) -> None:
         if self.transport is not None:
             self.transport.abortConnection()
+
+    def connectionLost(self, reason: Any) -> None:
+        super().connectionLost(reason)
+        # Autobahn leaves the closing-handshake timer running when the TCP
+        # connection goes first (after a protocol error, say); it would keep
+        # this protocol alive for close_timeout seconds.
+        if self.closeHandshakeTimeoutCall is not None:
+            self.closeHandshakeTimeoutCall.cancel()
+            self.closeHandshakeTimeoutCall = None
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         hub = self.factory.hub

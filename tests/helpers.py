@@ -1,0 +1,244 @@
+"""
+Test helpers: start a daemon in-process, talk to it with real clients.
+
+Everything here crosses a real socket: treq for HTTP, Autobahn's client for
+WebSockets, raw TCP for the handshake answers and for peers that misbehave.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import attr
+import treq
+from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from twisted.internet import defer, reactor
+from twisted.internet.defer import Deferred, DeferredQueue
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.protocol import Factory, Protocol
+from twisted.web.client import HTTPConnectionPool
+
+from pushie.config import Settings
+from pushie.tap import PushieService
+
+
+def sleep(seconds: float) -> Deferred[None]:
+    return defer.Deferred.fromCoroutine(_sleep(seconds))
+
+
+async def _sleep(seconds: float) -> None:
+    d: Deferred[None] = Deferred()
+    reactor.callLater(seconds, d.callback, None)
+    await d
+
+
+async def wait_for(predicate, timeout: float = 5.0, step: float = 0.02) -> None:
+    """Poll C{predicate} until it is true; fail after C{timeout} seconds."""
+    waited = 0.0
+    while not predicate():
+        if waited >= timeout:
+            raise AssertionError(f"condition not met within {timeout}s: {predicate}")
+        await _sleep(step)
+        waited += step
+
+
+@attr.s(auto_attribs=True)
+class Daemon:
+    """A running in-process daemon and the clients a test opened to it."""
+
+    service: PushieService
+    port: int
+    pool: HTTPConnectionPool
+    clients: list["WSClient"] = attr.ib(factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/websocket"
+
+    @property
+    def hub(self):
+        return self.service.hub
+
+    async def publish(self, body: Any, content_type: str = "application/json", raw: bytes | None = None,
+                      headers: dict[str, str] | None = None):
+        """POST to /publish; returns (status, parsed JSON body, response)."""
+        data = raw if raw is not None else json.dumps(body).encode()
+        all_headers = {"Content-Type": content_type} if content_type else {}
+        all_headers.update(headers or {})
+        response = await treq.post(self.url + "/publish", data=data, headers=all_headers, pool=self.pool)
+        text = await response.content()
+        try:
+            parsed = json.loads(text)
+        except ValueError:
+            parsed = text
+        return response.code, parsed, response
+
+    async def get(self, path: str, **kwargs):
+        response = await treq.get(self.url + path, pool=self.pool, **kwargs)
+        return response.code, await response.content(), response
+
+    async def connect(self, query: str = "", **options) -> "WSClient":
+        client = await connect_ws(self.port, "/websocket" + (("?" + query) if query else ""), **options)
+        self.clients.append(client)
+        return client
+
+    async def stop(self) -> None:
+        for client in self.clients:
+            client.close()
+        for client in self.clients:
+            await client.closed
+        if self.service.running:
+            await self.service.stopService()
+        await self.pool.closeCachedConnections()
+
+
+async def start_daemon(**overrides: Any) -> Daemon:
+    settings = Settings.defaults().replace(listen=["tcp:0:interface=127.0.0.1"], **overrides)
+    service = PushieService(settings, reactor)
+    await service.startService()
+    port = service.ports()[0].getHost().port
+    return Daemon(service, port, HTTPConnectionPool(reactor, persistent=False))
+
+
+class WSClientProtocol(WebSocketClientProtocol):
+    def onOpen(self) -> None:
+        self.factory.client._opened(self)
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        self.factory.client.frames.put(json.loads(payload))
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        self.factory.client._closed(wasClean, code, reason)
+
+
+@attr.s(auto_attribs=True, eq=False)
+class WSClient:
+    """An Autobahn WebSocket client that queues the frames it receives."""
+
+    frames: DeferredQueue = attr.ib(factory=DeferredQueue)
+    protocol: WSClientProtocol | None = None
+    opened: Deferred = attr.ib(factory=Deferred)
+    closed: Deferred = attr.ib(factory=Deferred)
+    close_code: int | None = None
+
+    def _opened(self, protocol: WSClientProtocol) -> None:
+        self.protocol = protocol
+        self.opened.callback(self)
+
+    def _closed(self, was_clean: bool, code: int | None, reason: str | None) -> None:
+        self.close_code = code
+        if not self.opened.called:
+            self.opened.errback(ConnectionError(f"handshake failed: {reason}"))
+            self.opened.addErrback(lambda f: None)
+        if not self.closed.called:
+            self.closed.callback((code, reason))
+
+    async def next(self, timeout: float = 5.0) -> dict[str, Any]:
+        d = self.frames.get()
+        timer = reactor.callLater(timeout, d.cancel)
+        try:
+            return await d
+        finally:
+            if timer.active():
+                timer.cancel()
+
+    async def next_of(self, kind: str, timeout: float = 5.0) -> dict[str, Any]:
+        frame = await self.next(timeout)
+        assert frame["type"] == kind, frame
+        return frame
+
+    def pending(self) -> list[dict[str, Any]]:
+        """Frames received and not read yet."""
+        items = list(self.frames.pending)
+        self.frames.pending.clear()
+        return items
+
+    def send(self, frame: Any) -> None:
+        payload = frame if isinstance(frame, bytes) else json.dumps(frame).encode()
+        self.protocol.sendMessage(payload, isBinary=False)
+
+    def send_binary(self, payload: bytes) -> None:
+        self.protocol.sendMessage(payload, isBinary=True)
+
+    def close(self) -> None:
+        if self.protocol is not None and self.protocol.state == WebSocketClientProtocol.STATE_OPEN:
+            self.protocol.sendClose(1000)
+        elif self.protocol is not None and self.protocol.transport is not None and not self.closed.called:
+            self.protocol.transport.loseConnection()
+
+
+async def connect_ws(port: int, path: str, max_size: int = 0) -> WSClient:
+    client = WSClient()
+    factory = WebSocketClientFactory(f"ws://127.0.0.1:{port}{path}")
+    factory.protocol = WSClientProtocol
+    factory.client = client
+    factory.setProtocolOptions(failByDrop=False, maxMessagePayloadSize=max_size, closeHandshakeTimeout=2)
+    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port)
+    await endpoint.connect(factory)
+    await client.opened
+    return client
+
+
+class _RawClient(Protocol):
+    def __init__(self) -> None:
+        self.received = b""
+        self.lost: Deferred[None] = Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    def connectionLost(self, reason: Any) -> None:
+        self.lost.callback(None)
+
+
+async def raw_connect(port: int) -> _RawClient:
+    """A plain TCP client that records what it receives and never answers."""
+    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port)
+    return await endpoint.connect(Factory.forProtocol(_RawClient))
+
+
+HANDSHAKE = (
+    "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
+)
+
+
+async def raw_handshake(port: int, path: str, extra: str = "") -> tuple[int, _RawClient]:
+    """Send a WebSocket opening handshake by hand; return the HTTP status and the client."""
+    client = await raw_connect(port)
+    client.transport.write(HANDSHAKE.format(path=path, port=port, extra=extra).encode())
+    await wait_for(lambda: b"\r\n\r\n" in client.received or client.lost.called)
+    status = int(client.received.split(b" ", 2)[1])
+    return status, client
+
+
+async def assert_reactor_clean() -> None:
+    """
+    Fail if a test left a connection, a listening port or a delayed call.
+
+    Lets the reactor turn a few times first, so that closes already under way
+    can finish.
+    """
+    def leftovers():
+        readers = [r for r in reactor.getReaders() if not _is_reactor_internal(r)]
+        writers = [w for w in reactor.getWriters() if not _is_reactor_internal(w)]
+        calls = [c for c in reactor.getDelayedCalls() if c.active()]
+        return readers, writers, calls
+
+    for _ in range(100):
+        readers, writers, calls = leftovers()
+        if not (readers or writers or calls):
+            return
+        await _sleep(0.02)
+    readers, writers, calls = leftovers()
+    raise AssertionError(f"left behind: readers={readers} writers={writers} delayed calls={calls}")
+
+
+def _is_reactor_internal(selectable: Any) -> bool:
+    name = type(selectable).__name__
+    return name in ("_UnixWaker", "_SocketWaker", "_SIGCHLDWaker", "_SignalReactorMixin", "_FDWaker")
