@@ -89,19 +89,19 @@ def _fold_keys(obj: dict[str, Any], where: str) -> dict[str, Any]:
 def _options(fields: dict[str, Any], where: str) -> tuple[str, str | None]:
     event = fields.get("event", "message")
     if not isinstance(event, str) or not 1 <= len(event) <= MAX_EVENT_LENGTH:
-        raise bad_request("invalid_event", f"{where}: \"event\" must be a string of 1 to {MAX_EVENT_LENGTH} characters")
+        raise bad_request("invalid_event", f'{where}: "event" must be a string of 1 to {MAX_EVENT_LENGTH} characters')
     key = fields.get("idempotency_key")
     if key is not None and (not isinstance(key, str) or not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY_LENGTH):
         raise bad_request(
             "invalid_idempotency_key",
-            f"{where}: \"idempotency_key\" must be a string of 1 to {MAX_IDEMPOTENCY_KEY_LENGTH} characters",
+            f'{where}: "idempotency_key" must be a string of 1 to {MAX_IDEMPOTENCY_KEY_LENGTH} characters',
         )
     return event, key
 
 
 def _data(fields: dict[str, Any], where: str) -> bytes:
     if "data" not in fields:
-        raise bad_request("missing_data", f"{where}: \"data\" is required (null is allowed)")
+        raise bad_request("missing_data", f'{where}: "data" is required (null is allowed)')
     return dumps(fields["data"])
 
 
@@ -121,20 +121,20 @@ def parse_publish_body(body: bytes) -> tuple[list[PublishRequest], bool]:
         fields = _fold_keys(parsed, "body")
         event, key = _options(fields, "body")
         if "channel" in fields and "channels" in fields:
-            raise bad_request("invalid_body", "give either \"channel\" or \"channels\", not both")
+            raise bad_request("invalid_body", 'give either "channel" or "channels", not both')
         if "channel" in fields:
             channel = check_channel(fields["channel"])
             return [PublishRequest(channel, _data(fields, "body"), event, key)], True
         if "channels" in fields:
             names = fields["channels"]
             if not isinstance(names, list) or not 1 <= len(names) <= MAX_BATCH:
-                raise bad_request("invalid_channels", f"\"channels\" must be a list of 1 to {MAX_BATCH} channel names")
+                raise bad_request("invalid_channels", f'"channels" must be a list of 1 to {MAX_BATCH} channel names')
             checked = [check_channel(n) for n in names]
             if len(set(checked)) != len(checked):
-                raise bad_request("invalid_channels", "\"channels\" names a channel more than once")
+                raise bad_request("invalid_channels", '"channels" names a channel more than once')
             data = _data(fields, "body")
             return [PublishRequest(c, data, event, key) for c in checked], False
-        raise bad_request("missing_channel", "the body needs a \"channel\" (or a \"channels\" list)")
+        raise bad_request("missing_channel", 'the body needs a "channel" (or a "channels" list)')
     if isinstance(parsed, list):
         if not 1 <= len(parsed) <= MAX_BATCH:
             raise bad_request("invalid_batch", f"a batch holds 1 to {MAX_BATCH} publications")
@@ -145,9 +145,9 @@ def parse_publish_body(body: bytes) -> tuple[list[PublishRequest], bool]:
                 raise bad_request("invalid_batch", f"{where}: each item of a batch must be an object")
             fields = _fold_keys(item, where)
             if "channels" in fields:
-                raise bad_request("invalid_batch", f"{where}: batch items take one \"channel\" each")
+                raise bad_request("invalid_batch", f'{where}: batch items take one "channel" each')
             if "channel" not in fields:
-                raise bad_request("missing_channel", f"{where}: \"channel\" is required")
+                raise bad_request("missing_channel", f'{where}: "channel" is required')
             channel = check_channel(fields["channel"])
             event, key = _options(fields, where)
             requests.append(PublishRequest(channel, _data(fields, where), event, key))
@@ -188,9 +188,7 @@ class JSONResource(Resource):
             allow = ", ".join(m.decode() for m in self.allowed_methods)
             write_error(
                 request,
-                PushieError(
-                    405, "method_not_allowed", f"use {allow} on this path", headers={"Allow": allow}
-                ),
+                PushieError(405, "method_not_allowed", f"use {allow} on this path", headers={"Allow": allow}),
             )
             return NOT_DONE_YET
         return super().render(request)
@@ -229,9 +227,13 @@ class PublishResource(JSONResource):
     def _validate(self, request: Request) -> tuple[list[PublishRequest], bool]:
         self.guard.check_publisher(request.getHeader(b"authorization"))
         if self.hub.draining:
-            raise PushieError(503, "shutting_down", "the server is shutting down; retry on another node", {"Retry-After": "1"})
+            raise PushieError(
+                503, "shutting_down", "the server is shutting down; retry on another node", {"Retry-After": "1"}
+            )
         if not is_json_content_type(request.getHeader(b"content-type")):
-            raise PushieError(415, "unsupported_media_type", "send the body as JSON with Content-Type: application/json")
+            raise PushieError(
+                415, "unsupported_media_type", "send the body as JSON with Content-Type: application/json"
+            )
         assert request.content is not None
         return parse_publish_body(request.content.read())
 

@@ -19,7 +19,7 @@ from autobahn.websocket.protocol import PreparedMessage
 from pushie.errors import bad_request
 
 MAX_CHANNEL_LENGTH = 164
-_CHANNEL_RE = re.compile(r"[A-Za-z0-9_\-=@,.;:]{1,%d}\Z" % MAX_CHANNEL_LENGTH)
+_CHANNEL_RE = re.compile(r"[A-Za-z0-9_\-=@,.;:]{1,%d}\Z" % MAX_CHANNEL_LENGTH)  # noqa: UP031
 PRIVATE_PREFIXES = ("private-", "presence-")
 
 
@@ -37,8 +37,7 @@ def check_channel(name: object) -> str:
     if not is_valid_channel(name):
         raise bad_request(
             "invalid_channel",
-            "a channel name is 1 to %d characters of A-Z a-z 0-9 _ - = @ , . ; :"
-            % MAX_CHANNEL_LENGTH,
+            f"a channel name is 1 to {MAX_CHANNEL_LENGTH} characters of A-Z a-z 0-9 _ - = @ , . ; :",
             channel=name if isinstance(name, str) and len(name) <= 200 else None,
         )
     assert isinstance(name, str)

@@ -16,7 +16,7 @@ import os
 import sys
 import urllib.error
 import urllib.request
-from typing import Sequence
+from collections.abc import Sequence
 
 from pushie import __version__
 
@@ -25,7 +25,7 @@ def _publish(args: argparse.Namespace) -> int:
     try:
         data = json.loads(args.data)
     except ValueError:
-        print("pushie publish: DATA must be JSON, for example '{\"text\": \"hi\"}' or '\"hi\"'", file=sys.stderr)
+        print('pushie publish: DATA must be JSON, for example \'{"text": "hi"}\' or \'"hi"\'', file=sys.stderr)
         return 2
     body: dict[str, object] = {"channel": args.channel, "data": data}
     if args.event:

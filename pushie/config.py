@@ -13,7 +13,8 @@ L{ConfigError} naming it, so a daemon never starts half-configured.
 from __future__ import annotations
 
 import tomllib
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import attr
 
@@ -154,10 +155,10 @@ class Settings:
     shutdown_timeout: float
 
     @classmethod
-    def defaults(cls) -> "Settings":
+    def defaults(cls) -> Settings:
         return cls(**{s.name: s.default for s in SETTINGS})
 
-    def replace(self, **changes: Any) -> "Settings":
+    def replace(self, **changes: Any) -> Settings:
         return attr.evolve(self, **changes)
 
 

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import json
 import secrets
+from collections.abc import Callable
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
-from typing import Any, Callable
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.protocol import WebSocketProtocol
@@ -43,7 +44,7 @@ _AUTOBAHN_QUIET_CODES = frozenset({1002, 1003, 1007, 1009})
 class PushieServerProtocol(WebSocketServerProtocol):
     """One browser's WebSocket connection: a subscriber of any number of channels."""
 
-    factory: "PushieServerFactory"
+    factory: PushieServerFactory
 
     def __init__(self) -> None:
         super().__init__()
@@ -128,21 +129,21 @@ class PushieServerProtocol(WebSocketServerProtocol):
         try:
             frame = json.loads(payload)
         except ValueError:
-            raise bad_request("invalid_json", "a frame must be a JSON object such as {\"type\": \"ping\"}")
+            raise bad_request("invalid_json", 'a frame must be a JSON object such as {"type": "ping"}')
         if not isinstance(frame, dict):
-            raise bad_request("invalid_frame", "a frame must be a JSON object with a \"type\"")
+            raise bad_request("invalid_frame", 'a frame must be a JSON object with a "type"')
         kind = frame.get("type")
         handler = self._handlers.get(kind) if isinstance(kind, str) else None
         if handler is None:
             raise bad_request(
                 "unknown_type",
-                "\"type\" must be one of: " + ", ".join(sorted(self._handlers)),
+                '"type" must be one of: ' + ", ".join(sorted(self._handlers)),
             )
         handler(self, frame)
 
     def _frame_channel(self, frame: dict[str, Any]) -> str:
         if "channel" not in frame:
-            raise bad_request("missing_channel", f"a {frame['type']} frame needs a \"channel\"")
+            raise bad_request("missing_channel", f'a {frame["type"]} frame needs a "channel"')
         return check_channel(frame["channel"])
 
     def _on_subscribe(self, frame: dict[str, Any]) -> None:
@@ -150,7 +151,7 @@ class PushieServerProtocol(WebSocketServerProtocol):
         token = frame.get("token")
         if token is not None:
             if not isinstance(token, str):
-                raise bad_request("invalid_token", "\"token\" must be a string", channel=name)
+                raise bad_request("invalid_token", '"token" must be a string', channel=name)
             self.token = token
         if name in self.subscriptions:
             raise bad_request(
@@ -173,7 +174,7 @@ class PushieServerProtocol(WebSocketServerProtocol):
     def _on_ping(self, frame: dict[str, Any]) -> None:
         self.send_json({"type": "pong"})
 
-    _handlers: dict[str, Callable[["PushieServerProtocol", dict[str, Any]], None]] = {
+    _handlers: dict[str, Callable[[PushieServerProtocol, dict[str, Any]], None]] = {
         "subscribe": _on_subscribe,
         "unsubscribe": _on_unsubscribe,
         "ping": _on_ping,

@@ -50,7 +50,7 @@ class Daemon:
     service: PushieService
     port: int
     pool: HTTPConnectionPool
-    clients: list["WSClient"] = attr.ib(factory=list)
+    clients: list[WSClient] = attr.ib(factory=list)
 
     @property
     def url(self) -> str:
@@ -64,8 +64,13 @@ class Daemon:
     def hub(self):
         return self.service.hub
 
-    async def publish(self, body: Any, content_type: str = "application/json", raw: bytes | None = None,
-                      headers: dict[str, str] | None = None):
+    async def publish(
+        self,
+        body: Any,
+        content_type: str = "application/json",
+        raw: bytes | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         """POST to /publish; returns (status, parsed JSON body, response)."""
         data = raw if raw is not None else json.dumps(body).encode()
         all_headers = {"Content-Type": content_type} if content_type else {}
@@ -82,7 +87,7 @@ class Daemon:
         response = await treq.get(self.url + path, pool=self.pool, **kwargs)
         return response.code, await response.content(), response
 
-    async def connect(self, query: str = "", **options) -> "WSClient":
+    async def connect(self, query: str = "", **options) -> WSClient:
         client = await connect_ws(self.port, "/websocket" + (("?" + query) if query else ""), **options)
         self.clients.append(client)
         return client
@@ -224,6 +229,7 @@ async def assert_reactor_clean() -> None:
     Lets the reactor turn a few times first, so that closes already under way
     can finish.
     """
+
     def leftovers():
         readers = [r for r in reactor.getReaders() if not _is_reactor_internal(r)]
         writers = [w for w in reactor.getWriters() if not _is_reactor_internal(w)]

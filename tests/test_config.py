@@ -27,7 +27,8 @@ def test_precedence(tmp_path):
     config = tmp_path / "pushie.toml"
     config.write_text('max_message_size = 1000\nping_interval = 7\nlisten = ["tcp:1", "unix:/tmp/x"]\n')
     from_file = load_settings(config_file=str(config))
-    assert (from_file.max_message_size, from_file.ping_interval, from_file.listen) == (1000, 7.0, ["tcp:1", "unix:/tmp/x"])
+    got = (from_file.max_message_size, from_file.ping_interval, from_file.listen)
+    assert got == (1000, 7.0, ["tcp:1", "unix:/tmp/x"])
     env = {"PUSHIE_MAX_MESSAGE_SIZE": "2000", "PUSHIE_LISTEN": "tcp:2 tcp:3", "PUSHIE_CONFIG": str(config)}
     from_env = load_settings(environ=env)
     assert (from_env.max_message_size, from_env.ping_interval, from_env.listen) == (2000, 7.0, ["tcp:2", "tcp:3"])

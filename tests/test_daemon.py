@@ -16,7 +16,6 @@ import sys
 import zipfile
 from pathlib import Path
 
-import pytest
 import pytest_twisted
 import treq
 from twisted.internet import reactor
@@ -158,13 +157,16 @@ def test_wheel_installs_the_plugin_outside_the_checkout(tmp_path):
     """Build the wheel, install it in a scratch venv, find `pushie` in `twistd --help`."""
     source = tmp_path / "src"
     shutil.copytree(
-        ROOT, source,
+        ROOT,
+        source,
         ignore=shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", "dropin.cache"),
     )
     wheels = tmp_path / "wheels"
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheels), str(source)],
-        check=True, cwd=tmp_path, timeout=300,
+        check=True,
+        cwd=tmp_path,
+        timeout=300,
     )
     (wheel,) = wheels.glob("pushie-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
@@ -175,12 +177,15 @@ def test_wheel_installs_the_plugin_outside_the_checkout(tmp_path):
 
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
-    subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "--no-deps", "--no-index", str(wheel)],
-                   check=True, timeout=120)
+    subprocess.run(
+        [str(venv / "bin" / "pip"), "install", "-q", "--no-deps", "--no-index", str(wheel)], check=True, timeout=120
+    )
     # Dependencies come from this test environment, appended after the
     # scratch venv's own site-packages, so pushie itself comes from the wheel.
-    site = subprocess.run([str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                          capture_output=True, text=True, check=True).stdout.strip()
+    purelib = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
+    site = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", purelib], capture_output=True, text=True, check=True
+    ).stdout.strip()
     deps = [p for p in sys.path if p.endswith("site-packages") and Path(p).is_dir()]
     Path(site, "pushie-test-deps.pth").write_text("\n".join(deps) + "\n")
 
@@ -188,15 +193,22 @@ def test_wheel_installs_the_plugin_outside_the_checkout(tmp_path):
     outside = tmp_path / "elsewhere"
     outside.mkdir()
     where = subprocess.run(
-        [str(venv / "bin" / "python"), "-c",
-         "import pushie, twisted.plugins.pushie_plugin as p; print(pushie.__file__); print(p.__file__)"],
-        capture_output=True, text=True, check=True, cwd=outside, env=env,
+        [
+            str(venv / "bin" / "python"),
+            "-c",
+            "import pushie, twisted.plugins.pushie_plugin as p; print(pushie.__file__); print(p.__file__)",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=outside,
+        env=env,
     ).stdout.split()
     assert all(w.startswith(str(venv)) for w in where), where
     twistd = [str(venv / "bin" / "python"), "-c", "from twisted.scripts.twistd import run; run()"]
-    helped = subprocess.run([*twistd, "--help"], capture_output=True, text=True,
-                            cwd=outside, env=env, timeout=60)
+    helped = subprocess.run([*twistd, "--help"], capture_output=True, text=True, cwd=outside, env=env, timeout=60)
     assert re.search(r"^\s+pushie\s+A real-time push server", helped.stdout, re.M), helped.stdout
-    version = subprocess.run([str(venv / "bin" / "pushie"), "--version"], capture_output=True, text=True,
-                             cwd=outside, env=env, timeout=60)
+    version = subprocess.run(
+        [str(venv / "bin" / "pushie"), "--version"], capture_output=True, text=True, cwd=outside, env=env, timeout=60
+    )
     assert version.stdout.strip().startswith("pushie ")

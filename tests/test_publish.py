@@ -79,7 +79,8 @@ async def test_batch_is_applied_in_order(daemon):
     assert status == 200
     assert [(r["channel"], r["offset"]) for r in body["results"]] == [("a", 1), ("b", 1), ("a", 2)]
     got = [await client.next_of("message") for _ in range(3)]
-    assert [(m["channel"], m["data"], m["event"]) for m in got] == [("a", 1, "message"), ("b", 2, "message"), ("a", 3, "e")]
+    expected = [("a", 1, "message"), ("b", 2, "message"), ("a", 3, "e")]
+    assert [(m["channel"], m["data"], m["event"]) for m in got] == expected
 
 
 @pytest_twisted.ensureDeferred
@@ -141,8 +142,10 @@ async def test_bad_bodies_publish_nothing(daemon, raw, status, code):
     assert (message["offset"], message["data"]) == (1, "after")
 
 
-@pytest.mark.parametrize("content_type", ["", "application/x-www-form-urlencoded", "text/plain",
-                                          "application/json; charset=latin-1", "application/jsonx"])
+@pytest.mark.parametrize(
+    "content_type",
+    ["", "application/x-www-form-urlencoded", "text/plain", "application/json; charset=latin-1", "application/jsonx"],
+)
 @pytest_twisted.ensureDeferred
 async def test_wrong_content_type_is_415(daemon, content_type):
     status, body, _ = await daemon.publish({"channel": "c", "data": 1}, content_type=content_type)
@@ -184,8 +187,9 @@ async def test_oversize_body_is_413_and_publishes_nothing(make_daemon):
         def resumeProducing(self):
             pass
 
-    response = await treq.post(daemon.url + "/publish", data=Chunked(),
-                               headers={"Content-Type": "application/json"}, pool=daemon.pool)
+    response = await treq.post(
+        daemon.url + "/publish", data=Chunked(), headers={"Content-Type": "application/json"}, pool=daemon.pool
+    )
     assert response.code == 413
     assert json.loads(await response.content())["error"] == "payload_too_large"
     status, body, _ = await daemon.publish({"channel": "c", "data": "small"})

@@ -39,7 +39,12 @@ def test_envelope_is_built_once_and_is_exact():
     envelope = publication.envelope
     assert publication.envelope is envelope
     assert json.loads(envelope) == {
-        "type": "message", "channel": "c", "event": "news", "offset": 18, "epoch": "ep", "data": {"x": "é"},
+        "type": "message",
+        "channel": "c",
+        "event": "news",
+        "offset": 18,
+        "epoch": "ep",
+        "data": {"x": "é"},
     }
 
 

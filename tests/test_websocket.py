@@ -26,7 +26,8 @@ async def test_url_subscription_listen_only(daemon):
     assert isinstance(first["epoch"], str) and first["epoch"]
     await daemon.publish({"channel": "b", "data": "hello"})
     message = await client.next_of("message")
-    assert (message["channel"], message["offset"], message["epoch"], message["data"]) == ("b", 2, second["epoch"], "hello")
+    got = (message["channel"], message["offset"], message["epoch"], message["data"])
+    assert got == ("b", 2, second["epoch"], "hello")
 
 
 @pytest_twisted.ensureDeferred
@@ -206,7 +207,7 @@ async def test_ordering_of_1000_messages(daemon):
 
 @pytest_twisted.ensureDeferred
 async def test_concurrent_publishers_keep_order_without_gaps(daemon):
-    from twisted.internet.defer import gatherResults, Deferred
+    from twisted.internet.defer import Deferred, gatherResults
 
     client = await welcomed(daemon, "channel=race")
     await client.next_of("subscribed")
@@ -260,7 +261,7 @@ async def test_shutdown_sends_1001_and_stops(daemon):
         assert code == 1001
     assert not daemon.hub.connections
     # New connections are refused once stopped.
-    with pytest.raises(Exception):
+    with pytest.raises(ConnectionRefusedError):
         await connect_ws(daemon.port, "/websocket")
 
 

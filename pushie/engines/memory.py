@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import secrets
 from collections import OrderedDict
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import attr
 from twisted.internet.defer import Deferred, succeed
@@ -21,7 +21,6 @@ from zope.interface import implementer
 
 from pushie.channels import ChannelState, Publication, PublishRequest
 from pushie.engines import IEngine
-
 
 IDEMPOTENCY_WINDOW = 300.0
 
@@ -44,9 +43,7 @@ class MemoryEngine:
 
     clock: IReactorTime
     name: str = "memory"
-    _idempotency: "OrderedDict[tuple[str, str], tuple[float, ChannelState]]" = attr.ib(
-        factory=OrderedDict, init=False
-    )
+    _idempotency: OrderedDict[tuple[str, str], tuple[float, ChannelState]] = attr.ib(factory=OrderedDict, init=False)
     _channels: dict[str, _Channel] = attr.ib(factory=dict, init=False)
     _deliver: Callable[[Publication], None] | None = attr.ib(default=None, init=False)
 
