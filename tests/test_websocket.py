@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import pytest_twisted
+from twisted.internet import error
 
 from tests.helpers import connect_ws, raw_connect, raw_handshake, sleep, wait_for
 
@@ -261,7 +262,7 @@ async def test_shutdown_sends_1001_and_stops(daemon):
         assert code == 1001
     assert not daemon.hub.connections
     # New connections are refused once stopped.
-    with pytest.raises(ConnectionRefusedError):
+    with pytest.raises(error.ConnectionRefusedError):
         await connect_ws(daemon.port, "/websocket")
 
 
