@@ -2,48 +2,315 @@
 """
 The one place where requests are authorised.
 
-L{Guard} answers two questions: may this HTTP request publish (or read the
-server API), and may this connection subscribe to this channel.  Refusals are
-L{PushieError} values (401, 403) that the front doors map to their answers.
+L{Guard} answers: may this HTTP request publish (or read the server API), is
+this subscriber token genuine, and may a connection holding it subscribe to
+this channel.  Refusals are L{PushieError} values (401, 403) that the front
+doors map to their answers.
+
+Publisher keys are compared in constant time against every configured key.
+Subscriber tokens are HS256 JWTs verified with PyJWT against every configured
+secret; the algorithm is pinned, C{exp} and C{sub} are required, and expiry is
+checked against the reactor's clock (with a small leeway) so that it can be
+tested and enforced on open connections.
 """
 
 from __future__ import annotations
 
-import attr
+import hmac
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
 
-from pushie.channels import is_guarded
+import attr
+import jwt
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from pushie.channels import is_guarded, is_valid_channel
 from pushie.errors import PushieError
+
+log = Logger()
+
+ALGORITHM = "HS256"
+MIN_SECRET_BYTES = 32
+MIN_PUBLISHER_KEY_LENGTH = 16
+MAX_SUB_LENGTH = 256
+CLOSE_TOKEN_EXPIRED = 4001
+"""WebSocket close code for a connection whose token expired while it held guarded channels."""
+
+
+def read_secret_lines(path: str) -> list[str]:
+    """The non-empty, non-comment lines of a keys or secrets file."""
+    with open(path, encoding="utf-8") as f:
+        return [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
+
+
+def split_list(value: str | Sequence[str] | None) -> list[str]:
+    """A comma-separated environment value (or a TOML list) as a clean list."""
+    if not value:
+        return []
+    items = value.split(",") if isinstance(value, str) else list(value)
+    return [item.strip() for item in items if item.strip()]
+
+
+def check_publisher_keys(keys: Sequence[str], source: str) -> None:
+    for key in keys:
+        if len(key) < MIN_PUBLISHER_KEY_LENGTH:
+            raise ValueError(f"{source}: a publisher key must be at least {MIN_PUBLISHER_KEY_LENGTH} characters")
+
+
+def check_subscriber_secrets(secrets: Sequence[str], source: str) -> None:
+    for secret in secrets:
+        if len(secret.encode("utf-8")) < MIN_SECRET_BYTES:
+            raise ValueError(f"{source}: a subscriber secret must be at least {MIN_SECRET_BYTES} bytes")
+
+
+@attr.s(auto_attribs=True)
+class ReloadableList:
+    """
+    Values from a fixed list plus a file that may change while the daemon
+    runs.  The file is looked at (one C{stat}) at most once per second, when
+    the values are needed; a changed file is read again, and a file that has
+    become unreadable or invalid keeps the last good values and logs why.
+    """
+
+    fixed: list[str]
+    path: str | None
+    clock: IReactorTime
+    validate: Callable[[Sequence[str], str], None]
+    what: str
+    _from_file: list[str] = attr.ib(factory=list, init=False)
+    _stamp: tuple[float, int] | None = attr.ib(default=None, init=False)
+    _checked_at: float = attr.ib(default=-1.0, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        if self.path:
+            self._reload(initial=True)
+
+    def _reload(self, initial: bool = False) -> None:
+        assert self.path is not None
+        try:
+            info = os.stat(self.path)
+            stamp = (info.st_mtime, info.st_size)
+            if stamp == self._stamp:
+                return
+            values = read_secret_lines(self.path)
+            self.validate(values, self.path)
+        except (OSError, ValueError) as e:
+            if initial:
+                raise ValueError(f"cannot use {self.what} file {self.path}: {e}") from None
+            log.error(
+                "Keeping the previous {what}: cannot reload {path}: {error}",
+                what=self.what,
+                path=self.path,
+                error=str(e),
+            )
+            return
+        if not initial:
+            log.info("Reloaded {count} {what} from {path}", count=len(values), what=self.what, path=self.path)
+        self._from_file = values
+        self._stamp = stamp
+
+    def values(self) -> list[str]:
+        if self.path:
+            now = self.clock.seconds()
+            if now - self._checked_at >= 1.0:
+                self._checked_at = now
+                self._reload()
+        return self._from_file + self.fixed
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class SubscriberToken:
+    """A verified subscriber token: who it is for, until when, and what it grants."""
+
+    sub: str
+    exp: float
+    channels: tuple[str, ...]
+    info: Any = None
+
+    def grants(self, channel: str) -> bool:
+        """Whether this token grants C{channel}: an exact name, a C{prefix*}, or C{*}."""
+        for pattern in self.channels:
+            if pattern.endswith("*"):
+                if channel.startswith(pattern[:-1]):
+                    return True
+            elif pattern == channel:
+                return True
+        return False
+
+
+def _valid_grant(pattern: object) -> bool:
+    if not isinstance(pattern, str):
+        return False
+    if pattern == "*":
+        return True
+    if pattern.endswith("*"):
+        return is_valid_channel(pattern[:-1])
+    return is_valid_channel(pattern)
+
+
+def unauthorized(message: str, channel: str | None = None) -> PushieError:
+    return PushieError(401, "unauthorized", message, channel=channel)
 
 
 @attr.s(auto_attribs=True)
 class Guard:
     """
-    Authorisation policy.
+    Authorisation policy for one daemon.
 
-    This version has no publisher keys and no subscriber secrets: publishing
-    is open, public channels are open, and C{private-*} / C{presence-*}
-    channels are refused because no token can grant them.
+    @ivar publisher_keys: the accepted publisher keys; empty means publishing
+        (and the server API) is open.
+    @ivar subscriber_secrets: the secrets that may have signed a subscriber token.
+    @ivar require_token: whether every channel needs a granting token, not only
+        C{private-*} and C{presence-*}.
+    @ivar leeway: seconds of clock skew allowed when checking C{exp}.
     """
+
+    clock: IReactorTime
+    publisher_keys: ReloadableList | None = None
+    subscriber_secrets: ReloadableList | None = None
+    require_token: bool = False
+    leeway: float = 5.0
+
+    # -- publishers ------------------------------------------------------
 
     @property
     def publishing_open(self) -> bool:
         """Whether anyone who reaches the port may publish."""
-        return True
+        return not (self.publisher_keys and self.publisher_keys.values())
 
     def check_publisher(self, authorization: bytes | None) -> None:
-        """Allow or refuse a publisher by its C{Authorization} header."""
+        """
+        Allow or refuse a publisher by its C{Authorization: Bearer <key>} header.
 
-    def check_subscribe(self, channel: str, token: str | None) -> None:
+        Every configured key is compared, in constant time, whatever matched.
+
+        @raise PushieError: 401 with a C{WWW-Authenticate} header.
+        """
+        keys = self.publisher_keys.values() if self.publisher_keys else []
+        if not keys:
+            return
+        challenge = {"WWW-Authenticate": 'Bearer realm="pushie"'}
+        if not authorization:
+            raise PushieError(401, "unauthorized", "send Authorization: Bearer <publisher key>", challenge)
+        scheme, _, presented = authorization.partition(b" ")
+        if scheme.lower() != b"bearer" or not presented.strip():
+            raise PushieError(401, "unauthorized", "use Authorization: Bearer <publisher key>", challenge)
+        presented = presented.strip()
+        matched = False
+        for key in keys:
+            matched |= hmac.compare_digest(presented, key.encode("utf-8"))
+        if not matched:
+            challenge["WWW-Authenticate"] += ', error="invalid_token"'
+            raise PushieError(401, "unauthorized", "the publisher key is not valid", challenge)
+
+    # -- subscribers -----------------------------------------------------
+
+    def verify_token(self, token: object, channel: str | None = None) -> SubscriberToken:
+        """
+        Verify a subscriber token and return its claims.
+
+        @raise PushieError: 401 C{unauthorized} (or C{token_expired}) naming
+            the fault without echoing the token.
+        """
+        if not isinstance(token, str) or not token or len(token) > 8192:
+            raise unauthorized("the subscriber token must be a non-empty string", channel)
+        secrets = self.subscriber_secrets.values() if self.subscriber_secrets else []
+        if not secrets:
+            raise unauthorized("this server has no subscriber secrets: tokens cannot be verified", channel)
+        claims = None
+        for secret in secrets:
+            try:
+                claims = jwt.decode(
+                    token,
+                    secret,
+                    algorithms=[ALGORITHM],
+                    options={"require": ["exp", "sub"], "verify_exp": False, "verify_aud": False},
+                )
+                break
+            except jwt.InvalidSignatureError:
+                continue
+            except jwt.PyJWTError:
+                raise unauthorized(
+                    f"the subscriber token is not a valid {ALGORITHM} JWT with 'sub' and 'exp'", channel
+                ) from None
+            except Exception:  # noqa: BLE001  PyJWT may raise others on hostile input
+                raise unauthorized("the subscriber token could not be read", channel) from None
+        if claims is None:
+            raise unauthorized("the subscriber token's signature does not match any subscriber secret", channel)
+        return self._claims(claims, channel)
+
+    def _claims(self, claims: dict[str, Any], channel: str | None) -> SubscriberToken:
+        sub, exp, grants = claims.get("sub"), claims.get("exp"), claims.get("channels", [])
+        if not isinstance(sub, str) or len(sub) > MAX_SUB_LENGTH:
+            raise unauthorized(f"the token's 'sub' must be a string of at most {MAX_SUB_LENGTH} characters", channel)
+        if isinstance(exp, bool) or not isinstance(exp, (int, float)):
+            raise unauthorized("the token's 'exp' must be a number of seconds since the epoch", channel)
+        if not isinstance(grants, list) or not all(_valid_grant(g) for g in grants):
+            raise unauthorized("the token's 'channels' must be a list of channel names or 'prefix*' patterns", channel)
+        token = SubscriberToken(sub=sub, exp=float(exp), channels=tuple(grants), info=claims.get("info"))
+        if self.expired(token):
+            raise unauthorized("the subscriber token has expired; get a new one", channel)
+        return token
+
+    def expired(self, token: SubscriberToken) -> bool:
+        return self.clock.seconds() > token.exp + self.leeway
+
+    def needs_token(self, channel: str) -> bool:
+        """Whether subscribing to C{channel} needs a granting token."""
+        return self.require_token or is_guarded(channel)
+
+    def check_subscribe(self, channel: str, token: SubscriberToken | None) -> None:
         """
         Allow or refuse a subscription to C{channel} by a connection holding
-        C{token}.
+        C{token} (already verified, or C{None}).
 
-        @raise PushieError: 401 C{unauthorized} when a token is needed.
+        @raise PushieError: 401 C{unauthorized} when a needed token is missing
+            or has expired, 403 C{forbidden} when it does not grant the channel.
         """
-        if is_guarded(channel):
-            raise PushieError(
-                401,
-                "unauthorized",
-                "private-* and presence-* channels need a subscriber token that grants them",
-                channel=channel,
-            )
+        if not self.needs_token(channel):
+            return
+        if token is None:
+            what = "every channel" if self.require_token else "private-* and presence-* channels"
+            raise unauthorized(f"{what} need a subscriber token that grants them", channel)
+        if self.expired(token):
+            raise unauthorized("the subscriber token has expired; get a new one", channel)
+        if not token.grants(channel):
+            raise PushieError(403, "forbidden", "the subscriber token does not grant this channel", channel=channel)
+
+
+def guard_from_settings(settings: Any, clock: IReactorTime) -> Guard:
+    """Build the daemon's L{Guard} from its settings (files already checked by the config)."""
+    keys = ReloadableList(
+        settings.publisher_keys, settings.publisher_keys_file, clock, check_publisher_keys, "publisher keys"
+    )
+    secrets = ReloadableList(
+        settings.subscriber_secrets,
+        settings.subscriber_secrets_file,
+        clock,
+        check_subscriber_secrets,
+        "subscriber secrets",
+    )
+    return Guard(
+        clock=clock,
+        publisher_keys=keys,
+        subscriber_secrets=secrets,
+        require_token=settings.require_token,
+        leeway=settings.token_leeway,
+    )
+
+
+def first_secret(settings: Any) -> str | None:
+    """The secret that signs tokens: the first line of the secrets file, else the first listed one."""
+    from_file = read_secret_lines(settings.subscriber_secrets_file) if settings.subscriber_secrets_file else []
+    secrets = from_file + list(settings.subscriber_secrets)
+    return secrets[0] if secrets else None
+
+
+def mint_token(secret: str, sub: str, channels: Sequence[str], ttl: float, now: float, info: Any = None) -> str:
+    """Sign a subscriber token, as an app would (used by C{pushie token} and the tests)."""
+    claims: dict[str, Any] = {"sub": sub, "channels": list(channels), "iat": int(now), "exp": int(now + ttl)}
+    if info is not None:
+        claims["info"] = info
+    return jwt.encode(claims, secret, algorithm=ALGORITHM)

@@ -64,6 +64,38 @@ def _endpoints(value: Any) -> list[str]:
     return items
 
 
+def _words(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return value.split()
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise ValueError("expected a string or a list of strings")
+
+
+def _path(value: Any) -> str | None:
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise ValueError("expected a file path")
+    return value
+
+
+def _publisher_keys(value: Any) -> list[str]:
+    from pushie.auth import check_publisher_keys, split_list
+
+    keys = split_list(value)
+    check_publisher_keys(keys, "publisher_keys")
+    return keys
+
+
+def _subscriber_secrets(value: Any) -> list[str]:
+    from pushie.auth import check_subscriber_secrets, split_list
+
+    secrets = split_list(value)
+    check_subscriber_secrets(secrets, "subscriber_secrets")
+    return secrets
+
+
 def _text(value: Any) -> str:
     if not isinstance(value, str) or not value:
         raise ValueError("expected a non-empty string")
@@ -81,6 +113,8 @@ class Setting:
     metavar: str = "VALUE"
     flag: bool = False
     repeatable: bool = False
+    cli: bool = True
+    """False for secrets: they come from files or the environment, never from argv."""
 
     @property
     def option(self) -> str:
@@ -139,6 +173,53 @@ SETTINGS: tuple[Setting, ...] = (
     ),
 )
 
+SETTINGS = SETTINGS + (
+    Setting(
+        "publisher_keys_file",
+        _path,
+        None,
+        "File of publisher keys, one a line; re-read when it changes.",
+        metavar="PATH",
+    ),
+    Setting(
+        "publisher_keys",
+        _publisher_keys,
+        [],
+        "Publisher keys, comma-separated (environment or TOML only).",
+        cli=False,
+    ),
+    Setting(
+        "subscriber_secrets_file",
+        _path,
+        None,
+        "File of subscriber token secrets (32+ bytes), one a line; all verify, the first signs.",
+        metavar="PATH",
+    ),
+    Setting(
+        "subscriber_secrets",
+        _subscriber_secrets,
+        [],
+        "Subscriber token secrets, comma-separated (environment or TOML only).",
+        cli=False,
+    ),
+    Setting("require_token", _flag, False, "Every channel needs a granting subscriber token.", flag=True),
+    Setting(
+        "token_leeway",
+        _seconds,
+        5.0,
+        "Seconds of clock skew allowed when checking a token's exp.",
+        metavar="SECONDS",
+    ),
+    Setting(
+        "allowed_origin",
+        _words,
+        [],
+        "Origin a WebSocket page may come from, with its port (repeatable; default: any).",
+        metavar="ORIGIN",
+        repeatable=True,
+    ),
+)
+
 SETTINGS_BY_NAME = {s.name: s for s in SETTINGS}
 
 
@@ -153,6 +234,13 @@ class Settings:
     ping_timeout: float
     handshake_timeout: float
     shutdown_timeout: float
+    publisher_keys_file: str | None
+    publisher_keys: list[str]
+    subscriber_secrets_file: str | None
+    subscriber_secrets: list[str]
+    require_token: bool
+    token_leeway: float
+    allowed_origin: list[str]
 
     @classmethod
     def defaults(cls) -> Settings:
@@ -210,5 +298,31 @@ def load_settings(
             from_env[setting.name] = environ[setting.env]
     _apply(values, "environment", from_env)
     given = {k: v for k, v in (command_line or {}).items() if v is not None}
+    for key in given:
+        setting = SETTINGS_BY_NAME.get(key)
+        if setting is not None and not setting.cli:
+            raise ConfigError(f"command line: {key!r} is a secret: set it in a file or the environment")
     _apply(values, "command line", given)
+    _check_secret_files(values)
     return Settings(**values)
+
+
+def _check_secret_files(values: dict[str, Any]) -> None:
+    """Read the key and secret files once now, so that a bad one stops start-up."""
+    from pushie.auth import check_publisher_keys, check_subscriber_secrets, read_secret_lines
+
+    for name, check in (
+        ("publisher_keys_file", check_publisher_keys),
+        ("subscriber_secrets_file", check_subscriber_secrets),
+    ):
+        path = values.get(name)
+        if not path:
+            continue
+        try:
+            lines = read_secret_lines(path)
+        except OSError as e:
+            raise ConfigError(f"{name}: cannot read {path}: {e.strerror}") from None
+        try:
+            check(lines, path)
+        except ValueError as e:
+            raise ConfigError(f"{name}: {e}") from None

@@ -21,7 +21,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from pushie import __version__
-from pushie.auth import Guard
+from pushie.auth import guard_from_settings
 from pushie.config import SETTINGS, ConfigError, Settings, load_settings
 from pushie.engines import engine_from_setting
 from pushie.hub import Hub
@@ -43,7 +43,7 @@ class Options(usage.Options):
     optParameters = [["config", "c", None, "TOML settings file (environment: PUSHIE_CONFIG)."]] + [
         [s.option, None, None, f"{s.help} [default: {s.default}; environment: {s.env}]"]
         for s in SETTINGS
-        if not s.flag and not s.repeatable
+        if not s.flag and not s.repeatable and s.cli
     ]
     optFlags = [[s.option, None, s.help] for s in SETTINGS if s.flag]
 
@@ -57,6 +57,10 @@ class Options(usage.Options):
 
     opt_l = opt_listen
 
+    def opt_allowed_origin(self, origin: str) -> None:
+        """Origin a WebSocket page may come from, with its port, e.g. https://app.example.com:443 (repeatable)."""
+        self.repeated.setdefault("allowed_origin", []).append(origin)
+
     def opt_version(self) -> None:
         print(f"pushie {__version__}")
         raise SystemExit(0)
@@ -65,7 +69,7 @@ class Options(usage.Options):
         """The settings given on the command line, by setting name."""
         values: dict[str, Any] = dict(self.repeated)
         for setting in SETTINGS:
-            if setting.repeatable:
+            if setting.repeatable or not setting.cli:
                 continue
             value = self.get(setting.option)
             if setting.flag:
@@ -130,7 +134,7 @@ class PushieService(MultiService):
         self.engine = engine_from_setting(settings.engine, settings, reactor)
         self.hub = Hub(self.engine, reactor, shutdown_timeout=settings.shutdown_timeout)
         self.hub.setServiceParent(self)
-        self.guard = Guard()
+        self.guard = guard_from_settings(settings, reactor)
         throttle = Throttle(Logger(namespace="pushie.api"), reactor)
         self.websocket_factory = PushieServerFactory(
             self.hub,
@@ -139,6 +143,7 @@ class PushieService(MultiService):
             ping_interval=settings.ping_interval,
             ping_timeout=settings.ping_timeout,
             handshake_timeout=settings.handshake_timeout,
+            allowed_origins=settings.allowed_origin,
         )
         self.site: PushieSite = build_site(
             self.hub,
@@ -164,6 +169,14 @@ class PushieService(MultiService):
                 "Publishing is OPEN: no publisher keys are configured, so anyone who can "
                 "reach the port may publish.  Configure keys before exposing this daemon."
             )
+        else:
+            log.info("Publishing needs one of {count} publisher keys", count=len(self.guard.publisher_keys.values()))
+        secrets = self.guard.subscriber_secrets.values() if self.guard.subscriber_secrets else []
+        log.info(
+            "Subscriber tokens: {state}; {channels} need one",
+            state=f"{len(secrets)} secrets verify them" if secrets else "no secrets configured, tokens are refused",
+            channels="all channels" if self.guard.require_token else "private-* and presence-* channels",
+        )
         # MultiService.startService ignores its children's Deferreds; gather
         # them so that callers (and tests) learn when every port listens.
         Service.startService(self)

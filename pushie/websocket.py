@@ -18,11 +18,12 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.util import wildcards2patterns
 from autobahn.websocket.protocol import WebSocketProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.logger import Logger
 
-from pushie.auth import Guard
+from pushie.auth import CLOSE_TOKEN_EXPIRED, Guard, SubscriberToken
 from pushie.channels import ChannelState, Publication, check_channel, dumps
 from pushie.errors import PushieError, bad_request
 from pushie.hub import Hub
@@ -49,7 +50,8 @@ class PushieServerProtocol(WebSocketServerProtocol):
     def __init__(self) -> None:
         super().__init__()
         self.client_id = secrets.token_urlsafe(12)
-        self.token: str | None = None
+        self.token: SubscriberToken | None = None
+        self._expiry: Any = None
         self.subscriptions: dict[str, None] = {}
         # Channels whose subscribe answer is not sent yet: their
         # publications wait here so that `subscribed` always comes first.
@@ -65,10 +67,13 @@ class PushieServerProtocol(WebSocketServerProtocol):
             raise ConnectionDeny(503, "server shutting down")
         # Autobahn's params drop blank values; `channel=` must be refused, not ignored.
         params = parse_qs(urlsplit(self.http_request_uri).query, keep_blank_values=True)
-        tokens = params.get("token", [])
-        self.token = tokens[-1] if tokens else None
         channels: list[str] = []
         try:
+            if not factory.origin_allowed(request.origin):
+                raise PushieError(403, "origin_not_allowed", "origin not allowed")
+            tokens = params.get("token", [])
+            if tokens:
+                self.token = factory.guard.verify_token(tokens[-1])
             for name in params.get("channel", []):
                 check_channel(name)
                 factory.guard.check_subscribe(name, self.token)
@@ -82,7 +87,8 @@ class PushieServerProtocol(WebSocketServerProtocol):
                 code=e.code,
             )
             # The reason goes out in a bare status line: a fixed text only.
-            raise ConnectionDeny(e.status, _DENY_REASONS.get(e.status, "refused")) from None
+            reason = "origin not allowed" if e.code == "origin_not_allowed" else _DENY_REASONS.get(e.status, "refused")
+            raise ConnectionDeny(e.status, reason) from None
         self._initial_channels = channels
         return None
 
@@ -93,6 +99,7 @@ class PushieServerProtocol(WebSocketServerProtocol):
         for name in self._initial_channels:
             self._subscribe(name)
         self._initial_channels = []
+        self._arm_expiry()
 
     # -- delivery (hot path) ---------------------------------------------
 
@@ -148,11 +155,12 @@ class PushieServerProtocol(WebSocketServerProtocol):
 
     def _on_subscribe(self, frame: dict[str, Any]) -> None:
         name = self._frame_channel(frame)
-        token = frame.get("token")
-        if token is not None:
-            if not isinstance(token, str):
+        if "token" in frame:
+            if not isinstance(frame["token"], str):
                 raise bad_request("invalid_token", '"token" must be a string', channel=name)
-            self.token = token
+            # A token that fails verification leaves the connection's token as it was.
+            self.token = self.factory.guard.verify_token(frame["token"], channel=name)
+            self._arm_expiry()
         if name in self.subscriptions:
             raise bad_request(
                 "already_subscribed",
@@ -161,6 +169,7 @@ class PushieServerProtocol(WebSocketServerProtocol):
             )
         self.factory.guard.check_subscribe(name, self.token)
         self._subscribe(name)
+        self._arm_expiry()
 
     def _on_unsubscribe(self, frame: dict[str, Any]) -> None:
         name = self._frame_channel(frame)
@@ -174,10 +183,49 @@ class PushieServerProtocol(WebSocketServerProtocol):
     def _on_ping(self, frame: dict[str, Any]) -> None:
         self.send_json({"type": "pong"})
 
+    def _on_auth(self, frame: dict[str, Any]) -> None:
+        if not isinstance(frame.get("token"), str):
+            raise bad_request("invalid_token", 'an auth frame needs a "token" string')
+        self.token = self.factory.guard.verify_token(frame["token"])
+        self._arm_expiry()
+        self.send_json({"type": "authorized", "sub": self.token.sub, "exp": int(self.token.exp)})
+
+    # -- token expiry ----------------------------------------------------
+
+    def _holds_guarded(self) -> bool:
+        guard = self.factory.guard
+        return any(guard.needs_token(name) for name in self.subscriptions)
+
+    def _disarm_expiry(self) -> None:
+        if self._expiry is not None and self._expiry.active():
+            self._expiry.cancel()
+        self._expiry = None
+
+    def _arm_expiry(self) -> None:
+        """
+        Watch the connection's token: when it expires (plus leeway) while the
+        connection holds token-guarded subscriptions and no fresher token came
+        in an C{auth} or C{subscribe} frame, close with 4001.
+        """
+        self._disarm_expiry()
+        if self.token is None or self.state != _OPEN or not self._holds_guarded():
+            return
+        clock = self.factory.hub.reactor
+        delay = max(0.0, self.token.exp + self.factory.guard.leeway - clock.seconds()) + 0.01
+        self._expiry = clock.callLater(delay, self._token_expired)
+
+    def _token_expired(self) -> None:
+        self._expiry = None
+        if self.token is not None and self.factory.guard.expired(self.token) and self._holds_guarded():
+            self._close_with(CLOSE_TOKEN_EXPIRED, "token expired")
+        else:
+            self._arm_expiry()
+
     _handlers: dict[str, Callable[[PushieServerProtocol, dict[str, Any]], None]] = {
         "subscribe": _on_subscribe,
         "unsubscribe": _on_unsubscribe,
         "ping": _on_ping,
+        "auth": _on_auth,
     }
 
     # -- subscriptions ---------------------------------------------------
@@ -239,6 +287,7 @@ class PushieServerProtocol(WebSocketServerProtocol):
             self.closeHandshakeTimeoutCall = None
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        self._disarm_expiry()
         hub = self.factory.hub
         hub.unsubscribe_all(list(self.subscriptions), self)
         self.subscriptions.clear()
@@ -253,6 +302,18 @@ class PushieServerProtocol(WebSocketServerProtocol):
                 code=self.localCloseCode,
                 reason=(self.localCloseReason or b"").decode("utf-8", "replace"),
             )
+
+
+def normalise_origin(origin: str) -> str | None:
+    """C{scheme://host:port}, with the default port filled in; None for no usable origin."""
+    parts = urlsplit(origin)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return None
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        return None
+    return f"{parts.scheme}://{parts.hostname}:{port}"
 
 
 _DENY_REASONS = {400: "invalid channel name", 401: "token required or invalid", 403: "channel not granted"}
@@ -292,10 +353,13 @@ class PushieServerFactory(WebSocketServerFactory):
         ping_timeout: float,
         handshake_timeout: float,
         close_timeout: float = 5.0,
+        allowed_origins: list[str] | None = None,
     ) -> None:
         super().__init__()
         self.hub = hub
         self.guard = guard
+        self.allowed_origins = list(allowed_origins or [])
+        self._origin_patterns = wildcards2patterns(self.allowed_origins)
         self.throttle = Throttle(self.log, hub.reactor)
         # Autobahn's defaults are unlimited sizes, no heartbeats, an HTML
         # status page on plain GETs and failing by dropping TCP without a
@@ -318,3 +382,17 @@ class PushieServerFactory(WebSocketServerFactory):
             tcpNoDelay=True,
             perMessageCompressionAccept=lambda offers: None,
         )
+
+    def origin_allowed(self, origin: str | None) -> bool:
+        """
+        Whether a page from C{origin} may open a WebSocket.  With no
+        C{allowed_origin} configured, any may; a request without an C{Origin}
+        header (not a browser) is always allowed, since origins only protect
+        browsers' users from other sites' pages.
+        """
+        if not self.allowed_origins or not origin:
+            return True
+        normal = normalise_origin(origin)
+        if normal is None:
+            return False
+        return any(pattern.match(normal) for pattern in self._origin_patterns)
