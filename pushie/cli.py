@@ -3,6 +3,10 @@
 The C{pushie} command: a client for people and scripts.
 
   pushie publish CHANNEL JSON    publish one message (prints the offset)
+  pushie token --sub ID --channel NAME [--channel ...] [--ttl S] [--info JSON]
+                                 print a subscriber token signed with the first
+                                 configured secret (from the secrets file or
+                                 PUSHIE_SUBSCRIBER_SECRETS, never from argv)
   pushie version                 print the version
 
 C{pushie serve} is not here: the daemon runs under twistd (C{twistd -n pushie}).
@@ -51,6 +55,40 @@ def _publish(args: argparse.Namespace) -> int:
         return 1
 
 
+def _token(args: argparse.Namespace) -> int:
+    import time
+
+    from pushie.auth import first_secret, mint_token
+    from pushie.config import ConfigError, load_settings
+
+    try:
+        command_line = {"subscriber_secrets_file": args.subscriber_secrets_file}
+        settings = load_settings(command_line, os.environ, args.config)
+    except ConfigError as e:
+        print(f"pushie token: {e}", file=sys.stderr)
+        return 2
+    secret = first_secret(settings)
+    if secret is None:
+        print(
+            "pushie token: no subscriber secret configured: set PUSHIE_SUBSCRIBER_SECRETS or "
+            "--subscriber-secrets-file (or subscriber_secrets_file in --config)",
+            file=sys.stderr,
+        )
+        return 2
+    info = None
+    if args.info is not None:
+        try:
+            info = json.loads(args.info)
+        except ValueError:
+            print('pushie token: --info must be JSON, for example \'{"name": "Ann"}\'', file=sys.stderr)
+            return 2
+    if args.ttl <= 0:
+        print("pushie token: --ttl must be a positive number of seconds", file=sys.stderr)
+        return 2
+    print(mint_token(secret, args.sub, args.channel, args.ttl, time.time(), info))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="pushie",
@@ -69,6 +107,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     publish.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the answer")
     publish.set_defaults(run=_publish)
+    token = commands.add_parser("token", help="print a subscriber token (JWT) for an app or a test")
+    token.add_argument("--sub", required=True, help="the user id the token is for")
+    token.add_argument(
+        "--channel",
+        action="append",
+        required=True,
+        help="a channel it grants; 'prefix*' grants a prefix, '*' everything (repeatable)",
+    )
+    token.add_argument("--ttl", type=float, default=3600.0, help="seconds until it expires (default 3600)")
+    token.add_argument("--info", help="JSON shown to other members of presence channels")
+    token.add_argument("--config", help="TOML settings file (as for the daemon)")
+    token.add_argument("--subscriber-secrets-file", help="file of subscriber secrets; the first line signs")
+    token.set_defaults(run=_token)
     commands.add_parser("version", help="print the version").set_defaults(run=lambda a: print(__version__) or 0)
     args = parser.parse_args(argv)
     if not getattr(args, "run", None):
