@@ -48,11 +48,6 @@ def write_error(request: Request, error: PushieError) -> None:
     write_json(request, error.status, error.to_json(), error.headers)
 
 
-def json_error_page(status: int, code: str, message: str) -> Resource:
-    """A resource that answers every method with one JSON error."""
-    return ErrorResource(PushieError(status, code, message))
-
-
 class ErrorResource(Resource):
     isLeaf = True
 
