@@ -87,8 +87,7 @@ class PushieServerProtocol(WebSocketServerProtocol):
                 code=e.code,
             )
             # The reason goes out in a bare status line: a fixed text only.
-            reason = "origin not allowed" if e.code == "origin_not_allowed" else _DENY_REASONS.get(e.status, "refused")
-            raise ConnectionDeny(e.status, reason) from None
+            raise ConnectionDeny(e.status, _DENY_REASONS.get(e.code, "refused")) from None
         self._initial_channels = channels
         return None
 
@@ -316,7 +315,13 @@ def normalise_origin(origin: str) -> str | None:
     return f"{parts.scheme}://{parts.hostname}:{port}"
 
 
-_DENY_REASONS = {400: "invalid channel name", 401: "token required or invalid", 403: "channel not granted"}
+# Fixed texts by error code: a refusal's status line never carries user input.
+_DENY_REASONS = {
+    "invalid_channel": "invalid channel name",
+    "unauthorized": "token required or invalid",
+    "forbidden": "channel not granted",
+    "origin_not_allowed": "origin not allowed",
+}
 
 
 class _QuietLog:
