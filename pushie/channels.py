@@ -117,3 +117,88 @@ class Publication:
                 self.envelope, isBinary=False, applyMask=False, doNotCompress=True
             ).payloadHybi
         return self._frame
+
+
+def is_presence(name: str) -> bool:
+    """Whether a channel keeps a member list (C{presence-*})."""
+    return name.startswith("presence-")
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class Position:
+    """A client's place in a channel: the last offset it has, in which epoch."""
+
+    offset: int
+    epoch: str
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class History:
+    """
+    What an engine still has of a channel after some offset.
+
+    @ivar state: the channel's current offset and epoch.
+    @ivar publications: the kept publications after the asked offset, oldest first.
+    @ivar complete: whether nothing between the asked offset and the first
+        returned publication (or the current offset) has been forgotten.
+    """
+
+    state: ChannelState
+    publications: list[Publication]
+    complete: bool
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class Member:
+    """A presence member: a token's C{sub} and its C{info}."""
+
+    id: str
+    info: Any = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "info": self.info}
+
+
+@attr.s(slots=True, auto_attribs=True, eq=False)
+class PresenceEvent:
+    """
+    A member joined (its first connection arrived) or left (its last one went).
+
+    @ivar origin: the client id of the connection that caused it; that
+        connection is not told about its own join.
+    """
+
+    channel: str
+    kind: str
+    member: Member
+    origin: str | None = None
+    _json: bytes | None = attr.ib(default=None, init=False, repr=False)
+
+    @property
+    def json(self) -> bytes:
+        """The C{join}/C{leave} frame, encoded once for every subscriber."""
+        if self._json is None:
+            self._json = dumps({"type": self.kind, "channel": self.channel, "member": self.member.to_json()})
+        return self._json
+
+
+def check_since(value: object, channel: str | None = None) -> Position:
+    """
+    Validate a client's C{since}: C{{"offset": <int >= 0>, "epoch": "<string>"}}.
+
+    @raise PushieError: 400 C{invalid_since}.
+    """
+    if (
+        isinstance(value, dict)
+        and isinstance(value.get("offset"), int)
+        and not isinstance(value.get("offset"), bool)
+        and value["offset"] >= 0
+        and isinstance(value.get("epoch"), str)
+        and 0 < len(value["epoch"]) <= 64
+    ):
+        return Position(value["offset"], value["epoch"])
+    raise bad_request(
+        "invalid_since",
+        '"since" must be {"offset": <the last offset you have>, "epoch": "<its epoch>"}',
+        channel=channel,
+    )

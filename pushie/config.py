@@ -32,12 +32,28 @@ def _positive_int(value: Any) -> int:
     return number
 
 
+def _count(value: Any) -> int:
+    if isinstance(value, bool):
+        raise ValueError("expected a whole number")
+    number = int(value)
+    if number < 0:
+        raise ValueError("must not be negative")
+    return number
+
+
 def _seconds(value: Any) -> float:
     if isinstance(value, bool):
         raise ValueError("expected a number of seconds")
     number = float(value)
     if number < 0:
         raise ValueError("must not be negative")
+    return number
+
+
+def _positive_seconds(value: Any) -> float:
+    number = _seconds(value)
+    if number == 0:
+        raise ValueError("must be greater than 0")
     return number
 
 
@@ -136,6 +152,20 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("engine", _text, "memory", "Engine: 'memory' (one process).", metavar="ENGINE"),
     Setting(
+        "history_size",
+        _count,
+        100,
+        "Messages kept per channel for recovery and the history API (0: none).",
+        metavar="N",
+    ),
+    Setting(
+        "history_ttl",
+        _positive_seconds,
+        300.0,
+        "Seconds a message is kept in its channel's history.",
+        metavar="SECONDS",
+    ),
+    Setting(
         "max_message_size",
         _positive_int,
         65536,
@@ -229,6 +259,8 @@ class Settings:
 
     listen: list[str]
     engine: str
+    history_size: int
+    history_ttl: float
     max_message_size: int
     ping_interval: float
     ping_timeout: float

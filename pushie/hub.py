@@ -1,12 +1,21 @@
-# -*- test-case-name: tests.test_websocket -*-
+# -*- test-case-name: tests.test_recovery -*-
 """
 The Hub: the registry of channels and local subscribers, shared by every
 front door.
 
 Front doors call L{Hub.publish}, L{Hub.subscribe} and L{Hub.unsubscribe}; the
-engine calls L{Hub.dispatch} for every publication of a watched channel.  Per
-channel, the Hub hands publications to subscribers in offset order and never
-twice: it remembers the last offset it dispatched.
+engine calls L{Hub.dispatch} for every publication of a watched channel and
+L{Hub.presence_changed} for joins and leaves.  Per channel, the Hub hands
+publications to subscribers in offset order and never twice.
+
+Subscribing is where recovery happens, gap-free by construction: the new
+subscriber is registered as I{pending} before the engine is asked anything,
+so every publication dispatched while the engine answers is buffered for it.
+Then history (or the current state) is read, and the answer to the front door
+is the history after the client's offset followed by the buffered
+publications that come after it, with duplicates removed by offset.  The
+front door sends the C{subscribed} frame and that replay in one reactor turn,
+and from then on the subscriber is live.
 """
 
 from __future__ import annotations
@@ -20,15 +29,28 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from pushie.channels import ChannelState, Publication, PublishRequest
+from pushie.channels import (
+    ChannelState,
+    Member,
+    Position,
+    PresenceEvent,
+    Publication,
+    PublishRequest,
+    is_presence,
+)
 from pushie.engines import IEngine
 
 
 class Subscriber(Protocol):
     """What the Hub needs of a subscriber (a WebSocket connection, an SSE stream)."""
 
+    client_id: str
+
     def deliver(self, publication: Publication) -> None:
         """Send one publication; must not raise and must not block."""
+
+    def presence(self, event: PresenceEvent) -> None:
+        """Send one join or leave."""
 
 
 class Connection(Protocol):
@@ -41,10 +63,27 @@ class Connection(Protocol):
         """Drop the connection now."""
 
 
+@attr.s(frozen=True, auto_attribs=True)
+class Subscribed:
+    """
+    The answer to a subscribe: where the channel stands, whether the
+    client's position was recovered (C{None} when it gave none), what to send
+    after the C{subscribed} frame, in order, and the members of a presence
+    channel.
+    """
+
+    state: ChannelState
+    recovered: bool | None
+    replay: list[Publication | PresenceEvent]
+    members: list[Member] | None
+
+
 @attr.s(slots=True, auto_attribs=True, eq=False)
 class _LocalChannel:
     subscribers: dict[Subscriber, None] = attr.ib(factory=dict)
     snapshot: tuple[Subscriber, ...] | None = None
+    pending: dict[Subscriber, list[Publication | PresenceEvent]] = attr.ib(factory=dict)
+    members: dict[Subscriber, Member] = attr.ib(factory=dict)
     last_offset: int = 0
     epoch: str | None = None
 
@@ -73,7 +112,7 @@ class Hub(Service):
 
     def startService(self) -> Deferred[None]:  # type: ignore[override]
         super().startService()
-        return self.engine.start(self.dispatch)
+        return self.engine.start(self)
 
     def stopService(self) -> Deferred[None]:  # type: ignore[override]
         """
@@ -162,42 +201,108 @@ class Hub(Service):
             subscribers = channel.snapshot = tuple(channel.subscribers)
         for subscriber in subscribers:
             subscriber.deliver(publication)
+        if channel.pending:
+            for buffered in channel.pending.values():
+                buffered.append(publication)
+
+    def presence_changed(self, event: PresenceEvent) -> None:
+        """Tell a channel's local subscribers that a member joined or left."""
+        channel = self._channels.get(event.channel)
+        if channel is None:
+            return
+        for subscriber in tuple(channel.subscribers):
+            if subscriber.client_id != event.origin:
+                subscriber.presence(event)
+        for subscriber, buffered in channel.pending.items():
+            if subscriber.client_id != event.origin:
+                buffered.append(event)
 
     # -- subscriptions ---------------------------------------------------
 
-    def subscribe(self, name: str, subscriber: Subscriber) -> Deferred[ChannelState]:
+    def subscribe(
+        self,
+        name: str,
+        subscriber: Subscriber,
+        since: Position | None = None,
+        member: Member | None = None,
+    ) -> Deferred[Subscribed | None]:
         """
-        Add C{subscriber} to channel C{name}.
+        Add C{subscriber} to channel C{name}, recovering from C{since}.
 
-        The subscriber receives every publication after the offset of the
-        returned state, and none at or before it.
+        @param member: on a presence channel, who the subscriber is.
+        @return: a Deferred firing with L{Subscribed}, or with C{None} if the
+            subscriber unsubscribed before the answer came.  Once it fires the
+            subscriber is live: the caller must send the answer at once.
         """
         channel = self._channels.get(name)
         if channel is None:
             channel = self._channels[name] = _LocalChannel()
             self.engine.watch(name)
+        channel.pending[subscriber] = []
+        return Deferred.fromCoroutine(self._subscribe(name, channel, subscriber, since, member))
+
+    async def _subscribe(
+        self,
+        name: str,
+        channel: _LocalChannel,
+        subscriber: Subscriber,
+        since: Position | None,
+        member: Member | None,
+    ) -> Subscribed | None:
+        try:
+            if member is not None:
+                channel.members[subscriber] = member
+                await self.engine.presence_add(name, member, subscriber.client_id)
+            history = None
+            if since is not None:
+                history = await self.engine.history(name, since.offset, None)
+                state = history.state
+            else:
+                state = await self.engine.state(name)
+            members = await self.engine.presence(name) if is_presence(name) else None
+        except BaseException:
+            self.unsubscribe(name, subscriber)
+            raise
+        buffered = channel.pending.pop(subscriber, None)
+        if buffered is None:
+            return None  # unsubscribed meanwhile
         channel.subscribers[subscriber] = None
         channel.snapshot = None
-        d = self.engine.state(name)
+        if channel.epoch != state.epoch or channel.last_offset < state.offset:
+            channel.epoch = state.epoch
+            channel.last_offset = state.offset
 
-        def remember(state: ChannelState) -> ChannelState:
-            # Later dispatches compare against this: nothing at or below it
-            # reaches the new subscriber twice.
-            if channel.epoch != state.epoch or channel.last_offset < state.offset:
-                channel.epoch = state.epoch
-                channel.last_offset = state.offset
-            return state
-
-        return d.addCallback(remember)
+        replay: list[Publication | PresenceEvent] = []
+        recovered = None
+        last = state.offset
+        if since is not None and history is not None:
+            recovered = history.complete and since.epoch == state.epoch and since.offset <= state.offset
+            if recovered:
+                replay.extend(history.publications)
+                last = history.publications[-1].offset if history.publications else since.offset
+        for item in buffered:
+            if isinstance(item, Publication) and item.epoch == state.epoch:
+                if item.offset <= last:
+                    continue
+                last = item.offset
+            replay.append(item)
+        return Subscribed(state, recovered, replay, members)
 
     def unsubscribe(self, name: str, subscriber: Subscriber) -> None:
         """Remove C{subscriber} from channel C{name}; forget the channel when it empties."""
         channel = self._channels.get(name)
-        if channel is None or subscriber not in channel.subscribers:
+        if channel is None:
             return
-        del channel.subscribers[subscriber]
+        live = channel.subscribers.pop(subscriber, 0) is None
+        pending = channel.pending.pop(subscriber, None) is not None
+        if not (live or pending):
+            return
         channel.snapshot = None
-        if not channel.subscribers:
+        member = channel.members.pop(subscriber, None)
+        if member is not None:
+            d = self.engine.presence_remove(name, member, subscriber.client_id)
+            d.addErrback(lambda f: self.log.failure("Removing a presence member failed", f))
+        if not channel.subscribers and not channel.pending:
             del self._channels[name]
             self.engine.unwatch(name)
 

@@ -24,9 +24,18 @@ from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.logger import Logger
 
 from pushie.auth import CLOSE_TOKEN_EXPIRED, Guard, SubscriberToken
-from pushie.channels import ChannelState, Publication, check_channel, dumps
+from pushie.channels import (
+    Member,
+    Position,
+    PresenceEvent,
+    Publication,
+    check_channel,
+    check_since,
+    dumps,
+    is_presence,
+)
 from pushie.errors import PushieError, bad_request
-from pushie.hub import Hub
+from pushie.hub import Hub, Subscribed
 from pushie.logs import Throttle
 
 _OPEN = WebSocketProtocol.STATE_OPEN
@@ -53,9 +62,6 @@ class PushieServerProtocol(WebSocketServerProtocol):
         self.token: SubscriberToken | None = None
         self._expiry: Any = None
         self.subscriptions: dict[str, None] = {}
-        # Channels whose subscribe answer is not sent yet: their
-        # publications wait here so that `subscribed` always comes first.
-        self._pending: dict[str, list[Publication]] = {}
         self._initial_channels: list[str] = []
         self._opened = False
 
@@ -106,15 +112,16 @@ class PushieServerProtocol(WebSocketServerProtocol):
         """
         Send one publication.  Called once per subscriber per publication.
         """
-        if self._pending and publication.channel in self._pending:
-            self._pending[publication.channel].append(publication)
-            return
         if self.state != _OPEN:
             return
         if self._perMessageCompress is None and self.send_state == _GROUND and not self.send_queue:
             self.transport.write(publication.websocket_frame)
         else:
             self.sendMessage(publication.envelope, isBinary=False)
+
+    def presence(self, event: PresenceEvent) -> None:
+        if self.state == _OPEN:
+            self.sendMessage(event.json, isBinary=False)
 
     def send_json(self, frame: dict[str, Any]) -> None:
         if self.state == _OPEN:
@@ -166,8 +173,9 @@ class PushieServerProtocol(WebSocketServerProtocol):
                 "this connection is already subscribed to the channel; unsubscribe first",
                 channel=name,
             )
+        since = check_since(frame["since"], name) if frame.get("since") is not None else None
         self.factory.guard.check_subscribe(name, self.token)
-        self._subscribe(name)
+        self._subscribe(name, since)
         self._arm_expiry()
 
     def _on_unsubscribe(self, frame: dict[str, Any]) -> None:
@@ -175,9 +183,22 @@ class PushieServerProtocol(WebSocketServerProtocol):
         if name not in self.subscriptions:
             raise bad_request("not_subscribed", "this connection is not subscribed to the channel", channel=name)
         del self.subscriptions[name]
-        self._pending.pop(name, None)
         self.factory.hub.unsubscribe(name, self)
         self.send_json({"type": "unsubscribed", "channel": name})
+
+    def _on_presence(self, frame: dict[str, Any]) -> None:
+        name = self._frame_channel(frame)
+        if name not in self.subscriptions or not is_presence(name):
+            raise bad_request(
+                "not_subscribed", "ask for the members of a presence-* channel you are subscribed to", channel=name
+            )
+        d = self.factory.hub.engine.presence(name)
+        d.addCallback(
+            lambda members: self.send_json(
+                {"type": "presence", "channel": name, "members": [m.to_json() for m in members]}
+            )
+        )
+        d.addErrback(lambda f: self._subscribe_failed(name, f, unsubscribe=False))
 
     def _on_ping(self, frame: dict[str, Any]) -> None:
         self.send_json({"type": "pong"})
@@ -225,31 +246,44 @@ class PushieServerProtocol(WebSocketServerProtocol):
         "unsubscribe": _on_unsubscribe,
         "ping": _on_ping,
         "auth": _on_auth,
+        "presence": _on_presence,
     }
 
     # -- subscriptions ---------------------------------------------------
 
-    def _subscribe(self, name: str) -> None:
+    def _subscribe(self, name: str, since: Position | None = None) -> None:
         self.subscriptions[name] = None
-        self._pending[name] = []
-        d = self.factory.hub.subscribe(name, self)
+        member = None
+        if is_presence(name) and self.token is not None:
+            member = Member(self.token.sub, self.token.info)
+        d = self.factory.hub.subscribe(name, self, since, member)
         d.addCallbacks(
-            lambda state: self._subscribed(name, state),
+            lambda answer: self._subscribed(name, answer),
             lambda failure: self._subscribe_failed(name, failure),
         )
 
-    def _subscribed(self, name: str, state: ChannelState) -> None:
-        waiting = self._pending.pop(name, None)
-        if waiting is None:
+    def _subscribed(self, name: str, answer: Subscribed | None) -> None:
+        if answer is None or self.state != _OPEN:
             return  # unsubscribed or closed meanwhile
-        self.send_json({"type": "subscribed", "channel": name, "offset": state.offset, "epoch": state.epoch})
-        for publication in waiting:
-            if publication.epoch != state.epoch or publication.offset > state.offset:
-                self.deliver(publication)
+        frame: dict[str, Any] = {
+            "type": "subscribed",
+            "channel": name,
+            "offset": answer.state.offset,
+            "epoch": answer.state.epoch,
+        }
+        if answer.recovered is not None:
+            frame["recovered"] = answer.recovered
+        if answer.members is not None:
+            frame["members"] = [m.to_json() for m in answer.members]
+        self.send_json(frame)
+        for item in answer.replay:
+            if isinstance(item, Publication):
+                self.deliver(item)
+            else:
+                self.presence(item)
 
-    def _subscribe_failed(self, name: str, failure: Any) -> None:
-        self._pending.pop(name, None)
-        if name in self.subscriptions:
+    def _subscribe_failed(self, name: str, failure: Any, unsubscribe: bool = True) -> None:
+        if unsubscribe and name in self.subscriptions:
             del self.subscriptions[name]
             self.factory.hub.unsubscribe(name, self)
         error = failure.value if isinstance(failure.value, PushieError) else None
@@ -290,7 +324,6 @@ class PushieServerProtocol(WebSocketServerProtocol):
         hub = self.factory.hub
         hub.unsubscribe_all(list(self.subscriptions), self)
         self.subscriptions.clear()
-        self._pending.clear()
         if self._opened:
             hub.connection_closed(self)
         if self.failedByMe and self.localCloseCode in _AUTOBAHN_QUIET_CODES:

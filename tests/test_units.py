@@ -12,8 +12,7 @@ from twisted.internet.task import Clock
 from twisted.logger import Logger, LogLevel
 
 from pushie.api import is_json_content_type, parse_publish_body
-from pushie.channels import Publication, PublishRequest, is_valid_channel
-from pushie.engines.memory import IDEMPOTENCY_WINDOW, MemoryEngine
+from pushie.channels import Publication, is_valid_channel
 from pushie.errors import PushieError
 from pushie.logs import Throttle
 
@@ -106,25 +105,6 @@ def test_published_data_round_trips(value):
     (request,), single = parse_publish_body(json.dumps({"channel": "c", "data": value}).encode())
     assert single
     assert json.loads(Publication("c", 1, "e", request.data).envelope)["data"] == value
-
-
-def test_memory_engine_offsets_epochs_and_idempotency_window():
-    clock = Clock()
-    engine = MemoryEngine(clock=clock)
-    delivered = []
-    engine.start(delivered.append)
-    first = engine.append([PublishRequest("c", b"1", idempotency_key="k")]).result[0]
-    assert (first.offset, engine.state_now("c").offset) == (1, 1)
-    repeat = engine.append([PublishRequest("c", b"1", idempotency_key="k")]).result[0]
-    assert (repeat.offset, repeat.epoch) == (first.offset, first.epoch)
-    other_channel = engine.append([PublishRequest("d", b"1", idempotency_key="k")]).result[0]
-    assert other_channel.offset == 1
-    assert [p.offset for p in delivered] == [1, 1]
-    clock.advance(IDEMPOTENCY_WINDOW + 1)
-    later = engine.append([PublishRequest("c", b"1", idempotency_key="k")]).result[0]
-    assert later.offset == 2
-    assert engine._idempotency.keys() == {("c", "k")}  # expired keys are forgotten
-    assert MemoryEngine(clock=clock).state_now("c").epoch != first.epoch  # a restart changes epochs
 
 
 def test_throttle_logs_the_first_and_counts_the_rest():

@@ -1,19 +1,31 @@
-# -*- test-case-name: tests.test_units -*-
+# -*- test-case-name: tests.test_engine -*-
 """
-Engines decide where a publication stands (offset, epoch) and carry it to every
-node that serves the channel.  The Hub talks to an L{IEngine}; it never knows
-which one.  C{memory} serves one process; a Redis engine implements the same
-interface for many.
+Engines decide where a publication stands (offset, epoch), keep each
+channel's recent history and presence, and carry publications and presence
+changes to every node that serves the channel.  The Hub talks to an
+L{IEngine}; it never knows which one.  C{memory} serves one process; a Redis
+engine implements the same interface for many.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
 
-from pushie.channels import ChannelState, Publication, PublishRequest
+from pushie.channels import ChannelState, History, Member, PresenceEvent, Publication, PublishRequest
+
+
+class EngineListener(Protocol):
+    """What an engine reports to (the Hub)."""
+
+    def dispatch(self, publication: Publication) -> None:
+        """A publication of a watched channel, in offset order per channel."""
+
+    def presence_changed(self, event: PresenceEvent) -> None:
+        """A member joined or left a watched channel."""
 
 
 class IEngine(Interface):
@@ -21,28 +33,32 @@ class IEngine(Interface):
 
     name = Attribute("A short name for logs: 'memory', 'redis://host:port/db'.")
 
-    def start(deliver: Callable[[Publication], None]) -> Deferred[None]:
+    def start(listener: EngineListener) -> Deferred[None]:
         """
-        Begin serving.  From now on C{deliver} is called once for every
-        publication that this node watches (see L{watch}), from any node,
-        in offset order per channel.
+        Begin serving.  From now on the listener hears of every publication
+        and presence change of the channels this node watches (see L{watch}),
+        from any node.
         """
 
     def stop() -> Deferred[None]:
-        """Stop serving and release connections."""
+        """Stop serving and release connections and timers."""
 
     def append(requests: Sequence[PublishRequest]) -> Deferred[list[Publication]]:
         """
-        Give each request the next offset of its channel, store it and send it
-        to every node, atomically.  A request whose C{idempotency_key} was
-        seen on the same channel in the last 5 minutes is not published again:
-        its publication carries the first offset and epoch.  All or nothing: either every request is published (the
-        Deferred fires with the publications, in order) or none is (it fails
-        with L{pushie.errors.EngineUnavailable}).
+        Give each request the next offset of its channel, store it in the
+        channel's history and send it to every node, atomically.  A request
+        whose C{idempotency_key} was seen on the same channel in the last 5
+        minutes is not published again: its publication carries the first
+        offset and epoch.  All or nothing: either every request is published
+        (the Deferred fires with the publications, in order) or none is (it
+        fails with L{pushie.errors.EngineUnavailable}).
         """
 
     def state(channel: str) -> Deferred[ChannelState]:
         """The channel's current offset and epoch."""
+
+    def history(channel: str, since: int, limit: int | None) -> Deferred[History]:
+        """The kept publications after offset C{since} (at most C{limit}), oldest first."""
 
     def watch(channel: str) -> None:
         """This node now has local subscribers for C{channel}: deliver its publications."""
@@ -50,11 +66,20 @@ class IEngine(Interface):
     def unwatch(channel: str) -> None:
         """This node's last local subscriber of C{channel} has gone."""
 
+    def presence_add(channel: str, member: Member, origin: str) -> Deferred[None]:
+        """One more connection of C{member}; its first one emits a C{join}."""
+
+    def presence_remove(channel: str, member: Member, origin: str) -> Deferred[None]:
+        """One connection of C{member} fewer; its last one emits a C{leave}."""
+
+    def presence(channel: str) -> Deferred[list[Member]]:
+        """The channel's members, one per C{sub}."""
+
     def healthy() -> bool:
         """Whether a publish would be accepted now."""
 
 
-def engine_from_setting(value: str, settings: object, reactor: object) -> IEngine:
+def engine_from_setting(value: str, settings: Any, reactor: Any) -> IEngine:
     """
     Build the engine named by the C{--engine} setting.
 
@@ -63,5 +88,7 @@ def engine_from_setting(value: str, settings: object, reactor: object) -> IEngin
     if value == "memory":
         from pushie.engines.memory import MemoryEngine
 
-        return MemoryEngine(clock=reactor)  # type: ignore[arg-type]
+        return MemoryEngine(  # type: ignore[no-any-return]
+            clock=reactor, history_size=settings.history_size, history_ttl=settings.history_ttl
+        )
     raise ValueError(f"unknown engine {value!r}: use 'memory'")

@@ -1,0 +1,134 @@
+"""The memory engine with a controllable clock: offsets, history bounds, TTL, idle channels, presence."""
+
+from __future__ import annotations
+
+from twisted.internet.task import Clock
+
+from pushie.channels import Member, PublishRequest
+from pushie.engines.memory import IDEMPOTENCY_WINDOW, MemoryEngine
+
+
+class Recorder:
+    """An engine listener that records what it hears."""
+
+    def __init__(self) -> None:
+        self.publications = []
+        self.presence = []
+
+    def dispatch(self, publication) -> None:
+        self.publications.append(publication)
+
+    def presence_changed(self, event) -> None:
+        self.presence.append(event)
+
+
+def started(**kwargs):
+    clock = Clock()
+    engine = MemoryEngine(clock=clock, **kwargs)
+    listener = Recorder()
+    engine.start(listener)
+    return engine, clock, listener
+
+
+def publish(engine, channel, count, key=None):
+    return engine.append([PublishRequest(channel, b"%d" % i, idempotency_key=key) for i in range(count)]).result
+
+
+def test_offsets_epochs_and_idempotency_window():
+    engine, clock, listener = started()
+    first = engine.append([PublishRequest("c", b"1", idempotency_key="k")]).result[0]
+    assert (first.offset, engine.state_now("c").offset) == (1, 1)
+    repeat = engine.append([PublishRequest("c", b"1", idempotency_key="k")]).result[0]
+    assert (repeat.offset, repeat.epoch) == (first.offset, first.epoch)
+    assert engine.append([PublishRequest("d", b"1", idempotency_key="k")]).result[0].offset == 1
+    assert [p.offset for p in listener.publications] == [1, 1]
+    clock.advance(IDEMPOTENCY_WINDOW + 1)
+    assert engine.append([PublishRequest("c", b"1", idempotency_key="k")]).result[0].offset == 1
+    assert list(engine._idempotency) == [("c", "k")]  # expired keys are forgotten
+    engine.stop()
+
+
+def test_history_is_bounded_by_size():
+    engine, clock, _ = started(history_size=100)
+    publish(engine, "c", 150)
+    everything = engine.history("c", 0, None).result
+    assert [p.offset for p in everything.publications] == list(range(51, 151))
+    assert not everything.complete  # 1..50 are gone
+    recent = engine.history("c", 50, None).result
+    assert recent.complete and len(recent.publications) == 100
+    limited = engine.history("c", 60, 5).result
+    assert [p.offset for p in limited.publications] == [61, 62, 63, 64, 65] and limited.complete
+    up_to_date = engine.history("c", 150, None).result
+    assert up_to_date.complete and up_to_date.publications == [] and up_to_date.state.offset == 150
+    engine.stop()
+
+
+def test_history_expires_with_the_ttl():
+    engine, clock, _ = started(history_size=100, history_ttl=10)
+    engine.watch("c")
+    publish(engine, "c", 3)
+    clock.advance(5)
+    publish(engine, "c", 2)
+    clock.advance(6)  # the first three are 11 s old
+    history = engine.history("c", 0, None).result
+    assert [p.offset for p in history.publications] == [4, 5] and not history.complete
+    assert engine.history("c", 3, None).result.complete
+    clock.advance(10)
+    history = engine.history("c", 3, None).result
+    assert history.publications == [] and not history.complete and history.state.offset == 5
+    engine.stop()
+
+
+def test_idle_channels_leave_nothing_behind():
+    engine, clock, _ = started(history_size=10, history_ttl=10)
+    for i in range(1000):
+        publish(engine, f"c{i}", 2, key=f"k{i}")
+    engine.watch("kept")
+    engine.unwatch("kept")
+    assert engine.channel_count() == 1000
+    old_epoch = engine.state_now("c1").epoch
+    clock.advance(IDEMPOTENCY_WINDOW + 1)
+    assert engine.channel_count() == 0
+    assert not engine._expiries and not engine._idempotency
+    # Used again, a forgotten channel starts over in a new epoch.
+    again = publish(engine, "c1", 1)[0]
+    assert (again.offset, again.epoch != old_epoch) == (1, True)
+    engine.stop()
+
+
+def test_watched_channel_keeps_its_offset_after_history_expires():
+    engine, clock, _ = started(history_ttl=1)
+    engine.watch("c")
+    publish(engine, "c", 4)
+    epoch = engine.state_now("c").epoch
+    clock.advance(2)
+    assert engine.state_now("c").offset == 4 and engine.state_now("c").epoch == epoch
+    assert publish(engine, "c", 1)[0].offset == 5
+    engine.stop()
+
+
+def test_zero_history_keeps_nothing():
+    engine, clock, _ = started(history_size=0)
+    publish(engine, "c", 3)
+    assert engine.channel_count() == 0
+    engine.stop()
+
+
+def test_presence_counts_connections_per_member():
+    engine, clock, listener = started()
+    ann, bob = Member("ann", {"n": 1}), Member("bob")
+    engine.presence_add("presence-r", ann, "tab1")
+    engine.presence_add("presence-r", ann, "tab2")
+    engine.presence_add("presence-r", bob, "tab3")
+    assert [(e.kind, e.member.id, e.origin) for e in listener.presence] == [
+        ("join", "ann", "tab1"),
+        ("join", "bob", "tab3"),
+    ]
+    assert sorted(m.id for m in engine.presence("presence-r").result) == ["ann", "bob"]
+    engine.presence_remove("presence-r", ann, "tab1")
+    assert len(listener.presence) == 2  # ann still has a tab
+    engine.presence_remove("presence-r", ann, "tab2")
+    engine.presence_remove("presence-r", bob, "tab3")
+    assert [(e.kind, e.member.id) for e in listener.presence[2:]] == [("leave", "ann"), ("leave", "bob")]
+    assert engine.presence("presence-r").result == [] and engine.channel_count() == 0
+    engine.stop()
