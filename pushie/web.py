@@ -126,6 +126,7 @@ def build_site(
 ) -> PushieSite:
     """Assemble the resource tree for one daemon."""
     root = Root(StaticFile("index.html", b"text/html; charset=utf-8"))
+    root.putChild(b"pushie.js", StaticFile("pushie.js", b"application/javascript; charset=utf-8"))
     root.putChild(b"publish", PublishResource(hub, guard, throttle))
     root.putChild(b"websocket", WebSocketResource(websocket_factory))
     return PushieSite(root, max_body_size, timeout, hub.reactor)

@@ -218,4 +218,8 @@ async def test_demo_page(daemon):
     status, body, response = await daemon.get("/")
     assert status == 200
     assert response.headers.getRawHeaders("content-type") == ["text/html; charset=utf-8"]
-    assert b"new WebSocket(" in body and b"Subscribe" in body and b"You're connected to Pushie!" in body
+    assert b'src="/pushie.js"' in body and b"Subscribe" in body and b"You're connected to Pushie!" in body
+    status, script, response = await daemon.get("/pushie.js")
+    assert status == 200
+    assert response.headers.getRawHeaders("content-type") == ["application/javascript; charset=utf-8"]
+    assert b"class Pushie" in script and b"since" in script

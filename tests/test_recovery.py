@@ -144,7 +144,7 @@ def test_short_history_never_lies(ops):
     # Never a duplicate, never out of order.
     assert offsets == sorted(set(offsets))
     # A gap only ever follows an honest `recovered: false`.
-    gaps = sum(1 for a, b in zip([0, *offsets], offsets) if b != a + 1)
+    gaps = sum(1 for a, b in zip([0, *offsets], offsets, strict=False) if b != a + 1)
     assert gaps <= sum(1 for a in client.answers if a.recovered is False)
 
 
