@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from twisted.internet.defer import succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
@@ -246,3 +247,120 @@ class PublishResource(JSONResource):
             log.failure("Publishing failed", failure)
             error = EngineUnavailable()
         write_error(request, error)
+
+
+def _query_int(request: Request, name: str, minimum: int) -> int | None:
+    values = (request.args or {}).get(name.encode())
+    if not values:
+        return None
+    try:
+        number = int(values[-1])
+    except ValueError:
+        number = minimum - 1
+    if number < minimum:
+        raise bad_request("invalid_query", f"{name!r} must be a whole number of at least {minimum}")
+    return number
+
+
+class ChannelsResource(JSONResource):
+    """
+    The server API under C{/channels}, read-only, behind the publisher key:
+
+      - C{GET /channels}: the occupied channels and their subscriber counts
+      - C{GET /channels/<name>}: subscribers, offset and epoch
+      - C{GET /channels/<name>/history?since=&limit=}: kept messages, oldest first
+      - C{GET /channels/<name>/presence}: the members of a C{presence-*} channel
+    """
+
+    allowed_methods = (b"GET",)
+
+    def __init__(self, hub: Hub, guard: Guard) -> None:
+        super().__init__()
+        self.hub = hub
+        self.guard = guard
+
+    def render_GET(self, request: Request) -> int:
+        try:
+            self.guard.check_publisher(request.getHeader(b"authorization"))
+            d = self._answer(request, [segment.decode("utf-8", "replace") for segment in request.postpath])
+        except PushieError as e:
+            write_error(request, e)
+            return NOT_DONE_YET
+        d.addCallback(lambda body: write_json(request, 200, body))
+        d.addErrback(lambda failure: self._failed(request, failure))
+        return NOT_DONE_YET
+
+    def _answer(self, request: Request, path: list[str]) -> Any:
+        if path in ([], [""]):
+            channels = [
+                {"name": name, "subscribers": self.hub.subscriber_count(name)} for name in self.hub.channel_names()
+            ]
+            return succeed(dumps({"channels": channels}))
+        name = check_channel(path[0])
+        rest = [p for p in path[1:] if p]
+        if not rest:
+            return self.hub.engine.state(name).addCallback(
+                lambda state: dumps(
+                    {
+                        "name": name,
+                        "subscribers": self.hub.subscriber_count(name),
+                        "offset": state.offset,
+                        "epoch": state.epoch,
+                    }
+                )
+            )
+        if rest == ["history"]:
+            since = _query_int(request, "since", 0) or 0
+            limit = _query_int(request, "limit", 1)
+            return self.hub.engine.history(name, since, limit).addCallback(
+                lambda history: b"".join(
+                    (
+                        b'{"channel":',
+                        dumps(name),
+                        b',"epoch":',
+                        dumps(history.state.epoch),
+                        b',"offset":%d,"complete":%s,"messages":['
+                        % (history.state.offset, b"true" if history.complete else b"false"),
+                        b",".join(p.envelope for p in history.publications),
+                        b"]}",
+                    )
+                )
+            )
+        if rest == ["presence"]:
+            if not name.startswith("presence-"):
+                raise bad_request("not_presence_channel", "members are kept for presence-* channels only")
+            return self.hub.engine.presence(name).addCallback(
+                lambda members: dumps({"channel": name, "members": [m.to_json() for m in members]})
+            )
+        raise PushieError(
+            404, "not_found", "use /channels/<name>, /channels/<name>/history or /channels/<name>/presence"
+        )
+
+    def _failed(self, request: Request, failure: Failure) -> None:
+        if isinstance(failure.value, PushieError):
+            write_error(request, failure.value)
+            return
+        log.failure("Server API request failed", failure)
+        write_error(request, EngineUnavailable("the engine did not answer; retry later"))
+
+
+class HealthResource(JSONResource):
+    """C{GET /healthz}: 200 while the engine accepts publishes, 503 when it does not or while draining."""
+
+    allowed_methods = (b"GET",)
+
+    def __init__(self, hub: Hub) -> None:
+        super().__init__()
+        self.hub = hub
+
+    def render_GET(self, request: Request) -> int:
+        engine_ok = self.hub.engine.healthy()
+        status = "draining" if self.hub.draining else ("ok" if engine_ok else "engine_unavailable")
+        body = {
+            "status": status,
+            "engine": self.hub.engine.name,
+            "connections": len(self.hub.connections),
+            "channels": len(self.hub.channel_names()),
+        }
+        write_json(request, 200 if status == "ok" else 503, dumps(body))
+        return NOT_DONE_YET

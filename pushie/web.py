@@ -20,7 +20,7 @@ from autobahn.twisted.resource import WebSocketResource
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
-from pushie.api import ErrorResource, PublishResource, write_error
+from pushie.api import ChannelsResource, ErrorResource, HealthResource, PublishResource, write_error
 from pushie.errors import PushieError
 
 STATIC = files("pushie") / "static"
@@ -129,4 +129,6 @@ def build_site(
     root.putChild(b"pushie.js", StaticFile("pushie.js", b"application/javascript; charset=utf-8"))
     root.putChild(b"publish", PublishResource(hub, guard, throttle))
     root.putChild(b"websocket", WebSocketResource(websocket_factory))
+    root.putChild(b"channels", ChannelsResource(hub, guard))
+    root.putChild(b"healthz", HealthResource(hub))
     return PushieSite(root, max_body_size, timeout, hub.reactor)
