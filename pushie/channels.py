@@ -89,6 +89,7 @@ class Publication:
     event: str = "message"
     _envelope: bytes | None = attr.ib(default=None, init=False, repr=False)
     _frame: bytes | None = attr.ib(default=None, init=False, repr=False)
+    _sse: bytes | None = attr.ib(default=None, init=False, repr=False)
 
     @property
     def envelope(self) -> bytes:
@@ -108,6 +109,13 @@ class Publication:
                 )
             )
         return self._envelope
+
+    @property
+    def sse_data(self) -> bytes:
+        """The envelope as an SSE C{data:} line and the blank line ending the event."""
+        if self._sse is None:
+            self._sse = b"data: " + self.envelope + b"\n\n"
+        return self._sse
 
     @property
     def websocket_frame(self) -> bytes:

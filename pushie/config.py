@@ -195,6 +195,13 @@ SETTINGS: tuple[Setting, ...] = (
         metavar="SECONDS",
     ),
     Setting(
+        "sse_keepalive",
+        _seconds,
+        15.0,
+        "Seconds between keep-alive comments on an idle event stream (0: none).",
+        metavar="SECONDS",
+    ),
+    Setting(
         "shutdown_timeout",
         _seconds,
         5.0,
@@ -265,6 +272,7 @@ class Settings:
     ping_interval: float
     ping_timeout: float
     handshake_timeout: float
+    sse_keepalive: float
     shutdown_timeout: float
     publisher_keys_file: str | None
     publisher_keys: list[str]

@@ -152,6 +152,7 @@ class PushieService(MultiService):
             throttle,
             settings.max_message_size,
             settings.handshake_timeout,
+            settings.sse_keepalive,
         )
         self.listeners = [ListeningService(d, self.site, reactor) for d in settings.listen]
         for listener in self.listeners:

@@ -22,6 +22,7 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from pushie.api import ChannelsResource, ErrorResource, HealthResource, PublishResource, write_error
 from pushie.errors import PushieError
+from pushie.sse import EventsResource
 
 STATIC = files("pushie") / "static"
 
@@ -122,7 +123,13 @@ class Root(Resource):
 
 
 def build_site(
-    hub: Any, guard: Any, websocket_factory: Any, throttle: Any, max_body_size: int, timeout: float
+    hub: Any,
+    guard: Any,
+    websocket_factory: Any,
+    throttle: Any,
+    max_body_size: int,
+    timeout: float,
+    sse_keepalive: float,
 ) -> PushieSite:
     """Assemble the resource tree for one daemon."""
     root = Root(StaticFile("index.html", b"text/html; charset=utf-8"))
@@ -131,4 +138,5 @@ def build_site(
     root.putChild(b"websocket", WebSocketResource(websocket_factory))
     root.putChild(b"channels", ChannelsResource(hub, guard))
     root.putChild(b"healthz", HealthResource(hub))
+    root.putChild(b"events", EventsResource(hub, guard, throttle, sse_keepalive))
     return PushieSite(root, max_body_size, timeout, hub.reactor)

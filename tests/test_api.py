@@ -39,7 +39,7 @@ async def test_channels_and_channel_info(daemon):
 async def test_history_api(make_daemon):
     daemon = await make_daemon(history_size=5)
     for i in range(8):
-        await daemon.publish({"channel": "h", "data": i, "event": "e%d" % i})
+        await daemon.publish({"channel": "h", "data": i, "event": f"e{i}"})
     status, body = await get_json(daemon, "/channels/h/history")
     assert status == 200
     assert (body["channel"], body["offset"], body["complete"]) == ("h", 8, False)

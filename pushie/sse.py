@@ -1,0 +1,242 @@
+# -*- test-case-name: tests.test_sse -*-
+"""
+Server-Sent Events at C{GET /events}: the same channels, tokens, envelope and
+recovery as the WebSocket door, for C{EventSource} and C{curl -N}.
+
+Each message is one unnamed event whose C{data:} line is the envelope (shared
+bytes, built once per publication) and whose C{id:} names the stream's
+position in I{every} channel it follows, so that an C{EventSource} that
+reconnects with C{Last-Event-ID} resumes all of them.  The id is a list of
+C{<offset>.<epoch>.<channel>} separated by spaces (epochs hold no dot;
+channel names may, which is why the channel comes last).  Control information
+comes as named events: C{subscribed}, C{join}, C{leave}, C{error}.  A comment
+line every C{sse_keepalive} seconds keeps proxies from closing idle streams.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+from twisted.logger import Logger
+from twisted.web.server import NOT_DONE_YET, Request
+
+from pushie.api import JSONResource, write_error
+from pushie.auth import Guard, SubscriberToken
+from pushie.channels import Member, Position, PresenceEvent, Publication, check_channel, dumps, is_presence
+from pushie.errors import PushieError, bad_request
+from pushie.hub import Hub, Subscribed
+from pushie.logs import Throttle
+
+log = Logger()
+
+MAX_LAST_EVENT_ID = 8192
+
+
+def parse_event_id(value: str) -> dict[str, Position]:
+    """
+    Read a C{Last-Event-ID} (or C{last_event_id} query value) into positions by channel.
+
+    @raise PushieError: 400 C{invalid_last_event_id}.
+    """
+    positions: dict[str, Position] = {}
+    if len(value) > MAX_LAST_EVENT_ID:
+        raise bad_request("invalid_last_event_id", "the Last-Event-ID is too long")
+    for entry in value.split():
+        parts = entry.split(".", 2)
+        if len(parts) != 3 or not parts[0].isdigit() or not parts[1]:
+            raise bad_request(
+                "invalid_last_event_id", "the Last-Event-ID must be an id this server sent (offset.epoch.channel ...)"
+            )
+        positions[check_channel(parts[2])] = Position(int(parts[0]), parts[1])
+    return positions
+
+
+class EventStream:
+    """One SSE response: a subscriber of its channels and a connection of the Hub."""
+
+    def __init__(self, request: Request, hub: Hub, guard: Guard, token: SubscriberToken | None, keepalive: float):
+        self.request = request
+        self.hub = hub
+        self.guard = guard
+        self.token = token
+        self.client_id = secrets.token_urlsafe(12)
+        self.channels: list[str] = []
+        self.positions: dict[str, tuple[int, str]] = {}
+        self._event_id: bytes | None = None
+        self.finished = False
+        clock = hub.reactor
+        self._keepalive = clock.callLater(keepalive, self._keep_alive, keepalive) if keepalive > 0 else None
+        self._expiry = None
+
+    # -- output ----------------------------------------------------------
+
+    def _write(self, data: bytes) -> None:
+        if not self.finished:
+            self.request.write(data)
+
+    def _event(self, name: str, payload: dict[str, Any] | bytes) -> None:
+        data = payload if isinstance(payload, bytes) else dumps(payload)
+        self._write(b"event: " + name.encode() + b"\ndata: " + data + b"\n\n")
+
+    def deliver(self, publication: Publication) -> None:
+        self.positions[publication.channel] = (publication.offset, publication.epoch)
+        self._event_id = None
+        self._write(b"id: " + self.event_id() + b"\n" + publication.sse_data)
+
+    def presence(self, event: PresenceEvent) -> None:
+        self._event(event.kind, event.json)
+
+    def event_id(self) -> bytes:
+        if self._event_id is None:
+            self._event_id = " ".join(
+                f"{offset}.{epoch}.{channel}" for channel, (offset, epoch) in self.positions.items()
+            ).encode()
+        return self._event_id
+
+    def _keep_alive(self, interval: float) -> None:
+        self._write(b": keep-alive\n\n")
+        self._keepalive = self.hub.reactor.callLater(interval, self._keep_alive, interval)
+
+    # -- subscribing -----------------------------------------------------
+
+    def start(self, channels: list[str], since: dict[str, Position]) -> None:
+        self.hub.connection_opened(self)
+        self.request.notifyFinish().addBoth(self._gone)
+        self._write(b"retry: 2000\n\n")
+        for name in channels:
+            self.channels.append(name)
+            member = Member(self.token.sub, self.token.info) if is_presence(name) and self.token else None
+            position = since.get(name)
+            d = self.hub.subscribe(name, self, position, member)
+            d.addCallbacks(lambda answer, n=name, p=position: self._subscribed(n, answer, p), self._failed)
+        self._arm_expiry()
+
+    def _subscribed(self, name: str, answer: Subscribed | None, since: Position | None) -> None:
+        if answer is None or self.finished:
+            return
+        if answer.recovered and since is not None:
+            self.positions[name] = (since.offset, since.epoch)
+        else:
+            self.positions[name] = (answer.state.offset, answer.state.epoch)
+        self._event_id = None
+        frame: dict[str, Any] = {
+            "type": "subscribed",
+            "channel": name,
+            "offset": answer.state.offset,
+            "epoch": answer.state.epoch,
+        }
+        if answer.recovered is not None:
+            frame["recovered"] = answer.recovered
+        if answer.members is not None:
+            frame["members"] = [m.to_json() for m in answer.members]
+        self._write(b"id: " + self.event_id() + b"\nevent: subscribed\ndata: " + dumps(frame) + b"\n\n")
+        for item in answer.replay:
+            if isinstance(item, Publication):
+                self.deliver(item)
+            else:
+                self.presence(item)
+
+    def _failed(self, failure: Any) -> None:
+        log.failure("An SSE subscription failed", failure)
+        self._event("error", {"type": "error", "code": "engine_unavailable", "message": "retry later"})
+        self.close_for_shutdown()
+
+    # -- token expiry ----------------------------------------------------
+
+    def _arm_expiry(self) -> None:
+        if self.token is None or not any(self.guard.needs_token(c) for c in self.channels):
+            return
+        clock = self.hub.reactor
+        delay = max(0.0, self.token.exp + self.guard.leeway - clock.seconds()) + 0.01
+        self._expiry = clock.callLater(delay, self._token_expired)
+
+    def _token_expired(self) -> None:
+        self._expiry = None
+        self._event(
+            "error",
+            {"type": "error", "code": "token_expired", "message": "the token expired; reconnect with a new one"},
+        )
+        self.close_for_shutdown()
+
+    # -- ending ----------------------------------------------------------
+
+    def close_for_shutdown(self) -> None:
+        """End the stream cleanly (the chunked response's last chunk)."""
+        if not self.finished:
+            self.finished = True
+            self.request.finish()
+            self._cleanup()
+
+    def abort(self) -> None:
+        transport = self.request.channel.transport if self.request.channel else None
+        if transport is not None:
+            transport.abortConnection()
+
+    def _gone(self, _: object) -> None:
+        self.finished = True
+        self._cleanup()
+
+    def _cleanup(self) -> None:
+        for timer in (self._keepalive, self._expiry):
+            if timer is not None and timer.active():
+                timer.cancel()
+        self._keepalive = self._expiry = None
+        if self.channels:
+            self.hub.unsubscribe_all(self.channels, self)
+            self.channels = []
+        self.hub.connection_closed(self)
+
+
+class EventsResource(JSONResource):
+    """C{GET /events?channel=a&channel=b&token=...}: a Server-Sent Events stream."""
+
+    allowed_methods = (b"GET",)
+
+    def __init__(self, hub: Hub, guard: Guard, throttle: Throttle, keepalive: float) -> None:
+        super().__init__()
+        self.hub = hub
+        self.guard = guard
+        self.throttle = throttle
+        self.keepalive = keepalive
+
+    def render_GET(self, request: Request) -> Any:
+        try:
+            channels, token, since = self._validate(request)
+        except PushieError as e:
+            self.throttle.warn(
+                "sse_" + e.code, "Refused an event stream from {peer}: {code}", peer=request.getClientAddress()
+            )
+            write_error(request, e)
+            return NOT_DONE_YET
+        request.setHeader(b"content-type", b"text/event-stream; charset=utf-8")
+        request.setHeader(b"cache-control", b"no-store")
+        request.setHeader(b"x-accel-buffering", b"no")  # nginx: do not buffer the stream
+        # The site's idle timeout protects request reading; a stream is
+        # kept alive by its own comments instead.
+        request.channel.setTimeout(None)
+        EventStream(request, self.hub, self.guard, token, self.keepalive).start(channels, since)
+        return NOT_DONE_YET
+
+    def _validate(self, request: Request) -> tuple[list[str], SubscriberToken | None, dict[str, Position]]:
+        if self.hub.draining:
+            raise PushieError(503, "shutting_down", "the server is shutting down; reconnect", {"Retry-After": "1"})
+        args = request.args or {}
+        names: list[str] = []
+        for raw in args.get(b"channel", []):
+            name = check_channel(raw.decode("utf-8", "replace"))
+            if name not in names:
+                names.append(name)
+        if not names:
+            raise bad_request("missing_channel", "name at least one channel: /events?channel=news")
+        token = None
+        tokens = args.get(b"token")
+        if tokens:
+            token = self.guard.verify_token(tokens[-1].decode("utf-8", "replace"))
+        for name in names:
+            self.guard.check_subscribe(name, token)
+        header = request.getHeader(b"last-event-id")
+        query = args.get(b"last_event_id")
+        raw_id = header if header is not None else (query[-1] if query else None)
+        since = parse_event_id(raw_id.decode("utf-8", "replace")) if raw_id else {}
+        return names, token, since
