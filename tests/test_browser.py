@@ -184,3 +184,49 @@ async def test_demo_page_reconnects_and_recovers(make_daemon, browser_binaries, 
         assert NOT_RECOVERED not in text, text
     finally:
         await threads.deferToThread(driver.quit)
+
+
+@pytest_twisted.ensureDeferred
+async def test_event_source_receives_and_resumes(make_daemon, browser_binaries, tmp_path):
+    """A browser's own EventSource on /events: messages arrive, and after a drop it resumes with Last-Event-ID."""
+    daemon = await make_daemon(history_size=100, sse_keepalive=1.0)
+    chromium, chromedriver = browser_binaries
+    profile = tmp_path / "chromium-profile"
+    profile.mkdir()
+    driver = await threads.deferToThread(start_browser, chromium, chromedriver, str(profile))
+    script = """
+        window.got = []; window.opens = 0;
+        const source = new EventSource("/events?channel=bunno");
+        source.onopen = () => { window.opens += 1; };
+        source.onmessage = (event) => window.got.push(JSON.parse(event.data).data);
+    """
+
+    async def received():
+        return await threads.deferToThread(driver.execute_script, "return [window.got, window.opens];")
+
+    async def until(predicate, what, timeout=15.0):
+        deadline = time.monotonic() + timeout
+        while True:
+            got, opens = await received()
+            if predicate(got, opens):
+                return got, opens
+            if time.monotonic() >= deadline:
+                raise AssertionError(f"EventSource did not get {what}: {got}, opened {opens} times")
+            await sleep(0.1)
+
+    try:
+        await threads.deferToThread(driver.get, daemon.url + "/")
+        await threads.deferToThread(driver.execute_script, script)
+        await until(lambda got, opens: daemon.hub.subscriber_count("bunno") == 1, "a subscription")
+        await daemon.publish({"channel": "bunno", "data": 1})
+        await until(lambda got, opens: got == [1], "the first message")
+        for connection in list(daemon.hub.connections):
+            if hasattr(connection, "request"):  # the SSE stream, not the page's WebSocket
+                connection.abort()
+        await daemon.publish([{"channel": "bunno", "data": 2}, {"channel": "bunno", "data": 3}])
+        got, opens = await until(lambda got, opens: len(got) >= 3, "the messages sent while it was away")
+        await sleep(0.3)
+        got, opens = await received()
+        assert got == [1, 2, 3] and opens == 2
+    finally:
+        await threads.deferToThread(driver.quit)
