@@ -91,6 +91,14 @@ class Publication:
     _frame: bytes | None = attr.ib(default=None, init=False, repr=False)
     _sse: bytes | None = attr.ib(default=None, init=False, repr=False)
 
+    @classmethod
+    def from_envelope(cls, envelope: bytes) -> Publication:
+        """A publication read back from its envelope (another node's, or history); the bytes are reused."""
+        fields = json.loads(envelope)
+        publication = cls(fields["channel"], fields["offset"], fields["epoch"], dumps(fields["data"]), fields["event"])
+        publication._envelope = envelope
+        return publication
+
     @property
     def envelope(self) -> bytes:
         """The JSON envelope that subscribers receive, as UTF-8 bytes."""

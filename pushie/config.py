@@ -112,10 +112,15 @@ def _subscriber_secrets(value: Any) -> list[str]:
     return secrets
 
 
-def _text(value: Any) -> str:
-    if not isinstance(value, str) or not value:
-        raise ValueError("expected a non-empty string")
-    return value
+def _engine(value: Any) -> str:
+    if value == "memory":
+        return value
+    if isinstance(value, str) and value.startswith(("redis://", "rediss://")):
+        from pushie.engines.redis import parse_redis_url
+
+        parse_redis_url(value)
+        return value
+    raise ValueError("expected 'memory' or a redis:// URL such as redis://127.0.0.1:6379/0")
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -150,7 +155,20 @@ SETTINGS: tuple[Setting, ...] = (
         metavar="ENDPOINT",
         repeatable=True,
     ),
-    Setting("engine", _text, "memory", "Engine: 'memory' (one process).", metavar="ENGINE"),
+    Setting(
+        "engine",
+        _engine,
+        "memory",
+        "Engine: 'memory' (one process) or redis://[:password@]host:port/db (many daemons).",
+        metavar="ENGINE",
+    ),
+    Setting(
+        "redis_timeout",
+        _positive_seconds,
+        2.0,
+        "Seconds to wait for Redis before a publish answers 503.",
+        metavar="SECONDS",
+    ),
     Setting(
         "history_size",
         _count,
@@ -266,6 +284,7 @@ class Settings:
 
     listen: list[str]
     engine: str
+    redis_timeout: float
     history_size: int
     history_ttl: float
     max_message_size: int

@@ -25,9 +25,10 @@ from typing import Protocol
 
 import attr
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from pushie.channels import (
     ChannelState,
@@ -51,6 +52,13 @@ class Subscriber(Protocol):
 
     def presence(self, event: PresenceEvent) -> None:
         """Send one join or leave."""
+
+    def lost_continuity(self, channel: str) -> None:
+        """
+        Messages of C{channel} were lost before reaching this node: end the
+        subscription so that the client resubscribes with C{since} and learns
+        C{recovered: false}.
+        """
 
 
 class Connection(Protocol):
@@ -86,6 +94,27 @@ class _LocalChannel:
     members: dict[Subscriber, Member] = attr.ib(factory=dict)
     last_offset: int = 0
     epoch: str | None = None
+    # The engine's answer to watch(): None while waiting, then True or the Failure.
+    watched: object = None
+    watch_waiters: list[Deferred[None]] = attr.ib(factory=list)
+
+    def when_watched(self) -> Deferred[None]:
+        if self.watched is True:
+            return succeed(None)
+        if isinstance(self.watched, Failure):
+            return fail(self.watched)
+        d: Deferred[None] = Deferred()
+        self.watch_waiters.append(d)
+        return d
+
+    def watch_done(self, result: object) -> None:
+        self.watched = result if isinstance(result, Failure) else True
+        waiters, self.watch_waiters = self.watch_waiters, []
+        for d in waiters:
+            if isinstance(result, Failure):
+                d.errback(result)
+            else:
+                d.callback(None)
 
 
 class Hub(Service):
@@ -217,6 +246,16 @@ class Hub(Service):
             if subscriber.client_id != event.origin:
                 buffered.append(event)
 
+    def lost_continuity(self, name: str) -> None:
+        """The engine lost publications of C{name} on their way here: its subscribers must recover."""
+        channel = self._channels.get(name)
+        if channel is None:
+            return
+        channel.epoch = None
+        channel.last_offset = 0
+        for subscriber in tuple(channel.subscribers):
+            subscriber.lost_continuity(name)
+
     # -- subscriptions ---------------------------------------------------
 
     def subscribe(
@@ -237,7 +276,7 @@ class Hub(Service):
         channel = self._channels.get(name)
         if channel is None:
             channel = self._channels[name] = _LocalChannel()
-            self.engine.watch(name)
+            self.engine.watch(name).addBoth(channel.watch_done)
         channel.pending[subscriber] = []
         return Deferred.fromCoroutine(self._subscribe(name, channel, subscriber, since, member))
 
@@ -250,6 +289,7 @@ class Hub(Service):
         member: Member | None,
     ) -> Subscribed | None:
         try:
+            await channel.when_watched()
             if member is not None:
                 channel.members[subscriber] = member
                 await self.engine.presence_add(name, member, subscriber.client_id)

@@ -84,6 +84,10 @@ class EventStream:
         self._event_id = None
         self._write(b"id: " + self.event_id() + b"\n" + publication.sse_data)
 
+    def lost_continuity(self, channel: str) -> None:
+        """End the stream: the EventSource reconnects with Last-Event-ID and learns what was lost."""
+        self.close_for_shutdown()
+
     def presence(self, event: PresenceEvent) -> None:
         self._event(event.kind, event.json)
 

@@ -45,6 +45,8 @@ _GROUND = WebSocketProtocol.SEND_STATE_GROUND
 
 CLOSE_GOING_AWAY = 1001
 CLOSE_UNSUPPORTED_DATA = 1003
+CLOSE_RESUBSCRIBE = 4002
+"""Close code: this node lost messages of a subscribed channel; reconnect and resubscribe with since."""
 
 # Autobahn logs every failed connection as a warning.  Those failures are
 # client errors; we report them ourselves through the throttled log.
@@ -118,6 +120,10 @@ class PushieServerProtocol(WebSocketServerProtocol):
             self.transport.write(publication.websocket_frame)
         else:
             self.sendMessage(publication.envelope, isBinary=False)
+
+    def lost_continuity(self, channel: str) -> None:
+        """Close so that the client reconnects and resubscribes with C{since} (pushie.js does)."""
+        self._close_with(CLOSE_RESUBSCRIBE, "messages were lost; resubscribe with since")
 
     def presence(self, event: PresenceEvent) -> None:
         if self.state == _OPEN:

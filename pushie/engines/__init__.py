@@ -27,6 +27,9 @@ class EngineListener(Protocol):
     def presence_changed(self, event: PresenceEvent) -> None:
         """A member joined or left a watched channel."""
 
+    def lost_continuity(self, channel: str) -> None:
+        """Publications of a watched channel were lost on the way to this node and cannot be read back."""
+
 
 class IEngine(Interface):
     """The store and the node-to-node fan-out behind the Hub."""
@@ -60,8 +63,12 @@ class IEngine(Interface):
     def history(channel: str, since: int, limit: int | None) -> Deferred[History]:
         """The kept publications after offset C{since} (at most C{limit}), oldest first."""
 
-    def watch(channel: str) -> None:
-        """This node now has local subscribers for C{channel}: deliver its publications."""
+    def watch(channel: str) -> Deferred[None]:
+        """
+        This node now has local subscribers for C{channel}: deliver its
+        publications.  The Deferred fires once every publication from now on
+        will be delivered (for Redis: once the SUBSCRIBE is confirmed).
+        """
 
     def unwatch(channel: str) -> None:
         """This node's last local subscriber of C{channel} has gone."""
@@ -91,4 +98,14 @@ def engine_from_setting(value: str, settings: Any, reactor: Any) -> IEngine:
         return MemoryEngine(  # type: ignore[no-any-return]
             clock=reactor, history_size=settings.history_size, history_ttl=settings.history_ttl
         )
-    raise ValueError(f"unknown engine {value!r}: use 'memory'")
+    if value.startswith(("redis://", "rediss://")):
+        from pushie.engines.redis import RedisEngine
+
+        return RedisEngine(  # type: ignore[no-any-return]
+            value,
+            reactor,
+            history_size=settings.history_size,
+            history_ttl=settings.history_ttl,
+            timeout=settings.redis_timeout,
+        )
+    raise ValueError(f"unknown engine {value!r}: use 'memory' or 'redis://host:6379/0'")

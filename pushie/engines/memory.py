@@ -182,8 +182,9 @@ class MemoryEngine:
 
     # -- interest --------------------------------------------------------
 
-    def watch(self, name: str) -> None:
+    def watch(self, name: str) -> Deferred[None]:
         self._channel(name).watchers += 1
+        return succeed(None)
 
     def unwatch(self, name: str) -> None:
         channel = self._channels.get(name)

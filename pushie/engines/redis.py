@@ -1,0 +1,562 @@
+# -*- test-case-name: tests.test_redis -*-
+"""
+The Redis engine: any number of Pushie daemons sharing one Redis serve the
+same channels, with the same offsets, history, presence and idempotency keys.
+
+Storage, per channel C{c} (all keys start with C{pushie:<db>:}):
+
+  - C{meta:c}      hash: C{offset}, C{epoch}, C{ms} (last history id time);
+                   expires with the history, so an epoch changes exactly when a
+                   channel's history is lost.
+  - C{hist:c}      stream of envelopes, id C{<ms>-<offset>}; trimmed to
+                   C{history_size} entries and to C{history_ttl} seconds.
+  - C{idem:c:key}  the first offset and epoch of an idempotency key, 5 minutes.
+  - C{pres:c}      hash C{<node>/<client>} -> member JSON: presence, one field
+                   per connection on any node.
+  - C{node:<id>}   a node's heartbeat; presence fields of nodes whose
+                   heartbeat has expired are swept, with a C{leave}.
+
+One Lua script publishes a whole request (offset, history, idempotency key and
+PUBLISH to the nodes) atomically, so a C{200} means stored and on its way, and
+a failure means nothing happened.  Nodes SUBSCRIBE only to the channels they
+have local subscribers for (C{m:c} for messages, C{p:c} for presence), and
+re-subscribe after a reconnect (txredisapi does not).  After any gap in a
+channel's live stream (a reconnect, a lost message) the node reads the missing
+offsets from history before dispatching more, so live subscribers see no gap
+either; when history no longer has them, the subscribers are told to
+resubscribe (and learn C{recovered: false}).
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Sequence
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import attr
+import txredisapi
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.ssl import optionsForClientTLS
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from pushie.channels import ChannelState, History, Member, PresenceEvent, Publication, PublishRequest, dumps
+from pushie.engines import EngineListener, IEngine
+from pushie.engines.memory import IDEMPOTENCY_WINDOW, new_epoch
+from pushie.errors import EngineUnavailable
+
+log = Logger()
+
+HEARTBEAT_INTERVAL = 2.0
+HEARTBEAT_TTL = 6
+"""A crashed node's presence members disappear within HEARTBEAT_TTL + HEARTBEAT_INTERVAL seconds."""
+
+PUBLISH_SCRIPT = r"""
+-- KEYS: per request, meta, hist, idem (idem may be "-" for none)
+-- ARGV: prefix, history_size, ttl_ms, idem_ttl, then per request:
+--       channel, channel_json, event_json, data, idem_key, epoch_candidate
+local prefix, size, ttl_ms, idem_ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local t = redis.call('TIME')
+local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local results = {}
+local n = #KEYS / 3
+for i = 0, n - 1 do
+  local meta, hist, idem = KEYS[i * 3 + 1], KEYS[i * 3 + 2], KEYS[i * 3 + 3]
+  local a = 5 + i * 6
+  local channel, channel_json, event_json, data = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
+  local idem_key, candidate = ARGV[a + 4], ARGV[a + 5]
+  local seen = false
+  if idem ~= '-' then
+    local prev = redis.call('GET', idem)
+    if prev then
+      results[#results + 1] = prev
+      seen = true
+    end
+  end
+  if not seen then
+    local epoch = redis.call('HGET', meta, 'epoch')
+    if not epoch then
+      epoch = candidate
+      redis.call('HSET', meta, 'epoch', epoch, 'offset', 0)
+    end
+    local offset = redis.call('HINCRBY', meta, 'offset', 1)
+    local envelope = '{"type":"message","channel":' .. channel_json .. ',"event":' .. event_json ..
+      ',"offset":' .. offset .. ',"epoch":"' .. epoch .. '","data":' .. data .. '}'
+    if size > 0 then
+      local last_ms = tonumber(redis.call('HGET', meta, 'ms') or '0')
+      local ms = math.max(now_ms, last_ms)
+      redis.call('HSET', meta, 'ms', ms)
+      redis.call('XADD', hist, 'MAXLEN', size, ms .. '-' .. offset, 'e', envelope)
+      redis.call('XTRIM', hist, 'MINID', (now_ms - ttl_ms) .. '-0')
+      redis.call('PEXPIRE', hist, ttl_ms)
+    end
+    redis.call('PEXPIRE', meta, ttl_ms)
+    local answer = offset .. ' ' .. epoch
+    if idem ~= '-' then
+      redis.call('SET', idem, answer, 'EX', idem_ttl)
+    end
+    redis.call('PUBLISH', prefix .. 'm:' .. channel, envelope)
+    results[#results + 1] = answer
+  end
+end
+return results
+"""
+
+HISTORY_SCRIPT = r"""
+-- KEYS: meta, hist.  ARGV: epoch_candidate, ttl_ms, create (1: create a missing channel)
+local meta, hist = KEYS[1], KEYS[2]
+local epoch = redis.call('HGET', meta, 'epoch')
+if not epoch then
+  epoch = ARGV[1]
+  if ARGV[3] == '1' then
+    redis.call('HSET', meta, 'epoch', epoch, 'offset', 0)
+    redis.call('PEXPIRE', meta, tonumber(ARGV[2]))
+  end
+  return {'0', epoch}
+end
+local offset = redis.call('HGET', meta, 'offset')
+local out = {offset, epoch}
+if ARGV[4] == '1' then
+  local t = redis.call('TIME')
+  local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  redis.call('XTRIM', hist, 'MINID', (now_ms - tonumber(ARGV[2])) .. '-0')
+  local entries = redis.call('XRANGE', hist, '-', '+')
+  for _, entry in ipairs(entries) do
+    out[#out + 1] = entry[2][2]
+  end
+end
+return out
+"""
+
+PRESENCE_ADD_SCRIPT = r"""
+-- KEYS: pres, this node's heartbeat key.  ARGV: field, member_json, member_id,
+-- pubsub channel, event_json, heartbeat ttl
+redis.call('SET', KEYS[2], '1', 'EX', tonumber(ARGV[6]))
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+local count = 0
+for _, value in ipairs(redis.call('HVALS', KEYS[1])) do
+  if cjson.decode(value)['id'] == ARGV[3] then count = count + 1 end
+end
+if count == 1 then redis.call('PUBLISH', ARGV[4], ARGV[5]) end
+return count
+"""
+
+PRESENCE_REMOVE_SCRIPT = r"""
+-- KEYS: pres.  ARGV: field, member_id, pubsub channel, event_json
+local value = redis.call('HGET', KEYS[1], ARGV[1])
+if not value then return 0 end
+redis.call('HDEL', KEYS[1], ARGV[1])
+for _, other in ipairs(redis.call('HVALS', KEYS[1])) do
+  if cjson.decode(other)['id'] == ARGV[2] then return 1 end
+end
+redis.call('PUBLISH', ARGV[3], ARGV[4])
+return 1
+"""
+
+PRESENCE_LIST_SCRIPT = r"""
+-- KEYS: pres.  ARGV: node key prefix, channel, pubsub channel
+-- Sweeps the fields of nodes whose heartbeat expired (publishing a leave for
+-- members left with no connection), then returns the member JSON values.
+local fields = redis.call('HGETALL', KEYS[1])
+local alive = {}
+local removed = {}
+for i = 1, #fields, 2 do
+  local node = string.match(fields[i], '^([^/]+)/')
+  if alive[node] == nil then alive[node] = redis.call('EXISTS', ARGV[1] .. node) == 1 end
+  if not alive[node] then
+    redis.call('HDEL', KEYS[1], fields[i])
+    removed[#removed + 1] = fields[i + 1]
+  end
+end
+local members = {}
+local seen = {}
+for _, value in ipairs(redis.call('HVALS', KEYS[1])) do
+  local id = cjson.decode(value)['id']
+  if not seen[id] then
+    seen[id] = true
+    members[#members + 1] = value
+  end
+end
+local told = {}
+for _, value in ipairs(removed) do
+  local id = cjson.decode(value)['id']
+  if not seen[id] and not told[id] then
+    told[id] = true
+    redis.call('PUBLISH', ARGV[3], '{"kind":"leave","channel":' .. cjson.encode(ARGV[2]) ..
+      ',"member":' .. value .. ',"origin":null}')
+  end
+end
+return members
+"""
+
+
+def parse_redis_url(url: str) -> dict[str, Any]:
+    """
+    Read C{redis://[:password@]host[:port][/db]} (or C{rediss://} for TLS).
+
+    @raise ValueError: naming what is wrong.
+    """
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss"):
+        raise ValueError(f"a Redis engine URL starts with redis:// or rediss://, not {url!r}")
+    try:
+        port = parts.port or 6379
+    except ValueError:
+        raise ValueError("the Redis port must be a number") from None
+    path = parts.path.strip("/")
+    if path and not path.isdigit():
+        raise ValueError("the Redis database must be a number, as in redis://host:6379/0")
+    return {
+        "host": parts.hostname or "127.0.0.1",
+        "port": port,
+        "db": int(path or 0),
+        "password": unquote(parts.password) if parts.password else None,
+        "username": unquote(parts.username) if parts.username else None,
+        "tls": parts.scheme == "rediss",
+    }
+
+
+class _Subscriber(txredisapi.SubscriberProtocol):
+    """The node's pub/sub connection: hands messages to the engine, re-subscribes when (re)connected."""
+
+    engine: RedisEngine
+
+    def connectionMade(self) -> Deferred[None]:  # type: ignore[override]
+        d = super().connectionMade()
+        d.addCallback(lambda _: self.factory.engine._subscriber_ready(self))
+        return d
+
+    def connectionLost(self, why: Any) -> None:
+        super().connectionLost(why)
+        self.factory.engine._subscriber_lost(self)
+
+    def messageReceived(self, pattern: Any, channel: bytes, message: bytes) -> None:
+        self.factory.engine._on_pubsub(channel, message)
+
+
+@implementer(IEngine)
+@attr.s(auto_attribs=True, eq=False)
+class RedisEngine:
+    """An L{IEngine} backed by one Redis server, shared by every node."""
+
+    url: str
+    reactor: Any
+    history_size: int = 100
+    history_ttl: float = 300.0
+    timeout: float = 2.0
+    name: str = attr.ib(init=False)
+    node: str = attr.ib(factory=lambda: secrets.token_hex(6), init=False)
+    _listener: EngineListener | None = attr.ib(default=None, init=False)
+    _commands: Any = attr.ib(default=None, init=False)
+    _pubsub_factory: Any = attr.ib(default=None, init=False)
+    _pubsub: _Subscriber | None = attr.ib(default=None, init=False)
+    _watched: dict[str, int] = attr.ib(factory=dict, init=False)
+    _last: dict[str, tuple[int, str]] = attr.ib(factory=dict, init=False)
+    _resyncing: dict[str, list[Publication]] = attr.ib(factory=dict, init=False)
+    _heartbeat: LoopingCall | None = attr.ib(default=None, init=False)
+    _was_up: bool | None = attr.ib(default=None, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.config = parse_redis_url(self.url)
+        self.name = f"redis://{self.config['host']}:{self.config['port']}/{self.config['db']}"
+        self.prefix = f"pushie:{self.config['db']}:"
+
+    # -- connections -----------------------------------------------------
+
+    def _endpoint(self) -> Any:
+        endpoint = HostnameEndpoint(self.reactor, self.config["host"], self.config["port"], timeout=self.timeout)
+        if self.config["tls"]:
+            endpoint = wrapClientTLS(optionsForClientTLS(self.config["host"]), endpoint)
+        return endpoint
+
+    def _factory(self, protocol: type, poolsize: int, dbid: int | None) -> Any:
+        factory = txredisapi.RedisFactory(
+            None,
+            dbid,
+            poolsize,
+            isLazy=True,
+            handler=txredisapi.ConnectionHandler,
+            charset=None,
+            password=self.config["password"],
+            replyTimeout=self.timeout,
+            convertNumbers=False,
+            username=self.config["username"],
+        )
+        factory.protocol = protocol
+        factory.maxDelay = 5
+        factory.engine = self
+        factory.startConnecting(self._endpoint())
+        return factory
+
+    def start(self, listener: EngineListener) -> Deferred[None]:
+        """Connect (in the background: the daemon starts even while Redis is down)."""
+        self._listener = listener
+        self._commands = self._factory(txredisapi.RedisProtocol, 2, self.config["db"])
+        self._pubsub_factory = self._factory(_Subscriber, 1, None)
+        self._heartbeat = LoopingCall(self._beat)
+        self._heartbeat.clock = self.reactor
+        self._heartbeat.start(HEARTBEAT_INTERVAL, now=True)
+        return defer.succeed(None)
+
+    @defer.inlineCallbacks
+    def stop(self) -> Any:
+        self._listener = None
+        if self._heartbeat is not None and self._heartbeat.running:
+            self._heartbeat.stop()
+        if self._commands is not None and self._commands.size:
+            try:
+                yield self._run(self._commands.handler.delete(self.prefix + "node:" + self.node))
+            except Exception:  # noqa: BLE001  best effort: the heartbeat expires anyway
+                pass
+        for factory in (self._commands, self._pubsub_factory):
+            if factory is not None:
+                yield factory.disconnect()
+
+    def healthy(self) -> bool:
+        return bool(
+            self._commands is not None and self._commands.size and self._pubsub is not None and self._pubsub.connected
+        )
+
+    def _note_health(self) -> None:
+        up = self.healthy()
+        if up != self._was_up:
+            if up:
+                log.info("Redis engine connected to {name}", name=self.name)
+            elif self._was_up is not None:
+                log.warn("Lost the Redis connection to {name}: publishing answers 503 until it is back", name=self.name)
+            self._was_up = up
+
+    def _run(self, d: Deferred[Any]) -> Deferred[Any]:
+        """Bound a command by the engine timeout; map every failure to L{EngineUnavailable}."""
+        d.addTimeout(self.timeout, self.reactor)
+
+        def unavailable(failure: Any) -> None:
+            raise EngineUnavailable()
+
+        return d.addErrback(unavailable)
+
+    def _call(self, method: str, *args: Any) -> Deferred[Any]:
+        if self._commands is None or not self._commands.size:
+            return defer.fail(EngineUnavailable())
+        return self._run(getattr(self._commands.handler, method)(*args))
+
+    def _beat(self) -> Deferred[Any] | None:
+        self._note_health()
+        if self._commands is None or not self._commands.size:
+            return None
+        d = self._call("set", self.prefix + "node:" + self.node, b"1", expire=HEARTBEAT_TTL)
+        for channel in [c for c in self._watched if c.startswith("presence-")]:
+            d.addCallback(lambda _, c=channel: self.presence(c))
+        d.addErrback(lambda f: None)  # reported by _note_health
+        return None
+
+    # -- keys ------------------------------------------------------------
+
+    def _key(self, kind: str, channel: str) -> str:
+        return f"{self.prefix}{kind}:{channel}"
+
+    # -- publishing ------------------------------------------------------
+
+    def append(self, requests: Sequence[PublishRequest]) -> Deferred[list[Publication]]:
+        keys: list[Any] = []
+        args: list[Any] = [self.prefix, self.history_size, int(self.history_ttl * 1000), int(IDEMPOTENCY_WINDOW)]
+        for request in requests:
+            idem = (
+                "-"
+                if request.idempotency_key is None
+                else self._key("idem", request.channel) + ":" + request.idempotency_key
+            )
+            keys += [self._key("meta", request.channel), self._key("hist", request.channel), idem]
+            args += [
+                request.channel,
+                dumps(request.channel),
+                dumps(request.event),
+                request.data,
+                request.idempotency_key or "",
+                new_epoch(),
+            ]
+        d = self._call("eval", PUBLISH_SCRIPT, keys, args)
+
+        def publications(answers: list[bytes]) -> list[Publication]:
+            result = []
+            for request, answer in zip(requests, answers, strict=True):
+                offset, epoch = answer.decode().split(" ", 1)
+                result.append(Publication(request.channel, int(offset), epoch, request.data, request.event))
+            return result
+
+        return d.addCallback(publications)
+
+    def state(self, channel: str) -> Deferred[ChannelState]:
+        return self._read(channel, with_history=False).addCallback(lambda h: h.state)
+
+    def history(self, channel: str, since: int, limit: int | None) -> Deferred[History]:
+        return self._read(channel, with_history=True).addCallback(lambda h: self._after(h, since, limit))
+
+    def _read(self, channel: str, with_history: bool) -> Deferred[History]:
+        keys = [self._key("meta", channel), self._key("hist", channel)]
+        args = [
+            new_epoch(),
+            int(self.history_ttl * 1000),
+            "1" if channel in self._watched else "0",
+            "1" if with_history else "0",
+        ]
+
+        def parse(answer: list[bytes]) -> History:
+            state = ChannelState(int(answer[0]), answer[1].decode())
+            if channel in self._watched and channel not in self._last:
+                self._last[channel] = (state.offset, state.epoch)
+            kept = [Publication.from_envelope(raw) for raw in answer[2:]]
+            return History(state, kept, True)
+
+        return self._call("eval", HISTORY_SCRIPT, keys, args).addCallback(parse)
+
+    @staticmethod
+    def _after(history: History, since: int, limit: int | None) -> History:
+        kept = [p for p in history.publications if p.offset > since]
+        first = kept[0].offset if kept else history.state.offset + 1
+        complete = first <= since + 1
+        if limit is not None:
+            kept = kept[:limit]
+        return History(history.state, kept, complete)
+
+    # -- interest and delivery -------------------------------------------
+
+    def watch(self, channel: str) -> Deferred[None]:
+        count = self._watched.get(channel, 0)
+        self._watched[channel] = count + 1
+        if self._pubsub is None or not self._pubsub.connected:
+            return defer.fail(EngineUnavailable())
+        if count:
+            return defer.succeed(None)
+        d = self._pubsub.subscribe([self._key("m", channel), self._key("p", channel)])
+        return self._run(d).addCallback(lambda _: None)
+
+    def unwatch(self, channel: str) -> None:
+        count = self._watched.get(channel, 0) - 1
+        if count > 0:
+            self._watched[channel] = count
+            return
+        self._watched.pop(channel, None)
+        self._last.pop(channel, None)
+        self._resyncing.pop(channel, None)
+        if self._pubsub is not None and self._pubsub.connected:
+            self._pubsub.unsubscribe([self._key("m", channel), self._key("p", channel)]).addErrback(lambda f: None)
+
+    def _subscriber_ready(self, protocol: _Subscriber) -> None:
+        self._pubsub = protocol
+        self._note_health()
+        channels = list(self._watched)
+        if channels:
+            names = [self._key(kind, c) for c in channels for kind in ("m", "p")]
+            protocol.subscribe(names).addErrback(lambda f: None)
+            # Whatever was published while the connection was down is read
+            # back from history before anything newer is dispatched.
+            for channel in channels:
+                if channel in self._last:
+                    self._resync(channel)
+
+    def _subscriber_lost(self, protocol: _Subscriber) -> None:
+        if self._pubsub is protocol:
+            self._pubsub = None
+        self._note_health()
+
+    def _on_pubsub(self, name: bytes, message: bytes) -> None:
+        listener = self._listener
+        if listener is None:
+            return
+        kind, _, channel = name.decode()[len(self.prefix) :].partition(":")
+        if channel not in self._watched:
+            return
+        if kind == "p":
+            event = json.loads(message)
+            member = Member(str(event["member"]["id"]), event["member"].get("info"))
+            listener.presence_changed(PresenceEvent(event["channel"], event["kind"], member, event.get("origin")))
+            return
+        self._arrived(Publication.from_envelope(message))
+
+    def _arrived(self, publication: Publication) -> None:
+        channel = publication.channel
+        if channel in self._resyncing:
+            self._resyncing[channel].append(publication)
+            return
+        last = self._last.get(channel)
+        if last is not None and last[1] == publication.epoch and publication.offset > last[0] + 1:
+            self._resyncing[channel] = [publication]
+            self._resync(channel)
+            return
+        self._dispatch(publication)
+
+    def _dispatch(self, publication: Publication) -> None:
+        last = self._last.get(publication.channel)
+        if last is not None and last[1] == publication.epoch and publication.offset <= last[0]:
+            return
+        self._last[publication.channel] = (publication.offset, publication.epoch)
+        if self._listener is not None:
+            self._listener.dispatch(publication)
+
+    def _resync(self, channel: str) -> None:
+        """Dispatch the publications after the last one dispatched, from history, then what waited."""
+        self._resyncing.setdefault(channel, [])
+        since = self._last[channel]
+
+        def replay(history: History) -> None:
+            waiting = self._resyncing.pop(channel, [])
+            if channel not in self._watched:
+                return
+            if history.state.epoch == since[1] and history.complete:
+                for publication in history.publications:
+                    self._dispatch(publication)
+            else:
+                log.warn(
+                    "Channel {channel}: messages were lost between nodes; subscribers must recover", channel=channel
+                )
+                self._last.pop(channel, None)
+                if self._listener is not None:
+                    self._listener.lost_continuity(channel)
+            for publication in waiting:
+                self._dispatch(publication)
+
+        def failed(failure: Any) -> None:
+            self._resyncing.pop(channel, None)  # the next reconnect tries again
+
+        self.history(channel, since[0], None).addCallbacks(replay, failed)
+
+    # -- presence --------------------------------------------------------
+
+    def _presence_event(self, channel: str, kind: str, member: Member, origin: str) -> bytes:
+        return dumps({"kind": kind, "channel": channel, "member": member.to_json(), "origin": origin})
+
+    def presence_add(self, channel: str, member: Member, origin: str) -> Deferred[None]:
+        args = [
+            f"{self.node}/{origin}",
+            dumps(member.to_json()),
+            member.id,
+            self._key("p", channel),
+            self._presence_event(channel, "join", member, origin),
+            HEARTBEAT_TTL,
+        ]
+        keys = [self._key("pres", channel), self.prefix + "node:" + self.node]
+        return self._call("eval", PRESENCE_ADD_SCRIPT, keys, args)
+
+    def presence_remove(self, channel: str, member: Member, origin: str) -> Deferred[None]:
+        args = [
+            f"{self.node}/{origin}",
+            member.id,
+            self._key("p", channel),
+            self._presence_event(channel, "leave", member, origin),
+        ]
+        return self._call("eval", PRESENCE_REMOVE_SCRIPT, [self._key("pres", channel)], args)
+
+    def presence(self, channel: str) -> Deferred[list[Member]]:
+        args = [self.prefix + "node:", channel, self._key("p", channel)]
+
+        def members(values: list[bytes]) -> list[Member]:
+            parsed = [json.loads(v) for v in values]
+            return [Member(str(m["id"]), m.get("info")) for m in parsed]
+
+        return self._call("eval", PRESENCE_LIST_SCRIPT, [self._key("pres", channel)], args).addCallback(members)
