@@ -6,17 +6,43 @@ every test that no connection, listening port or delayed call is left behind.
 
 from __future__ import annotations
 
+import pytest
 import pytest_twisted
 
 from tests.helpers import Daemon, assert_reactor_clean, start_daemon
+from tests.redis_server import RedisServer, require_redis
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    """One redis-server for the session (tests that need their own start one)."""
+    require_redis()
+    server = RedisServer(str(tmp_path_factory.mktemp("redis")))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["memory", "redis"])
+def engine(request):
+    """
+    The engine every daemon of a test runs on: each behaviour test runs
+    against both, with the same assertions.
+    """
+    if request.param == "memory":
+        return "memory"
+    server = request.getfixturevalue("redis_server")
+    server.cli("FLUSHALL")
+    return server.url
 
 
 @pytest_twisted.async_yield_fixture
-async def make_daemon():
+async def make_daemon(engine):
     """Start daemons with given settings; all are stopped and checked at the end."""
     started: list[Daemon] = []
 
     async def make(**settings) -> Daemon:
+        settings.setdefault("engine", engine)
         daemon = await start_daemon(**settings)
         started.append(daemon)
         return daemon

@@ -106,6 +106,7 @@ async def start_daemon(**overrides: Any) -> Daemon:
     settings = Settings.defaults().replace(listen=["tcp:0:interface=127.0.0.1"], **overrides)
     service = PushieService(settings, reactor)
     await service.startService()
+    await wait_for(service.hub.engine.healthy)  # Redis connects in the background
     port = service.ports()[0].getHost().port
     return Daemon(service, port, HTTPConnectionPool(reactor, persistent=False))
 

@@ -52,6 +52,7 @@ from pushie.errors import EngineUnavailable
 
 log = Logger()
 
+RESYNC_RETRY = 0.5
 HEARTBEAT_INTERVAL = 2.0
 HEARTBEAT_TTL = 6
 """A crashed node's presence members disappear within HEARTBEAT_TTL + HEARTBEAT_INTERVAL seconds."""
@@ -289,6 +290,9 @@ class RedisEngine:
         )
         factory.protocol = protocol
         factory.maxDelay = 5
+        # The first connection's outcome is also reported here; health and
+        # logs come from the connections themselves.
+        factory.deferred.addErrback(lambda failure: None)
         factory.engine = self
         factory.startConnecting(self._endpoint())
         return factory
@@ -340,10 +344,10 @@ class RedisEngine:
 
         return d.addErrback(unavailable)
 
-    def _call(self, method: str, *args: Any) -> Deferred[Any]:
+    def _call(self, method: str, *args: Any, **kwargs: Any) -> Deferred[Any]:
         if self._commands is None or not self._commands.size:
             return defer.fail(EngineUnavailable())
-        return self._run(getattr(self._commands.handler, method)(*args))
+        return self._run(getattr(self._commands.handler, method)(*args, **kwargs))
 
     def _beat(self) -> Deferred[Any] | None:
         self._note_health()
@@ -522,7 +526,18 @@ class RedisEngine:
                 self._dispatch(publication)
 
         def failed(failure: Any) -> None:
-            self._resyncing.pop(channel, None)  # the next reconnect tries again
+            # Redis is not answering yet (the command connection may come back
+            # after the pub/sub one): try again shortly, keeping what waits.
+            if channel in self._watched and self._listener is not None:
+                self.reactor.callLater(RESYNC_RETRY, retry)
+            else:
+                self._resyncing.pop(channel, None)
+
+        def retry() -> None:
+            if channel in self._watched and channel in self._last and self._listener is not None:
+                self._resync(channel)
+            else:
+                self._resyncing.pop(channel, None)
 
         self.history(channel, since[0], None).addCallbacks(replay, failed)
 

@@ -1,0 +1,255 @@
+"""
+The Redis engine: several daemons as separate processes sharing one Redis,
+fan-out only where needed, presence across nodes (and a crashed node's members
+going away), and faults (Redis stopped and restarted, the pub/sub connection
+killed) with nothing accepted lost and nothing doubled.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import pytest_twisted
+import treq
+from twisted.web.client import HTTPConnectionPool
+
+from pushie.config import ConfigError, load_settings
+from pushie.engines.redis import HEARTBEAT_INTERVAL, HEARTBEAT_TTL, parse_redis_url
+from tests.helpers import connect_ws, sleep, start_daemon, wait_for
+from tests.redis_server import RedisServer, require_redis
+from tests.test_auth import SECRET_1, token
+from tests.test_daemon import spawn, stop
+
+
+@pytest.fixture
+def own_redis(tmp_path):
+    """A redis-server of this test's own, which it may stop and start."""
+    require_redis()
+    server = RedisServer(str(tmp_path))
+    server.start()
+    yield server
+    server.stop()
+
+
+def test_redis_urls():
+    assert parse_redis_url("redis://127.0.0.1:6380/2") == {
+        "host": "127.0.0.1",
+        "port": 6380,
+        "db": 2,
+        "password": None,
+        "username": None,
+        "tls": False,
+    }
+    assert parse_redis_url("rediss://:s%40cret@cache.example/0")["password"] == "s@cret"
+    assert parse_redis_url("rediss://cache.example")["tls"] is True
+    for bad in ("http://x", "redis://h:port/0", "redis://h/db"):
+        with pytest.raises(ValueError):
+            parse_redis_url(bad)
+    with pytest.raises(ConfigError, match="bad value for 'engine'"):
+        load_settings({"engine": "mongo://x"})
+
+
+# -- several daemons, one Redis ---------------------------------------------
+
+
+async def start_nodes(redis: RedisServer, count: int, *extra: str):
+    nodes = []
+    for _ in range(count):
+        proc = spawn(
+            ["-n", "--pidfile=", "pushie", "--listen", "tcp:0:interface=127.0.0.1", "--engine", redis.url, *extra],
+            {"PUSHIE_SUBSCRIBER_SECRETS": SECRET_1},
+        )
+        nodes.append(proc)
+    for proc in nodes:
+        await wait_for(lambda p=proc: p.addresses or p.ended.called, timeout=20)
+        assert proc.addresses, proc.output.decode()
+        await wait_for(lambda p=proc: b"Redis engine connected" in p.output, timeout=10)
+    return nodes
+
+
+def port_of(proc) -> int:
+    return int(next(iter(proc.addresses.values())).rsplit(":", 1)[1])
+
+
+async def publish(pool, port, body):
+    response = await treq.post(f"http://127.0.0.1:{port}/publish", json=body, pool=pool)
+    return response.code, json.loads(await response.content())
+
+
+@pytest_twisted.ensureDeferred
+async def test_three_nodes_share_offsets_history_and_presence(own_redis):
+    nodes = await start_nodes(own_redis, 3)
+    pool = HTTPConnectionPool(__import__("twisted.internet.reactor").internet.reactor, persistent=False)
+    clients = []
+    try:
+        ports = [port_of(p) for p in nodes]
+        subscribers = []
+        for port in ports:
+            client = await connect_ws(port, "/websocket?channel=news")
+            clients.append(client)
+            await client.next_of("welcome")
+            subscribers.append(await client.next_of("subscribed"))
+        assert len({s["epoch"] for s in subscribers}) == 1
+        # Each node publishes in turn; every node's subscriber gets every message, in one order.
+        for i, port in enumerate(ports * 3):
+            status, body = await publish(pool, port, {"channel": "news", "data": i})
+            assert (status, body["offset"]) == (200, i + 1)
+        for client in clients:
+            got = [await client.next_of("message") for _ in range(9)]
+            assert [m["data"] for m in got] == list(range(9))
+        # The same idempotency key through two nodes publishes once.
+        first = await publish(pool, ports[0], {"channel": "news", "data": "x", "idempotency_key": "k1"})
+        again = await publish(pool, ports[1], {"channel": "news", "data": "x", "idempotency_key": "k1"})
+        assert first == again and first[1]["offset"] == 10
+        # History and channel info agree from any node.
+        response = await treq.get(f"http://127.0.0.1:{ports[2]}/channels/news/history?since=7", pool=pool)
+        history = json.loads(await response.content())
+        assert [m["offset"] for m in history["messages"]] == [8, 9, 10]
+        # Recovery through another node than the one the client left.
+        last = await clients[0].next_of("message")
+        again_client = await connect_ws(ports[1], "/websocket")
+        clients.append(again_client)
+        await again_client.next_of("welcome")
+        again_client.send({"type": "subscribe", "channel": "news", "since": {"offset": 7, "epoch": last["epoch"]}})
+        assert (await again_client.next_of("subscribed"))["recovered"] is True
+        assert [(await again_client.next_of("message"))["offset"] for _ in range(3)] == [8, 9, 10]
+    finally:
+        for client in clients:
+            client.close()
+        for client in clients:
+            await client.closed
+        for proc in nodes:
+            assert await stop(proc) == 0
+        await pool.closeCachedConnections()
+
+
+@pytest_twisted.ensureDeferred
+async def test_presence_across_nodes_and_a_crashed_node(own_redis):
+    nodes = await start_nodes(own_redis, 2)
+    clients = []
+    room = "presence-room"
+    try:
+        a, b = (port_of(p) for p in nodes)
+        ann = await connect_ws(a, f"/websocket?channel={room}&token={token(sub='ann', channels=[room])}")
+        clients.append(ann)
+        await ann.next_of("welcome")
+        assert [m["id"] for m in (await ann.next_of("subscribed"))["members"]] == ["ann"]
+        bob = await connect_ws(b, f"/websocket?channel={room}&token={token(sub='bob', channels=[room])}")
+        clients.append(bob)
+        await bob.next_of("welcome")
+        assert sorted(m["id"] for m in (await bob.next_of("subscribed"))["members"]) == ["ann", "bob"]
+        assert (await ann.next_of("join"))["member"]["id"] == "bob"
+        # A second tab of ann's, on the other node: no join.
+        ann2 = await connect_ws(b, f"/websocket?channel={room}&token={token(sub='ann', channels=[room])}")
+        clients.append(ann2)
+        await ann2.next_of("welcome")
+        await ann2.next_of("subscribed")
+        ann2.close()
+        await ann2.closed
+        bob.send({"type": "ping"})
+        assert await bob.next() == {"type": "pong"}  # no leave: ann is still on node A
+        # Node A dies without a word: its member goes within the stated time.
+        nodes[0].transport.signalProcess("KILL")
+        await nodes[0].ended
+        leave = await bob.next_of("leave", timeout=HEARTBEAT_TTL + 3 * HEARTBEAT_INTERVAL)
+        assert leave["member"]["id"] == "ann"
+        bob.send({"type": "presence", "channel": room})
+        assert [m["id"] for m in (await bob.next_of("presence"))["members"]] == ["bob"]
+    finally:
+        for client in clients:
+            client.close()
+        for proc in nodes:
+            await stop(proc)
+
+
+@pytest_twisted.ensureDeferred
+async def test_nodes_subscribe_in_redis_only_to_channels_with_local_subscribers(own_redis):
+    daemon = await start_daemon(engine=own_redis.url)
+    try:
+        assert own_redis.cli("PUBSUB", "CHANNELS").split() == []
+        client = await daemon.connect("channel=wanted")
+        await client.next_of("welcome")
+        await client.next_of("subscribed")
+        assert sorted(own_redis.cli("PUBSUB", "CHANNELS").split()) == ["pushie:0:m:wanted", "pushie:0:p:wanted"]
+        await daemon.publish({"channel": "unwanted", "data": 1})  # nobody here listens: not subscribed
+        client.send({"type": "unsubscribe", "channel": "wanted"})
+        await client.next_of("unsubscribed")
+        await wait_for(lambda: own_redis.cli("PUBSUB", "CHANNELS").split() == [])
+    finally:
+        await daemon.stop()
+
+
+# -- faults -------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_redis_restart_answers_503_then_recovers(own_redis):
+    daemon = await start_daemon(engine=own_redis.url, redis_timeout=1.0)
+    try:
+        client = await daemon.connect("channel=c")
+        await client.next_of("welcome")
+        first = await client.next_of("subscribed")
+        accepted = []
+        for i in range(5):
+            status, body, _ = await daemon.publish({"channel": "c", "data": i})
+            assert status == 200
+            accepted.append(body["offset"])
+        got = [await client.next_of("message") for _ in range(5)]
+        assert [m["offset"] for m in got] == accepted  # everything accepted, once, in order
+
+        own_redis.stop()
+        await wait_for(lambda: not daemon.hub.engine.healthy(), timeout=5)
+        for _ in range(3):
+            status, body, response = await daemon.publish({"channel": "c", "data": "lost?"})
+            assert (status, body["error"]) == (503, "engine_unavailable")
+            assert response.headers.getRawHeaders("retry-after") == ["1"]
+        status, health, _ = await daemon.get("/healthz")
+        assert (status, json.loads(health)["status"]) == (503, "engine_unavailable")
+        assert not client.closed.called  # WebSocket clients stay connected
+
+        own_redis.start()  # same port, empty: the channels' history is gone
+        await wait_for(daemon.hub.engine.healthy, timeout=15)
+        # The node cannot tell whether another node published before Redis
+        # died: its subscribers are closed (4002) to recover, and learn
+        # that history was lost.
+        await wait_for(lambda: client.closed.called, timeout=15)
+        assert client.close_code == 4002
+        again = await daemon.connect()
+        await again.next_of("welcome")
+        again.send({"type": "subscribe", "channel": "c", "since": {"offset": 5, "epoch": first["epoch"]}})
+        answer = await again.next_of("subscribed")
+        assert answer["recovered"] is False and answer["epoch"] != first["epoch"]
+        status, body, _ = await daemon.publish({"channel": "c", "data": "after"})
+        assert (status, body["offset"], body["epoch"]) == (200, answer["offset"] + 1, answer["epoch"])
+        message = await again.next_of("message")
+        assert (message["data"], message["offset"]) == ("after", answer["offset"] + 1)
+        assert again.pending() == []
+        status, health, _ = await daemon.get("/healthz")
+        assert status == 200
+    finally:
+        await daemon.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_killed_pubsub_connection_resubscribes_and_fills_the_gap(own_redis):
+    daemon = await start_daemon(engine=own_redis.url)
+    other = await start_daemon(engine=own_redis.url)  # publishes while the first one is deaf
+    try:
+        client = await daemon.connect("channel=c")
+        await client.next_of("welcome")
+        await client.next_of("subscribed")
+        await other.publish({"channel": "c", "data": 0})
+        assert (await client.next_of("message"))["offset"] == 1
+        own_redis.cli("CLIENT", "KILL", "TYPE", "pubsub")
+        for i in range(1, 4):
+            await other.publish({"channel": "c", "data": i})
+        await wait_for(daemon.hub.engine.healthy, timeout=15)
+        await other.publish({"channel": "c", "data": 4})
+        got = [await client.next_of("message", timeout=15) for _ in range(4)]
+        assert [m["offset"] for m in got] == [2, 3, 4, 5]
+        await sleep(0.2)
+        assert client.pending() == []
+    finally:
+        await daemon.stop()
+        await other.stop()
