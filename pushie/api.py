@@ -22,6 +22,7 @@ from pushie.auth import Guard
 from pushie.channels import Publication, PublishRequest, check_channel, dumps
 from pushie.errors import EngineUnavailable, PushieError, bad_request
 from pushie.hub import Hub
+from pushie.limits import RateLimiter, address_of
 from pushie.logs import Throttle
 
 MAX_BATCH = 100
@@ -195,16 +196,19 @@ class PublishResource(JSONResource):
 
     allowed_methods = (b"POST",)
 
-    def __init__(self, hub: Hub, guard: Guard, throttle: Throttle) -> None:
+    def __init__(self, hub: Hub, guard: Guard, throttle: Throttle, rate_limiter: RateLimiter | None = None) -> None:
         super().__init__()
         self.hub = hub
         self.guard = guard
         self.throttle = throttle
+        self.rate_limiter = rate_limiter
 
     def render_POST(self, request: Request) -> int:
+        started = self.hub.reactor.seconds()
         try:
             requests, single = self._validate(request)
         except PushieError as e:
+            self.hub.metrics.reject(e.code)
             self.throttle.warn(
                 "publish_" + e.code,
                 "Refused a publish from {peer}: {status} {code}",
@@ -215,13 +219,17 @@ class PublishResource(JSONResource):
             return NOT_DONE_YET
         d = self.hub.publish(requests)
         d.addCallbacks(
-            lambda publications: self._answer(request, publications, single),
+            lambda publications: self._answer(request, publications, single, started),
             lambda failure: self._failed(request, failure),
         )
         return NOT_DONE_YET
 
     def _validate(self, request: Request) -> tuple[list[PublishRequest], bool]:
-        self.guard.check_publisher(request.getHeader(b"authorization"))
+        authorization = request.getHeader(b"authorization")
+        self.guard.check_publisher(authorization)
+        if self.rate_limiter is not None:
+            key = authorization if not self.guard.publishing_open and authorization else None
+            self.rate_limiter.check(key or b"address:" + address_of(request.getClientAddress()).encode())
         if self.hub.draining:
             raise PushieError(
                 503, "shutting_down", "the server is shutting down; retry on another node", {"Retry-After": "1"}
@@ -233,12 +241,15 @@ class PublishResource(JSONResource):
         assert request.content is not None
         return parse_publish_body(request.content.read())
 
-    def _answer(self, request: Request, publications: list[Publication], single: bool) -> None:
+    def _answer(self, request: Request, publications: list[Publication], single: bool, started: float) -> None:
         if single:
             body: Any = result_of(publications[0])
         else:
             body = {"results": [result_of(p) for p in publications]}
         write_json(request, 200, dumps(body))
+        metrics = self.hub.metrics
+        metrics.publications.inc(len(publications))
+        metrics.publish_seconds.observe(self.hub.reactor.seconds() - started)
 
     def _failed(self, request: Request, failure: Failure) -> None:
         if isinstance(failure.value, PushieError):
@@ -246,6 +257,9 @@ class PublishResource(JSONResource):
         else:
             log.failure("Publishing failed", failure)
             error = EngineUnavailable()
+        if error.code == "engine_unavailable":
+            self.hub.metrics.engine_errors.inc()
+        self.hub.metrics.reject(error.code)
         write_error(request, error)
 
 

@@ -50,6 +50,23 @@ def _seconds(value: Any) -> float:
     return number
 
 
+def _rate(value: Any) -> float:
+    if isinstance(value, bool):
+        raise ValueError("expected a number per second")
+    number = float(value)
+    if number < 0:
+        raise ValueError("must not be negative")
+    return number
+
+
+def _optional_endpoint(value: Any) -> str | None:
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise ValueError("expected a Twisted endpoint string such as tcp:9100:interface=127.0.0.1")
+    return value
+
+
 def _positive_seconds(value: Any) -> float:
     number = _seconds(value)
     if number == 0:
@@ -213,6 +230,41 @@ SETTINGS: tuple[Setting, ...] = (
         metavar="SECONDS",
     ),
     Setting(
+        "publish_rate",
+        _rate,
+        1000.0,
+        "Publish requests per second allowed per publisher key (per address when publishing is open); 0: no limit.",
+        metavar="PER_SECOND",
+    ),
+    Setting(
+        "max_connections",
+        _count,
+        10000,
+        "Open WebSocket and SSE connections this daemon accepts (503 past it); 0: no limit.",
+        metavar="N",
+    ),
+    Setting(
+        "max_connections_per_ip",
+        _count,
+        1000,
+        "Open connections accepted from one client address (429 past it); 0: no limit.",
+        metavar="N",
+    ),
+    Setting(
+        "max_subscriptions",
+        _count,
+        100,
+        "Channels one connection or event stream may follow; 0: no limit.",
+        metavar="N",
+    ),
+    Setting(
+        "metrics_listen",
+        _optional_endpoint,
+        None,
+        "Serve /metrics on this endpoint instead of the main ones.",
+        metavar="ENDPOINT",
+    ),
+    Setting(
         "sse_keepalive",
         _seconds,
         15.0,
@@ -291,6 +343,11 @@ class Settings:
     ping_interval: float
     ping_timeout: float
     handshake_timeout: float
+    publish_rate: float
+    max_connections: int
+    max_connections_per_ip: int
+    max_subscriptions: int
+    metrics_listen: str | None
     sse_keepalive: float
     shutdown_timeout: float
     publisher_keys_file: str | None

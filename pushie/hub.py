@@ -40,6 +40,8 @@ from pushie.channels import (
     is_presence,
 )
 from pushie.engines import IEngine
+from pushie.limits import ConnectionLimits
+from pushie.metrics import Metrics
 
 
 class Subscriber(Protocol):
@@ -128,11 +130,21 @@ class Hub(Service):
     log = Logger()
     name = "hub"
 
-    def __init__(self, engine: IEngine, reactor: IReactorTime, shutdown_timeout: float = 5.0) -> None:
+    def __init__(
+        self,
+        engine: IEngine,
+        reactor: IReactorTime,
+        shutdown_timeout: float = 5.0,
+        metrics: Metrics | None = None,
+        limits: ConnectionLimits | None = None,
+    ) -> None:
         self.engine = engine
         self.reactor = reactor
         self.shutdown_timeout = shutdown_timeout
-        self.connections: dict[Connection, None] = {}
+        self.metrics = metrics or Metrics()
+        self.metrics.watch_hub(self)
+        self.limits = limits or ConnectionLimits(0, 0)
+        self.connections: dict[Connection, str] = {}
         self._channels: dict[str, _LocalChannel] = {}
         self._closing: list[Deferred[None]] = []
         self.draining = False
@@ -188,11 +200,23 @@ class Hub(Service):
 
     # -- connections -----------------------------------------------------
 
-    def connection_opened(self, connection: Connection) -> None:
-        self.connections[connection] = None
+    def admit(self, address: str) -> None:
+        """
+        Refuse a new connection from C{address} past the connection limits.
+
+        @raise PushieError: 503 or 429.
+        """
+        self.limits.check(address)
+
+    def connection_opened(self, connection: Connection, address: str = "local") -> None:
+        if connection not in self.connections:
+            self.connections[connection] = address
+            self.limits.opened(address)
 
     def connection_closed(self, connection: Connection) -> None:
-        self.connections.pop(connection, None)
+        address = self.connections.pop(connection, None)
+        if address is not None:
+            self.limits.closed(address)
         if not self.connections:
             closing, self._closing = self._closing, []
             for d in closing:
@@ -230,6 +254,8 @@ class Hub(Service):
             subscribers = channel.snapshot = tuple(channel.subscribers)
         for subscriber in subscribers:
             subscriber.deliver(publication)
+        if subscribers:
+            self.metrics.deliveries.inc(len(subscribers))
         if channel.pending:
             for buffered in channel.pending.values():
                 buffered.append(publication)

@@ -26,6 +26,7 @@ from pushie.auth import Guard, SubscriberToken
 from pushie.channels import Member, Position, PresenceEvent, Publication, check_channel, dumps, is_presence
 from pushie.errors import PushieError, bad_request
 from pushie.hub import Hub, Subscribed
+from pushie.limits import address_of
 from pushie.logs import Throttle
 
 log = Logger()
@@ -104,8 +105,8 @@ class EventStream:
 
     # -- subscribing -----------------------------------------------------
 
-    def start(self, channels: list[str], since: dict[str, Position]) -> None:
-        self.hub.connection_opened(self)
+    def start(self, channels: list[str], since: dict[str, Position], address: str) -> None:
+        self.hub.connection_opened(self, address)
         self.request.notifyFinish().addBoth(self._gone)
         self._write(b"retry: 2000\n\n")
         for name in channels:
@@ -197,8 +198,11 @@ class EventsResource(JSONResource):
 
     allowed_methods = (b"GET",)
 
-    def __init__(self, hub: Hub, guard: Guard, throttle: Throttle, keepalive: float) -> None:
+    def __init__(
+        self, hub: Hub, guard: Guard, throttle: Throttle, keepalive: float, max_subscriptions: int = 0
+    ) -> None:
         super().__init__()
+        self.max_subscriptions = max_subscriptions
         self.hub = hub
         self.guard = guard
         self.throttle = throttle
@@ -208,6 +212,7 @@ class EventsResource(JSONResource):
         try:
             channels, token, since = self._validate(request)
         except PushieError as e:
+            self.hub.metrics.reject(e.code)
             self.throttle.warn(
                 "sse_" + e.code, "Refused an event stream from {peer}: {code}", peer=request.getClientAddress()
             )
@@ -219,12 +224,14 @@ class EventsResource(JSONResource):
         # The site's idle timeout protects request reading; a stream is
         # kept alive by its own comments instead.
         request.channel.setTimeout(None)
-        EventStream(request, self.hub, self.guard, token, self.keepalive).start(channels, since)
+        stream = EventStream(request, self.hub, self.guard, token, self.keepalive)
+        stream.start(channels, since, address_of(request.getClientAddress()))
         return NOT_DONE_YET
 
     def _validate(self, request: Request) -> tuple[list[str], SubscriberToken | None, dict[str, Position]]:
         if self.hub.draining:
             raise PushieError(503, "shutting_down", "the server is shutting down; reconnect", {"Retry-After": "1"})
+        self.hub.admit(address_of(request.getClientAddress()))
         args = request.args or {}
         names: list[str] = []
         for raw in args.get(b"channel", []):
@@ -233,6 +240,10 @@ class EventsResource(JSONResource):
                 names.append(name)
         if not names:
             raise bad_request("missing_channel", "name at least one channel: /events?channel=news")
+        if self.max_subscriptions and len(names) > self.max_subscriptions:
+            raise bad_request(
+                "too_many_subscriptions", f"a stream may follow at most {self.max_subscriptions} channels"
+            )
         token = None
         tokens = args.get(b"token")
         if tokens:

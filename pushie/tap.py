@@ -25,8 +25,9 @@ from pushie.auth import guard_from_settings
 from pushie.config import SETTINGS, ConfigError, Settings, load_settings
 from pushie.engines import engine_from_setting
 from pushie.hub import Hub
+from pushie.limits import ConnectionLimits, RateLimiter
 from pushie.logs import Throttle
-from pushie.web import PushieSite, build_site
+from pushie.web import PushieSite, build_metrics_site, build_site
 from pushie.websocket import PushieServerFactory
 
 log = Logger(namespace="pushie")
@@ -132,7 +133,12 @@ class PushieService(MultiService):
         super().__init__()
         self.settings = settings
         self.engine = engine_from_setting(settings.engine, settings, reactor)
-        self.hub = Hub(self.engine, reactor, shutdown_timeout=settings.shutdown_timeout)
+        self.hub = Hub(
+            self.engine,
+            reactor,
+            shutdown_timeout=settings.shutdown_timeout,
+            limits=ConnectionLimits(settings.max_connections, settings.max_connections_per_ip),
+        )
         self.hub.setServiceParent(self)
         self.guard = guard_from_settings(settings, reactor)
         throttle = Throttle(Logger(namespace="pushie.api"), reactor)
@@ -144,17 +150,22 @@ class PushieService(MultiService):
             ping_timeout=settings.ping_timeout,
             handshake_timeout=settings.handshake_timeout,
             allowed_origins=settings.allowed_origin,
+            max_subscriptions=settings.max_subscriptions,
         )
         self.site: PushieSite = build_site(
             self.hub,
             self.guard,
             self.websocket_factory,
             throttle,
-            settings.max_message_size,
-            settings.handshake_timeout,
-            settings.sse_keepalive,
+            settings,
+            RateLimiter(settings.publish_rate, reactor),
+            serve_metrics=settings.metrics_listen is None,
         )
         self.listeners = [ListeningService(d, self.site, reactor) for d in settings.listen]
+        if settings.metrics_listen is not None:
+            self.listeners.append(
+                ListeningService(settings.metrics_listen, build_metrics_site(self.hub, settings), reactor)
+            )
         for listener in self.listeners:
             listener.setServiceParent(self)
 

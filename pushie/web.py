@@ -22,6 +22,8 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from pushie.api import ChannelsResource, ErrorResource, HealthResource, PublishResource, write_error
 from pushie.errors import PushieError
+from pushie.limits import RateLimiter
+from pushie.metrics import MetricsResource
 from pushie.sse import EventsResource
 
 STATIC = files("pushie") / "static"
@@ -127,16 +129,25 @@ def build_site(
     guard: Any,
     websocket_factory: Any,
     throttle: Any,
-    max_body_size: int,
-    timeout: float,
-    sse_keepalive: float,
+    settings: Any,
+    rate_limiter: RateLimiter,
+    serve_metrics: bool,
 ) -> PushieSite:
     """Assemble the resource tree for one daemon."""
     root = Root(StaticFile("index.html", b"text/html; charset=utf-8"))
     root.putChild(b"pushie.js", StaticFile("pushie.js", b"application/javascript; charset=utf-8"))
-    root.putChild(b"publish", PublishResource(hub, guard, throttle))
+    root.putChild(b"publish", PublishResource(hub, guard, throttle, rate_limiter))
     root.putChild(b"websocket", WebSocketResource(websocket_factory))
     root.putChild(b"channels", ChannelsResource(hub, guard))
     root.putChild(b"healthz", HealthResource(hub))
-    root.putChild(b"events", EventsResource(hub, guard, throttle, sse_keepalive))
-    return PushieSite(root, max_body_size, timeout, hub.reactor)
+    root.putChild(b"events", EventsResource(hub, guard, throttle, settings.sse_keepalive, settings.max_subscriptions))
+    if serve_metrics:
+        root.putChild(b"metrics", MetricsResource(hub.metrics))
+    return PushieSite(root, settings.max_message_size, settings.handshake_timeout, hub.reactor)
+
+
+def build_metrics_site(hub: Any, settings: Any) -> PushieSite:
+    """A site that serves only C{/metrics}, for C{--metrics-listen}."""
+    root = Root(ErrorResource(PushieError(404, "not_found", "this endpoint serves /metrics only")))
+    root.putChild(b"metrics", MetricsResource(hub.metrics))
+    return PushieSite(root, 0, settings.handshake_timeout, hub.reactor)

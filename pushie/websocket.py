@@ -36,6 +36,7 @@ from pushie.channels import (
 )
 from pushie.errors import PushieError, bad_request
 from pushie.hub import Hub, Subscribed
+from pushie.limits import address_of
 from pushie.logs import Throttle
 
 _OPEN = WebSocketProtocol.STATE_OPEN
@@ -77,6 +78,7 @@ class PushieServerProtocol(WebSocketServerProtocol):
         params = parse_qs(urlsplit(self.http_request_uri).query, keep_blank_values=True)
         channels: list[str] = []
         try:
+            factory.hub.admit(address_of(self.transport.getPeer()))
             if not factory.origin_allowed(request.origin):
                 raise PushieError(403, "origin_not_allowed", "origin not allowed")
             tokens = params.get("token", [])
@@ -87,7 +89,10 @@ class PushieServerProtocol(WebSocketServerProtocol):
                 factory.guard.check_subscribe(name, self.token)
                 if name not in channels:
                     channels.append(name)
+            if factory.max_subscriptions and len(channels) > factory.max_subscriptions:
+                raise bad_request("too_many_subscriptions", "too many channels")
         except PushieError as e:
+            factory.hub.metrics.reject(e.code)
             factory.throttle.warn(
                 "handshake_" + e.code,
                 "Refused a WebSocket handshake from {peer}: {code}",
@@ -101,7 +106,7 @@ class PushieServerProtocol(WebSocketServerProtocol):
 
     def onOpen(self) -> None:
         self._opened = True
-        self.factory.hub.connection_opened(self)
+        self.factory.hub.connection_opened(self, address_of(self.transport.getPeer()))
         self.send_json({"type": "welcome", "client": self.client_id})
         for name in self._initial_channels:
             self._subscribe(name)
@@ -142,6 +147,7 @@ class PushieServerProtocol(WebSocketServerProtocol):
         try:
             self._handle(payload)
         except PushieError as e:
+            self.factory.hub.metrics.reject(e.code)
             self.send_json(e.to_frame())
 
     def _handle(self, payload: bytes) -> None:
@@ -180,6 +186,13 @@ class PushieServerProtocol(WebSocketServerProtocol):
                 channel=name,
             )
         since = check_since(frame["since"], name) if frame.get("since") is not None else None
+        limit = self.factory.max_subscriptions
+        if limit and len(self.subscriptions) >= limit:
+            raise bad_request(
+                "too_many_subscriptions",
+                f"a connection may hold {limit} subscriptions; unsubscribe from one first",
+                channel=name,
+            )
         self.factory.guard.check_subscribe(name, self.token)
         self._subscribe(name, since)
         self._arm_expiry()
@@ -333,6 +346,7 @@ class PushieServerProtocol(WebSocketServerProtocol):
         if self._opened:
             hub.connection_closed(self)
         if self.failedByMe and self.localCloseCode in _AUTOBAHN_QUIET_CODES:
+            hub.metrics.reject(f"websocket_close_{self.localCloseCode}")
             self.factory.throttle.warn(
                 "ws_protocol_error",
                 "Closed a WebSocket connection from {peer} with {code}: {reason}",
@@ -360,6 +374,9 @@ _DENY_REASONS = {
     "unauthorized": "token required or invalid",
     "forbidden": "channel not granted",
     "origin_not_allowed": "origin not allowed",
+    "too_many_subscriptions": "too many channels",
+    "too_many_connections": "server busy",
+    "too_many_connections_from_address": "too many connections",
 }
 
 
@@ -398,9 +415,11 @@ class PushieServerFactory(WebSocketServerFactory):
         handshake_timeout: float,
         close_timeout: float = 5.0,
         allowed_origins: list[str] | None = None,
+        max_subscriptions: int = 0,
     ) -> None:
         super().__init__()
         self.hub = hub
+        self.max_subscriptions = max_subscriptions
         self.guard = guard
         self.allowed_origins = list(allowed_origins or [])
         self._origin_patterns = wildcards2patterns(self.allowed_origins)

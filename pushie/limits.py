@@ -1,0 +1,105 @@
+# -*- test-case-name: tests.test_operations -*-
+"""
+Limits that protect a daemon from floods: publish rates per publisher key,
+connections in all and per client address.  Sizes live with the doors
+(L{pushie.web.PushieRequest}, Autobahn's frame limits).
+
+Every limit is a setting; 0 switches it off.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+
+from twisted.internet.interfaces import IReactorTime
+
+from pushie.errors import PushieError
+
+MAX_TRACKED_KEYS = 10_000
+
+
+class RateLimiter:
+    """
+    A token bucket per key (a publisher key, or a client address when
+    publishing is open): C{rate} requests per second, bursts of up to C{rate}.
+    At most L{MAX_TRACKED_KEYS} buckets are kept; the least recently used go
+    first (a forgotten bucket is a full one, so this only ever forgives).
+    """
+
+    def __init__(self, rate: float, clock: IReactorTime) -> None:
+        self.rate = rate
+        self.clock = clock
+        self._buckets: OrderedDict[bytes, tuple[float, float]] = OrderedDict()
+
+    def check(self, key: bytes) -> None:
+        """
+        Take one token for C{key}.
+
+        @raise PushieError: 429 C{rate_limited} with C{Retry-After}.
+        """
+        if self.rate <= 0:
+            return
+        now = self.clock.seconds()
+        tokens, stamp = self._buckets.pop(key, (self.rate, now))
+        tokens = min(self.rate, tokens + (now - stamp) * self.rate)
+        if tokens < 1:
+            self._buckets[key] = (tokens, now)
+            wait = math.ceil((1 - tokens) / self.rate)
+            raise PushieError(
+                429,
+                "rate_limited",
+                f"more than {self.rate:g} publish requests per second with this key; slow down or batch",
+                headers={"Retry-After": str(max(1, wait))},
+            )
+        self._buckets[key] = (tokens - 1, now)
+        if len(self._buckets) > MAX_TRACKED_KEYS:
+            self._buckets.popitem(last=False)
+
+
+class ConnectionLimits:
+    """Counts open client connections, in all and per address, and refuses new ones past the limits."""
+
+    def __init__(self, max_connections: int, max_per_address: int) -> None:
+        self.max_connections = max_connections
+        self.max_per_address = max_per_address
+        self.total = 0
+        self._per_address: dict[str, int] = {}
+
+    def check(self, address: str) -> None:
+        """
+        @raise PushieError: 503 C{too_many_connections} past the daemon's
+            limit, 429 C{too_many_connections_from_address} past the
+            per-address one.
+        """
+        if self.max_connections and self.total >= self.max_connections:
+            raise PushieError(
+                503,
+                "too_many_connections",
+                "this server has reached its connection limit; retry on another node",
+                headers={"Retry-After": "5"},
+            )
+        if self.max_per_address and self._per_address.get(address, 0) >= self.max_per_address:
+            raise PushieError(
+                429,
+                "too_many_connections_from_address",
+                "too many connections from your address",
+                headers={"Retry-After": "5"},
+            )
+
+    def opened(self, address: str) -> None:
+        self.total += 1
+        self._per_address[address] = self._per_address.get(address, 0) + 1
+
+    def closed(self, address: str) -> None:
+        self.total -= 1
+        left = self._per_address.get(address, 0) - 1
+        if left > 0:
+            self._per_address[address] = left
+        else:
+            self._per_address.pop(address, None)
+
+
+def address_of(peer: object) -> str:
+    """The client address a limit is counted by (the host of a TCP peer; one bucket for Unix sockets)."""
+    return str(getattr(peer, "host", None) or "local")

@@ -1,0 +1,76 @@
+# -*- test-case-name: tests.test_operations -*-
+"""
+Prometheus metrics, in the text format, served by a plain twisted.web
+resource on the reactor thread (prometheus_client's own Twisted resource runs
+collectors in a thread, which would race the Hub).
+
+Each daemon has its own registry, so several daemons in one process (tests)
+do not mix their figures.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from twisted.web.resource import Resource
+from twisted.web.server import Request
+
+
+class Metrics:
+    """The daemon's counters, gauges and histograms."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.connections = Gauge("pushie_connections", "Open client connections (WebSocket and SSE).", registry=r)
+        self.subscriptions = Gauge("pushie_subscriptions", "Subscriptions held by open connections.", registry=r)
+        self.channels = Gauge("pushie_channels", "Channels with local subscribers.", registry=r)
+        self.publications = Counter(
+            "pushie_publications", "Publications accepted (200) by this daemon's /publish.", registry=r
+        )
+        self.deliveries = Counter(
+            "pushie_deliveries", "Messages handed to local subscribers (one per subscriber per message).", registry=r
+        )
+        self.publish_seconds = Histogram(
+            "pushie_publish_seconds",
+            "Time from a /publish request's arrival to its answer.",
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+            registry=r,
+        )
+        self.rejected = Counter(
+            "pushie_rejected_requests", "Requests and frames refused, by reason (error code).", ["reason"], registry=r
+        )
+        self.slow_consumers = Counter(
+            "pushie_slow_consumer_disconnects", "Connections closed because they did not read fast enough.", registry=r
+        )
+        self.engine_errors = Counter(
+            "pushie_engine_errors", "Engine operations that failed (the request answered 503).", registry=r
+        )
+        self.webhooks_failed = Counter(
+            "pushie_webhook_failures", "Webhook deliveries given up after their retries.", registry=r
+        )
+
+    def watch_hub(self, hub: Any) -> None:
+        """Read the gauges from the Hub when scraped, never on the hot path."""
+        self.connections.set_function(lambda: len(hub.connections))
+        self.channels.set_function(lambda: len(hub.channel_names()))
+        self.subscriptions.set_function(lambda: sum(hub.subscriber_count(c) for c in hub.channel_names()))
+
+    def reject(self, reason: str) -> None:
+        self.rejected.labels(reason=reason).inc()
+
+
+class MetricsResource(Resource):
+    """C{GET /metrics}: the Prometheus text format, no key needed."""
+
+    isLeaf = True
+
+    def __init__(self, metrics: Metrics) -> None:
+        super().__init__()
+        self.metrics = metrics
+
+    def render_GET(self, request: Request) -> bytes:
+        request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
+        return generate_latest(self.metrics.registry)
