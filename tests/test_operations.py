@@ -1,0 +1,132 @@
+"""Operations: /metrics, --metrics-listen, and every limit with its answer."""
+
+from __future__ import annotations
+
+import json
+
+import pytest_twisted
+import treq
+
+from tests.helpers import raw_handshake, wait_for
+from tests.test_auth import KEY_A, KEY_B
+
+
+def metric(text: str, name: str) -> float:
+    """The value of one sample line (name with labels, exactly) in Prometheus text."""
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"{name} not in metrics:\n{text}")
+
+
+@pytest_twisted.ensureDeferred
+async def test_metrics_count_what_happens(daemon):
+    clients = []
+    for _ in range(3):
+        client = await daemon.connect("channel=m")
+        await client.next_of("welcome")
+        await client.next_of("subscribed")
+        clients.append(client)
+    await daemon.publish([{"channel": "m", "data": i} for i in range(4)])
+    for client in clients:
+        for _ in range(4):
+            await client.next_of("message")
+    await daemon.publish({"channel": "bad name", "data": 1})
+    status, body, response = await daemon.get("/metrics")
+    assert status == 200
+    assert response.headers.getRawHeaders("content-type")[0].startswith("text/plain; version=")
+    text = body.decode()
+    assert metric(text, "pushie_connections") == 3
+    assert metric(text, "pushie_subscriptions") == 3
+    assert metric(text, "pushie_channels") == 1
+    assert metric(text, "pushie_publications_total") == 4
+    assert metric(text, "pushie_deliveries_total") == 12
+    assert metric(text, 'pushie_rejected_requests_total{reason="invalid_channel"}') == 1
+    assert metric(text, "pushie_publish_seconds_count") == 1
+    for name in ("pushie_slow_consumer_disconnects_total", "pushie_engine_errors_total"):
+        assert metric(text, name) == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_metrics_on_their_own_endpoint(make_daemon):
+    daemon = await make_daemon(metrics_listen="tcp:0:interface=127.0.0.1")
+    status, body, _ = await daemon.get("/metrics")
+    assert status == 404
+    port = daemon.service.listeners[-1].port.getHost().port
+    response = await treq.get(f"http://127.0.0.1:{port}/metrics", pool=daemon.pool)
+    assert response.code == 200
+    assert b"pushie_connections" in await response.content()
+
+
+@pytest_twisted.ensureDeferred
+async def test_publish_rate_per_key(make_daemon):
+    daemon = await make_daemon(publish_rate=2, publisher_keys=[KEY_A, KEY_B])
+    a = {"Authorization": f"Bearer {KEY_A}"}
+    answers = [await daemon.publish({"channel": "r", "data": i}, headers=a) for i in range(3)]
+    assert [s for s, _, _ in answers] == [200, 200, 429]
+    status, body, response = answers[2]
+    assert body["error"] == "rate_limited" and response.headers.getRawHeaders("retry-after") == ["1"]
+    # Another key has its own budget; nothing of the refused request was published.
+    status, body, _ = await daemon.publish({"channel": "r", "data": "b"}, headers={"Authorization": f"Bearer {KEY_B}"})
+    assert (status, body["offset"]) == (200, 3)
+
+
+@pytest_twisted.ensureDeferred
+async def test_open_publishing_is_limited_per_address(make_daemon):
+    daemon = await make_daemon(publish_rate=1)
+    assert (await daemon.publish({"channel": "r", "data": 1}))[0] == 200
+    assert (await daemon.publish({"channel": "r", "data": 2}))[0] == 429
+
+
+@pytest_twisted.ensureDeferred
+async def test_max_connections(make_daemon):
+    daemon = await make_daemon(max_connections=2)
+    first = await daemon.connect()
+    await first.next_of("welcome")
+    response = await treq.get(daemon.url + "/events?channel=a", pool=daemon.pool, unbuffered=True)
+    assert response.code == 200
+    await wait_for(lambda: len(daemon.hub.connections) == 2)
+    status, client = await raw_handshake(daemon.port, "/websocket")
+    assert status == 503
+    await client.lost
+    refused = await treq.get(daemon.url + "/events?channel=a", pool=daemon.pool)
+    assert refused.code == 503
+    assert json.loads(await refused.content())["error"] == "too_many_connections"
+    first.close()
+    await first.closed
+    await wait_for(lambda: len(daemon.hub.connections) == 1)
+    again = await daemon.connect()  # room again
+    await again.next_of("welcome")
+    response.original._transport.stopProducing()
+
+
+@pytest_twisted.ensureDeferred
+async def test_max_connections_per_address(make_daemon):
+    daemon = await make_daemon(max_connections_per_ip=1)
+    first = await daemon.connect()
+    await first.next_of("welcome")
+    status, client = await raw_handshake(daemon.port, "/websocket")
+    assert status == 429
+    await client.lost
+
+
+@pytest_twisted.ensureDeferred
+async def test_max_subscriptions(make_daemon):
+    daemon = await make_daemon(max_subscriptions=2)
+    status, client = await raw_handshake(daemon.port, "/websocket?channel=a&channel=b&channel=c")
+    assert status == 400
+    await client.lost
+    ws = await daemon.connect("channel=a&channel=b")
+    await ws.next_of("welcome")
+    await ws.next_of("subscribed")
+    await ws.next_of("subscribed")
+    ws.send({"type": "subscribe", "channel": "c"})
+    error = await ws.next_of("error")
+    assert (error["code"], error["channel"]) == ("too_many_subscriptions", "c")
+    ws.send({"type": "unsubscribe", "channel": "a"})
+    await ws.next_of("unsubscribed")
+    ws.send({"type": "subscribe", "channel": "c"})
+    assert (await ws.next_of("subscribed"))["channel"] == "c"
+    refused = await treq.get(daemon.url + "/events?channel=a&channel=b&channel=c", pool=daemon.pool)
+    assert refused.code == 400
+    assert json.loads(await refused.content())["error"] == "too_many_subscriptions"
