@@ -442,3 +442,43 @@ def _check_secret_files(values: dict[str, Any]) -> None:
             check(lines, path)
         except ValueError as e:
             raise ConfigError(f"{name}: {e}") from None
+
+
+def _show_default(value: Any) -> str:
+    if value is None or value == []:
+        return "none"
+    if value is False:
+        return "off"
+    if isinstance(value, float) and value.is_integer():
+        return f"`{int(value)}`"
+    if isinstance(value, list):
+        return " ".join(f"`{v}`" for v in value)
+    return f"`{value}`"
+
+
+def settings_reference() -> str:
+    """
+    The settings table for README.md, generated from L{SETTINGS} so that the
+    documentation cannot drift from the code (a test checks README holds it).
+    Print it with C{python -m pushie.config}.
+    """
+    rows = [
+        "| option | environment | TOML key | default | what it does |",
+        "|---|---|---|---|---|",
+    ]
+    for s in SETTINGS:
+        if not s.cli:
+            option = "(file or environment only)"
+        elif s.flag:
+            option = f"`--{s.option}`"
+        else:
+            option = f"`--{s.option} {s.metavar}`" + (" (repeatable)" if s.repeatable else "")
+        env = f"`{s.env}`" + (" (space-separated)" if s.repeatable else "")
+        if s.name in ("publisher_keys", "subscriber_secrets"):
+            env += " (comma-separated)"
+        rows.append(f"| {option} | {env} | `{s.name}` | {_show_default(s.default)} | {s.help} |")
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":
+    print(settings_reference(), end="")

@@ -43,3 +43,19 @@ class Throttle:
             format += " ({suppressed} more like this since the last report)"
             kwargs["suppressed"] = suppressed
         self.log.warn(format, kind=kind, **kwargs)
+
+
+def json_observer() -> Any:
+    """
+    A log observer writing one JSON object per line to standard output, for
+    log shippers and journald: C{twistd --logger pushie.logs.json_observer pushie}.
+
+    Each line is Twisted's own event serialisation (C{log_format}, C{log_level},
+    C{log_namespace}, C{log_time} and the event's fields), with no record
+    separator other than the newline.
+    """
+    import sys
+
+    from twisted.logger import jsonFileLogObserver
+
+    return jsonFileLogObserver(sys.stdout, recordSeparator="")

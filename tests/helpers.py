@@ -103,7 +103,8 @@ class Daemon:
 
 
 async def start_daemon(**overrides: Any) -> Daemon:
-    settings = Settings.defaults().replace(listen=["tcp:0:interface=127.0.0.1"], **overrides)
+    overrides.setdefault("listen", ["tcp:0:interface=127.0.0.1"])
+    settings = Settings.defaults().replace(**overrides)
     service = PushieService(settings, reactor)
     await service.startService()
     await wait_for(service.hub.engine.healthy)  # Redis connects in the background

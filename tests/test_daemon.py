@@ -59,12 +59,15 @@ class Twistd(ProcessProtocol):
         return int(self.addresses[endpoint].rsplit(":", 1)[1])
 
 
-def spawn(args: list[str], env_extra: dict[str, str] | None = None, cwd: Path = ROOT) -> Twistd:
+def spawn(
+    args: list[str], env_extra: dict[str, str] | None = None, cwd: Path = ROOT, executable: str | None = None
+) -> Twistd:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PUSHIE_")}
     env["PYTHONPATH"] = str(ROOT)
     env.update(env_extra or {})
     proto = Twistd()
-    reactor.spawnProcess(proto, str(BIN / "twistd"), [str(BIN / "twistd"), *args], env=env, path=str(cwd))
+    program = executable or str(BIN / "twistd")
+    reactor.spawnProcess(proto, program, [program, *args], env=env, path=str(cwd))
     return proto
 
 
