@@ -258,6 +258,20 @@ SETTINGS: tuple[Setting, ...] = (
         metavar="N",
     ),
     Setting(
+        "slow_consumer_buffer",
+        _count,
+        1 << 20,
+        "Bytes that may wait for a client that does not read before it is dropped with 1013; 0: no limit.",
+        metavar="BYTES",
+    ),
+    Setting(
+        "slow_consumer_grace",
+        _seconds,
+        10.0,
+        "Seconds a client may leave its buffer full before it is dropped with 1013; 0: no limit.",
+        metavar="SECONDS",
+    ),
+    Setting(
         "metrics_listen",
         _optional_endpoint,
         None,
@@ -347,6 +361,8 @@ class Settings:
     max_connections: int
     max_connections_per_ip: int
     max_subscriptions: int
+    slow_consumer_buffer: int
+    slow_consumer_grace: float
     metrics_listen: str | None
     sse_keepalive: float
     shutdown_timeout: float

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
 
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IPushProducer, IReactorTime
+from zope.interface import implementer
 
 from pushie.errors import PushieError
 
@@ -103,3 +106,61 @@ class ConnectionLimits:
 def address_of(peer: object) -> str:
     """The client address a limit is counted by (the host of a TCP peer; one bucket for Unix sockets)."""
     return str(getattr(peer, "host", None) or "local")
+
+
+@implementer(IPushProducer)
+class SlowConsumerGuard:
+    """
+    Watches one connection's outgoing buffer through Twisted's producer
+    protocol: the transport pauses us when its buffer is full and resumes us
+    when it drains.  While paused, the bytes written are counted; past
+    C{limit} bytes, or after C{grace} seconds paused without a resume, the
+    connection is a slow consumer and C{on_slow} is called once.  Memory per
+    slow client stays bounded and nobody else waits for it.
+    """
+
+    __slots__ = ("clock", "limit", "grace", "on_slow", "paused", "buffered", "_timer", "fired")
+
+    def __init__(self, clock: IReactorTime, limit: int, grace: float, on_slow: Callable[[], None]) -> None:
+        self.clock = clock
+        self.limit = limit
+        self.grace = grace
+        self.on_slow = on_slow
+        self.paused = False
+        self.buffered = 0
+        self._timer: Any = None
+        self.fired = False
+
+    def wrote(self, size: int) -> None:
+        """Count C{size} bytes handed to the transport (only matters while paused)."""
+        if self.paused:
+            self.buffered += size
+            if self.limit and self.buffered > self.limit:
+                self._slow()
+
+    def pauseProducing(self) -> None:
+        if self.paused:
+            return
+        self.paused = True
+        self.buffered = 0
+        if self.grace:
+            self._timer = self.clock.callLater(self.grace, self._slow)
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        self.buffered = 0
+        self.cancel()
+
+    def stopProducing(self) -> None:
+        self.cancel()
+
+    def cancel(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _slow(self) -> None:
+        self.cancel()
+        if not self.fired:
+            self.fired = True
+            self.on_slow()

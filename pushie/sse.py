@@ -26,7 +26,7 @@ from pushie.auth import Guard, SubscriberToken
 from pushie.channels import Member, Position, PresenceEvent, Publication, check_channel, dumps, is_presence
 from pushie.errors import PushieError, bad_request
 from pushie.hub import Hub, Subscribed
-from pushie.limits import address_of
+from pushie.limits import SlowConsumerGuard, address_of
 from pushie.logs import Throttle
 
 log = Logger()
@@ -56,7 +56,16 @@ def parse_event_id(value: str) -> dict[str, Position]:
 class EventStream:
     """One SSE response: a subscriber of its channels and a connection of the Hub."""
 
-    def __init__(self, request: Request, hub: Hub, guard: Guard, token: SubscriberToken | None, keepalive: float):
+    def __init__(
+        self,
+        request: Request,
+        hub: Hub,
+        guard: Guard,
+        token: SubscriberToken | None,
+        keepalive: float,
+        slow_buffer: int = 1 << 20,
+        slow_grace: float = 10.0,
+    ):
         self.request = request
         self.hub = hub
         self.guard = guard
@@ -69,12 +78,19 @@ class EventStream:
         clock = hub.reactor
         self._keepalive = clock.callLater(keepalive, self._keep_alive, keepalive) if keepalive > 0 else None
         self._expiry = None
+        self.backpressure = SlowConsumerGuard(clock, slow_buffer, slow_grace, self._slow_consumer)
 
     # -- output ----------------------------------------------------------
 
     def _write(self, data: bytes) -> None:
         if not self.finished:
             self.request.write(data)
+            if self.backpressure.paused:
+                self.backpressure.wrote(len(data))
+
+    def _slow_consumer(self) -> None:
+        self.hub.metrics.slow_consumers.inc()
+        self.abort()
 
     def _event(self, name: str, payload: dict[str, Any] | bytes) -> None:
         data = payload if isinstance(payload, bytes) else dumps(payload)
@@ -108,6 +124,7 @@ class EventStream:
     def start(self, channels: list[str], since: dict[str, Position], address: str) -> None:
         self.hub.connection_opened(self, address)
         self.request.notifyFinish().addBoth(self._gone)
+        self.request.registerProducer(self.backpressure, True)
         self._write(b"retry: 2000\n\n")
         for name in channels:
             self.channels.append(name)
@@ -170,6 +187,7 @@ class EventStream:
         """End the stream cleanly (the chunked response's last chunk)."""
         if not self.finished:
             self.finished = True
+            self.request.unregisterProducer()
             self.request.finish()
             self._cleanup()
 
@@ -183,6 +201,7 @@ class EventStream:
         self._cleanup()
 
     def _cleanup(self) -> None:
+        self.backpressure.cancel()
         for timer in (self._keepalive, self._expiry):
             if timer is not None and timer.active():
                 timer.cancel()
@@ -199,9 +218,18 @@ class EventsResource(JSONResource):
     allowed_methods = (b"GET",)
 
     def __init__(
-        self, hub: Hub, guard: Guard, throttle: Throttle, keepalive: float, max_subscriptions: int = 0
+        self,
+        hub: Hub,
+        guard: Guard,
+        throttle: Throttle,
+        keepalive: float,
+        max_subscriptions: int = 0,
+        slow_buffer: int = 1 << 20,
+        slow_grace: float = 10.0,
     ) -> None:
         super().__init__()
+        self.slow_buffer = slow_buffer
+        self.slow_grace = slow_grace
         self.max_subscriptions = max_subscriptions
         self.hub = hub
         self.guard = guard
@@ -224,7 +252,7 @@ class EventsResource(JSONResource):
         # The site's idle timeout protects request reading; a stream is
         # kept alive by its own comments instead.
         request.channel.setTimeout(None)
-        stream = EventStream(request, self.hub, self.guard, token, self.keepalive)
+        stream = EventStream(request, self.hub, self.guard, token, self.keepalive, self.slow_buffer, self.slow_grace)
         stream.start(channels, since, address_of(request.getClientAddress()))
         return NOT_DONE_YET
 

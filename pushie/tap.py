@@ -151,6 +151,8 @@ class PushieService(MultiService):
             handshake_timeout=settings.handshake_timeout,
             allowed_origins=settings.allowed_origin,
             max_subscriptions=settings.max_subscriptions,
+            slow_consumer_buffer=settings.slow_consumer_buffer,
+            slow_consumer_grace=settings.slow_consumer_grace,
         )
         self.site: PushieSite = build_site(
             self.hub,

@@ -140,7 +140,16 @@ def build_site(
     root.putChild(b"websocket", WebSocketResource(websocket_factory))
     root.putChild(b"channels", ChannelsResource(hub, guard))
     root.putChild(b"healthz", HealthResource(hub))
-    root.putChild(b"events", EventsResource(hub, guard, throttle, settings.sse_keepalive, settings.max_subscriptions))
+    events = EventsResource(
+        hub,
+        guard,
+        throttle,
+        settings.sse_keepalive,
+        settings.max_subscriptions,
+        settings.slow_consumer_buffer,
+        settings.slow_consumer_grace,
+    )
+    root.putChild(b"events", events)
     if serve_metrics:
         root.putChild(b"metrics", MetricsResource(hub.metrics))
     return PushieSite(root, settings.max_message_size, settings.handshake_timeout, hub.reactor)

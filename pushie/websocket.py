@@ -36,7 +36,7 @@ from pushie.channels import (
 )
 from pushie.errors import PushieError, bad_request
 from pushie.hub import Hub, Subscribed
-from pushie.limits import address_of
+from pushie.limits import SlowConsumerGuard, address_of
 from pushie.logs import Throttle
 
 _OPEN = WebSocketProtocol.STATE_OPEN
@@ -46,6 +46,7 @@ _GROUND = WebSocketProtocol.SEND_STATE_GROUND
 
 CLOSE_GOING_AWAY = 1001
 CLOSE_UNSUPPORTED_DATA = 1003
+CLOSE_TRY_AGAIN_LATER = 1013
 CLOSE_RESUBSCRIBE = 4002
 """Close code: this node lost messages of a subscribed channel; reconnect and resubscribe with since."""
 
@@ -67,6 +68,7 @@ class PushieServerProtocol(WebSocketServerProtocol):
         self.subscriptions: dict[str, None] = {}
         self._initial_channels: list[str] = []
         self._opened = False
+        self._guard: SlowConsumerGuard | None = None
 
     # -- handshake -------------------------------------------------------
 
@@ -106,7 +108,17 @@ class PushieServerProtocol(WebSocketServerProtocol):
 
     def onOpen(self) -> None:
         self._opened = True
-        self.factory.hub.connection_opened(self, address_of(self.transport.getPeer()))
+        factory = self.factory
+        factory.hub.connection_opened(self, address_of(self.transport.getPeer()))
+        self._guard = SlowConsumerGuard(
+            factory.hub.reactor, factory.slow_consumer_buffer, factory.slow_consumer_grace, self._slow_consumer
+        )
+        transport = self.transport
+        # Behind WebSocketResource the HTTP channel is still the transport's
+        # producer: we take its place to learn when the buffer is full.
+        if getattr(transport, "producer", None) is not None:
+            transport.unregisterProducer()
+        transport.registerProducer(self._guard, True)
         self.send_json({"type": "welcome", "client": self.client_id})
         for name in self._initial_channels:
             self._subscribe(name)
@@ -121,10 +133,21 @@ class PushieServerProtocol(WebSocketServerProtocol):
         """
         if self.state != _OPEN:
             return
+        frame = publication.websocket_frame
         if self._perMessageCompress is None and self.send_state == _GROUND and not self.send_queue:
-            self.transport.write(publication.websocket_frame)
+            self.transport.write(frame)
         else:
             self.sendMessage(publication.envelope, isBinary=False)
+        guard = self._guard
+        if guard is not None and guard.paused:
+            guard.wrote(len(frame))
+
+    def _slow_consumer(self) -> None:
+        """Too much is waiting for this client: close with 1013 and drop it, so nobody else waits."""
+        self.factory.hub.metrics.slow_consumers.inc()
+        self.factory.throttle.warn("slow_consumer", "Dropped a slow consumer at {peer} (1013)", peer=self.peer)
+        self._close_with(CLOSE_TRY_AGAIN_LATER, "slow consumer: too much data waiting")
+        self.abort()
 
     def lost_continuity(self, channel: str) -> None:
         """Close so that the client reconnects and resubscribes with C{since} (pushie.js does)."""
@@ -340,6 +363,8 @@ class PushieServerProtocol(WebSocketServerProtocol):
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         self._disarm_expiry()
+        if self._guard is not None:
+            self._guard.cancel()
         hub = self.factory.hub
         hub.unsubscribe_all(list(self.subscriptions), self)
         self.subscriptions.clear()
@@ -416,10 +441,14 @@ class PushieServerFactory(WebSocketServerFactory):
         close_timeout: float = 5.0,
         allowed_origins: list[str] | None = None,
         max_subscriptions: int = 0,
+        slow_consumer_buffer: int = 1 << 20,
+        slow_consumer_grace: float = 10.0,
     ) -> None:
         super().__init__()
         self.hub = hub
         self.max_subscriptions = max_subscriptions
+        self.slow_consumer_buffer = slow_consumer_buffer
+        self.slow_consumer_grace = slow_consumer_grace
         self.guard = guard
         self.allowed_origins = list(allowed_origins or [])
         self._origin_patterns = wildcards2patterns(self.allowed_origins)

@@ -130,3 +130,44 @@ async def test_max_subscriptions(make_daemon):
     refused = await treq.get(daemon.url + "/events?channel=a&channel=b&channel=c", pool=daemon.pool)
     assert refused.code == 400
     assert json.loads(await refused.content())["error"] == "too_many_subscriptions"
+
+
+@pytest_twisted.ensureDeferred
+async def test_slow_consumer_is_dropped_and_others_keep_up(make_daemon):
+    daemon = await make_daemon(slow_consumer_buffer=300 * 1024, slow_consumer_grace=30)
+    status, slow = await raw_handshake(daemon.port, "/websocket?channel=flood")
+    assert status == 101
+    slow.transport.pauseProducing()  # it stops reading
+    fast = await daemon.connect("channel=flood")
+    await fast.next_of("welcome")
+    await fast.next_of("subscribed")
+    payload = "x" * 30_000
+    sent = 0
+    # (The slow client does not read, so it would not notice the drop: watch the server.)
+    while len(daemon.hub.connections) == 2 and sent < 2000:
+        status, _, _ = await daemon.publish({"channel": "flood", "data": payload})
+        assert status == 200
+        sent += 1
+        assert (await fast.next_of("message"))["offset"] == sent
+    assert len(daemon.hub.connections) == 1, "the slow consumer was never dropped"
+    assert sent > 10  # it was dropped for its buffer, not at once
+    slow.transport.resumeProducing()
+    await wait_for(lambda: slow.lost.called)
+    status, body, _ = await daemon.get("/metrics")
+    assert metric(body.decode(), "pushie_slow_consumer_disconnects_total") == 1
+    assert len(daemon.hub.connections) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_slow_consumer_grace_time(make_daemon):
+    daemon = await make_daemon(slow_consumer_buffer=0, slow_consumer_grace=1.0)
+    status, slow = await raw_handshake(daemon.port, "/websocket?channel=flood")
+    slow.transport.pauseProducing()
+    # Keep its buffers full: once the transport stays paused for a second, it is dropped.
+    for _ in range(3000):
+        await daemon.publish({"channel": "flood", "data": "y" * 10_000})
+        if not daemon.hub.connections:
+            break
+    assert not daemon.hub.connections, "the slow consumer was never dropped"
+    slow.transport.resumeProducing()
+    await wait_for(lambda: slow.lost.called)
