@@ -171,3 +171,20 @@ async def test_slow_consumer_grace_time(make_daemon):
     assert not daemon.hub.connections, "the slow consumer was never dropped"
     slow.transport.resumeProducing()
     await wait_for(lambda: slow.lost.called)
+
+
+def test_grafana_dashboard_uses_only_metrics_that_exist():
+    import re
+    from pathlib import Path
+
+    from pushie.metrics import Metrics
+
+    dashboard = json.loads((Path(__file__).resolve().parent.parent / "contrib" / "grafana-dashboard.json").read_text())
+    metrics = Metrics()
+    metrics.reject("any")  # a labelled family shows its samples once it has a label
+    exposed = {sample.name for family in metrics.registry.collect() for sample in family.samples}
+    used = set()
+    for panel in dashboard["panels"]:
+        for target in panel["targets"]:
+            used |= set(re.findall(r"pushie_[a-z_]+", target["expr"]))
+    assert used and used <= exposed | {n + "_bucket" for n in exposed}, used - exposed
