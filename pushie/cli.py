@@ -97,6 +97,11 @@ def _publish(args: argparse.Namespace) -> int:
         )
     except PushieClientError as e:
         print(f"pushie publish: {_describe(e)}", file=sys.stderr)
+        if e.code == "unauthorized" and not (args.key or os.environ.get("PUSHIE_PUBLISHER_KEY")):
+            print("pushie publish: this daemon needs a publisher key: set PUSHIE_PUBLISHER_KEY", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("pushie publish: interrupted; the message may or may not have been published", file=sys.stderr)
         return 1
     except ValueError as e:  # a malformed --url or key, found before anything is sent
         raise _Usage(str(e)) from None
@@ -107,8 +112,6 @@ def _publish(args: argparse.Namespace) -> int:
 def _describe(error: Any) -> str:
     """An error for people: the status and code first, then what to do."""
     text = str(error)
-    if error.code == "unauthorized" and error.status == 401:
-        text += " (set PUSHIE_PUBLISHER_KEY or --key)"
     if error.retry_after is not None:
         text += f" (retry after {error.retry_after:g} s)"
     return text
@@ -143,7 +146,7 @@ def _listen(args: argparse.Namespace) -> int:
             print(f"pushie listen: {text}", file=sys.stderr, flush=True)
 
     def retrying(error: PushieClientError, delay: float) -> None:
-        note(f"{error.message}; reconnecting in {delay:.1f} s")
+        note(f"{error}; reconnecting in {delay:.1f} s")
 
     output = _Output()
     count = 0
@@ -176,7 +179,8 @@ def _listen(args: argparse.Namespace) -> int:
         print(f"pushie listen: {e}", file=sys.stderr)
         if e.code in ("unauthorized", "invalid_token", "forbidden"):
             print(
-                "pushie listen: private-* and presence-* channels need --token (or PUSHIE_TOKEN) granting them",
+                "pushie listen: this channel needs a subscriber token that grants it: --token or PUSHIE_TOKEN "
+                "(an app mints them; so does: pushie token --sub ID --channel NAME)",
                 file=sys.stderr,
             )
         return 1

@@ -77,7 +77,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import Any
@@ -336,7 +336,7 @@ def listen(
     min_delay: float = 0.5,
     max_delay: float = 15.0,
     on_retry: Callable[[PushieClientError, float], None] | None = None,
-) -> Iterator[StreamEvent]:
+) -> Generator[StreamEvent, None, None]:
     """
     Follow channels over Server-Sent Events, reconnecting after drops.
 

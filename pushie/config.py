@@ -50,6 +50,29 @@ def _seconds(value: Any) -> float:
     return number
 
 
+def _webhook_url(value: Any) -> str | None:
+    if value is None or value == "":
+        return None
+    from pushie.webhooks import check_url
+
+    return check_url(value)
+
+
+def _secret_text(value: Any) -> str | None:
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise ValueError("expected a string")
+    return value
+
+
+def _webhook_retry(value: Any) -> float:
+    number = _seconds(value)
+    if number >= 300:
+        raise ValueError("must be under 300 seconds: receivers refuse bodies older than 5 minutes")
+    return number
+
+
 def _rate(value: Any) -> float:
     if isinstance(value, bool):
         raise ValueError("expected a number per second")
@@ -272,6 +295,41 @@ SETTINGS: tuple[Setting, ...] = (
         metavar="SECONDS",
     ),
     Setting(
+        "webhook_url",
+        _webhook_url,
+        None,
+        "POST channel_occupied/vacated and member_added/removed events here (needs PUSHIE_WEBHOOK_SECRET).",
+        metavar="URL",
+    ),
+    Setting(
+        "webhook_secret",
+        _secret_text,
+        None,
+        "Secret that signs webhook bodies (X-Pushie-Signature: hex HMAC-SHA256).",
+        cli=False,
+    ),
+    Setting(
+        "webhook_debounce",
+        _seconds,
+        3.0,
+        "Seconds a vacated/removed event waits, dropped with its pair if the channel or member is back.",
+        metavar="SECONDS",
+    ),
+    Setting(
+        "webhook_retry_for",
+        _webhook_retry,
+        60.0,
+        "Seconds a webhook delivery is retried (5xx, 429, timeouts) before it is given up (under 300).",
+        metavar="SECONDS",
+    ),
+    Setting(
+        "webhook_timeout",
+        _positive_seconds,
+        10.0,
+        "Seconds to wait for the webhook receiver's answer.",
+        metavar="SECONDS",
+    ),
+    Setting(
         "metrics_listen",
         _optional_endpoint,
         None,
@@ -363,6 +421,11 @@ class Settings:
     max_subscriptions: int
     slow_consumer_buffer: int
     slow_consumer_grace: float
+    webhook_url: str | None
+    webhook_secret: str | None
+    webhook_debounce: float
+    webhook_retry_for: float
+    webhook_timeout: float
     metrics_listen: str | None
     sse_keepalive: float
     shutdown_timeout: float
@@ -436,6 +499,13 @@ def load_settings(
             raise ConfigError(f"command line: {key!r} is a secret: set it in a file or the environment")
     _apply(values, "command line", given)
     _check_secret_files(values)
+    if values["webhook_url"] and not values["webhook_secret"]:
+        raise ConfigError("webhook_url needs webhook_secret: set PUSHIE_WEBHOOK_SECRET (or webhook_secret in the file)")
+    if values["webhook_url"] and values["engine"] != "memory":
+        raise ConfigError(
+            "webhook_url works with the memory engine only for now: with Redis, each daemon would report "
+            "its own occupancy; see README, Webhooks"
+        )
     return Settings(**values)
 
 

@@ -42,6 +42,7 @@ from pushie.channels import (
 from pushie.engines import IEngine
 from pushie.limits import ConnectionLimits
 from pushie.metrics import Metrics
+from pushie.webhooks import Webhooks
 
 
 class Subscriber(Protocol):
@@ -137,7 +138,9 @@ class Hub(Service):
         shutdown_timeout: float = 5.0,
         metrics: Metrics | None = None,
         limits: ConnectionLimits | None = None,
+        webhooks: Webhooks | None = None,
     ) -> None:
+        self.webhooks = webhooks
         self.engine = engine
         self.reactor = reactor
         self.shutdown_timeout = shutdown_timeout
@@ -163,6 +166,9 @@ class Hub(Service):
         super().stopService()
         self.draining = True
         d = self._drain()
+        # After the drain, so the vacated/removed events of the closing
+        # connections are sent.
+        d.addCallback(lambda _: self.webhooks.stop() if self.webhooks is not None else None)
         d.addCallback(lambda _: self.engine.stop())
         return d
 
@@ -262,6 +268,11 @@ class Hub(Service):
 
     def presence_changed(self, event: PresenceEvent) -> None:
         """Tell a channel's local subscribers that a member joined or left."""
+        if self.webhooks is not None:
+            if event.kind == "join":
+                self.webhooks.member_added(event.channel, event.member.id)
+            else:
+                self.webhooks.member_removed(event.channel, event.member.id)
         channel = self._channels.get(event.channel)
         if channel is None:
             return
@@ -302,6 +313,8 @@ class Hub(Service):
         channel = self._channels.get(name)
         if channel is None:
             channel = self._channels[name] = _LocalChannel()
+            if self.webhooks is not None:
+                self.webhooks.channel_occupied(name)
             self.engine.watch(name).addBoth(channel.watch_done)
         channel.pending[subscriber] = []
         return Deferred.fromCoroutine(self._subscribe(name, channel, subscriber, since, member))
@@ -370,6 +383,8 @@ class Hub(Service):
             d.addErrback(lambda f: self.log.failure("Removing a presence member failed", f))
         if not channel.subscribers and not channel.pending:
             del self._channels[name]
+            if self.webhooks is not None:
+                self.webhooks.channel_vacated(name)
             self.engine.unwatch(name)
 
     def unsubscribe_all(self, names: Iterable[str], subscriber: Subscriber) -> None:

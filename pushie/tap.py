@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import urlsplit
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList
@@ -28,6 +29,7 @@ from pushie.hub import Hub
 from pushie.limits import ConnectionLimits, RateLimiter
 from pushie.logs import Throttle
 from pushie.web import PushieSite, build_metrics_site, build_site
+from pushie.webhooks import Webhooks
 from pushie.websocket import PushieServerFactory
 
 log = Logger(namespace="pushie")
@@ -140,6 +142,17 @@ class PushieService(MultiService):
             limits=ConnectionLimits(settings.max_connections, settings.max_connections_per_ip),
         )
         self.hub.setServiceParent(self)
+        if settings.webhook_url is not None:
+            assert settings.webhook_secret is not None
+            self.hub.webhooks = Webhooks(
+                settings.webhook_url,
+                settings.webhook_secret.encode("utf-8"),
+                reactor,
+                debounce=settings.webhook_debounce,
+                retry_for=settings.webhook_retry_for,
+                timeout=settings.webhook_timeout,
+                on_failure=lambda count: self.hub.metrics.webhooks_failed.inc(),
+            )
         self.guard = guard_from_settings(settings, reactor)
         throttle = Throttle(Logger(namespace="pushie.api"), reactor)
         self.websocket_factory = PushieServerFactory(
@@ -185,6 +198,9 @@ class PushieService(MultiService):
             )
         else:
             log.info("Publishing needs one of {count} publisher keys", count=len(self.guard.publisher_keys.values()))
+        if self.settings.webhook_url:
+            target = urlsplit(self.settings.webhook_url)
+            log.info("Webhooks go to {url}", url=f"{target.scheme}://{target.hostname}{target.path}")
         secrets = self.guard.subscriber_secrets.values() if self.guard.subscriber_secrets else []
         log.info(
             "Subscriber tokens: {state}; {channels} need one",

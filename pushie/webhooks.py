@@ -63,7 +63,7 @@ import hashlib
 import hmac
 import random
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -290,6 +290,7 @@ class Webhooks:
         backoff: float = 1.0,
         max_backoff: float = 30.0,
         stop_timeout: float = 2.0,
+        on_failure: Callable[[int], object] | None = None,
     ) -> None:
         """
         @param url: where to POST; see L{check_url}.
@@ -309,6 +310,9 @@ class Webhooks:
         @param backoff: seconds before the first retry; doubles each time.
         @param max_backoff: the longest wait between two attempts.
         @param stop_timeout: how long L{stop} lets deliveries finish.
+        @param on_failure: called with the number of events each time a
+            POST is given up (and once by L{stop} for queued events it never
+            sent), e.g. to count failures in a metric.
         @raise ValueError: on a bad URL, an empty secret or a bad number.
         """
         check_url(url)
@@ -328,6 +332,7 @@ class Webhooks:
         self.backoff = backoff
         self.max_backoff = max_backoff
         self.stop_timeout = stop_timeout
+        self.on_failure = on_failure
         self._secret = secret
         self._pool: HTTPConnectionPool | None = None
         if http_client is None:
@@ -477,7 +482,7 @@ class Webhooks:
                     self.delivered += len(batch)
                     return
                 if self._stopping:
-                    self.failed += len(batch)  # counted in stop()'s summary
+                    self._failed(len(batch))  # summarised by stop()
                     return
                 if not outcome.retryable:
                     self._gave_up(batch, outcome.problem)
@@ -492,7 +497,7 @@ class Webhooks:
                 await self._sleep(wait)
                 delay = min(delay * 2, self.max_backoff)
         except CancelledError:
-            self.failed += len(batch)  # stopped meanwhile; counted in stop()'s summary
+            self._failed(len(batch))  # stopped meanwhile; summarised by stop()
 
     async def _attempt(self, body: bytes, headers: dict[bytes | str, bytes | str]) -> _Outcome:
         """One POST with its timeout; network trouble is an L{_Outcome}, never an exception."""
@@ -544,8 +549,16 @@ class Webhooks:
 
         return d.addBoth(awake)
 
+    def _failed(self, count: int) -> None:
+        self.failed += count
+        if self.on_failure is not None and count:
+            try:
+                self.on_failure(count)
+            except Exception:
+                log.failure("Webhook on_failure callback failed")
+
     def _gave_up(self, batch: list[WebhookEvent], problem: str) -> None:
-        self.failed += len(batch)
+        self._failed(len(batch))
         self._throttle.warn(
             "webhook_failed",
             "Webhook POST to {url} failed, {count} events dropped: {problem}",
@@ -575,6 +588,7 @@ class Webhooks:
         self._stopping = True
         # Armed first: cancelling a sleep below may finish the stop at once,
         # and finishing cancels this timer.
+        self._stop_timer = self.reactor.callLater(self.stop_timeout, self._abandon)
         held, self._held = self._held, {}
         for event, call in held.items():
             if call.active():
@@ -582,7 +596,6 @@ class Webhooks:
             self._enqueue(event)
         for sleep in list(self._sleeping):
             sleep.cancel()  # a retry that waits would not happen in time anyway
-        self._stop_timer = self.reactor.callLater(self.stop_timeout, self._abandon)
         if self._pump_call is not None:
             self._pump_call.cancel()
         self._pump()
@@ -591,7 +604,7 @@ class Webhooks:
 
     def _abandon(self) -> None:
         self._stop_timer = None
-        self.failed += len(self._queue)
+        self._failed(len(self._queue))
         self._queue.clear()
         for d in list(self._in_flight):
             d.cancel()
