@@ -102,6 +102,11 @@ def _data(fields: dict[str, Any], where: str) -> bytes:
     return dumps(fields["data"])
 
 
+def _no_constants(name: str) -> Any:
+    # NaN and Infinity are not JSON: browsers' JSON.parse would choke on them.
+    raise ValueError(f"{name} is not valid JSON")
+
+
 def parse_publish_body(body: bytes) -> tuple[list[PublishRequest], bool]:
     """
     Parse and validate a C{/publish} body.
@@ -111,7 +116,7 @@ def parse_publish_body(body: bytes) -> tuple[list[PublishRequest], bool]:
     @raise PushieError: 400 with a code and a message naming the fault.
     """
     try:
-        parsed = json.loads(body)
+        parsed = json.loads(body, parse_constant=_no_constants)
     except (ValueError, UnicodeDecodeError):
         raise bad_request("invalid_json", "the body is not valid JSON") from None
     if isinstance(parsed, dict):
@@ -214,6 +219,7 @@ class PublishResource(JSONResource):
                 "Refused a publish from {peer}: {status} {code}",
                 peer=request.getClientAddress(),
                 status=e.status,
+                code=e.code,
             )
             write_error(request, e)
             return NOT_DONE_YET

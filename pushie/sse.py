@@ -242,7 +242,10 @@ class EventsResource(JSONResource):
         except PushieError as e:
             self.hub.metrics.reject(e.code)
             self.throttle.warn(
-                "sse_" + e.code, "Refused an event stream from {peer}: {code}", peer=request.getClientAddress()
+                "sse_" + e.code,
+                "Refused an event stream from {peer}: {code}",
+                peer=request.getClientAddress(),
+                code=e.code,
             )
             write_error(request, e)
             return NOT_DONE_YET

@@ -98,6 +98,8 @@ async def test_idempotency_key_publishes_once(daemon):
 
 BAD_BODIES = [
     (b"{not json", 400, "invalid_json"),
+    (b'{"channel": "c", "data": NaN}', 400, "invalid_json"),
+    (b'{"channel": "c", "data": [Infinity, -Infinity]}', 400, "invalid_json"),
     (b"", 400, "invalid_json"),
     (b"\xff\xfe", 400, "invalid_json"),
     (b'"just a string"', 400, "invalid_body"),
@@ -223,3 +225,20 @@ async def test_demo_page(daemon):
     assert status == 200
     assert response.headers.getRawHeaders("content-type") == ["application/javascript; charset=utf-8"]
     assert b"class Pushie" in script and b"since" in script
+
+
+@pytest_twisted.ensureDeferred
+async def test_refusals_are_logged_readably(daemon):
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    seen = []
+    globalLogPublisher.addObserver(seen.append)
+    try:
+        await daemon.publish({"channel": "bad name", "data": 1})
+        await daemon.get("/events?channel=bad%20name")
+    finally:
+        globalLogPublisher.removeObserver(seen.append)
+    lines = [formatEvent(e) for e in seen if "Refused" in e.get("log_format", "")]
+    assert any("400 invalid_channel" in line for line in lines), lines
+    assert any("event stream" in line and "invalid_channel" in line for line in lines), lines
+    assert not any("Unable to format" in line for line in lines)

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet.task import Clock
-from twisted.logger import Logger, LogLevel
+from twisted.logger import Logger, LogLevel, formatEvent
 
 from pushie.api import is_json_content_type, parse_publish_body
 from pushie.channels import Publication, is_valid_channel
@@ -115,6 +115,7 @@ def test_throttle_logs_the_first_and_counts_the_rest():
     for _ in range(5):
         throttle.warn("bad", "bad request from {peer}", peer="p")
     assert len(events) == 1 and events[0]["log_level"] == LogLevel.warn
+    assert formatEvent(events[0]) == "bad request from p"
     throttle.warn("other", "another kind")
     assert len(events) == 2
     clock.advance(10)
