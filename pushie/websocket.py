@@ -35,6 +35,7 @@ from pushie.channels import (
     is_presence,
 )
 from pushie.errors import PushieError, bad_request
+from pushie.fastwrite import write_now
 from pushie.hub import Hub, Subscribed
 from pushie.limits import SlowConsumerGuard, address_of
 from pushie.logs import Throttle
@@ -135,7 +136,7 @@ class PushieServerProtocol(WebSocketServerProtocol):
             return
         frame = publication.websocket_frame
         if self._perMessageCompress is None and self.send_state == _GROUND and not self.send_queue:
-            self.transport.write(frame)
+            write_now(self.transport, frame)
         else:
             self.sendMessage(publication.envelope, isBinary=False)
         guard = self._guard
