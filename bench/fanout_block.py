@@ -166,7 +166,8 @@ def main() -> None:
         sent, base_sent = result["pushie_until_sent_ms"], result["autobahn_until_sent_ms"]
         print(f"| Pushie: until every frame is handed to the kernel | {sent['median']:.1f} | {sent['max']:.1f} |")
         print(
-            f"| baseline: until every frame is handed to the kernel | {base_sent['median']:.1f} | {base_sent['max']:.1f} |"
+            "| baseline: until every frame is handed to the kernel | "
+            f"{base_sent['median']:.1f} | {base_sent['max']:.1f} |"
         )
         print(
             f"\nBaseline / Pushie, median: {result['ratio_median']:.2f}x for the publish call, "
