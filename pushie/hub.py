@@ -21,7 +21,7 @@ and from then on the subscriber is live.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import attr
 from twisted.application.service import Service
@@ -87,6 +87,28 @@ class Subscribed:
     recovered: bool | None
     replay: list[Publication | PresenceEvent]
     members: list[Member] | None
+
+    def frame(self, channel: str) -> dict[str, Any]:
+        """The C{subscribed} frame (WebSocket) or event data (SSE) for this answer."""
+        frame: dict[str, Any] = {
+            "type": "subscribed",
+            "channel": channel,
+            "offset": self.state.offset,
+            "epoch": self.state.epoch,
+        }
+        if self.recovered is not None:
+            frame["recovered"] = self.recovered
+        if self.members is not None:
+            frame["members"] = [m.to_json() for m in self.members]
+        return frame
+
+    def replay_to(self, subscriber: Subscriber) -> None:
+        """Send the replay, in order; right after the C{subscribed} frame."""
+        for item in self.replay:
+            if isinstance(item, Publication):
+                subscriber.deliver(item)
+            else:
+                subscriber.presence(item)
 
 
 @attr.s(slots=True, auto_attribs=True, eq=False)

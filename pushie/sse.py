@@ -142,22 +142,9 @@ class EventStream:
         else:
             self.positions[name] = (answer.state.offset, answer.state.epoch)
         self._event_id = None
-        frame: dict[str, Any] = {
-            "type": "subscribed",
-            "channel": name,
-            "offset": answer.state.offset,
-            "epoch": answer.state.epoch,
-        }
-        if answer.recovered is not None:
-            frame["recovered"] = answer.recovered
-        if answer.members is not None:
-            frame["members"] = [m.to_json() for m in answer.members]
-        self._write(b"id: " + self.event_id() + b"\nevent: subscribed\ndata: " + dumps(frame) + b"\n\n")
-        for item in answer.replay:
-            if isinstance(item, Publication):
-                self.deliver(item)
-            else:
-                self.presence(item)
+        frame = dumps(answer.frame(name))
+        self._write(b"id: " + self.event_id() + b"\nevent: subscribed\ndata: " + frame + b"\n\n")
+        answer.replay_to(self)
 
     def _failed(self, failure: Any) -> None:
         log.failure("An SSE subscription failed", failure)

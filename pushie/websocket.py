@@ -308,22 +308,8 @@ class PushieServerProtocol(WebSocketServerProtocol):
     def _subscribed(self, name: str, answer: Subscribed | None) -> None:
         if answer is None or self.state != _OPEN:
             return  # unsubscribed or closed meanwhile
-        frame: dict[str, Any] = {
-            "type": "subscribed",
-            "channel": name,
-            "offset": answer.state.offset,
-            "epoch": answer.state.epoch,
-        }
-        if answer.recovered is not None:
-            frame["recovered"] = answer.recovered
-        if answer.members is not None:
-            frame["members"] = [m.to_json() for m in answer.members]
-        self.send_json(frame)
-        for item in answer.replay:
-            if isinstance(item, Publication):
-                self.deliver(item)
-            else:
-                self.presence(item)
+        self.send_json(answer.frame(name))
+        answer.replay_to(self)
 
     def _subscribe_failed(self, name: str, failure: Any, unsubscribe: bool = True) -> None:
         if unsubscribe and name in self.subscriptions:
