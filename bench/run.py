@@ -1,0 +1,890 @@
+"""
+Pushie's benchmark suite: every scenario against Pushie and against a minimal
+Twisted + Autobahn broadcast server (bench/baseline_server.py), in the same
+invocation, so that every Pushie figure is also a ratio to the baseline.
+
+    python bench/run.py fanout-1k            # one scenario (both servers)
+    python bench/run.py fanout-1k latency --quick
+    python bench/run.py --all                # everything, about 4-5 minutes on 2 cores
+    python bench/run.py --list
+
+Each run starts the server(s) as a subprocess (Pushie: `twistd -n pushie` with
+every limit off; a `redis-server` on a free port for the Redis scenario),
+connects the subscribers from several load-generator processes
+(bench/loadgen.py: asyncio, raw sockets, hand-made WebSocket handshake and
+frame parsing), publishes over keep-alive HTTP from other processes, waits
+until every message has arrived, stops everything and reports: the
+scenario's figure, publish-to-receive latency percentiles, the server's CPU
+and the load generators' CPU over the measured window (from /proc/PID/stat),
+and the lost and duplicated messages (counted per connection from the
+envelope offsets; both must be 0, else the exit status is 1).  Results go to
+bench/results/<timestamp>.json and .md, and the markdown table is printed.
+
+Loopback only; messages carry about 100 bytes of data.  Needs only Twisted,
+Autobahn and the standard library (and redis-server for `redis-fanout`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import http.client
+import json
+import multiprocessing
+import os
+import platform
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from array import array
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+BENCH = os.path.dirname(os.path.abspath(__file__))
+CHECKOUT = os.path.dirname(BENCH)
+sys.path.insert(0, BENCH)
+
+import loadgen  # noqa: E402
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+SERVERS = ("pushie", "baseline")
+
+
+# -- processes -------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def cpu_times(pid: int) -> tuple[float, float]:
+    """utime and stime of a process, in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) / CLOCK_TICKS, int(fields[12]) / CLOCK_TICKS
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, in seconds."""
+    return sum(cpu_times(pid))
+
+
+def rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS")
+
+
+_PROC_STAT_FIELDS = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
+
+
+def machine_ticks() -> list[int]:
+    """The machine's CPU time by kind (the first fields of /proc/stat's cpu line), in clock ticks."""
+    with open("/proc/stat") as f:
+        return [int(x) for x in f.readline().split()[1 : 1 + len(_PROC_STAT_FIELDS)]]
+
+
+def other_processes_cpu(ours: set[int]) -> dict[int, float]:
+    """CPU seconds of every user-space process that is not ours (kernel threads left out)."""
+    seconds = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) in ours:
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        if fields[1] in ("0", "2") and name != "1":  # kthreadd's children
+            continue
+        seconds[int(name)] = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    return seconds
+
+
+class CPUWindow:
+    """CPU seconds used by groups of processes between start() and stop()."""
+
+    def __init__(self, groups: dict[str, list[int]]) -> None:
+        self.groups = groups
+
+    def start(self) -> None:
+        self.t0 = time.monotonic()
+        self.before = {pid: cpu_times(pid) for pids in self.groups.values() for pid in pids}
+        self.machine_before = machine_ticks()
+        self.ours = {os.getpid(), *self.before}
+        self.others_before = other_processes_cpu(self.ours)
+
+    def stop(self) -> dict[str, Any]:
+        """Percent of one core, per group, over the window (and user/system split: `<group>_user`, `<group>_system`)."""
+        after = {pid: cpu_times(pid) for pid in self.before}
+        machine = machine_ticks()
+        wall = time.monotonic() - self.t0
+        self.wall = wall
+        result: dict[str, Any] = {}
+        for name, pids in self.groups.items():
+            user = sum(after[p][0] - self.before[p][0] for p in pids)
+            system = sum(after[p][1] - self.before[p][1] for p in pids)
+            result[name] = round(100 * (user + system) / wall, 1)
+            result[name + "_user"] = round(100 * user / wall, 1)
+            result[name + "_system"] = round(100 * system / wall, 1)
+            if name == "server" and len(pids) > 1:
+                result["server_each"] = [round(100 * (sum(after[p]) - sum(self.before[p])) / wall, 1) for p in pids]
+        # The whole machine (nice: the load generators), softirq included: on
+        # loopback, much of the network work is done there, billed to no process.
+        result["machine"] = {
+            name: round(100 * (now - then) / CLOCK_TICKS / wall, 1)
+            for name, now, then in zip(_PROC_STAT_FIELDS, machine, self.machine_before, strict=True)
+        }
+        # CPU that processes other than ours used meanwhile (another test run on
+        # a shared machine, say): such figures are disturbed.
+        others = other_processes_cpu(self.ours)
+        used = sum(t - self.others_before.get(pid, 0.0) for pid, t in others.items())
+        result["other_processes"] = round(100 * used / wall, 1)
+        return result
+
+
+class Server:
+    """One server process: a Pushie daemon, the baseline, or redis-server."""
+
+    def __init__(self, kind: str, logdir: str, name: str, engine: str | None = None) -> None:
+        self.kind = kind
+        self.port = free_port()
+        self.log_path = os.path.join(logdir, f"{name}.log")
+        if kind == "pushie":
+            twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
+            command = (
+                [twistd]
+                if os.path.exists(twistd)
+                else [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+            )
+            command += [
+                "-n", "--pidfile=", "pushie",
+                "--listen", f"tcp:{self.port}:interface=127.0.0.1",
+                "--max-connections", "0", "--max-connections-per-ip", "0",
+                "--publish-rate", "0", "--max-subscriptions", "0",
+            ]  # fmt: skip
+            if engine:
+                command += ["--engine", engine]
+        elif kind == "baseline":
+            command = [sys.executable, os.path.join(BENCH, "baseline_server.py"), "--port", str(self.port)]
+        elif kind == "redis":
+            command = [
+                "redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                "--appendonly", "no", "--dir", logdir,
+            ]  # fmt: skip
+        else:
+            raise ValueError(kind)
+        env = dict(os.environ, PYTHONPATH=CHECKOUT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        self.log = open(self.log_path, "wb")
+        self.process = subprocess.Popen(
+            command, stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=logdir
+        )
+        self.pid = self.process.pid
+        self._wait_ready()
+
+    def _ready(self) -> bool:
+        if self.kind == "redis":
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(100).startswith(b"+PONG")
+        if self.kind == "pushie":
+            connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
+            try:
+                connection.request("GET", "/healthz")
+                return connection.getresponse().status == 200
+            finally:
+                connection.close()
+        socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+        return True
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.kind} exited at start-up ({self.process.returncode}); see {self.log_path}")
+            try:
+                if self._ready():
+                    return
+            except OSError:
+                pass
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"{self.kind} did not start; see {self.log_path}")
+
+    def stop(self) -> int | None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.log.close()
+        return self.process.returncode
+
+
+class Cluster:
+    """The server side of one run: one Pushie (or two on a redis-server), or the baseline."""
+
+    def __init__(self, kind: str, logdir: str, name: str, nodes: int = 1) -> None:
+        self.servers: list[Server] = []
+        self.redis: Server | None = None
+        try:
+            engine = None
+            if kind == "pushie" and nodes > 1:
+                self.redis = Server("redis", logdir, f"{name}-redis")
+                engine = f"redis://127.0.0.1:{self.redis.port}/0"
+            for i in range(nodes if kind == "pushie" else 1):
+                self.servers.append(Server(kind, logdir, f"{name}-{kind}{i if nodes > 1 else ''}", engine))
+        except BaseException:
+            self.stop()
+            raise
+
+    @property
+    def ports(self) -> list[int]:
+        return [s.port for s in self.servers]
+
+    @property
+    def pids(self) -> list[int]:
+        return [s.pid for s in self.servers]
+
+    def stop(self) -> None:
+        for server in self.servers:
+            server.stop()
+        if self.redis is not None:
+            self.redis.stop()
+
+
+class Workers:
+    """Load-generator processes (bench/loadgen.py), driven over pipes."""
+
+    def __init__(self, count: int, kind: str = "subscriber", **options: Any) -> None:
+        context = multiprocessing.get_context("fork")
+        self.pipes = []
+        self.processes = []
+        for index in range(count):
+            parent, child = context.Pipe()
+            process = context.Process(target=loadgen.worker_main, args=(child, kind, index, options), daemon=True)
+            process.start()
+            child.close()
+            self.pipes.append(parent)
+            self.processes.append(process)
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.processes if p.pid is not None]
+
+    def __len__(self) -> int:
+        return len(self.processes)
+
+    def send(self, index: int, command: str, **kwargs: Any) -> None:
+        self.pipes[index].send((command, kwargs))
+
+    def receive(self, index: int, timeout: float = 120) -> Any:
+        pipe = self.pipes[index]
+        if not pipe.poll(timeout):
+            raise RuntimeError(f"load generator {index} did not answer within {timeout} s")
+        status, value = pipe.recv()
+        if status != "ok":
+            raise RuntimeError(f"load generator {index} failed:\n{value}")
+        return value
+
+    def all(
+        self, command: str, per_worker: list[dict[str, Any]] | None = None, timeout: float = 120, **kwargs: Any
+    ) -> list[Any]:
+        """Run a command in every worker at once (each with its own arguments, if given)."""
+        for i in range(len(self)):
+            self.send(i, command, **(per_worker[i] if per_worker else kwargs))
+        return [self.receive(i, timeout) for i in range(len(self))]
+
+    def close(self) -> None:
+        for i, process in enumerate(self.processes):
+            if process.is_alive():
+                try:
+                    self.send(i, "close")
+                    self.receive(i, 10)
+                except (OSError, RuntimeError, EOFError):
+                    pass
+            process.join(5)
+            if process.is_alive():
+                process.kill()
+                process.join()
+
+
+# -- measuring -------------------------------------------------------------------
+
+
+def percentiles(raw: list[bytes], scale: float = 1e-6) -> dict[str, float] | None:
+    """p50/p90/p99/max of arrays of nanoseconds, in milliseconds."""
+    values = array("q")
+    for chunk in raw:
+        values.frombytes(chunk)
+    if not values:
+        return None
+    ordered = sorted(values)
+    n = len(ordered)
+
+    def at(q: float) -> float:
+        return round(ordered[min(n - 1, int(q * n))] * scale, 3)
+
+    return {"p50": at(0.5), "p90": at(0.9), "p99": at(0.99), "max": round(ordered[-1] * scale, 3), "samples": n}
+
+
+def split(items: list[Any], parts: int) -> list[list[Any]]:
+    return [items[i::parts] for i in range(parts)]
+
+
+def merge_finals(results: list[dict[str, Any]]) -> dict[str, int]:
+    finals: dict[str, int] = {}
+    for r in results:
+        for channel, offset in r["finals"].items():
+            finals[channel] = max(offset, finals.get(channel, 0))
+    return finals
+
+
+def subscribe(workers: Workers, targets: list[tuple[int, str]], concurrency: int = 10) -> float:
+    """Connect every (port, channel) subscriber, spread over the workers; the time it took."""
+    started = time.monotonic()
+    results = workers.all(
+        "subscribe", [{"targets": t, "concurrency": concurrency} for t in split(targets, len(workers))], timeout=300
+    )
+    failed: Counter[str] = Counter()
+    for r in results:
+        failed.update(r["failed"])
+    if failed:
+        raise RuntimeError(f"{sum(failed.values())} of {len(targets)} subscribers failed: {dict(failed)}")
+    return time.monotonic() - started
+
+
+def drain(workers: Workers, finals: dict[str, int], timeout: float = 60, stall: float = 5) -> None:
+    """Wait until every subscriber has every message, or nothing arrives for `stall` seconds."""
+    deadline = time.monotonic() + timeout
+    seen, seen_at = -1, time.monotonic()
+    while time.monotonic() < deadline:
+        progress = workers.all("progress", finals=finals)
+        unique = sum(p["unique"] for p in progress)
+        if unique >= sum(p["expected"] for p in progress):
+            return
+        if unique != seen:
+            seen, seen_at = unique, time.monotonic()
+        elif time.monotonic() - seen_at > stall:
+            return
+        time.sleep(0.1)
+
+
+def collect(workers: Workers, finals: dict[str, int]) -> dict[str, Any]:
+    results = workers.all("finish", finals=finals)
+    errors: Counter[str] = Counter()
+    close_codes: Counter[str] = Counter()
+    for r in results:
+        errors.update(r["errors"])
+        close_codes.update(r["close_codes"])
+    return {
+        "deliveries": sum(r["unique"] for r in results),
+        "expected_deliveries": sum(r["expected"] for r in results),
+        "lost": sum(r["lost"] for r in results),
+        "duplicated": sum(r["duplicated"] for r in results),
+        "first_receive_ns": min((r["first_receive_ns"] for r in results if r["first_receive_ns"]), default=0),
+        "last_receive_ns": max(r["last_receive_ns"] for r in results),
+        "latency_ms": percentiles([r["latencies_ns"] for r in results]),
+        "subscriber_errors": dict(errors),
+        "close_codes": dict(close_codes),
+    }
+
+
+class Run:
+    """Everything one scenario needs for one server kind; torn down by close()."""
+
+    def __init__(self, kind: str, options: argparse.Namespace, name: str, nodes: int = 1) -> None:
+        self.kind = kind
+        self.options = options
+        self.cluster: Cluster | None = None
+        self.subscribers: Workers | None = None
+        self.publishers: Workers | None = None
+        self.cluster = Cluster(kind, options.logdir, name, nodes)
+
+    def workers(self, subscribers: int, publishers: int, nap: float = 0.0) -> None:
+        """
+        Start the load generators: subscriber processes (epoll) and publisher
+        processes (asyncio), which share their counts of messages received and
+        published (for the publishers' window).
+        """
+        context = multiprocessing.get_context("fork")
+        delivered = context.RawArray("q", max(1, subscribers))
+        published = context.RawArray("q", max(1, publishers))
+        self.subscribers = Workers(subscribers, "subscriber", delivered=delivered, nap=nap) if subscribers else None
+        self.publishers = (
+            Workers(publishers, "client", delivered=delivered, published=published) if publishers else None
+        )
+
+    def cpu_window(self) -> CPUWindow:
+        assert self.cluster is not None
+        groups = {"server": self.cluster.pids}
+        if self.cluster.redis is not None:
+            groups["redis"] = [self.cluster.redis.pid]
+        groups["loadgen"] = (self.subscribers.pids if self.subscribers else []) + (
+            self.publishers.pids if self.publishers else []
+        )
+        return CPUWindow(groups)
+
+    def close(self) -> dict[str, Any]:
+        # Clients go first (RST), so that the servers have nobody to say goodbye to.
+        for workers in (self.subscribers, self.publishers):
+            if workers is not None:
+                workers.close()
+        exits = {}
+        if self.cluster is not None:
+            self.cluster.stop()
+            exits = {f"{s.kind}{i}": s.process.returncode for i, s in enumerate(self.cluster.servers)}
+        return {"server_exit": exits}
+
+
+def deliveries_run(
+    kind: str,
+    options: argparse.Namespace,
+    name: str,
+    *,
+    subscribers: list[tuple[int, str]],
+    channels: list[str],
+    duration: float,
+    publishers: int = 1,
+    concurrency: int = 4,
+    rate: float | None = None,
+    batch: int = 0,
+    nodes: int = 1,
+    nap: float | None = None,
+    window: int | None = None,
+) -> dict[str, Any]:
+    """
+    Connect `subscribers` ((node index, channel) pairs), publish to `channels`
+    on node 0 for `duration` seconds, wait until everything has arrived, count.
+    `window`: how many messages the publishers may be ahead of the subscribers.
+    """
+    run = Run(kind, options, name, nodes)
+    try:
+        assert run.cluster is not None
+        run.workers(options.workers, publishers, options.nap / 1000 if nap is None else nap)
+        assert run.subscribers is not None and run.publishers is not None
+        ports = run.cluster.ports
+        connect_seconds = subscribe(run.subscribers, [(ports[node % len(ports)], ch) for node, ch in subscribers])
+        cpu_window = run.cpu_window()
+        cpu_window.start()
+        published = run.publishers.all(
+            "publish",
+            [
+                {
+                    "port": ports[0],
+                    "channels": part,
+                    "duration": duration,
+                    "concurrency": concurrency,
+                    "rate": rate / publishers if rate else None,
+                    "batch": batch,
+                    "window": window,
+                    "per_message": len(subscribers) / len(channels),
+                }
+                for part in split(channels, publishers)
+            ],
+            timeout=duration + 120,
+        )
+        finals = merge_finals(published)
+        drain(run.subscribers, finals)
+        cpu = cpu_window.stop()
+        counts = collect(run.subscribers, finals)
+    finally:
+        teardown = run.close()
+    statuses: Counter[str] = Counter()
+    for p in published:
+        statuses.update(p["statuses"])
+    start_ns = min(p["start_ns"] for p in published)
+    publish_seconds = (max(p["end_ns"] for p in published) - start_ns) / 1e9
+    deliver_seconds = (counts["last_receive_ns"] - start_ns) / 1e9 if counts["last_receive_ns"] else 0.0
+    messages = sum(p["published"] for p in published)
+    return {
+        "subscribers": len(subscribers),
+        "channels": len(channels),
+        "connect_seconds": round(connect_seconds, 2),
+        "messages": messages,
+        "requests": sum(p["requests"] for p in published),
+        "statuses": dict(statuses),
+        "publish_seconds": round(publish_seconds, 3),
+        "messages_per_second": round(messages / publish_seconds, 1) if publish_seconds else None,
+        "deliveries_per_second": round(counts["deliveries"] / deliver_seconds, 1) if deliver_seconds else None,
+        "publish_rtt_ms": percentiles([p["rtts_ns"] for p in published]),
+        "cpu_percent": cpu,
+        "window_seconds": round(cpu_window.wall, 2),
+        **counts,
+        **teardown,
+    }
+
+
+# -- scenarios -------------------------------------------------------------------
+
+
+def d(options: argparse.Namespace, full: float, quick: float) -> float:
+    return quick if options.quick else full
+
+
+def fanout(subscribers: int) -> Callable[[str, argparse.Namespace, str], dict[str, Any]]:
+    def scenario(kind: str, options: argparse.Namespace, name: str) -> dict[str, Any]:
+        result = deliveries_run(
+            kind, options, name,
+            subscribers=[(0, "fan")] * subscribers, channels=["fan"],
+            duration=d(options, 10, 3), concurrency=8, window=16,
+        )  # fmt: skip
+        result["value"] = result["deliveries_per_second"]
+        return result
+
+    return scenario
+
+
+def latency(kind: str, options: argparse.Namespace, name: str) -> dict[str, Any]:
+    result = deliveries_run(
+        kind, options, name,
+        subscribers=[(0, "lat")] * 1000, channels=["lat"],
+        duration=d(options, 15, 4), concurrency=1, rate=20, nap=0.0,
+    )  # fmt: skip
+    result["value"] = result["latency_ms"]["p99"] if result["latency_ms"] else None
+    return result
+
+
+def many_channels(batch: int) -> Callable[[str, argparse.Namespace, str], dict[str, Any]]:
+    def scenario(kind: str, options: argparse.Namespace, name: str) -> dict[str, Any]:
+        channels = [f"c{i}" for i in range(10000)]
+        result = deliveries_run(
+            kind, options, name,
+            subscribers=[(0, c) for c in channels], channels=channels,
+            duration=d(options, 10, 3), publishers=2, concurrency=2 if batch else 8, batch=batch,
+            window=2000 if batch else 1000,
+        )  # fmt: skip
+        result["value"] = result["messages_per_second"]
+        return result
+
+    return scenario
+
+
+def memory(kind: str, options: argparse.Namespace, name: str) -> dict[str, Any]:
+    n = 10000
+    run = Run(kind, options, name)
+    try:
+        assert run.cluster is not None
+        run.workers(options.workers, 1)
+        assert run.subscribers is not None and run.publishers is not None
+        port = run.cluster.ports[0]
+        pid = run.cluster.pids[0]
+        # Warm up the code paths (handshake, subscribe, publish), then measure.
+        warm = Workers(1)
+        try:
+            subscribe(warm, [(port, f"w{i}") for i in range(10)])
+            run.publishers.all("publish", port=port, channels=[f"w{i}" for i in range(10)], count=2, batch=10)
+        finally:
+            warm.close()
+        time.sleep(1)
+        before = rss_bytes(pid)
+        channels = [f"m{i}" for i in range(n)]
+        connect_seconds = subscribe(run.subscribers, [(port, c) for c in channels])
+        time.sleep(2)
+        after = rss_bytes(pid)
+        # Then one message to each of them, to check that they all work.
+        published = run.publishers.all(
+            "publish", port=port, channels=channels, count=n // 100, concurrency=2, batch=100
+        )
+        finals = merge_finals(published)
+        drain(run.subscribers, finals)
+        counts = collect(run.subscribers, finals)
+    finally:
+        teardown = run.close()
+    per_connection = (after - before) / n
+    return {
+        "connections": n,
+        "connect_seconds": round(connect_seconds, 2),
+        "rss_before_bytes": before,
+        "rss_after_bytes": after,
+        "bytes_per_connection": round(per_connection),
+        "value": round(per_connection / 1024, 2),
+        "messages": sum(p["published"] for p in published),
+        "statuses": dict(sum((Counter(p["statuses"]) for p in published), Counter())),
+        **counts,
+        **teardown,
+    }
+
+
+def handshakes(kind: str, options: argparse.Namespace, name: str) -> dict[str, Any]:
+    run = Run(kind, options, name)
+    try:
+        assert run.cluster is not None
+        run.workers(0, options.workers)
+        assert run.publishers is not None
+        window = run.cpu_window()
+        window.start()
+        results = run.publishers.all(
+            "handshakes", port=run.cluster.ports[0], channel="hs", duration=d(options, 10, 3), concurrency=8
+        )
+        cpu = window.stop()
+    finally:
+        teardown = run.close()
+    ok = sum(r["ok"] for r in results)
+    failed: Counter[str] = Counter()
+    for r in results:
+        failed.update(r["failed"])
+    seconds = (max(r["end_ns"] for r in results) - min(r["start_ns"] for r in results)) / 1e9
+    return {
+        "handshakes": ok,
+        "failed": dict(failed),
+        "seconds": round(seconds, 3),
+        "value": round(ok / seconds, 1),
+        "handshake_ms": percentiles([r["times_ns"] for r in results]),
+        "cpu_percent": cpu,
+        "lost": None,  # no messages in this scenario
+        "duplicated": None,
+        "errors": sum(failed.values()),
+        **teardown,
+    }
+
+
+def redis_fanout(kind: str, options: argparse.Namespace, name: str) -> dict[str, Any]:
+    n = 1000
+    result = deliveries_run(
+        kind, options, name,
+        subscribers=[(i % 2, "fan") for i in range(n)], channels=["fan"],
+        duration=d(options, 10, 3), concurrency=8, nodes=2, window=16,
+    )  # fmt: skip
+    result["value"] = result["deliveries_per_second"]
+    return result
+
+
+# name: (function, description, metric, higher is better)
+SCENARIOS: dict[str, tuple[Callable[[str, argparse.Namespace, str], dict[str, Any]], str, str, bool]] = {
+    "fanout-1k": (fanout(1000), "fan-out, 1,000 subscribers, max rate", "deliveries/s", True),
+    "fanout-10k": (fanout(10000), "fan-out, 10,000 subscribers, max rate", "deliveries/s", True),
+    "latency": (latency, "1,000 subscribers, 20 msg/s: publish-to-receive", "p99 ms", False),
+    "channels-10k": (many_channels(0), "10,000 channels x 1 subscriber, single publishes", "publishes/s", True),
+    "batch": (many_channels(100), "10,000 channels x 1 subscriber, batches of 100", "messages/s", True),
+    "memory": (memory, "10,000 idle subscribed connections", "KiB RSS/connection", False),
+    "handshakes": (handshakes, "WebSocket handshakes (open, subscribe, close)", "handshakes/s", True),
+    "redis-fanout": (
+        redis_fanout,
+        "Redis engine: 2 daemons, 1,000 subscribers over both, publish to one (baseline: 1 process)",
+        "deliveries/s",
+        True,
+    ),
+}
+
+
+# -- reporting -------------------------------------------------------------------
+
+
+def ratio(pushie: Any, baseline: Any) -> float | None:
+    if not isinstance(pushie, (int, float)) or not isinstance(baseline, (int, float)) or not baseline:
+        return None
+    return round(pushie / baseline, 2)
+
+
+def problems(result: dict[str, Any]) -> list[str]:
+    """What makes a run invalid: lost or duplicated messages, refused requests, dropped connections."""
+    found = []
+    if "error" in result:
+        return [result["error"].strip().splitlines()[-1]]
+    if result.get("lost"):
+        found.append(f"{result['lost']} lost")
+    if result.get("duplicated"):
+        found.append(f"{result['duplicated']} duplicated")
+    bad = {k: v for k, v in result.get("statuses", {}).items() if k != "200"}
+    if bad:
+        found.append(f"publish answers {bad}")
+    if result.get("subscriber_errors"):
+        found.append(f"subscriber errors {result['subscriber_errors']}")
+    if result.get("close_codes"):
+        found.append(f"closed by the server {result['close_codes']}")
+    if result.get("failed"):
+        found.append(f"failed {result['failed']}")
+    return found
+
+
+def disturbed(result: dict[str, Any]) -> str | None:
+    """Why a run's figures may not be representative: other processes, or a hypervisor, took CPU."""
+    cpu = result.get("cpu_percent") or {}
+    why = []
+    if cpu.get("other_processes", 0) > 15:
+        why.append(f"other processes used {cpu['other_processes']:g} % of a core")
+    steal = (cpu.get("machine") or {}).get("steal", 0)
+    if steal > 10:
+        why.append(f"the hypervisor stole {steal:g} % of a core")
+    return " and ".join(why) + " meanwhile: this figure is disturbed" if why else None
+
+
+def fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float) and value >= 1000:
+        return f"{value:,.0f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = [
+        "| scenario | metric | Pushie | baseline | Pushie / baseline | p99 latency ms (P / B) "
+        "| server CPU % (P / B) | load-gen CPU % (P / B) | machine idle % (P / B) | lost / dup (P / B) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, entry in report["scenarios"].items():
+        p, b = entry.get("pushie", {}), entry.get("baseline", {})
+
+        def lat(r: dict[str, Any]) -> str:
+            return fmt((r.get("latency_ms") or {}).get("p99"))
+
+        def cpu(r: dict[str, Any], group: str) -> str:
+            c = r.get("cpu_percent") or {}
+            if group == "server" and "redis" in c:
+                return f"{fmt(c['server'])}+{fmt(c['redis'])} redis"
+            return fmt(c.get(group))
+
+        def idle(r: dict[str, Any]) -> str:
+            machine = (r.get("cpu_percent") or {}).get("machine")
+            return fmt(round(machine["idle"] / (os.cpu_count() or 1), 1)) if machine else "-"
+
+        def lost(r: dict[str, Any]) -> str:
+            if not r or "error" in r or r.get("lost") is None:
+                return "-"
+            return f"{r['lost']}/{r['duplicated']}"
+
+        better = "higher is better" if entry["higher_is_better"] else "lower is better"
+        lines.append(
+            f"| {name}: {entry['description']} | {entry['metric']} ({better}) | {fmt(p.get('value'))} "
+            f"| {fmt(b.get('value'))} | {fmt(entry.get('ratio'))} | {lat(p)} / {lat(b)} "
+            f"| {cpu(p, 'server')} / {cpu(b, 'server')} | {cpu(p, 'loadgen')} / {cpu(b, 'loadgen')} "
+            f"| {idle(p)} / {idle(b)} | {lost(p)} / {lost(b)} |"
+        )
+    return "\n".join(lines)
+
+
+def git_revision() -> str | None:
+    try:
+        revision = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=CHECKOUT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "pushie", "twisted"], cwd=CHECKOUT, capture_output=True, text=True
+        ).stdout
+        return revision + ("+dirty" if dirty.strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="scenarios: " + ", ".join(SCENARIOS),
+    )
+    parser.add_argument("scenarios", nargs="*", help="scenario names (see --list)")
+    parser.add_argument("--all", action="store_true", help="run every scenario")
+    parser.add_argument("--list", action="store_true", help="list the scenarios and exit")
+    parser.add_argument("--quick", action="store_true", help="short measurements (3-4 s instead of 10-15 s)")
+    parser.add_argument("--server", choices=("both", *SERVERS), default="both", help="run only one server kind")
+    parser.add_argument("--workers", type=int, default=4, help="subscriber processes (default 4)")
+    parser.add_argument(
+        "--nap", type=float, default=2.0,
+        help="ms a subscriber process sleeps after a busy poll in max-rate runs, so that reads bring several frames",
+    )  # fmt: skip
+    parser.add_argument("--out", default=os.path.join(BENCH, "results"), help="results directory")
+    options = parser.parse_args()
+    if options.list:
+        for name, (_, description, metric, _) in SCENARIOS.items():
+            print(f"{name:14} {description} ({metric})")
+        return 0
+    names = list(SCENARIOS) if options.all else options.scenarios
+    unknown = [n for n in names if n not in SCENARIOS]
+    if not names or unknown:
+        parser.error(
+            f"give --all or scenario names from: {', '.join(SCENARIOS)}" + (f" (unknown: {unknown})" if unknown else "")
+        )
+    if "redis-fanout" in names and options.server != "baseline" and not shutil.which("redis-server"):
+        parser.error("redis-fanout needs redis-server on the PATH")
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # inherited by the servers and workers
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    os.makedirs(options.out, exist_ok=True)
+    options.logdir = tempfile.mkdtemp(prefix=f"pushie-bench-{stamp}-")
+    kinds = SERVERS if options.server == "both" else (options.server,)
+    report: dict[str, Any] = {
+        "started": datetime.datetime.now().isoformat(timespec="seconds"),
+        "revision": git_revision(),
+        "quick": options.quick,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            "nofile": hard,
+        },
+        "load_generator": {"subscriber_processes": options.workers, "nap_ms": options.nap},
+        "logs": options.logdir,  # removed at the end unless a run had problems
+        "scenarios": {},
+    }
+    started = time.monotonic()
+    failed = False
+    warnings: list[str] = []
+    for name in names:
+        function, description, metric, higher = SCENARIOS[name]
+        entry: dict[str, Any] = {"description": description, "metric": metric, "higher_is_better": higher}
+        report["scenarios"][name] = entry
+        for kind in kinds:
+            t0 = time.monotonic()
+            print(f"[{time.monotonic() - started:6.1f}s] {name} / {kind} ...", end=" ", flush=True)
+            try:
+                result = function(kind, options, f"{name}-{kind}")
+            except Exception as e:  # noqa: BLE001
+                import traceback
+
+                result = {"error": f"{type(e).__name__}: {e}\n{traceback.format_exc()}"}
+            result["run_seconds"] = round(time.monotonic() - t0, 1)
+            entry[kind] = result
+            issues = problems(result)
+            failed = failed or bool(issues)
+            warning = disturbed(result)
+            if warning:
+                result["warning"] = warning
+                warnings.append(f"{name} / {kind}: {warning}")
+            line = f"{metric}: {fmt(result.get('value'))}"
+            if issues:
+                line += f"  PROBLEMS: {'; '.join(issues)}"
+            if warning:
+                line += f"  WARNING: {warning}"
+            print(line, flush=True)
+        entry["ratio"] = ratio(entry.get("pushie", {}).get("value"), entry.get("baseline", {}).get("value"))
+    report["seconds"] = round(time.monotonic() - started, 1)
+    table = markdown(report)
+    report["table"] = table
+    base = os.path.join(options.out, stamp)
+    with open(base + ".json", "w") as f:
+        json.dump(report, f, indent=2)
+    with open(base + ".md", "w") as f:
+        f.write(table + "\n")
+    print()
+    print(table)
+    if failed:
+        print(f"\n{report['seconds']} s; results in {base}.json and .md; server logs in {options.logdir}")
+    else:
+        shutil.rmtree(options.logdir, ignore_errors=True)
+        print(f"\n{report['seconds']} s; results in {base}.json and .md")
+    for warning in warnings:
+        print("WARNING:", warning)
+    if failed:
+        print("Some runs had problems (see PROBLEMS above): the figures of those runs do not count.")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
