@@ -63,6 +63,10 @@ class PublishRequest:
     """The published data as compact JSON bytes."""
     event: str = "message"
     idempotency_key: str | None = None
+    exclude: str | None = None
+    """A Pusher socket id that must not receive it (the sender of a client event, C{socket_id})."""
+    user_id: str | None = None
+    """Who sent it: the user of a Pusher client event on a presence channel."""
 
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)
@@ -87,17 +91,34 @@ class Publication:
     epoch: str
     data: bytes
     event: str = "message"
+    exclude: str | None = None
+    user_id: str | None = None
     _envelope: bytes | None = attr.ib(default=None, init=False, repr=False)
     _frame: bytes | None = attr.ib(default=None, init=False, repr=False)
     _sse: bytes | None = attr.ib(default=None, init=False, repr=False)
+    pusher_frame: bytes | None = attr.ib(default=None, init=False, repr=False)
+    """The Pusher door's frame for it, built there on first use."""
 
     @classmethod
-    def from_envelope(cls, envelope: bytes) -> Publication:
+    def from_envelope(cls, envelope: bytes, exclude: str | None = None) -> Publication:
         """A publication read back from its envelope (another node's, or history); the bytes are reused."""
         fields = json.loads(envelope)
-        publication = cls(fields["channel"], fields["offset"], fields["epoch"], dumps(fields["data"]), fields["event"])
+        publication = cls(
+            fields["channel"],
+            fields["offset"],
+            fields["epoch"],
+            dumps(fields["data"]),
+            fields["event"],
+            exclude,
+            fields.get("user_id"),
+        )
         publication._envelope = envelope
         return publication
+
+    @classmethod
+    def of(cls, request: PublishRequest, offset: int, epoch: str) -> Publication:
+        """The publication of C{request} at C{offset} in C{epoch}."""
+        return cls(request.channel, offset, epoch, request.data, request.event, request.exclude, request.user_id)
 
     @property
     def envelope(self) -> bytes:
@@ -113,7 +134,7 @@ class Publication:
                     dumps(self.epoch),
                     b',"data":',
                     self.data,
-                    b"}",
+                    b"}" if self.user_id is None else b',"user_id":' + dumps(self.user_id) + b"}",
                 )
             )
         return self._envelope
@@ -136,8 +157,18 @@ class Publication:
 
 
 def is_presence(name: str) -> bool:
-    """Whether a channel keeps a member list (C{presence-*})."""
-    return name.startswith("presence-")
+    """
+    Whether a channel keeps a member list (C{presence-*}), in any app's
+    channel space (see L{pushie.pusher.apps.App.hub_name}).
+    """
+    return name.rpartition(APP_SEPARATOR)[2].startswith("presence-")
+
+
+APP_SEPARATOR = "|"
+"""
+Between a Pusher app id and a channel name in the Hub's name of a channel of
+an app other than the first.  No channel name of either protocol holds it.
+"""
 
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)

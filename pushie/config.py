@@ -152,6 +152,15 @@ def _subscriber_secrets(value: Any) -> list[str]:
     return secrets
 
 
+def _pusher_apps(value: Any) -> list[str]:
+    from pushie.auth import split_list
+    from pushie.pusher.apps import parse_apps
+
+    items = split_list(value)
+    parse_apps(items, "pusher_apps")
+    return items
+
+
 def _engine(value: Any) -> str:
     if value == "memory":
         return value
@@ -399,6 +408,51 @@ SETTINGS = SETTINGS + (
     ),
 )
 
+SETTINGS = SETTINGS + (
+    Setting(
+        "pusher_apps_file",
+        _path,
+        None,
+        "File of Pusher apps, id:key:secret a line; the first shares the native channels. None: no Pusher door.",
+        metavar="PATH",
+    ),
+    Setting(
+        "pusher_apps",
+        _pusher_apps,
+        [],
+        "Pusher apps, id:key:secret comma-separated (environment or TOML only).",
+        cli=False,
+    ),
+    Setting(
+        "pusher_activity_timeout",
+        _positive_seconds,
+        120.0,
+        "Seconds of silence before the server pings a Pusher client (sent to clients as activity_timeout).",
+        metavar="SECONDS",
+    ),
+    Setting(
+        "pusher_pong_timeout",
+        _positive_seconds,
+        30.0,
+        "Seconds a pinged Pusher client has to answer before it is closed with 4201.",
+        metavar="SECONDS",
+    ),
+    Setting(
+        "pusher_client_event_rate",
+        _rate,
+        10.0,
+        "Client events a Pusher connection may send per second (error 4301 past it; 0: client events off).",
+        metavar="N",
+    ),
+    Setting(
+        "pusher_max_data_size",
+        _positive_int,
+        10240,
+        "Largest data of a Pusher event (HTTP API trigger or client event), in bytes.",
+        metavar="BYTES",
+    ),
+)
+
 SETTINGS_BY_NAME = {s.name: s for s in SETTINGS}
 
 
@@ -436,6 +490,12 @@ class Settings:
     require_token: bool
     token_leeway: float
     allowed_origin: list[str]
+    pusher_apps_file: str | None
+    pusher_apps: list[str]
+    pusher_activity_timeout: float
+    pusher_pong_timeout: float
+    pusher_client_event_rate: float
+    pusher_max_data_size: int
 
     @classmethod
     def defaults(cls) -> Settings:
@@ -499,6 +559,10 @@ def load_settings(
             raise ConfigError(f"command line: {key!r} is a secret: set it in a file or the environment")
     _apply(values, "command line", given)
     _check_secret_files(values)
+    try:
+        pusher_apps(values)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if values["webhook_url"] and not values["webhook_secret"]:
         raise ConfigError("webhook_url needs webhook_secret: set PUSHIE_WEBHOOK_SECRET (or webhook_secret in the file)")
     if values["webhook_url"] and values["engine"] != "memory":
@@ -507,6 +571,26 @@ def load_settings(
             "its own occupancy; see README, Webhooks"
         )
     return Settings(**values)
+
+
+def pusher_apps(settings: Any) -> list[Any]:
+    """
+    The configured Pusher apps: the file's lines, then C{pusher_apps}.
+
+    @raise ValueError: for an unreadable file or a bad entry.
+    """
+    from pushie.auth import read_secret_lines
+    from pushie.pusher.apps import parse_apps
+
+    get = settings.get if isinstance(settings, dict) else lambda name: getattr(settings, name)
+    path = get("pusher_apps_file")
+    lines: list[str] = []
+    if path:
+        try:
+            lines = read_secret_lines(path)
+        except OSError as e:
+            raise ValueError(f"pusher_apps_file: cannot read {path}: {e.strerror}") from None
+    return parse_apps(lines + list(get("pusher_apps")), path or "pusher_apps")
 
 
 def _check_secret_files(values: dict[str, Any]) -> None:
@@ -560,7 +644,7 @@ def settings_reference() -> str:
         else:
             option = f"`--{s.option} {s.metavar}`" + (" (repeatable)" if s.repeatable else "")
         env = f"`{s.env}`" + (" (space-separated)" if s.repeatable else "")
-        if s.name in ("publisher_keys", "subscriber_secrets"):
+        if s.name in ("publisher_keys", "subscriber_secrets", "pusher_apps"):
             env += " (comma-separated)"
         rows.append(f"| {option} | {env} | `{s.name}` | {_show_default(s.default)} | {s.help} |")
     return "\n".join(rows) + "\n"

@@ -23,11 +23,13 @@ from twisted.python import usage
 
 from pushie import __version__
 from pushie.auth import guard_from_settings
-from pushie.config import SETTINGS, ConfigError, Settings, load_settings
+from pushie.config import SETTINGS, ConfigError, Settings, load_settings, pusher_apps
 from pushie.engines import engine_from_setting
 from pushie.hub import Hub
 from pushie.limits import ConnectionLimits, RateLimiter
 from pushie.logs import Throttle
+from pushie.pusher.apps import Apps
+from pushie.pusher.door import PusherDoor, PusherFactory
 from pushie.web import PushieSite, build_metrics_site, build_site
 from pushie.webhooks import Webhooks
 from pushie.websocket import PushieServerFactory
@@ -167,14 +169,21 @@ class PushieService(MultiService):
             slow_consumer_buffer=settings.slow_consumer_buffer,
             slow_consumer_grace=settings.slow_consumer_grace,
         )
+        rate_limiter = RateLimiter(settings.publish_rate, reactor)
+        self.pusher_factory: PusherFactory | None = None
+        apps = Apps(pusher_apps(settings))
+        if apps:
+            self.pusher_factory = PusherFactory(self.hub, apps, settings, self.websocket_factory.origin_allowed)
+            PusherDoor(self.pusher_factory).setServiceParent(self)
         self.site: PushieSite = build_site(
             self.hub,
             self.guard,
             self.websocket_factory,
             throttle,
             settings,
-            RateLimiter(settings.publish_rate, reactor),
+            rate_limiter,
             serve_metrics=settings.metrics_listen is None,
+            pusher_factory=self.pusher_factory,
         )
         self.listeners = [ListeningService(d, self.site, reactor) for d in settings.listen]
         if settings.metrics_listen is not None:

@@ -5,6 +5,8 @@ The resource tree and the HTTP site, built in one readable place.
   /            the demo page (static/index.html)
   /publish     L{pushie.api.PublishResource}
   /websocket   the WebSocket door (Autobahn's WebSocketResource)
+  /app/<key>   the Pusher WebSocket door (L{pushie.pusher.door})
+  /apps/<id>/  the Pusher HTTP API (L{pushie.pusher.http})
 
 L{PushieRequest} enforces the body size limit while the body arrives:
 twisted.web would otherwise buffer any body whole before a resource runs.
@@ -24,6 +26,7 @@ from pushie.api import ChannelsResource, ErrorResource, HealthResource, PublishR
 from pushie.errors import PushieError
 from pushie.limits import RateLimiter
 from pushie.metrics import MetricsResource
+from pushie.pusher.http import PusherAPIResource
 from pushie.sse import EventsResource
 
 STATIC = files("pushie") / "static"
@@ -132,6 +135,7 @@ def build_site(
     settings: Any,
     rate_limiter: RateLimiter,
     serve_metrics: bool,
+    pusher_factory: Any = None,
 ) -> PushieSite:
     """Assemble the resource tree for one daemon."""
     root = Root(StaticFile("index.html", b"text/html; charset=utf-8"))
@@ -152,6 +156,13 @@ def build_site(
     root.putChild(b"events", events)
     if serve_metrics:
         root.putChild(b"metrics", MetricsResource(hub.metrics))
+    if pusher_factory is not None:
+        # /app/<key>: the key is read from the path by the protocol.
+        root.putChild(b"app", WebSocketResource(pusher_factory))
+        root.putChild(
+            b"apps",
+            PusherAPIResource(hub, pusher_factory.apps, settings.pusher_max_data_size, throttle, rate_limiter),
+        )
     return PushieSite(root, settings.max_message_size, settings.handshake_timeout, hub.reactor)
 
 

@@ -82,6 +82,12 @@ class IEngine(Interface):
     def presence(channel: str) -> Deferred[list[Member]]:
         """The channel's members, one per C{sub}."""
 
+    def occupied(prefix: str) -> Deferred[list[str]]:
+        """
+        The channels whose names start with C{prefix} that have subscribers
+        on some node (for Redis: every node, as Redis' pub/sub knows them).
+        """
+
     def healthy() -> bool:
         """Whether a publish would be accepted now."""
 

@@ -129,19 +129,11 @@ class MemoryEngine:
                 seen = self._idempotency.get(key)
                 if seen is not None:
                     first = seen[1]
-                    publications.append(
-                        Publication(request.channel, first.offset, first.epoch, request.data, request.event)
-                    )
+                    publications.append(Publication.of(request, first.offset, first.epoch))
                     continue
             channel = self._channel(request.channel)
             channel.offset += 1
-            publication = Publication(
-                channel=request.channel,
-                offset=channel.offset,
-                epoch=channel.epoch,
-                data=request.data,
-                event=request.event,
-            )
+            publication = Publication.of(request, channel.offset, channel.epoch)
             if self.history_size > 0:
                 channel.history.append((now, publication))
                 if len(channel.history) > self.history_size:
@@ -185,6 +177,9 @@ class MemoryEngine:
     def watch(self, name: str) -> Deferred[None]:
         self._channel(name).watchers += 1
         return succeed(None)
+
+    def occupied(self, prefix: str) -> Deferred[list[str]]:
+        return succeed([name for name, c in self._channels.items() if c.watchers and name.startswith(prefix)])
 
     def unwatch(self, name: str) -> None:
         channel = self._channels.get(name)

@@ -45,7 +45,16 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from pushie.channels import ChannelState, History, Member, PresenceEvent, Publication, PublishRequest, dumps
+from pushie.channels import (
+    ChannelState,
+    History,
+    Member,
+    PresenceEvent,
+    Publication,
+    PublishRequest,
+    dumps,
+    is_presence,
+)
 from pushie.engines import EngineListener, IEngine
 from pushie.engines.memory import IDEMPOTENCY_WINDOW, new_epoch
 from pushie.errors import EngineUnavailable
@@ -60,7 +69,8 @@ HEARTBEAT_TTL = 6
 PUBLISH_SCRIPT = r"""
 -- KEYS: per request, meta, hist, idem (idem may be "-" for none)
 -- ARGV: prefix, history_size, ttl_ms, idem_ttl, then per request:
---       channel, channel_json, event_json, data, idem_key, epoch_candidate
+--       channel, channel_json, event_json, data, idem_key, epoch_candidate,
+--       user_id_json ('' for none), exclude ('' for none)
 local prefix, size, ttl_ms, idem_ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -68,9 +78,9 @@ local results = {}
 local n = #KEYS / 3
 for i = 0, n - 1 do
   local meta, hist, idem = KEYS[i * 3 + 1], KEYS[i * 3 + 2], KEYS[i * 3 + 3]
-  local a = 5 + i * 6
+  local a = 5 + i * 8
   local channel, channel_json, event_json, data = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
-  local idem_key, candidate = ARGV[a + 4], ARGV[a + 5]
+  local idem_key, candidate, user_json, exclude = ARGV[a + 4], ARGV[a + 5], ARGV[a + 6], ARGV[a + 7]
   local seen = false
   if idem ~= '-' then
     local prev = redis.call('GET', idem)
@@ -87,7 +97,9 @@ for i = 0, n - 1 do
     end
     local offset = redis.call('HINCRBY', meta, 'offset', 1)
     local envelope = '{"type":"message","channel":' .. channel_json .. ',"event":' .. event_json ..
-      ',"offset":' .. offset .. ',"epoch":"' .. epoch .. '","data":' .. data .. '}'
+      ',"offset":' .. offset .. ',"epoch":"' .. epoch .. '","data":' .. data
+    if user_json ~= '' then envelope = envelope .. ',"user_id":' .. user_json end
+    envelope = envelope .. '}'
     if size > 0 then
       local last_ms = tonumber(redis.call('HGET', meta, 'ms') or '0')
       local ms = math.max(now_ms, last_ms)
@@ -101,7 +113,12 @@ for i = 0, n - 1 do
     if idem ~= '-' then
       redis.call('SET', idem, answer, 'EX', idem_ttl)
     end
-    redis.call('PUBLISH', prefix .. 'm:' .. channel, envelope)
+    -- A Pusher socket to leave out travels before the envelope, never inside it.
+    if exclude ~= '' then
+      redis.call('PUBLISH', prefix .. 'm:' .. channel, '!' .. exclude .. ' ' .. envelope)
+    else
+      redis.call('PUBLISH', prefix .. 'm:' .. channel, envelope)
+    end
     results[#results + 1] = answer
   end
 end
@@ -354,7 +371,7 @@ class RedisEngine:
         if self._commands is None or not self._commands.size:
             return None
         d = self._call("set", self.prefix + "node:" + self.node, b"1", expire=HEARTBEAT_TTL)
-        for channel in [c for c in self._watched if c.startswith("presence-")]:
+        for channel in [c for c in self._watched if is_presence(c)]:
             d.addCallback(lambda _, c=channel: self.presence(c))
         d.addErrback(lambda f: None)  # reported by _note_health
         return None
@@ -383,6 +400,8 @@ class RedisEngine:
                 request.data,
                 request.idempotency_key or "",
                 new_epoch(),
+                dumps(request.user_id) if request.user_id is not None else "",
+                request.exclude or "",
             ]
         d = self._call("eval", PUBLISH_SCRIPT, keys, args)
 
@@ -390,7 +409,7 @@ class RedisEngine:
             result = []
             for request, answer in zip(requests, answers, strict=True):
                 offset, epoch = answer.decode().split(" ", 1)
-                result.append(Publication(request.channel, int(offset), epoch, request.data, request.event))
+                result.append(Publication.of(request, int(offset), epoch))
             return result
 
         return d.addCallback(publications)
@@ -440,6 +459,16 @@ class RedisEngine:
         d = self._pubsub.subscribe([self._key("m", channel), self._key("p", channel)])
         return self._run(d).addCallback(lambda _: None)
 
+    def occupied(self, prefix: str) -> Deferred[list[str]]:
+        # Nodes SUBSCRIBE to a channel exactly while they have subscribers for it.
+        pattern = self._key("m", "".join("\\" + c if c in "*?[]\\" else c for c in prefix)) + "*"
+        start = len(self._key("m", ""))
+
+        def names(answer: list[bytes]) -> list[str]:
+            return sorted({raw.decode()[start:] for raw in answer})
+
+        return self._call("execute_command", "PUBSUB", "CHANNELS", pattern).addCallback(names)
+
     def unwatch(self, channel: str) -> None:
         count = self._watched.get(channel, 0) - 1
         if count > 0:
@@ -481,7 +510,11 @@ class RedisEngine:
             member = Member(str(event["member"]["id"]), event["member"].get("info"))
             listener.presence_changed(PresenceEvent(event["channel"], event["kind"], member, event.get("origin")))
             return
-        self._arrived(Publication.from_envelope(message))
+        exclude = None
+        if message[:1] == b"!":
+            head, _, message = message.partition(b" ")
+            exclude = head[1:].decode()
+        self._arrived(Publication.from_envelope(message, exclude))
 
     def _arrived(self, publication: Publication) -> None:
         channel = publication.channel

@@ -1,0 +1,194 @@
+# -*- test-case-name: tests.test_pusher_units -*-
+"""
+Pusher apps and signatures.
+
+An app is C{id:key:secret}.  Its channels live in the Hub under their own
+names for the first app (shared with the native doors) and under
+C{<id>|<name>} for the others, so two apps never see each other's messages.
+
+Every signature is HMAC-SHA256 with the app's secret, compared in constant
+time:
+
+  - private channel:  C{<socket_id>:<channel>}
+  - presence channel: C{<socket_id>:<channel>:<channel_data>}
+  - user sign-in:     C{<socket_id>::user::<user_data>}
+  - HTTP API:         C{METHOD\\nPATH\\nsorted query}, see L{api_string_to_sign}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+from collections.abc import Iterable, Mapping, Sequence
+
+import attr
+
+from pushie.channels import APP_SEPARATOR
+
+MAX_CHANNEL_LENGTH = 164
+_CHANNEL_RE = re.compile(r"[A-Za-z0-9_\-=@,.;]{1,%d}\Z" % MAX_CHANNEL_LENGTH)  # noqa: UP031
+_APP_FIELD_RE = re.compile(r"[A-Za-z0-9_\-.]{1,128}\Z")
+_SOCKET_ID_RE = re.compile(r"\d{1,20}\.\d{1,20}\Z")
+USER_CHANNEL_PREFIX = "#server-to-user-"
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class App:
+    """One Pusher app; C{primary} for the first, whose channels the native doors share."""
+
+    id: str
+    key: str
+    secret: str = attr.ib(repr=False)
+    primary: bool = False
+
+    def hub_name(self, channel: str) -> str:
+        """The Hub's name for this app's C{channel}."""
+        return channel if self.primary else self.id + APP_SEPARATOR + channel
+
+    def channel_name(self, hub_name: str) -> str:
+        """This app's name for a Hub channel of its space."""
+        return hub_name if self.primary else hub_name[len(self.id) + 1 :]
+
+    @property
+    def hub_prefix(self) -> str:
+        """What every Hub name of this app's channels starts with."""
+        return "" if self.primary else self.id + APP_SEPARATOR
+
+    def owns(self, hub_name: str) -> bool:
+        """Whether a Hub channel belongs to this app's space."""
+        if self.primary:
+            return APP_SEPARATOR not in hub_name
+        return hub_name.startswith(self.hub_prefix)
+
+    def sign(self, text: str) -> str:
+        """Hex HMAC-SHA256 of C{text} with the app's secret."""
+        return hmac.new(self.secret.encode("utf-8"), text.encode("utf-8"), hashlib.sha256).hexdigest()
+
+    def check_auth(self, auth: object, text: str) -> bool:
+        """Whether C{auth} is C{"<key>:<signature of text>"}, in constant time."""
+        if not isinstance(auth, str):
+            return False
+        key, _, signature = auth.partition(":")
+        expected = self.sign(text)
+        # Both comparisons always run: no early exit on a wrong key.
+        key_ok = hmac.compare_digest(key.encode("utf-8"), self.key.encode("utf-8"))
+        signature_ok = hmac.compare_digest(signature.encode("utf-8"), expected.encode("utf-8"))
+        return key_ok and signature_ok
+
+
+def parse_apps(items: Iterable[str], where: str) -> list[App]:
+    """
+    Read C{id:key:secret} entries; the first becomes the primary app.
+
+    @raise ValueError: naming the entry and the rule it breaks.
+    """
+    apps: list[App] = []
+    for number, item in enumerate(items, 1):
+        parts = item.strip().split(":")
+        if len(parts) != 3 or not all(parts):
+            raise ValueError(f"{where}: entry {number} must be id:key:secret")
+        app_id, key, secret = parts
+        for name, value in (("id", app_id), ("key", key)):
+            if not _APP_FIELD_RE.match(value):
+                raise ValueError(f"{where}: entry {number}: the app {name} may hold only A-Z a-z 0-9 _ - .")
+        if len(secret) < 16:
+            raise ValueError(f"{where}: entry {number}: the secret must be at least 16 characters")
+        if any(a.id == app_id for a in apps) or any(a.key == key for a in apps):
+            raise ValueError(f"{where}: entry {number}: app ids and keys must be unique")
+        apps.append(App(app_id, key, secret, primary=not apps))
+    return apps
+
+
+class Apps:
+    """The configured apps, found by key (WebSocket) or by id (HTTP API)."""
+
+    def __init__(self, apps: Sequence[App]) -> None:
+        self.all = list(apps)
+        self._by_key = {a.key: a for a in apps}
+        self._by_id = {a.id: a for a in apps}
+
+    def __bool__(self) -> bool:
+        return bool(self.all)
+
+    def by_key(self, key: str) -> App | None:
+        return self._by_key.get(key)
+
+    def by_id(self, app_id: str) -> App | None:
+        return self._by_id.get(app_id)
+
+    def owner(self, hub_name: str) -> App | None:
+        """The app whose space holds a Hub channel."""
+        app_id, separator, _ = hub_name.partition(APP_SEPARATOR)
+        if separator:
+            return self._by_id.get(app_id)
+        return self.all[0] if self.all else None
+
+
+def is_valid_channel(name: object) -> bool:
+    """A channel a client may subscribe to: 1 to 164 of A-Z a-z 0-9 _ - = @ , . ;"""
+    return isinstance(name, str) and _CHANNEL_RE.match(name) is not None
+
+
+def is_valid_api_channel(name: object) -> bool:
+    """A channel the HTTP API may trigger on: a client channel or C{#server-to-user-<id>}."""
+    if isinstance(name, str) and name.startswith(USER_CHANNEL_PREFIX):
+        user = name[len(USER_CHANNEL_PREFIX) :]
+        return 0 < len(user) <= MAX_CHANNEL_LENGTH and is_valid_user_id(user)
+    return is_valid_channel(name)
+
+
+def is_valid_user_id(user_id: str) -> bool:
+    return 0 < len(user_id) <= 128 and user_id.isprintable()
+
+
+def is_valid_socket_id(value: object) -> bool:
+    return isinstance(value, str) and _SOCKET_ID_RE.match(value) is not None
+
+
+def is_private(channel: str) -> bool:
+    """C{private-*} (including C{private-encrypted-*}): needs a channel auth signature."""
+    return channel.startswith("private-")
+
+
+def is_encrypted(channel: str) -> bool:
+    return channel.startswith("private-encrypted-")
+
+
+def is_presence(channel: str) -> bool:
+    return channel.startswith("presence-")
+
+
+def is_cache(channel: str) -> bool:
+    """Cache channels send the last event to a new subscriber (or C{pusher:cache_miss})."""
+    for prefix in ("cache-", "private-cache-", "private-encrypted-cache-", "presence-cache-"):
+        if channel.startswith(prefix):
+            return True
+    return False
+
+
+def channel_auth_string(socket_id: str, channel: str, channel_data: str | None = None) -> str:
+    """What a private or presence channel's C{auth} signs."""
+    if channel_data is None:
+        return f"{socket_id}:{channel}"
+    return f"{socket_id}:{channel}:{channel_data}"
+
+
+def signin_string(socket_id: str, user_data: str) -> str:
+    """What a C{pusher:signin}'s C{auth} signs."""
+    return f"{socket_id}::user::{user_data}"
+
+
+def api_string_to_sign(method: str, path: str, params: Mapping[str, str]) -> str:
+    """
+    The HTTP API's string to sign: method, path and every query parameter but
+    C{auth_signature}, keys lower-cased and sorted, values as sent (unescaped).
+    """
+    query = "&".join(
+        f"{key}={value}" for key, value in sorted((k.lower(), v) for k, v in params.items() if k != "auth_signature")
+    )
+    return f"{method.upper()}\n{path}\n{query}"
+
+
+def body_md5(body: bytes) -> str:
+    return hashlib.md5(body, usedforsecurity=False).hexdigest()

@@ -1,0 +1,605 @@
+# -*- test-case-name: tests.test_pusher -*-
+"""
+The Pusher WebSocket door at C{/app/<key>}: Pusher Channels protocol 7.
+
+A connection gets a C{socket_id} (also its client id in the Hub, so
+publications sent with that C{socket_id} skip it), subscribes with
+C{pusher:subscribe} (private and presence channels with an C{auth} signed by
+the app's secret), sends client events on the private and presence channels
+it has joined, and may sign in (C{pusher:signin}) to receive events on
+C{#server-to-user-<id>}.  Frames for a publication are built once and shared
+by every Pusher subscriber, like the native door's.
+
+Close codes follow Pusher's classes: 4000-4099 the client must not reconnect
+(4001 unknown app key, 4009 user terminated), 4100-4199 reconnect with backoff
+(4100 over capacity or slow consumer), 4200-4299 reconnect now (4200
+shutdown or lost messages, 4201 no pong).
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import attr
+from autobahn.twisted.websocket import WebSocketServerFactory
+from autobahn.websocket.protocol import PreparedMessage
+from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
+from twisted.application.service import Service
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from pushie.channels import Member, Position, PresenceEvent, Publication, PublishRequest, dumps
+from pushie.errors import PushieError
+from pushie.hub import Hub, Subscribed
+from pushie.logs import Throttle
+from pushie.pusher.apps import (
+    USER_CHANNEL_PREFIX,
+    App,
+    Apps,
+    channel_auth_string,
+    is_cache,
+    is_encrypted,
+    is_presence,
+    is_private,
+    is_valid_channel,
+    is_valid_user_id,
+    signin_string,
+)
+from pushie.wsbase import CLOSED, OPEN, DoorProtocol, configure_factory
+
+CLOSE_UNKNOWN_APP = 4001
+CLOSE_UNSUPPORTED_PROTOCOL = 4007
+CLOSE_TERMINATED = 4009
+CLOSE_OVER_CAPACITY = 4100
+CLOSE_RECONNECT = 4200
+CLOSE_NO_PONG = 4201
+ERROR_CLIENT_EVENT_RATE = 4301
+
+PROTOCOL_VERSION = 7
+TERMINATE_EVENT = "pusher_internal:terminate"
+"""Published on C{#server-to-user-<id>} by C{terminate_connections}; never sent to a client."""
+
+
+def event_frame(event: str, data: Any, channel: str | None = None) -> bytes:
+    """A server-to-client Pusher frame; C{data} is encoded to a JSON string, as Pusher does."""
+    frame: dict[str, Any] = {"event": event}
+    if channel is not None:
+        frame["channel"] = channel
+    frame["data"] = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
+    return dumps(frame)
+
+
+def publication_frame(publication: Publication, app: App) -> tuple[bytes, bytes]:
+    """
+    The Pusher message for a publication and its WebSocket frame, built once.
+
+    Pusher's C{data} is a string: a publication whose data is a JSON string
+    (what the Pusher SDKs send) goes as that string; any other JSON value
+    (from C{POST /publish}) goes as its JSON text, which pusher-js parses back.
+    """
+    cached = publication.pusher_frame
+    if cached is None:
+        data = publication.data
+        if not data.startswith(b'"'):
+            data = dumps(data.decode("utf-8"))
+        parts = [
+            b'{"event":',
+            dumps(publication.event),
+            b',"channel":',
+            dumps(app.channel_name(publication.channel)),
+            b',"data":',
+            data,
+        ]
+        if publication.user_id is not None:
+            parts += [b',"user_id":', dumps(publication.user_id)]
+        parts.append(b"}")
+        payload = b"".join(parts)
+        frame = PreparedMessage(payload, isBinary=False, applyMask=False, doNotCompress=True).payloadHybi
+        cached = publication.pusher_frame = (payload, frame)
+    return cached
+
+
+@attr.s(slots=True, auto_attribs=True, eq=False)
+class _Subscription:
+    member: Member | None = None
+    live: bool = False
+
+
+class _UserChannel:
+    """
+    A signed-in connection's subscription to C{#server-to-user-<id>}: events
+    for the user, and the terminate signal of C{terminate_connections}.
+    """
+
+    __slots__ = ("protocol", "client_id", "name")
+
+    def __init__(self, protocol: PusherProtocol, name: str) -> None:
+        self.protocol = protocol
+        self.client_id = protocol.client_id
+        self.name = name
+
+    def deliver(self, publication: Publication) -> None:
+        if publication.event == TERMINATE_EVENT:
+            self.protocol.terminate()
+        else:
+            self.protocol.deliver(publication)
+
+    def presence(self, event: PresenceEvent) -> None:
+        pass
+
+    def lost_continuity(self, channel: str) -> None:
+        self.protocol.lost_continuity(channel)
+
+
+class PusherError(Exception):
+    """A refusal sent as C{pusher:error} (and C{pusher:subscription_error} for a channel)."""
+
+    def __init__(self, message: str, code: int | None = None, status: int = 400, channel: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+        self.status = status
+        self.channel = channel
+
+
+class PusherProtocol(DoorProtocol):
+    """One pusher-js (or Laravel Echo) connection."""
+
+    factory: PusherFactory
+    slow_close_code = CLOSE_OVER_CAPACITY
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.client_id = f"{secrets.randbelow(10**9)}.{secrets.randbelow(10**9)}"
+        self.app: App | None = None
+        self._refusal: tuple[int, str] | None = None
+        self.subscriptions: dict[str, _Subscription] = {}
+        self.user_id: str | None = None
+        self._user_channel: _UserChannel | None = None
+        self._opened = False
+        self.last_seen = 0.0
+        self.pinged_at: float | None = None
+        self._event_window = 0.0
+        self._event_count = 0
+
+    @property
+    def socket_id(self) -> str:
+        return self.client_id
+
+    # -- handshake -------------------------------------------------------
+
+    def onConnect(self, request: ConnectionRequest) -> None:
+        factory = self.factory
+        if not factory.origin_allowed(request.origin):
+            factory.hub.metrics.reject("origin_not_allowed")
+            raise ConnectionDeny(403, "origin not allowed")
+        key = self.http_request_path.rstrip("/").rpartition("/")[2]
+        params = parse_qs(urlsplit(self.http_request_uri).query, keep_blank_values=True)
+        version = (params.get("protocol") or [str(PROTOCOL_VERSION)])[-1]
+        self.app = factory.apps.by_key(key)
+        # Pusher refuses after the handshake, with an error event and a close
+        # code that tells pusher-js whether to try again.
+        if self.app is None:
+            self._refusal = (CLOSE_UNKNOWN_APP, f"App key {key[:64]} does not exist on this server")
+        elif version != str(PROTOCOL_VERSION):
+            self._refusal = (CLOSE_UNSUPPORTED_PROTOCOL, f"Unsupported protocol version; use {PROTOCOL_VERSION}")
+        elif factory.hub.draining:
+            self._refusal = (CLOSE_RECONNECT, "Server shutting down; reconnect")
+        else:
+            try:
+                factory.hub.admit(self.peer_address())
+            except PushieError as e:
+                self._refusal = (CLOSE_OVER_CAPACITY, f"Over capacity ({e.code}); reconnect later")
+        if self._refusal is not None:
+            factory.hub.metrics.reject(f"pusher_close_{self._refusal[0]}")
+            factory.throttle.warn(
+                f"pusher_refused_{self._refusal[0]}",
+                "Refused a Pusher connection from {peer}: {reason}",
+                peer=self.peer,
+                reason=self._refusal[1],
+            )
+
+    def onOpen(self) -> None:
+        if self._refusal is not None:
+            code, message = self._refusal
+            self.send_event("pusher:error", {"code": code, "message": message})
+            self.close_with(code, message)
+            return
+        self._opened = True
+        factory = self.factory
+        factory.hub.connection_opened(self, self.peer_address())
+        factory.connections[self] = None
+        self.guard_writes(factory.hub, factory.slow_consumer_buffer, factory.slow_consumer_grace)
+        self.last_seen = factory.hub.reactor.seconds()
+        self.send_event(
+            "pusher:connection_established",
+            {"socket_id": self.socket_id, "activity_timeout": int(factory.activity_timeout)},
+        )
+
+    # -- sending ---------------------------------------------------------
+
+    def send_event(self, event: str, data: Any, channel: str | None = None) -> None:
+        if self.state == OPEN:
+            self.sendMessage(event_frame(event, data, channel), isBinary=False)
+
+    def deliver(self, publication: Publication) -> None:
+        """Send one publication (hot path), unless this socket is the one to leave out."""
+        if self.state != OPEN or publication.exclude == self.client_id:
+            return
+        assert self.app is not None
+        payload, frame = publication_frame(publication, self.app)
+        self.send_prepared(payload, frame)
+
+    def presence(self, event: PresenceEvent) -> None:
+        assert self.app is not None
+        channel = self.app.channel_name(event.channel)
+        if event.kind == "join":
+            data: dict[str, Any] = {"user_id": event.member.id}
+            if event.member.info is not None:
+                data["user_info"] = event.member.info
+            self.send_event("pusher_internal:member_added", data, channel)
+        else:
+            self.send_event("pusher_internal:member_removed", {"user_id": event.member.id}, channel)
+
+    def lost_continuity(self, channel: str) -> None:
+        """
+        Pusher clients cannot recover missed messages: reconnecting tells
+        pusher-js (and apps listening for C{connected}) to refetch state.
+        """
+        self.close_with(CLOSE_RECONNECT, "messages were lost on this server; reconnect")
+
+    def terminate(self) -> None:
+        """C{terminate_connections} for this connection's user: tell it and close for good."""
+        self.send_event("pusher:error", {"code": CLOSE_TERMINATED, "message": "Connection terminated by the app"})
+        self.close_with(CLOSE_TERMINATED, "terminated")
+
+    def _error(self, error: PusherError) -> None:
+        self.factory.hub.metrics.reject("pusher_error")
+        self.send_event("pusher:error", {"code": error.code, "message": error.message})
+        if error.channel is not None:
+            self.send_event(
+                "pusher:subscription_error",
+                {
+                    "type": "AuthError" if error.status in (401, 403) else "SubscriptionError",
+                    "error": error.message,
+                    "status": error.status,
+                },
+                error.channel,
+            )
+
+    # -- client frames ---------------------------------------------------
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        if isBinary:
+            self.close_with(1003, "binary frames are not accepted; send JSON text")
+            return
+        if not self._opened:
+            return
+        self.last_seen = self.factory.hub.reactor.seconds()
+        self.pinged_at = None
+        try:
+            self._handle(payload)
+        except PusherError as e:
+            self._error(e)
+
+    def _handle(self, payload: bytes) -> None:
+        try:
+            frame = json.loads(payload)
+        except ValueError:
+            raise PusherError("Invalid JSON: send one JSON object per message") from None
+        if not isinstance(frame, dict) or not isinstance(frame.get("event"), str):
+            raise PusherError('A message must be a JSON object with an "event" string')
+        event = frame["event"]
+        data = frame.get("data")
+        if isinstance(data, str) and event.startswith("pusher:"):
+            # Some clients send the data of pusher:* events as a JSON string.
+            try:
+                data = json.loads(data)
+            except ValueError:
+                raise PusherError(f"Invalid data for {event}") from None
+        handler = self._handlers.get(event)
+        if handler is not None:
+            handler(self, data)
+        elif event.startswith("client-"):
+            self._client_event(frame)
+        elif not event.startswith("pusher:"):
+            raise PusherError(f"Unknown event {event[:64]!r}: client events start with client-")
+        # Unknown pusher:* events are ignored, as by Pusher, for newer clients.
+
+    def _on_ping(self, data: Any) -> None:
+        self.send_event("pusher:pong", {})
+
+    def _on_pong(self, data: Any) -> None:
+        pass  # the activity was noted in onMessage
+
+    def _on_subscribe(self, data: Any) -> None:
+        if not isinstance(data, dict):
+            raise PusherError('pusher:subscribe needs data {"channel": ...}')
+        channel = data.get("channel")
+        if isinstance(channel, str) and channel.startswith(USER_CHANNEL_PREFIX):
+            self._subscribe_user_channel(channel)
+            return
+        if not is_valid_channel(channel):
+            shown = channel[:200] if isinstance(channel, str) else None
+            raise PusherError("Invalid channel name: 1 to 164 characters of A-Z a-z 0-9 _ - = @ , . ;", channel=shown)
+        assert isinstance(channel, str) and self.app is not None
+        existing = self.subscriptions.get(channel)
+        if existing is not None:
+            if existing.live:
+                self._resend_succeeded(channel)
+            return  # the pending subscribe will answer
+        limit = self.factory.max_subscriptions
+        if limit and len(self.subscriptions) >= limit:
+            raise PusherError(f"A connection may hold {limit} subscriptions", channel=channel, status=400)
+        member = None
+        if is_private(channel) or is_presence(channel):
+            channel_data = data.get("channel_data") if is_presence(channel) else None
+            if is_presence(channel) and not isinstance(channel_data, str):
+                raise PusherError("A presence channel needs channel_data", channel=channel, status=400)
+            if not self.app.check_auth(data.get("auth"), channel_auth_string(self.socket_id, channel, channel_data)):
+                raise PusherError(f"Invalid signature for {channel}", channel=channel, status=401)
+            if channel_data is not None:
+                member = _member(channel_data, channel)
+        self.subscriptions[channel] = _Subscription(member)
+        if is_cache(channel):
+            d = self.factory.hub.engine.state(self.app.hub_name(channel))
+            d.addCallback(lambda state: self._subscribe(channel, member, state))
+            d.addErrback(lambda failure: self._subscribe_failed(channel, failure))
+        else:
+            self._subscribe(channel, member)
+
+    def _subscribe(self, channel: str, member: Member | None, cache_state: Any = None) -> None:
+        assert self.app is not None
+        if channel not in self.subscriptions or self.state != OPEN:
+            return
+        since = None
+        if cache_state is not None and cache_state.offset > 0:
+            since = Position(cache_state.offset - 1, cache_state.epoch)
+        d = self.factory.hub.subscribe(self.app.hub_name(channel), self, since, member)
+        d.addCallbacks(
+            lambda answer: self._subscribed(channel, answer, cache_state is not None),
+            lambda failure: self._subscribe_failed(channel, failure),
+        )
+
+    def _subscribed(self, channel: str, answer: Subscribed | None, cache: bool) -> None:
+        subscription = self.subscriptions.get(channel)
+        if answer is None or subscription is None or self.state != OPEN:
+            return
+        subscription.live = True
+        self.send_event("pusher_internal:subscription_succeeded", _succeeded_data(answer.members), channel)
+        if cache and not answer.recovered:
+            self.send_event("pusher:cache_miss", {}, channel)
+        answer.replay_to(self)
+
+    def _resend_succeeded(self, channel: str) -> None:
+        assert self.app is not None
+        if not is_presence(channel):
+            self.send_event("pusher_internal:subscription_succeeded", {}, channel)
+            return
+        d = self.factory.hub.engine.presence(self.app.hub_name(channel))
+        d.addCallback(
+            lambda members: self.send_event("pusher_internal:subscription_succeeded", _succeeded_data(members), channel)
+        )
+        d.addErrback(lambda failure: self._subscribe_failed(channel, failure, unsubscribe=False))
+
+    def _subscribe_failed(self, channel: str, failure: Any, unsubscribe: bool = True) -> None:
+        assert self.app is not None
+        if unsubscribe and self.subscriptions.pop(channel, None) is not None:
+            self.factory.hub.unsubscribe(self.app.hub_name(channel), self)
+        if not isinstance(failure.value, PushieError):
+            self.factory.log.failure("Pusher subscribe to {channel} failed", failure, channel=channel)
+        self._error(PusherError("The channel could not be subscribed; retry later", channel=channel, status=503))
+
+    def _on_unsubscribe(self, data: Any) -> None:
+        channel = data.get("channel") if isinstance(data, dict) else None
+        assert self.app is not None
+        if isinstance(channel, str) and self.subscriptions.pop(channel, None) is not None:
+            self.factory.hub.unsubscribe(self.app.hub_name(channel), self)
+
+    # -- user sign-in ----------------------------------------------------
+
+    def _on_signin(self, data: Any) -> None:
+        assert self.app is not None
+        if not isinstance(data, dict) or not isinstance(data.get("user_data"), str):
+            raise PusherError('pusher:signin needs data {"auth": ..., "user_data": "<JSON string>"}')
+        user_data = data["user_data"]
+        if not self.app.check_auth(data.get("auth"), signin_string(self.socket_id, user_data)):
+            raise PusherError("Invalid signature for pusher:signin", code=4009, status=401)
+        try:
+            user = json.loads(user_data)
+        except ValueError:
+            user = None
+        user_id = user.get("id") if isinstance(user, dict) else None
+        if not isinstance(user_id, str) or not is_valid_user_id(user_id):
+            raise PusherError('user_data must be a JSON object with an "id" string')
+        if self.user_id is not None and self.user_id != user_id:
+            raise PusherError("This connection is signed in as another user")
+        if self.user_id is None:
+            self.user_id = user_id
+            name = self.app.hub_name(USER_CHANNEL_PREFIX + user_id)
+            self._user_channel = _UserChannel(self, name)
+            d = self.factory.hub.subscribe(name, self._user_channel)
+            d.addCallbacks(
+                lambda answer: answer.replay_to(self._user_channel) if answer and self._user_channel else None,
+                lambda failure: self._error(PusherError("Sign-in failed; retry later", status=503)),
+            )
+        self.send_event("pusher:signin_success", {"user_data": user_data})
+
+    def _subscribe_user_channel(self, channel: str) -> None:
+        """pusher-js subscribes to its user's channel after sign-in; the door already delivers it."""
+        if self.user_id is None or channel != USER_CHANNEL_PREFIX + self.user_id:
+            raise PusherError("Sign in as this user first", channel=channel[:200], status=403)
+        self.send_event("pusher_internal:subscription_succeeded", {}, channel)
+
+    # -- client events ---------------------------------------------------
+
+    def _client_event(self, frame: dict[str, Any]) -> None:
+        assert self.app is not None
+        factory = self.factory
+        event, channel = frame["event"], frame.get("channel")
+        if not factory.client_event_rate:
+            raise PusherError("Client events are disabled on this server")
+        subscription = self.subscriptions.get(channel) if isinstance(channel, str) else None
+        if subscription is None or not subscription.live:
+            raise PusherError("Client events need a channel this connection has joined")
+        assert isinstance(channel, str)
+        if not (is_private(channel) or is_presence(channel)) or is_encrypted(channel):
+            raise PusherError("Client events are allowed on private- and presence- channels only (not encrypted)")
+        if len(event) > 200:
+            raise PusherError("Event names are at most 200 characters")
+        now = factory.hub.reactor.seconds()
+        if now - self._event_window >= 1.0:
+            self._event_window = now
+            self._event_count = 0
+        self._event_count += 1
+        if self._event_count > factory.client_event_rate:
+            factory.hub.metrics.reject("pusher_client_event_rate")
+            raise PusherError(
+                f"Client event rejected - only {factory.client_event_rate:g} accepted per second",
+                code=ERROR_CLIENT_EVENT_RATE,
+            )
+        data = dumps(frame.get("data"))
+        if len(data) > factory.max_data_size:
+            raise PusherError(f"Client event data is over {factory.max_data_size} bytes")
+        user_id = subscription.member.id if subscription.member is not None else None
+        request = PublishRequest(self.app.hub_name(channel), data, event, exclude=self.client_id, user_id=user_id)
+        d = factory.hub.publish([request])
+        d.addCallback(lambda publications: factory.hub.metrics.publications.inc(len(publications)))
+        d.addErrback(lambda failure: self._error(PusherError("The client event could not be sent; retry later")))
+
+    _handlers: dict[str, Callable[[PusherProtocol, Any], None]] = {
+        "pusher:ping": _on_ping,
+        "pusher:pong": _on_pong,
+        "pusher:subscribe": _on_subscribe,
+        "pusher:unsubscribe": _on_unsubscribe,
+        "pusher:signin": _on_signin,
+    }
+
+    # -- activity and closing ----------------------------------------------
+
+    def check_activity(self, now: float) -> None:
+        """Ping a silent client after the activity timeout; close with 4201 when no pong comes."""
+        factory = self.factory
+        if self.pinged_at is not None:
+            if now - self.pinged_at >= factory.pong_timeout:
+                self.close_with(CLOSE_NO_PONG, "Pong reply not received")
+                self.pinged_at = None
+        elif now - self.last_seen >= factory.activity_timeout:
+            self.pinged_at = now
+            self.send_event("pusher:ping", {})
+
+    def close_for_shutdown(self) -> None:
+        if self.state == OPEN:
+            self.close_with(CLOSE_RECONNECT, "Server shutting down; reconnect")
+        elif self.state != CLOSED:
+            self.dropConnection(abort=True)
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        self.closed()
+        factory = self.factory
+        factory.connections.pop(self, None)
+        hub = factory.hub
+        if self.app is not None:
+            for channel in list(self.subscriptions):
+                hub.unsubscribe(self.app.hub_name(channel), self)
+        self.subscriptions.clear()
+        if self._user_channel is not None:
+            hub.unsubscribe(self._user_channel.name, self._user_channel)
+            self._user_channel = None
+        if self._opened:
+            self._opened = False
+            hub.connection_closed(self)
+
+
+def _member(channel_data: str, channel: str) -> Member:
+    try:
+        parsed = json.loads(channel_data)
+    except ValueError:
+        parsed = None
+    user_id = parsed.get("user_id") if isinstance(parsed, dict) else None
+    if isinstance(user_id, bool) or not isinstance(user_id, (str, int)) or not is_valid_user_id(str(user_id)):
+        raise PusherError('channel_data must be a JSON object with a "user_id"', channel=channel, status=400)
+    return Member(str(user_id), parsed.get("user_info"))
+
+
+def _succeeded_data(members: list[Member] | None) -> Any:
+    if members is None:
+        return {}
+    return {
+        "presence": {
+            "ids": [m.id for m in members],
+            "hash": {m.id: m.info for m in members},
+            "count": len(members),
+        }
+    }
+
+
+class PusherFactory(WebSocketServerFactory):
+    """Builds L{PusherProtocol}s; one for every app (the key in the path picks the app)."""
+
+    protocol = PusherProtocol
+    log = Logger()
+
+    def __init__(
+        self,
+        hub: Hub,
+        apps: Apps,
+        settings: Any,
+        origin_allowed: Callable[[str | None], bool],
+    ) -> None:
+        super().__init__()
+        self.hub = hub
+        self.apps = apps
+        self.origin_allowed = origin_allowed
+        self.activity_timeout = settings.pusher_activity_timeout
+        self.pong_timeout = settings.pusher_pong_timeout
+        self.client_event_rate = settings.pusher_client_event_rate
+        self.max_data_size = settings.pusher_max_data_size
+        self.max_subscriptions = settings.max_subscriptions
+        self.slow_consumer_buffer = settings.slow_consumer_buffer
+        self.slow_consumer_grace = settings.slow_consumer_grace
+        self.connections: dict[PusherProtocol, None] = {}
+        self.throttle = Throttle(self.log, hub.reactor)
+        # Pusher clients keep connections alive with pusher:ping/pong (see
+        # PusherDoor), not with WebSocket pings.
+        configure_factory(
+            self,
+            max_message_size=settings.max_message_size,
+            ping_interval=0,
+            ping_timeout=0,
+            handshake_timeout=settings.handshake_timeout,
+            close_timeout=5.0,
+        )
+
+    def check_activity(self) -> None:
+        now = self.hub.reactor.seconds()
+        for protocol in list(self.connections):
+            protocol.check_activity(now)
+
+
+class PusherDoor(Service):
+    """Runs the activity sweep of every Pusher connection while the daemon runs."""
+
+    name = "pusher"
+
+    def __init__(self, factory: PusherFactory) -> None:
+        self.factory = factory
+        self._sweep: LoopingCall | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        factory = self.factory
+        interval = max(0.05, min(factory.activity_timeout, factory.pong_timeout) / 4)
+        self._sweep = LoopingCall(factory.check_activity)
+        self._sweep.clock = factory.hub.reactor
+        self._sweep.start(interval, now=False)
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self._sweep is not None and self._sweep.running:
+            self._sweep.stop()
+        self._sweep = None

@@ -1,0 +1,365 @@
+# -*- test-case-name: tests.test_pusher -*-
+"""
+The Pusher HTTP API under C{/apps/<app_id>/}, as the Pusher server SDKs call it:
+
+  - C{POST events}, C{POST batch_events}: trigger (all or nothing)
+  - C{GET channels}, C{GET channels/<c>}, C{GET channels/<c>/users}
+  - C{POST users/<id>/terminate_connections}
+
+Every request is signed: C{auth_key} must be the app's key, C{auth_timestamp}
+within 600 seconds of the server's clock, C{auth_version} C{1.0}, C{body_md5}
+the MD5 of a non-empty body, and C{auth_signature} the HMAC of
+L{pushie.pusher.apps.api_string_to_sign}, compared in constant time.  A
+request is checked whole before anything is published.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from typing import Any
+from urllib.parse import unquote
+
+from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.server import NOT_DONE_YET, Request
+
+from pushie.api import JSONResource, write_error, write_json
+from pushie.channels import PublishRequest, dumps
+from pushie.errors import EngineUnavailable, PushieError, bad_request
+from pushie.hub import Hub
+from pushie.limits import RateLimiter
+from pushie.logs import Throttle
+from pushie.pusher.apps import (
+    USER_CHANNEL_PREFIX,
+    App,
+    Apps,
+    api_string_to_sign,
+    body_md5,
+    is_presence,
+    is_valid_api_channel,
+    is_valid_channel,
+    is_valid_socket_id,
+    is_valid_user_id,
+)
+from pushie.pusher.door import TERMINATE_EVENT
+
+log = Logger()
+
+TIMESTAMP_WINDOW = 600
+MAX_CHANNELS = 100
+"""Channels of one trigger (Pusher's limit)."""
+MAX_BATCH = 10
+"""Events of one batch trigger (Pusher's limit)."""
+MAX_EVENT_NAME = 200
+_EVENT_FIELDS = frozenset({"name", "data", "channel", "channels", "socket_id", "info"})
+_INFO_ATTRIBUTES = frozenset({"user_count", "subscription_count"})
+
+
+def unauthorized(message: str) -> PushieError:
+    return PushieError(401, "unauthorized", message)
+
+
+class PusherAPIResource(JSONResource):
+    """C{/apps/...}: the Pusher HTTP API of every configured app."""
+
+    allowed_methods = (b"GET", b"POST")
+
+    def __init__(self, hub: Hub, apps: Apps, max_data_size: int, throttle: Throttle, rate_limiter: RateLimiter) -> None:
+        super().__init__()
+        self.hub = hub
+        self.apps = apps
+        self.max_data_size = max_data_size
+        self.throttle = throttle
+        self.rate_limiter = rate_limiter
+
+    def render_GET(self, request: Request) -> int:
+        return self._serve(request)
+
+    def render_POST(self, request: Request) -> int:
+        return self._serve(request)
+
+    def _serve(self, request: Request) -> int:
+        try:
+            d = self._route(request)
+        except PushieError as e:
+            self._refuse(request, e)
+            return NOT_DONE_YET
+        d.addCallback(lambda body: write_json(request, 200, dumps(body)))
+        d.addErrback(lambda failure: self._failed(request, failure))
+        return NOT_DONE_YET
+
+    def _refuse(self, request: Request, error: PushieError) -> None:
+        self.hub.metrics.reject("pusher_api_" + error.code)
+        self.throttle.warn(
+            "pusher_api_" + error.code,
+            "Refused a Pusher API request from {peer}: {status} {message}",
+            peer=request.getClientAddress(),
+            status=error.status,
+            message=error.message,
+        )
+        write_error(request, error)
+
+    def _failed(self, request: Request, failure: Failure) -> None:
+        if isinstance(failure.value, PushieError):
+            error = failure.value
+        else:
+            log.failure("Pusher API request failed", failure)
+            error = EngineUnavailable()
+        if error.code == "engine_unavailable":
+            self.hub.metrics.engine_errors.inc()
+        self._refuse(request, error)
+
+    # -- signing ---------------------------------------------------------
+
+    def _authenticate(self, request: Request, app: App, body: bytes) -> dict[str, str]:
+        """Check the request's signature; return its query parameters."""
+        params: dict[str, str] = {}
+        for raw_key, values in (request.args or {}).items():
+            key = raw_key.decode("utf-8", "replace")
+            if len(values) != 1 or key.lower() in params:
+                raise bad_request("invalid_query", f"query parameter {key!r} is given more than once")
+            params[key.lower()] = values[0].decode("utf-8", "replace")
+        if params.get("auth_key") != app.key:
+            raise unauthorized("auth_key is missing or is not this app's key")
+        if params.get("auth_version", "1.0") != "1.0":
+            raise bad_request("invalid_query", "auth_version must be 1.0")
+        try:
+            timestamp = int(params.get("auth_timestamp", ""))
+        except ValueError:
+            raise unauthorized("auth_timestamp must be the Unix time of the request") from None
+        if abs(self.hub.reactor.seconds() - timestamp) > TIMESTAMP_WINDOW:
+            raise unauthorized(
+                f"auth_timestamp is more than {TIMESTAMP_WINDOW} seconds from the server's time; check the clock"
+            )
+        if body or "body_md5" in params:
+            if not hmac.compare_digest(params.get("body_md5", "").encode(), body_md5(body).encode()):
+                raise unauthorized("body_md5 is missing or does not match the body")
+        path = unquote(request.path.decode("latin-1"))
+        expected = app.sign(api_string_to_sign(request.method.decode("ascii"), path, params))
+        if not hmac.compare_digest(params.get("auth_signature", "").encode(), expected.encode()):
+            raise unauthorized("invalid auth_signature: sign METHOD\\nPATH\\nsorted query with the app's secret")
+        return params
+
+    # -- routing ---------------------------------------------------------
+
+    def _route(self, request: Request) -> Deferred[Any]:
+        path = [unquote(p.decode("utf-8", "replace")) for p in request.postpath]
+        if path and path[-1] == "":
+            path.pop()
+        if not path:
+            raise PushieError(404, "not_found", "use /apps/<app_id>/events (and the rest of the Pusher API)")
+        app = self.apps.by_id(path[0])
+        if app is None:
+            raise PushieError(404, "unknown_app", "no Pusher app has this id on this server")
+        assert request.content is not None
+        body = request.content.read()
+        params = self._authenticate(request, app, body)
+        rest = path[1:]
+        method = request.method
+        if method == b"POST" and rest == ["events"]:
+            self._rate_limit(app)
+            return self._events(app, _json_body(body), batch=False)
+        if method == b"POST" and rest == ["batch_events"]:
+            self._rate_limit(app)
+            return self._events(app, _json_body(body), batch=True)
+        if method in (b"GET", b"HEAD") and rest == ["channels"]:
+            return self._channels(app, params)
+        if method in (b"GET", b"HEAD") and len(rest) == 2 and rest[0] == "channels":
+            return self._channel(app, rest[1], params)
+        if method in (b"GET", b"HEAD") and len(rest) == 3 and rest[0] == "channels" and rest[2] == "users":
+            return self._users(app, rest[1])
+        if method == b"POST" and len(rest) == 3 and rest[0] == "users" and rest[2] == "terminate_connections":
+            return self._terminate(app, rest[1])
+        raise PushieError(404, "not_found", f"no Pusher API endpoint {method.decode()} {'/'.join(rest)}")
+
+    def _rate_limit(self, app: App) -> None:
+        self.rate_limiter.check(b"pusher:" + app.key.encode())
+        if self.hub.draining:
+            raise PushieError(503, "shutting_down", "the server is shutting down; retry", {"Retry-After": "1"})
+
+    # -- triggering ------------------------------------------------------
+
+    def _events(self, app: App, body: Any, batch: bool) -> Deferred[Any]:
+        if batch:
+            if not isinstance(body, dict) or set(body) != {"batch"}:
+                raise bad_request("invalid_body", 'a batch body is {"batch": [event, ...]}')
+            events = body["batch"]
+            if not isinstance(events, list) or not 1 <= len(events) <= MAX_BATCH:
+                raise bad_request("invalid_batch", f'"batch" must hold 1 to {MAX_BATCH} events')
+        else:
+            events = [body]
+        requests: list[PublishRequest] = []
+        infos: list[tuple[list[str], set[str]]] = []
+        for index, event in enumerate(events):
+            where = f"event {index}" if batch else "body"
+            channels, info, event_requests = self._event(app, event, where, batch)
+            requests += event_requests
+            infos.append((channels, info))
+        d = self.hub.publish(requests)
+
+        def answer(publications: Any) -> Deferred[Any]:
+            self.hub.metrics.publications.inc(len(publications))
+            if not any(info for _, info in infos):
+                return succeed({})
+            if batch:
+                # One info object per event, for its (single) channel.
+                return _gather(
+                    [self._info(app, channels[0], info) if info else succeed({}) for channels, info in infos]
+                ).addCallback(lambda results: {"batch": results})
+            channels, info = infos[0]
+            return _gather([self._info(app, c, info) for c in channels]).addCallback(
+                lambda results: {"channels": dict(zip(channels, results, strict=True))}
+            )
+
+        return d.addCallback(answer)
+
+    def _event(self, app: App, event: Any, where: str, batch: bool) -> tuple[list[str], set[str], list[PublishRequest]]:
+        if not isinstance(event, dict):
+            raise bad_request("invalid_body", f"{where}: an event must be a JSON object")
+        unknown = set(event) - _EVENT_FIELDS
+        if unknown:
+            raise bad_request("unknown_field", f"{where}: unknown field {sorted(unknown)[0]!r}")
+        name = event.get("name")
+        if not isinstance(name, str) or not 1 <= len(name) <= MAX_EVENT_NAME:
+            raise bad_request("invalid_event", f'{where}: "name" must be a string of 1 to {MAX_EVENT_NAME} characters')
+        if name.startswith(("pusher:", "pusher_internal:")):
+            raise bad_request("invalid_event", f"{where}: event names starting with pusher: are reserved")
+        if "data" not in event:
+            raise bad_request("missing_data", f'{where}: "data" is required')
+        data = dumps(event["data"])
+        size = len(event["data"].encode("utf-8")) if isinstance(event["data"], str) else len(data)
+        if size > self.max_data_size:
+            raise PushieError(
+                413, "payload_too_large", f"{where}: data is over {self.max_data_size} bytes (pusher_max_data_size)"
+            )
+        if "channel" in event and "channels" in event:
+            raise bad_request("invalid_body", f'{where}: give "channel" or "channels", not both')
+        if "channels" in event and not batch:
+            channels = event["channels"]
+            if not isinstance(channels, list) or not 1 <= len(channels) <= MAX_CHANNELS:
+                raise bad_request("invalid_channels", f'"channels" must list 1 to {MAX_CHANNELS} channels')
+        elif "channel" in event:
+            channels = [event["channel"]]
+        else:
+            raise bad_request(
+                "missing_channel", f'{where}: "channel" is required' + ("" if batch else ' (or "channels")')
+            )
+        for channel in channels:
+            if not is_valid_api_channel(channel):
+                raise bad_request(
+                    "invalid_channel", f"{where}: channel names are 1 to 164 of A-Z a-z 0-9 _ - = @ , . ;"
+                )
+        if len(set(channels)) != len(channels):
+            raise bad_request("invalid_channels", f"{where}: a channel is named twice")
+        socket_id = event.get("socket_id")
+        if socket_id is not None and not is_valid_socket_id(socket_id):
+            raise bad_request("invalid_socket_id", f'{where}: "socket_id" must look like 1234.5678')
+        info = _info_attributes(event.get("info"), where)
+        if "user_count" in info and not all(is_presence(c) for c in channels):
+            raise bad_request("invalid_info", f"{where}: user_count is available for presence- channels only")
+        self._check_counting(info)
+        requests = [PublishRequest(app.hub_name(c), data, name, exclude=socket_id) for c in channels]
+        return channels, info, requests
+
+    # -- reading ---------------------------------------------------------
+
+    def _check_counting(self, info: set[str]) -> None:
+        if "subscription_count" in info and not self._counts_subscriptions():
+            raise bad_request(
+                "invalid_info",
+                "subscription_count is not available with the Redis engine (nodes do not share connection counts)",
+            )
+
+    def _counts_subscriptions(self) -> bool:
+        return self.hub.engine.name == "memory"
+
+    def _info(self, app: App, channel: str, info: set[str]) -> Deferred[dict[str, Any]]:
+        self._check_counting(info)
+        result: dict[str, Any] = {}
+        hub_name = app.hub_name(channel)
+        if "subscription_count" in info:
+            result["subscription_count"] = self.hub.subscriber_count(hub_name)
+        if "user_count" in info:
+            return self.hub.engine.presence(hub_name).addCallback(
+                lambda members: {**result, "user_count": len(members)}
+            )
+        return succeed(result)
+
+    def _channels(self, app: App, params: dict[str, str]) -> Deferred[Any]:
+        prefix = params.get("filter_by_prefix", "")
+        info = _info_attributes(params.get("info"), "info")
+        if "user_count" in info and not prefix.startswith("presence-"):
+            raise bad_request("invalid_info", "info=user_count needs filter_by_prefix=presence-")
+        self._check_counting(info)
+        d = self.hub.engine.occupied(app.hub_prefix + prefix)
+
+        def listed(names: list[str]) -> Deferred[Any]:
+            channels = [app.channel_name(n) for n in names if app.owns(n) and is_valid_channel(app.channel_name(n))]
+            return _gather([self._info(app, c, info) for c in channels]).addCallback(
+                lambda results: {"channels": dict(zip(channels, results, strict=True))}
+            )
+
+        return d.addCallback(listed)
+
+    def _channel(self, app: App, channel: str, params: dict[str, str]) -> Deferred[Any]:
+        if not is_valid_api_channel(channel):
+            raise bad_request("invalid_channel", "channel names are 1 to 164 of A-Z a-z 0-9 _ - = @ , . ;")
+        info = _info_attributes(params.get("info"), "info")
+        if "user_count" in info and not is_presence(channel):
+            raise bad_request("invalid_info", "user_count is available for presence- channels only")
+        self._check_counting(info)
+        hub_name = app.hub_name(channel)
+        d = self.hub.engine.occupied(hub_name)
+
+        def answer(names: list[str]) -> Deferred[Any]:
+            occupied = hub_name in names
+            return self._info(app, channel, info).addCallback(lambda extra: {"occupied": occupied, **extra})
+
+        return d.addCallback(answer)
+
+    def _users(self, app: App, channel: str) -> Deferred[Any]:
+        if not is_valid_channel(channel) or not is_presence(channel):
+            raise bad_request("not_presence_channel", "users are listed for presence- channels only")
+        return self.hub.engine.presence(app.hub_name(channel)).addCallback(
+            lambda members: {"users": [{"id": m.id} for m in members]}
+        )
+
+    def _terminate(self, app: App, user_id: str) -> Deferred[Any]:
+        if not is_valid_user_id(user_id):
+            raise bad_request("invalid_user_id", "a user id is 1 to 128 printable characters")
+        self._rate_limit(app)
+        request = PublishRequest(app.hub_name(USER_CHANNEL_PREFIX + user_id), b"null", TERMINATE_EVENT)
+        return self.hub.publish([request]).addCallback(lambda _: {})
+
+
+def _json_body(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise bad_request("invalid_json", "the body is not valid JSON") from None
+
+
+def _info_attributes(value: Any, where: str) -> set[str]:
+    if value is None or value == "":
+        return set()
+    if not isinstance(value, str):
+        raise bad_request("invalid_info", f"{where}: info is a comma-separated string")
+    attributes = {a.strip() for a in value.split(",") if a.strip()}
+    unknown = attributes - _INFO_ATTRIBUTES
+    if unknown:
+        raise bad_request(
+            "invalid_info", f"{where}: info may name user_count and subscription_count, not {sorted(unknown)[0]!r}"
+        )
+    return attributes
+
+
+def _gather(ds: list[Deferred[Any]]) -> Deferred[list[Any]]:
+    def results(outcomes: list[tuple[bool, Any]]) -> list[Any]:
+        return [value for _, value in outcomes]
+
+    def first_failure(failure: Failure) -> Failure:
+        return failure.value.subFailure  # type: ignore[no-any-return]
+
+    return DeferredList(ds, fireOnOneErrback=True, consumeErrors=True).addCallbacks(results, first_failure)
