@@ -159,10 +159,11 @@ def build_site(
     if pusher_factory is not None:
         # /app/<key>: the key is read from the path by the protocol.
         root.putChild(b"app", WebSocketResource(pusher_factory))
-        root.putChild(
-            b"apps",
-            PusherAPIResource(hub, pusher_factory.apps, settings.pusher_max_data_size, throttle, rate_limiter),
-        )
+        for path, users_root in ((b"apps", False), (b"users", True)):
+            api = PusherAPIResource(
+                hub, pusher_factory.apps, settings.pusher_max_data_size, throttle, rate_limiter, users_root
+            )
+            root.putChild(path, api)
     return PushieSite(root, settings.max_message_size, settings.handshake_timeout, hub.reactor)
 
 

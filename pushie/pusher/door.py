@@ -165,6 +165,7 @@ class PusherProtocol(DoorProtocol):
         self.pinged_at: float | None = None
         self._event_window = 0.0
         self._event_count = 0
+        self._outbox: list[PublishRequest] | None = None
 
     @property
     def socket_id(self) -> str:
@@ -467,9 +468,30 @@ class PusherProtocol(DoorProtocol):
             raise PusherError(f"Client event data is over {factory.max_data_size} bytes")
         user_id = subscription.member.id if subscription.member is not None else None
         request = PublishRequest(self.app.hub_name(channel), data, event, exclude=self.client_id, user_id=user_id)
-        d = factory.hub.publish([request])
-        d.addCallback(lambda publications: factory.hub.metrics.publications.inc(len(publications)))
+        if self._outbox is not None:
+            self._outbox.append(request)  # sent, in order, when the one in flight is stored
+        else:
+            self._outbox = []
+            self._send_client_events([request])
+
+    def _send_client_events(self, requests: list[PublishRequest]) -> None:
+        """
+        Publish client events one batch at a time: two publishes in flight
+        at once may be stored in either order (the Redis engine has several
+        connections), and a client's events must keep their order.
+        """
+        hub = self.factory.hub
+        d = hub.publish(requests)
+        d.addCallback(lambda publications: hub.metrics.publications.inc(len(publications)))
         d.addErrback(lambda failure: self._error(PusherError("The client event could not be sent; retry later")))
+
+        def next_batch(_: object) -> None:
+            waiting, self._outbox = self._outbox, None
+            if waiting:
+                self._outbox = []
+                self._send_client_events(waiting)
+
+        d.addCallback(next_batch)
 
     _handlers: dict[str, Callable[[PusherProtocol, Any], None]] = {
         "pusher:ping": _on_ping,

@@ -62,17 +62,29 @@ def unauthorized(message: str) -> PushieError:
 
 
 class PusherAPIResource(JSONResource):
-    """C{/apps/...}: the Pusher HTTP API of every configured app."""
+    """
+    C{/apps/...}: the Pusher HTTP API of every configured app; with
+    C{users_root}, C{/users/...} (the app named by the signed C{auth_key}).
+    """
 
     allowed_methods = (b"GET", b"POST")
 
-    def __init__(self, hub: Hub, apps: Apps, max_data_size: int, throttle: Throttle, rate_limiter: RateLimiter) -> None:
+    def __init__(
+        self,
+        hub: Hub,
+        apps: Apps,
+        max_data_size: int,
+        throttle: Throttle,
+        rate_limiter: RateLimiter,
+        users_root: bool = False,
+    ) -> None:
         super().__init__()
         self.hub = hub
         self.apps = apps
         self.max_data_size = max_data_size
         self.throttle = throttle
         self.rate_limiter = rate_limiter
+        self.users_root = users_root
 
     def render_GET(self, request: Request) -> int:
         return self._serve(request)
@@ -148,15 +160,24 @@ class PusherAPIResource(JSONResource):
         path = [unquote(p.decode("utf-8", "replace")) for p in request.postpath]
         if path and path[-1] == "":
             path.pop()
-        if not path:
-            raise PushieError(404, "not_found", "use /apps/<app_id>/events (and the rest of the Pusher API)")
-        app = self.apps.by_id(path[0])
-        if app is None:
-            raise PushieError(404, "unknown_app", "no Pusher app has this id on this server")
+        if self.users_root:
+            # /users/<id>/terminate_connections, as pusher-http-python 3.x
+            # sends it: no app id in the path, the signed auth_key names the app.
+            key = (request.args or {}).get(b"auth_key", [b""])[-1].decode("utf-8", "replace")
+            app = self.apps.by_key(key)
+            if app is None:
+                raise unauthorized("auth_key is missing or names no app on this server")
+            rest = ["users", *path]
+        else:
+            if not path:
+                raise PushieError(404, "not_found", "use /apps/<app_id>/events (and the rest of the Pusher API)")
+            app = self.apps.by_id(path[0])
+            if app is None:
+                raise PushieError(404, "unknown_app", "no Pusher app has this id on this server")
+            rest = path[1:]
         assert request.content is not None
         body = request.content.read()
         params = self._authenticate(request, app, body)
-        rest = path[1:]
         method = request.method
         if method == b"POST" and rest == ["events"]:
             self._rate_limit(app)

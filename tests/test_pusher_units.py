@@ -1,0 +1,129 @@
+"""
+The Pusher door's pure parts: the signature vectors of Pusher's references,
+app parsing, and channel kinds matched by anchored prefixes.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from pushie.pusher.apps import (
+    App,
+    Apps,
+    api_string_to_sign,
+    body_md5,
+    channel_auth_string,
+    is_cache,
+    is_encrypted,
+    is_presence,
+    is_private,
+    is_valid_api_channel,
+    is_valid_channel,
+    is_valid_socket_id,
+    parse_apps,
+)
+
+KEY = "278d425bdf160c739803"
+SECRET = "7ad3773142a6692b25b8"
+APP = App("3", KEY, SECRET, primary=True)
+
+
+def test_private_channel_signature_vector():
+    text = channel_auth_string("1234.1234", "private-foobar")
+    assert APP.sign(text) == "58df8b0c36d6982b82c3ecf6b4662e34fe8c25bba48f5369f135bf843651c3a4"
+    assert APP.check_auth(f"{KEY}:{APP.sign(text)}", text)
+
+
+def test_auth_refused_for_wrong_key_signature_or_type():
+    text = channel_auth_string("1234.1234", "private-foobar")
+    good = APP.sign(text)
+    assert not APP.check_auth(f"otherkey:{good}", text)
+    assert not APP.check_auth(f"{KEY}:{good[:-1]}0", text)
+    assert not APP.check_auth(good, text)
+    assert not APP.check_auth(None, text)
+    assert not APP.check_auth(f"{KEY}:{good}", channel_auth_string("1234.1235", "private-foobar"))
+
+
+def test_http_api_signature_vector():
+    body = b'{"name":"foo","channels":["project-3"],"data":"{\\"some\\":\\"data\\"}"}'
+    assert body_md5(body) == "ec365a775a4cd0599faeb73354201b6f"
+    params = {
+        "auth_key": KEY,
+        "auth_timestamp": "1353088179",
+        "auth_version": "1.0",
+        "body_md5": body_md5(body),
+    }
+    signature = APP.sign(api_string_to_sign("POST", "/apps/3/events", params))
+    assert signature == "da454824c97ba181a32ccc17a72625ba02771f50b50e1e7430e47a1f3f457e6c"
+    # auth_signature itself is never part of the string; keys sort lower-cased.
+    assert api_string_to_sign("post", "/p", {"B": "2", "a": "1", "auth_signature": "x"}) == "POST\n/p\na=1&b=2"
+
+
+def test_presence_string_includes_channel_data():
+    assert channel_auth_string("1.2", "presence-x", '{"user_id":"u"}') == '1.2:presence-x:{"user_id":"u"}'
+
+
+@pytest.mark.parametrize(
+    "name, private, presence, encrypted, cache",
+    [
+        ("private-a", True, False, False, False),
+        ("private-encrypted-a", True, False, True, False),
+        ("presence-a", False, True, False, False),
+        ("x-private-y", False, False, False, False),
+        ("public-presence-", False, False, False, False),
+        ("cache-a", False, False, False, True),
+        ("private-cache-a", True, False, False, True),
+        ("presence-cache-a", False, True, False, True),
+        ("xcache-a", False, False, False, False),
+    ],
+)
+def test_channel_kinds_are_anchored_prefixes(name, private, presence, encrypted, cache):
+    assert (is_private(name), is_presence(name), is_encrypted(name), is_cache(name)) == (
+        private,
+        presence,
+        encrypted,
+        cache,
+    )
+
+
+def test_channel_names():
+    assert is_valid_channel("a-Z_0=@,.;")
+    assert is_valid_channel("x" * 164)
+    assert not is_valid_channel("x" * 165)
+    assert not is_valid_channel("")
+    assert not is_valid_channel("a:b")  # valid natively, not in Pusher
+    assert not is_valid_channel("#server-to-user-1")
+    assert is_valid_api_channel("#server-to-user-1")
+    assert not is_valid_api_channel("#server-to-user-")
+    assert not is_valid_api_channel("#other")
+    assert is_valid_socket_id("123.456")
+    assert not is_valid_socket_id("123")
+    assert not is_valid_socket_id("a.b")
+
+
+def test_apps_parse_and_spaces():
+    apps = Apps(parse_apps(["1:key-one:0123456789abcdef", " 2:key-two:fedcba9876543210 "], "test"))
+    first, second = apps.all
+    assert first.primary and not second.primary
+    assert apps.by_key("key-two") is second and apps.by_id("1") is first
+    assert first.hub_name("news") == "news"
+    assert second.hub_name("news") == "2|news"
+    assert second.channel_name("2|news") == "news"
+    assert first.owns("news") and not first.owns("2|news")
+    assert second.owns("2|news") and not second.owns("news")
+    assert apps.owner("2|presence-x") is second and apps.owner("x") is first
+
+
+@pytest.mark.parametrize(
+    "entries, message",
+    [
+        (["1:key"], "id:key:secret"),
+        (["1:key:short"], "at least 16"),
+        (["1:k y:0123456789abcdef"], "may hold only"),
+        (["1:a:0123456789abcdef", "1:b:0123456789abcdef"], "unique"),
+        (["1:a:0123456789abcdef", "2:a:0123456789abcdef"], "unique"),
+    ],
+)
+def test_bad_apps_are_refused(entries, message):
+    with pytest.raises(ValueError, match=message):
+        parse_apps(entries, "pusher_apps")
