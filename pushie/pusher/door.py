@@ -218,7 +218,7 @@ class PusherProtocol(DoorProtocol):
         self.last_seen = factory.hub.reactor.seconds()
         self.send_event(
             "pusher:connection_established",
-            {"socket_id": self.socket_id, "activity_timeout": int(factory.activity_timeout)},
+            {"socket_id": self.socket_id, "activity_timeout": max(1, round(factory.activity_timeout))},
         )
 
     # -- sending ---------------------------------------------------------
