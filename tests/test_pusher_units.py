@@ -127,3 +127,30 @@ def test_apps_parse_and_spaces():
 def test_bad_apps_are_refused(entries, message):
     with pytest.raises(ValueError, match=message):
         parse_apps(entries, "pusher_apps")
+
+
+def test_apps_from_environment_file_and_toml(tmp_path):
+    from pushie.config import ConfigError, load_settings, pusher_apps
+
+    env = {"PUSHIE_PUSHER_APPS": f"3:{KEY}:{SECRET}, 4:other:0123456789abcdef"}
+    apps = pusher_apps(load_settings(environ=env))
+    assert [(a.id, a.key, a.primary) for a in apps] == [("3", KEY, True), ("4", "other", False)]
+
+    listed = tmp_path / "apps"
+    listed.write_text(f"# id:key:secret\n7:filekey:{SECRET}\n")
+    settings = load_settings({"pusher_apps_file": str(listed)}, env)
+    assert [a.id for a in pusher_apps(settings)] == ["7", "3", "4"]  # the file's come first
+
+    toml = tmp_path / "pushie.toml"
+    toml.write_text(f'pusher_apps = ["9:tomlkey:{SECRET}"]\npusher_client_event_rate = 0\n')
+    settings = load_settings(config_file=str(toml))
+    assert [a.key for a in pusher_apps(settings)] == ["tomlkey"] and settings.pusher_client_event_rate == 0
+
+    with pytest.raises(ConfigError, match="id:key:secret"):
+        load_settings(environ={"PUSHIE_PUSHER_APPS": "3:nokey"})
+    with pytest.raises(ConfigError, match="unique"):
+        load_settings({"pusher_apps_file": str(listed)}, {"PUSHIE_PUSHER_APPS": f"7:x:{SECRET}"})
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_settings({"pusher_apps_file": str(tmp_path / "missing")})
+    with pytest.raises(ConfigError, match="secret"):
+        load_settings({"pusher_apps": f"3:{KEY}:{SECRET}"})  # secrets never on the command line
