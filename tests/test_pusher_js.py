@@ -15,7 +15,7 @@ import pytest_twisted
 
 from tests.helpers import sleep
 from tests.pusher_js import PusherJS, require_pusher_js
-from tests.test_pusher import APPS, KEY, SECRET, SDK
+from tests.test_pusher import APPS, KEY, SDK, SECRET
 
 
 @pytest_twisted.async_yield_fixture
