@@ -568,3 +568,44 @@ async def test_bad_frames_get_errors_not_closes(make_daemon):
     client.send({"event": "pusher:some_future_event", "data": {}})
     client.send({"event": "pusher:ping", "data": {}})
     await expect(client, "pusher:pong")
+
+
+# -- several daemons, one Redis ----------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_nodes_share_exclusion_presence_and_termination(redis_server):
+    """The socket to leave out, members and terminations travel between daemons through Redis."""
+    from tests.helpers import assert_reactor_clean, start_daemon
+
+    redis_server.cli("FLUSHALL")
+    nodes = [await start_daemon(engine=redis_server.url, pusher_apps=APPS) for _ in range(2)]
+    try:
+        one, two = nodes
+        sdk_two = SDK(two)
+        ann = await connect(one)
+        bob = await connect(two)
+        for client, user in ((ann, "ann"), (bob, "bob")):
+            auth = sdk_two.authenticate("presence-team", client.socket_id, {"user_id": user})
+            await subscribe(client, "presence-team", **auth)
+        assert (await expect(ann, "pusher_internal:member_added"))["data"]["user_id"] == "bob"
+
+        ann.send({"event": "client-hello", "channel": "presence-team", "data": {"from": "one"}})
+        hello = await expect(bob, "client-hello")
+        assert hello["user_id"] == "ann" and hello["data"] == {"from": "one"}
+        await sdk_two("trigger", "presence-team", "update", "1", socket_id=ann.socket_id)
+        await sdk_two("trigger", "presence-team", "update", "2")
+        assert (await expect(bob, "update"))["data"] == 1
+        assert (await expect(bob, "update"))["data"] == 2
+        assert (await expect(ann, "update"))["data"] == 2  # the first one left ann out, on another node
+
+        signin = sdk_two.client.authenticate_user(ann.socket_id, {"id": "ann"})
+        ann.send({"event": "pusher:signin", "data": signin})
+        await expect(ann, "pusher:signin_success")  # sent once the user channel is live on every node
+        await sdk_two("terminate_user_connections", "ann")
+        assert (await ann.closed)[0] == 4009
+        assert (await expect(bob, "pusher_internal:member_removed"))["data"]["user_id"] == "ann"
+    finally:
+        for node in nodes:
+            await node.stop()
+    await assert_reactor_clean()

@@ -424,11 +424,23 @@ class PusherProtocol(DoorProtocol):
             name = self.app.hub_name(USER_CHANNEL_PREFIX + user_id)
             self._user_channel = _UserChannel(self, name)
             d = self.factory.hub.subscribe(name, self._user_channel)
-            d.addCallbacks(
-                lambda answer: answer.replay_to(self._user_channel) if answer and self._user_channel else None,
-                lambda failure: self._error(PusherError("Sign-in failed; retry later", status=503)),
-            )
+            d.addCallbacks(lambda answer: self._signed_in(user_data, answer), self._signin_failed)
+        else:
+            self.send_event("pusher:signin_success", {"user_data": user_data})
+
+    def _signed_in(self, user_data: str, answer: Subscribed | None) -> None:
+        """The user channel is live (on every node): only now is the sign-in confirmed."""
+        if answer is None or self._user_channel is None or self.state != OPEN:
+            return
         self.send_event("pusher:signin_success", {"user_data": user_data})
+        answer.replay_to(self._user_channel)
+
+    def _signin_failed(self, failure: Any) -> None:
+        self.user_id = None
+        self._user_channel = None
+        if not isinstance(failure.value, PushieError):
+            self.factory.log.failure("Pusher sign-in failed", failure)
+        self._error(PusherError("Sign-in failed; retry later", status=503))
 
     def _subscribe_user_channel(self, channel: str) -> None:
         """pusher-js subscribes to its user's channel after sign-in; the door already delivers it."""
