@@ -31,6 +31,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from pushie.channels import (
+    APP_SEPARATOR,
     ChannelState,
     Member,
     Position,
@@ -43,6 +44,14 @@ from pushie.engines import IEngine
 from pushie.limits import ConnectionLimits
 from pushie.metrics import Metrics
 from pushie.webhooks import Webhooks
+
+
+def reported(name: str) -> bool:
+    """
+    Whether webhooks tell about a channel: the native channel space only, not
+    other Pusher apps' spaces nor Pusher's C{#server-to-user-*} channels.
+    """
+    return APP_SEPARATOR not in name and not name.startswith("#")
 
 
 class Subscriber(Protocol):
@@ -290,7 +299,7 @@ class Hub(Service):
 
     def presence_changed(self, event: PresenceEvent) -> None:
         """Tell a channel's local subscribers that a member joined or left."""
-        if self.webhooks is not None:
+        if self.webhooks is not None and reported(event.channel):
             if event.kind == "join":
                 self.webhooks.member_added(event.channel, event.member.id)
             else:
@@ -335,7 +344,7 @@ class Hub(Service):
         channel = self._channels.get(name)
         if channel is None:
             channel = self._channels[name] = _LocalChannel()
-            if self.webhooks is not None:
+            if self.webhooks is not None and reported(name):
                 self.webhooks.channel_occupied(name)
             self.engine.watch(name).addBoth(channel.watch_done)
         channel.pending[subscriber] = []
@@ -405,7 +414,7 @@ class Hub(Service):
             d.addErrback(lambda f: self.log.failure("Removing a presence member failed", f))
         if not channel.subscribers and not channel.pending:
             del self._channels[name]
-            if self.webhooks is not None:
+            if self.webhooks is not None and reported(name):
                 self.webhooks.channel_vacated(name)
             self.engine.unwatch(name)
 

@@ -86,3 +86,25 @@ def test_webhook_settings_are_checked():
         load_settings(environ={"PUSHIE_WEBHOOK_RETRY_FOR": "600"})
     settings = load_settings({"webhook_url": "https://app.example.com/hooks"}, {"PUSHIE_WEBHOOK_SECRET": "s"})
     assert settings.webhook_secret == "s"
+
+
+@pytest_twisted.ensureDeferred
+async def test_webhooks_tell_only_about_the_native_channel_space(receiver):  # noqa: F811
+    from tests.test_pusher import APPS, OTHER_KEY, SDK, connect, expect, subscribe
+
+    daemon = await start_daemon(
+        engine="memory", webhook_url=receiver.url, webhook_secret=HOOK_SECRET, webhook_debounce=0.1, pusher_apps=APPS
+    )
+    try:
+        other_app = await connect(daemon, key=OTHER_KEY)
+        await subscribe(other_app, "hidden")
+        first_app = await connect(daemon)
+        signin = SDK(daemon).client.authenticate_user(first_app.socket_id, {"id": "u1"})
+        first_app.send({"event": "pusher:signin", "data": signin})
+        await expect(first_app, "pusher:signin_success")
+        await subscribe(first_app, "shared")
+        await wait_for(lambda: receiver.events)
+        await sleep(0.3)
+        assert [event for request in receiver.events for event in request] == [("channel_occupied", "shared")]
+    finally:
+        await daemon.stop()
