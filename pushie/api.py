@@ -21,7 +21,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from pushie.auth import Guard
 from pushie.channels import Publication, PublishRequest, check_channel, dumps
 from pushie.errors import EngineUnavailable, PushieError, bad_request
-from pushie.hub import Hub
+from pushie.hub import Hub, reported
 from pushie.limits import RateLimiter, address_of
 from pushie.logs import Throttle
 
@@ -313,7 +313,9 @@ class ChannelsResource(JSONResource):
     def _answer(self, request: Request, path: list[str]) -> Any:
         if path in ([], [""]):
             channels = [
-                {"name": name, "subscribers": self.hub.subscriber_count(name)} for name in self.hub.channel_names()
+                {"name": name, "subscribers": self.hub.subscriber_count(name)}
+                for name in self.hub.channel_names()
+                if reported(name)
             ]
             return succeed(dumps({"channels": channels}))
         name = check_channel(path[0])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 
 import pytest
 import pytest_twisted
@@ -106,5 +107,8 @@ async def test_webhooks_tell_only_about_the_native_channel_space(receiver):  # n
         await wait_for(lambda: receiver.events)
         await sleep(0.3)
         assert [event for request in receiver.events for event in request] == [("channel_occupied", "shared")]
+        # The server API lists the same space.
+        status, body, _ = await daemon.get("/channels")
+        assert status == 200 and json.loads(body)["channels"] == [{"name": "shared", "subscribers": 1}]
     finally:
         await daemon.stop()
