@@ -21,7 +21,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from pushie.auth import Guard
 from pushie.channels import Publication, PublishRequest, check_channel, dumps
 from pushie.errors import EngineUnavailable, PushieError, bad_request
-from pushie.hub import Hub, reported
+from pushie.hub import Hub, in_native_space
 from pushie.limits import RateLimiter, address_of
 from pushie.logs import Throttle
 
@@ -315,7 +315,7 @@ class ChannelsResource(JSONResource):
             channels = [
                 {"name": name, "subscribers": self.hub.subscriber_count(name)}
                 for name in self.hub.channel_names()
-                if reported(name)
+                if in_native_space(name)
             ]
             return succeed(dumps({"channels": channels}))
         name = check_channel(path[0])

@@ -46,10 +46,11 @@ from pushie.metrics import Metrics
 from pushie.webhooks import Webhooks
 
 
-def reported(name: str) -> bool:
+def in_native_space(name: str) -> bool:
     """
-    Whether webhooks tell about a channel: the native channel space only, not
-    other Pusher apps' spaces nor Pusher's C{#server-to-user-*} channels.
+    Whether a Hub channel is one the native doors can name: not in another
+    Pusher app's space, not a Pusher C{#server-to-user-*} channel.  Webhooks
+    and the server API tell about these only.
     """
     return APP_SEPARATOR not in name and not name.startswith("#")
 
@@ -299,7 +300,7 @@ class Hub(Service):
 
     def presence_changed(self, event: PresenceEvent) -> None:
         """Tell a channel's local subscribers that a member joined or left."""
-        if self.webhooks is not None and reported(event.channel):
+        if self.webhooks is not None and in_native_space(event.channel):
             if event.kind == "join":
                 self.webhooks.member_added(event.channel, event.member.id)
             else:
@@ -344,7 +345,7 @@ class Hub(Service):
         channel = self._channels.get(name)
         if channel is None:
             channel = self._channels[name] = _LocalChannel()
-            if self.webhooks is not None and reported(name):
+            if self.webhooks is not None and in_native_space(name):
                 self.webhooks.channel_occupied(name)
             self.engine.watch(name).addBoth(channel.watch_done)
         channel.pending[subscriber] = []
@@ -414,7 +415,7 @@ class Hub(Service):
             d.addErrback(lambda f: self.log.failure("Removing a presence member failed", f))
         if not channel.subscribers and not channel.pending:
             del self._channels[name]
-            if self.webhooks is not None and reported(name):
+            if self.webhooks is not None and in_native_space(name):
                 self.webhooks.channel_vacated(name)
             self.engine.unwatch(name)
 
