@@ -609,3 +609,24 @@ async def test_two_nodes_share_exclusion_presence_and_termination(redis_server):
         for node in nodes:
             await node.stop()
     await assert_reactor_clean()
+
+
+@pytest_twisted.ensureDeferred
+async def test_slow_pusher_consumer_is_dropped_and_others_keep_up(make_daemon):
+    daemon = await start(make_daemon, slow_consumer_buffer=300 * 1024, slow_consumer_grace=30)
+    slow = await connect(daemon)
+    await subscribe(slow, "flood")
+    slow.protocol.transport.pauseProducing()  # it stops reading
+    fast = await connect(daemon)
+    await subscribe(fast, "flood")
+    sent = 0
+    while len(daemon.hub.connections) == 2 and sent < 2000:
+        status, _, _ = await daemon.publish({"channel": "flood", "data": "x" * 30_000})
+        assert status == 200
+        sent += 1
+        await expect(fast, "message")
+    assert len(daemon.hub.connections) == 1, "the slow consumer was never dropped"
+    assert sent > 10  # for its buffer, not at once
+    slow.protocol.transport.resumeProducing()
+    await slow.closed
+    assert daemon.hub.metrics.slow_consumers._value.get() == 1
