@@ -21,6 +21,7 @@ import treq
 from twisted.internet import threads
 
 from tests.helpers import Daemon, WSClient, connect_ws, sleep, wait_for
+from tests.test_operations import metric
 
 APP_ID, KEY, SECRET = "3", "278d425bdf160c739803", "7ad3773142a6692b25b8"
 OTHER_ID, OTHER_KEY, OTHER_SECRET = "4", "otherkey0001", "0123456789abcdef0123"
@@ -629,4 +630,5 @@ async def test_slow_pusher_consumer_is_dropped_and_others_keep_up(make_daemon):
     assert sent > 10  # for its buffer, not at once
     slow.protocol.transport.resumeProducing()
     await slow.closed
-    assert daemon.hub.metrics.slow_consumers._value.get() == 1
+    status, body, _ = await daemon.get("/metrics")
+    assert metric(body.decode(), "pushie_slow_consumer_disconnects_total") == 1
