@@ -96,8 +96,8 @@ class Publication:
     _envelope: bytes | None = attr.ib(default=None, init=False, repr=False)
     _frame: bytes | None = attr.ib(default=None, init=False, repr=False)
     _sse: bytes | None = attr.ib(default=None, init=False, repr=False)
-    pusher_frame: bytes | None = attr.ib(default=None, init=False, repr=False)
-    """The Pusher door's frame for it, built there on first use."""
+    pusher_frame: tuple[bytes, bytes] | None = attr.ib(default=None, init=False, repr=False)
+    """The Pusher door's message and WebSocket frame for it, built there on first use."""
 
     @classmethod
     def from_envelope(cls, envelope: bytes, exclude: str | None = None) -> Publication:
