@@ -25,6 +25,7 @@ from twisted.logger import Logger
 
 from pushie.auth import CLOSE_TOKEN_EXPIRED, Guard, SubscriberToken
 from pushie.channels import (
+    Burst,
     Member,
     Position,
     PresenceEvent,
@@ -142,6 +143,29 @@ class PushieServerProtocol(WebSocketServerProtocol):
         guard = self._guard
         if guard is not None and guard.paused:
             guard.wrote(len(frame))
+
+    def deliver_burst(self, burst: Burst) -> None:
+        """
+        Send several publications of one channel: one write of the frames
+        the burst joined once for every subscriber.
+        """
+        if self.state != _OPEN:
+            return
+        if self._perMessageCompress is None and self.send_state == _GROUND and not self.send_queue:
+            frames = burst.websocket_frames
+            write_now(self.transport, frames)
+            guard = self._guard
+            if guard is not None and guard.paused:
+                guard.wrote(len(frames))
+        else:
+            for publication in burst.publications:
+                self.deliver(publication)
+
+    def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
+        # Every frame but the fan-out's goes through here: what the Hub
+        # dispatched before it must leave before it.
+        self.factory.hub.flush()
+        super().sendData(data, sync, chopsize)
 
     def _slow_consumer(self) -> None:
         """Too much is waiting for this client: close with 1013 and drop it, so nobody else waits."""
