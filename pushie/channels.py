@@ -156,6 +156,28 @@ class Publication:
         return self._frame
 
 
+class Burst:
+    """
+    The publications of one channel that the Hub dispatched in one reactor
+    turn to the same subscribers, in offset order: they leave in one write
+    per subscriber (one kernel send instead of one per publication), with
+    their frames joined once for all of them.
+    """
+
+    __slots__ = ("publications", "_frames")
+
+    def __init__(self, publications: list[Publication]) -> None:
+        self.publications = publications
+        self._frames: bytes | None = None
+
+    @property
+    def websocket_frames(self) -> bytes:
+        """The WebSocket frames of every publication, back to back."""
+        if self._frames is None:
+            self._frames = b"".join([p.websocket_frame for p in self.publications])
+        return self._frames
+
+
 def is_presence(name: str) -> bool:
     """
     Whether a channel keeps a member list (C{presence-*}), in any app's

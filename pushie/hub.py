@@ -8,6 +8,14 @@ engine calls L{Hub.dispatch} for every publication of a watched channel and
 L{Hub.presence_changed} for joins and leaves.  Per channel, the Hub hands
 publications to subscribers in offset order and never twice.
 
+Fan-out is coalesced: consecutive publications of a channel dispatched in
+one reactor turn (several publishes, a batch) are kept as a burst and leave
+at the end of the turn, one write per subscriber.  A publication of another
+channel in between starts a new burst, so a connection subscribed to several
+channels still receives them in the order they were published.  Anything else a front door sends to a
+connection (a C{subscribed} frame, a close) first calls L{Hub.flush}, so every
+connection still sees frames in the order in which they were dispatched.
+
 Subscribing is where recovery happens, gap-free by construction: the new
 subscriber is registered as I{pending} before the engine is asked anything,
 so every publication dispatched while the engine answers is buffered for it.
@@ -32,6 +40,7 @@ from twisted.python.failure import Failure
 
 from pushie.channels import (
     APP_SEPARATOR,
+    Burst,
     ChannelState,
     Member,
     Position,
@@ -62,6 +71,9 @@ class Subscriber(Protocol):
 
     def deliver(self, publication: Publication) -> None:
         """Send one publication; must not raise and must not block."""
+
+    def deliver_burst(self, burst: Burst) -> None:
+        """Send several publications of one channel, in order, as one write if it can."""
 
     def presence(self, event: PresenceEvent) -> None:
         """Send one join or leave."""
@@ -171,8 +183,18 @@ class Hub(Service):
         metrics: Metrics | None = None,
         limits: ConnectionLimits | None = None,
         webhooks: Webhooks | None = None,
+        coalesce: bool = True,
     ) -> None:
+        """
+        @param coalesce: keep each channel's publications of a reactor turn
+            and send them together at the end of the turn (L{flush}); when
+            false, every publication is sent to every subscriber at once.
+        """
         self.webhooks = webhooks
+        self.coalesce = coalesce
+        # (subscribers, publications) in dispatch order, until flush().
+        self._bursts: list[tuple[tuple[Subscriber, ...], list[Publication]]] = []
+        self._flush_call: Any = None
         self.engine = engine
         self.reactor = reactor
         self.shutdown_timeout = shutdown_timeout
@@ -196,6 +218,10 @@ class Hub(Service):
         C{shutdown_timeout} seconds for them, abort the rest, stop the engine.
         """
         super().stopService()
+        self.flush()
+        if self._flush_call is not None and self._flush_call.active():
+            self._flush_call.cancel()
+        self._flush_call = None
         self.draining = True
         d = self._drain()
         # After the drain, so the vacated/removed events of the closing
@@ -290,13 +316,50 @@ class Hub(Service):
         subscribers = channel.snapshot
         if subscribers is None:
             subscribers = channel.snapshot = tuple(channel.subscribers)
-        for subscriber in subscribers:
-            subscriber.deliver(publication)
         if subscribers:
-            self.metrics.deliveries.inc(len(subscribers))
+            if not self.coalesce:
+                for subscriber in subscribers:
+                    subscriber.deliver(publication)
+                self.metrics.deliveries.inc(len(subscribers))
+            else:
+                # The snapshot is one tuple per channel until its subscribers
+                # change: the same one means the same channel and audience.
+                bursts = self._bursts
+                if bursts and bursts[-1][0] is subscribers:
+                    bursts[-1][1].append(publication)
+                else:
+                    bursts.append((subscribers, [publication]))
+                    if self._flush_call is None:
+                        self._flush_call = self.reactor.callLater(0, self._flush_due)
         if channel.pending:
             for buffered in channel.pending.values():
                 buffered.append(publication)
+
+    def _flush_due(self) -> None:
+        self._flush_call = None
+        self.flush()
+
+    def flush(self) -> None:
+        """
+        Send the publications dispatched and not yet sent, now.  Called at the
+        end of each reactor turn that dispatched any, and by front doors
+        before they send anything else to a connection.
+        """
+        if not self._bursts:
+            return
+        bursts, self._bursts = self._bursts, []
+        delivered = 0
+        for subscribers, publications in bursts:
+            if len(publications) == 1:
+                publication = publications[0]
+                for subscriber in subscribers:
+                    subscriber.deliver(publication)
+            else:
+                burst = Burst(publications)
+                for subscriber in subscribers:
+                    subscriber.deliver_burst(burst)
+            delivered += len(subscribers) * len(publications)
+        self.metrics.deliveries.inc(delivered)
 
     def presence_changed(self, event: PresenceEvent) -> None:
         """Tell a channel's local subscribers that a member joined or left."""
@@ -401,6 +464,8 @@ class Hub(Service):
 
     def unsubscribe(self, name: str, subscriber: Subscriber) -> None:
         """Remove C{subscriber} from channel C{name}; forget the channel when it empties."""
+        # What was dispatched while it was subscribed reaches it first.
+        self.flush()
         channel = self._channels.get(name)
         if channel is None:
             return

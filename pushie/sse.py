@@ -23,7 +23,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from pushie.api import JSONResource, write_error
 from pushie.auth import Guard, SubscriberToken
-from pushie.channels import Member, Position, PresenceEvent, Publication, check_channel, dumps, is_presence
+from pushie.channels import Burst, Member, Position, PresenceEvent, Publication, check_channel, dumps, is_presence
 from pushie.errors import PushieError, bad_request
 from pushie.hub import Hub, Subscribed
 from pushie.limits import SlowConsumerGuard, address_of
@@ -83,6 +83,8 @@ class EventStream:
     # -- output ----------------------------------------------------------
 
     def _write(self, data: bytes) -> None:
+        # What the Hub dispatched before this must leave before it.
+        self.hub.flush()
         if not self.finished:
             self.request.write(data)
             if self.backpressure.paused:
@@ -100,6 +102,10 @@ class EventStream:
         self.positions[publication.channel] = (publication.offset, publication.epoch)
         self._event_id = None
         self._write(b"id: " + self.event_id() + b"\n" + publication.sse_data)
+
+    def deliver_burst(self, burst: Burst) -> None:
+        for publication in burst.publications:
+            self.deliver(publication)
 
     def lost_continuity(self, channel: str) -> None:
         """End the stream: the EventSource reconnects with Last-Event-ID and learns what was lost."""
@@ -173,6 +179,7 @@ class EventStream:
     def close_for_shutdown(self) -> None:
         """End the stream cleanly (the chunked response's last chunk)."""
         if not self.finished:
+            self.hub.flush()
             self.finished = True
             self.request.unregisterProducer()
             self.request.finish()

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import json
 import secrets
+from collections import deque
 from collections.abc import Callable
+from types import FunctionType
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -25,6 +27,7 @@ from twisted.logger import Logger
 
 from pushie.auth import CLOSE_TOKEN_EXPIRED, Guard, SubscriberToken
 from pushie.channels import (
+    Burst,
     Member,
     Position,
     PresenceEvent,
@@ -55,11 +58,49 @@ CLOSE_RESUBSCRIBE = 4002
 # client errors; we report them ourselves through the throttled log.
 _AUTOBAHN_QUIET_CODES = frozenset({1002, 1003, 1007, 1009})
 
+# Per-connection memory.  Autobahn keeps ~90 attributes in each protocol's
+# __dict__ (a 3.3 KB hash table alone).  Its options live on a per-factory
+# subclass instead (PushieServerFactory), what only the opening handshake
+# needs is dropped once open, and the state that is the same for every idle
+# connection is read from these class attributes until it changes: an
+# attribute is only left out of an instance when its value is this very
+# object, so reads see exactly what Autobahn set.
+_IDLE_DEFAULTS: dict[str, Any] = {
+    name: None
+    for name in (
+        "wasNotCleanReason", "localCloseCode", "localCloseReason", "remoteCloseCode", "remoteCloseReason",
+        "openHandshakeTimeoutCall", "closeHandshakeTimeoutCall", "autoPingTimeoutCall", "autoPingPending",
+        "autoPingPendingSent", "trackedTimings", "current_frame", "websocket_protocol_in_use",
+        "_perMessageCompress",
+    )
+}  # fmt: skip
+_IDLE_DEFAULTS.update(
+    {
+        name: False
+        for name in (
+            "wasMaxFramePayloadSizeExceeded", "wasMaxMessagePayloadSizeExceeded", "closedByMe", "failedByMe",
+            "droppedByMe", "wasClean", "wasServerConnectionDropTimeout", "wasOpenHandshakeTimeout",
+            "wasCloseHandshakeTimeout", "wasServingFlashSocketPolicyFile", "triggered", "inside_message",
+        )
+    }
+)  # fmt: skip
+_IDLE_DEFAULTS.update(autoPingPendingSeq=0, send_state=_GROUND, data=b"")
+_HANDSHAKE_ONLY = (
+    "http_request_data", "http_status_line", "http_headers", "http_request_params", "http_response_data",
+    "_wskey", "websocket_protocols", "websocket_extensions",
+)  # fmt: skip
+
+
+_NO_CHANNELS: list[str] = []
+_NO_QUEUE: Any = ()  # Autobahn's send queue while nothing is queued (see sendData)
+
 
 class PushieServerProtocol(WebSocketServerProtocol):
     """One browser's WebSocket connection: a subscriber of any number of channels."""
 
     factory: PushieServerFactory
+
+    __slots__ = ("client_id", "token", "_expiry", "subscriptions", "_initial_channels", "_opened", "_guard")
 
     def __init__(self) -> None:
         super().__init__()
@@ -123,8 +164,22 @@ class PushieServerProtocol(WebSocketServerProtocol):
         self.send_json({"type": "welcome", "client": self.client_id})
         for name in self._initial_channels:
             self._subscribe(name)
-        self._initial_channels = []
+        self._initial_channels = _NO_CHANNELS
         self._arm_expiry()
+        self._shrink()
+
+    def _shrink(self) -> None:
+        """Leave out of this connection's __dict__ what an idle open connection need not hold (see _IDLE_DEFAULTS)."""
+        state = self.__dict__
+        for name in _HANDSHAKE_ONLY:
+            state.pop(name, None)
+        for name, value in _IDLE_DEFAULTS.items():
+            if state.get(name, state) is value:
+                del state[name]
+        if self.send_queue is not None and not self.send_queue and not self.triggered:
+            self.send_queue = _NO_QUEUE  # a deque is 600 bytes; sendData makes one when needed
+        # A dict never shrinks by itself: a copy is sized for what is left.
+        self.__dict__ = dict(state.items())
 
     # -- delivery (hot path) ---------------------------------------------
 
@@ -142,6 +197,31 @@ class PushieServerProtocol(WebSocketServerProtocol):
         guard = self._guard
         if guard is not None and guard.paused:
             guard.wrote(len(frame))
+
+    def deliver_burst(self, burst: Burst) -> None:
+        """
+        Send several publications of one channel: one write of the frames
+        the burst joined once for every subscriber.
+        """
+        if self.state != _OPEN:
+            return
+        if self._perMessageCompress is None and self.send_state == _GROUND and not self.send_queue:
+            frames = burst.websocket_frames
+            write_now(self.transport, frames)
+            guard = self._guard
+            if guard is not None and guard.paused:
+                guard.wrote(len(frames))
+        else:
+            for publication in burst.publications:
+                self.deliver(publication)
+
+    def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
+        # Every frame but the fan-out's goes through here: what the Hub
+        # dispatched before it must leave before it.
+        self.factory.hub.flush()
+        if (sync or chopsize) and self.send_queue is _NO_QUEUE:
+            self.send_queue = deque()
+        super().sendData(data, sync, chopsize)
 
     def _slow_consumer(self) -> None:
         """Too much is waiting for this client: close with 1013 and drop it, so nobody else waits."""
@@ -409,6 +489,10 @@ class _QuietLog:
 
 
 PushieServerProtocol.log = _QuietLog(PushieServerProtocol.log)
+for _name, _value in _IDLE_DEFAULTS.items():
+    setattr(PushieServerProtocol, _name, _value)
+for _name in _HANDSHAKE_ONLY:
+    setattr(PushieServerProtocol, _name, None)
 
 
 class PushieServerFactory(WebSocketServerFactory):
@@ -465,6 +549,14 @@ class PushieServerFactory(WebSocketServerFactory):
             allowedOrigins=["*"],
             allowNullOrigin=True,
         )
+        # Autobahn copies each of its ~30 options from the factory onto every
+        # connection (and pretty-prints them for a debug log): as class
+        # attributes of a subclass made for this factory they are shared.
+        options = {name: getattr(self, name) for name in PushieServerProtocol.CONFIG_ATTRS}
+        for name, value in options.items():
+            if isinstance(value, FunctionType):  # a callable option must not become a method
+                options[name] = staticmethod(value)
+        self.protocol = type("PushieServerProtocol", (PushieServerProtocol,), {**options, "CONFIG_ATTRS": ()})
 
     def origin_allowed(self, origin: str | None) -> bool:
         """

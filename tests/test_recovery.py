@@ -60,6 +60,10 @@ class Client:
         self.received.append(publication)
         self.position = Position(publication.offset, publication.epoch)
 
+    def deliver_burst(self, burst) -> None:
+        for publication in burst.publications:
+            self.deliver(publication)
+
     def presence(self, event) -> None:
         pass
 
@@ -83,10 +87,13 @@ OPS = st.lists(
 )
 
 
-def run_ops(ops, history_size, history_ttl):
+def run_ops(ops, history_size, history_ttl, coalesce):
     clock = Clock()
     engine = HeldEngine(clock=clock, history_size=history_size, history_ttl=history_ttl)
-    hub = Hub(engine, clock)
+    # Coalesced, publications wait for the end of the reactor turn (a
+    # `wait`, or the end of the run): unsubscribes and resubscribes happen
+    # while bursts are pending.
+    hub = Hub(engine, clock, coalesce=coalesce)
     hub.startService()
     watcher = Client("watcher")  # keeps the channel alive, never leaves
     hub.subscribe("c", watcher).addCallback(watcher.subscribed)
@@ -119,14 +126,15 @@ def run_ops(ops, history_size, history_ttl):
             clock.advance(n)
     if not connected:  # the client always comes back in the end
         hub.subscribe("c", client, since=client.position).addCallback(client.subscribed)
+    clock.advance(0)
     engine.stop()
     return watcher, client, published
 
 
-@settings(max_examples=200, deadline=None)
-@given(OPS)
-def test_resumed_sequence_equals_the_published_one(ops):
-    watcher, client, published = run_ops(ops, history_size=1000, history_ttl=3600)
+@settings(max_examples=300, deadline=None)
+@given(ops=OPS, coalesce=st.booleans())
+def test_resumed_sequence_equals_the_published_one(ops, coalesce):
+    watcher, client, published = run_ops(ops, history_size=1000, history_ttl=3600, coalesce=coalesce)
     expected = list(range(1, published + 1))
     assert [p.offset for p in watcher.received] == expected
     # History reaches back far enough: every recovery succeeds, and the
@@ -136,10 +144,10 @@ def test_resumed_sequence_equals_the_published_one(ops):
     assert [p.data for p in client.received] == [b"%d" % i for i in expected]
 
 
-@settings(max_examples=200, deadline=None)
-@given(OPS)
-def test_short_history_never_lies(ops):
-    watcher, client, published = run_ops(ops, history_size=3, history_ttl=2)
+@settings(max_examples=300, deadline=None)
+@given(ops=OPS, coalesce=st.booleans())
+def test_short_history_never_lies(ops, coalesce):
+    watcher, client, published = run_ops(ops, history_size=3, history_ttl=2, coalesce=coalesce)
     offsets = [p.offset for p in client.received]
     # Never a duplicate, never out of order.
     assert offsets == sorted(set(offsets))

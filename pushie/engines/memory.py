@@ -41,7 +41,9 @@ def new_epoch() -> str:
 class _Channel:
     offset: int
     epoch: str
-    history: deque[tuple[float, Publication]]
+    # None while the channel keeps nothing: a deque costs 600 bytes even empty,
+    # and an idle channel (subscribed, nothing published lately) keeps nothing.
+    history: deque[tuple[float, Publication]] | None = None
     watchers: int = 0
     members: dict[str, list] = attr.ib(factory=dict)  # sub -> [connections, Member]
 
@@ -86,7 +88,7 @@ class MemoryEngine:
     def _channel(self, name: str) -> _Channel:
         channel = self._channels.get(name)
         if channel is None:
-            channel = self._channels[name] = _Channel(0, new_epoch(), deque())
+            channel = self._channels[name] = _Channel(0, new_epoch())
         return channel
 
     def _forget_if_idle(self, name: str) -> None:
@@ -113,6 +115,8 @@ class MemoryEngine:
             history = channel.history
             while history and history[0][1].offset <= offset:
                 history.popleft()
+            if not history:
+                channel.history = None
             self._forget_if_idle(name)
 
     # -- publishing ------------------------------------------------------
@@ -135,9 +139,12 @@ class MemoryEngine:
             channel.offset += 1
             publication = Publication.of(request, channel.offset, channel.epoch)
             if self.history_size > 0:
-                channel.history.append((now, publication))
-                if len(channel.history) > self.history_size:
-                    channel.history.popleft()
+                history = channel.history
+                if history is None:
+                    history = channel.history = deque()
+                history.append((now, publication))
+                if len(history) > self.history_size:
+                    history.popleft()
                 self._expiries.append((now + self.history_ttl, request.channel, channel.offset))
             if key is not None:
                 self._idempotency[key] = (now + IDEMPOTENCY_WINDOW, ChannelState(channel.offset, channel.epoch))
@@ -165,7 +172,7 @@ class MemoryEngine:
         channel = self._channels.get(name)
         if channel is None:
             return succeed(History(ChannelState(0, new_epoch()), [], since == 0))
-        kept = [p for _, p in channel.history if p.offset > since]
+        kept = [p for _, p in channel.history or () if p.offset > since]
         first_kept = kept[0].offset if kept else channel.offset + 1
         complete = first_kept <= since + 1
         if limit is not None:
