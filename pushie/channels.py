@@ -164,11 +164,13 @@ class Burst:
     their frames joined once for all of them.
     """
 
-    __slots__ = ("publications", "_frames")
+    __slots__ = ("publications", "_frames", "pusher_frames")
 
     def __init__(self, publications: list[Publication]) -> None:
         self.publications = publications
         self._frames: bytes | None = None
+        self.pusher_frames: bytes | None = None
+        """The Pusher door's frames of every publication, joined there on first use."""
 
     @property
     def websocket_frames(self) -> bytes:

@@ -62,18 +62,33 @@ class DoorProtocol(WebSocketServerProtocol):
             transport.unregisterProducer()
         transport.registerProducer(self._guard, True)
 
+    def fast_path_open(self) -> bool:
+        """Whether frames may go straight to the socket: no compression, nothing queued in Autobahn."""
+        return self._perMessageCompress is None and self.send_state == _GROUND and not self.send_queue
+
     def send_prepared(self, payload: bytes, frame: bytes) -> None:
         """
         Send one text message whose unmasked frame is C{frame}: straight to
         the socket when nothing else is queued, through Autobahn otherwise.
         """
-        if self._perMessageCompress is None and self.send_state == _GROUND and not self.send_queue:
-            write_now(self.transport, frame)
+        if self.fast_path_open():
+            self.write_frames(frame)
         else:
             self.sendMessage(payload, isBinary=False)
+
+    def write_frames(self, frames: bytes) -> None:
+        """Write ready frames (one or several) on the fast path; see L{fast_path_open}."""
+        write_now(self.transport, frames)
         guard = self._guard
         if guard is not None and guard.paused:
-            guard.wrote(len(frame))
+            guard.wrote(len(frames))
+
+    def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
+        # Every frame but the fan-out's goes through here: what the Hub
+        # dispatched before it (and holds until the end of the turn) must
+        # leave before it.
+        self.factory.hub.flush()
+        super().sendData(data, sync, chopsize)
 
     def _slow_consumer(self) -> None:
         """Too much is waiting for this client: close and drop it."""

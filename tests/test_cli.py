@@ -389,7 +389,8 @@ async def test_listen_prints_json_lines_and_resumes_after_a_drop(make_daemon, cl
         [{"channel": "news", "data": {"n": 3}}, {"channel": "sport", "data": {"n": 4}}, {"channel": "news", "data": 5}]
     )
     lines += [await proc.line() for _ in range(3)]
-    assert proc.stderr.count("resumed") == 2
+    # stderr is another pipe: its lines may come in after stdout's.
+    await wait_for(lambda: proc.stderr.count("resumed") == 2, timeout=5)
     await daemon.publish({"channel": "sport", "data": "live"})
     lines.append(await proc.line())
     assert await proc.exit_code() == 0, proc.stderr

@@ -32,7 +32,7 @@ from twisted.application.service import Service
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from pushie.channels import Member, Position, PresenceEvent, Publication, PublishRequest, dumps
+from pushie.channels import Burst, Member, Position, PresenceEvent, Publication, PublishRequest, dumps
 from pushie.errors import PushieError
 from pushie.hub import Hub, Subscribed
 from pushie.logs import Throttle
@@ -127,6 +127,10 @@ class _UserChannel:
             self.protocol.terminate()
         else:
             self.protocol.deliver(publication)
+
+    def deliver_burst(self, burst: Burst) -> None:
+        for publication in burst.publications:
+            self.deliver(publication)
 
     def presence(self, event: PresenceEvent) -> None:
         pass
@@ -234,6 +238,31 @@ class PusherProtocol(DoorProtocol):
         assert self.app is not None
         payload, frame = publication_frame(publication, self.app)
         self.send_prepared(payload, frame)
+
+    def deliver_burst(self, burst: Burst) -> None:
+        """
+        Send several publications of one channel in one write.  The joined
+        frames are shared by every Pusher subscriber of the burst, except
+        by a connection that some of them leave out.
+        """
+        if self.state != OPEN:
+            return
+        app = self.app
+        assert app is not None
+        me = self.client_id
+        publications = burst.publications
+        if not self.fast_path_open():
+            for publication in publications:
+                self.deliver(publication)
+            return
+        if any(p.exclude == me for p in publications):
+            frames = b"".join([publication_frame(p, app)[1] for p in publications if p.exclude != me])
+        else:
+            frames = burst.pusher_frames
+            if frames is None:
+                frames = burst.pusher_frames = b"".join([publication_frame(p, app)[1] for p in publications])
+        if frames:
+            self.write_frames(frames)
 
     def presence(self, event: PresenceEvent) -> None:
         assert self.app is not None
