@@ -632,3 +632,24 @@ async def test_slow_pusher_consumer_is_dropped_and_others_keep_up(make_daemon):
     await slow.closed
     status, body, _ = await daemon.get("/metrics")
     assert metric(body.decode(), "pushie_slow_consumer_disconnects_total") == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_burst_leaves_out_only_the_excluded_socket(make_daemon):
+    """A batch dispatched in one reactor turn goes out as one write, each socket_id still left out."""
+    daemon = await start(make_daemon)
+    a = await connect(daemon)
+    b = await connect(daemon)
+    await subscribe(a, "c")
+    await subscribe(b, "c")
+    batch = [
+        {"name": "e", "channel": "c", "data": "1", "socket_id": a.socket_id},
+        {"name": "e", "channel": "c", "data": "2"},
+        {"name": "e", "channel": "c", "data": "3", "socket_id": a.socket_id},
+        {"name": "e", "channel": "c", "data": "4"},
+    ]
+    assert await SDK(daemon)("trigger_batch", batch) == {}
+    assert [(await expect(b, "e"))["data"] for _ in range(4)] == [1, 2, 3, 4]
+    assert [(await expect(a, "e"))["data"] for _ in range(2)] == [2, 4]
+    await sleep(0.1)
+    assert a.pending() == [] and b.pending() == []
