@@ -216,6 +216,15 @@ class PushieService(MultiService):
             state=f"{len(secrets)} secrets verify them" if secrets else "no secrets configured, tokens are refused",
             channels="all channels" if self.guard.require_token else "private-* and presence-* channels",
         )
+        if self.pusher_factory is not None:
+            apps = self.pusher_factory.apps.all
+            log.info(
+                "Pusher door: {count} apps ({ids}) at /app/<key> and /apps/<id>/; "
+                "app {first} shares the native channels",
+                count=len(apps),
+                ids=", ".join(app.id for app in apps),
+                first=apps[0].id,
+            )
         # MultiService.startService ignores its children's Deferreds; gather
         # them so that callers (and tests) learn when every port listens.
         Service.startService(self)

@@ -653,3 +653,28 @@ async def test_a_burst_leaves_out_only_the_excluded_socket(make_daemon):
     assert [(await expect(a, "e"))["data"] for _ in range(2)] == [2, 4]
     await sleep(0.1)
     assert a.pending() == [] and b.pending() == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_twistd_plugin_serves_the_pusher_door_from_the_environment(tmp_path):
+    from tests.test_daemon import spawn, stop
+
+    tcp = "tcp:0:interface=127.0.0.1"
+    proc = spawn(["-n", "--pidfile=", "pushie", "--listen", tcp], {"PUSHIE_PUSHER_APPS": ",".join(APPS)})
+    try:
+        await wait_for(lambda: proc.addresses or proc.ended.called, timeout=20)
+        assert proc.addresses, proc.output.decode()
+        port = proc.port_of(tcp)
+        assert "Pusher door: 2 apps" in proc.output.decode()
+        client = await connect_ws(port, f"/app/{KEY}?protocol=7")
+        await expect(client, "pusher:connection_established")
+        client.send({"event": "pusher:subscribe", "data": {"channel": "bunno"}})
+        await expect(client, "pusher_internal:subscription_succeeded")
+        sdk = pusher.Pusher(app_id=APP_ID, key=KEY, secret=SECRET, host="127.0.0.1", port=port, ssl=False)
+        sdk._pusher_client.http.session.headers["Connection"] = "close"
+        await threads.deferToThread(sdk.trigger, "bunno", "hello", {"from": "rails"})
+        assert (await expect(client, "hello"))["data"] == {"from": "rails"}
+        assert await stop(proc) == 0
+        assert (await client.closed)[0] == 4200  # SIGTERM drains: pusher-js reconnects at once elsewhere
+    finally:
+        await stop(proc)
