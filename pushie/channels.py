@@ -14,7 +14,6 @@ import re
 from typing import Any
 
 import attr
-from autobahn.websocket.protocol import PreparedMessage
 
 from pushie.errors import bad_request
 
@@ -49,9 +48,33 @@ def is_guarded(name: str) -> bool:
     return name.startswith(PRIVATE_PREFIXES)
 
 
+# json.dumps builds a new encoder for every call with options; this one is built once.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+# Strings made of these characters need no escaping in JSON (channel names,
+# the engines' epochs, most event names).
+_PLAIN_RE = re.compile(r"[A-Za-z0-9_\-=@,.;: ]*\Z")
+
+
 def dumps(value: Any) -> bytes:
     """Compact JSON bytes, non-ASCII kept as UTF-8."""
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return _ENCODER.encode(value).encode("utf-8")
+
+
+def json_string(text: str) -> bytes:
+    """C{dumps(text)} for a string, without the encoder for the common plain strings."""
+    if _PLAIN_RE.match(text) is not None:
+        return b'"' + text.encode("ascii") + b'"'
+    return _ENCODER.encode(text).encode("utf-8")
+
+
+def text_frame(payload: bytes) -> bytes:
+    """One unmasked, unfragmented WebSocket text frame (RFC 6455 5.2) carrying C{payload}."""
+    size = len(payload)
+    if size < 126:
+        return b"\x81" + bytes((size,)) + payload
+    if size < 65536:
+        return b"\x81\x7e" + size.to_bytes(2, "big") + payload
+    return b"\x81\x7f" + size.to_bytes(8, "big") + payload
 
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)
@@ -106,11 +129,11 @@ class Publication:
             self._envelope = b"".join(
                 (
                     b'{"type":"message","channel":',
-                    dumps(self.channel),
+                    json_string(self.channel),
                     b',"event":',
-                    dumps(self.event),
+                    b'"message"' if self.event == "message" else json_string(self.event),
                     b',"offset":%d,"epoch":' % self.offset,
-                    dumps(self.epoch),
+                    json_string(self.epoch),
                     b',"data":',
                     self.data,
                     b"}",
@@ -129,9 +152,7 @@ class Publication:
     def websocket_frame(self) -> bytes:
         """The envelope as one unmasked WebSocket text frame, ready for a transport."""
         if self._frame is None:
-            self._frame = PreparedMessage(
-                self.envelope, isBinary=False, applyMask=False, doNotCompress=True
-            ).payloadHybi
+            self._frame = text_frame(self.envelope)
         return self._frame
 
 
