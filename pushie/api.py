@@ -39,6 +39,8 @@ def write_json(request: Request, status: int, body: bytes, headers: dict[str, st
     request.setResponseCode(status)
     request.setHeader(b"content-type", b"application/json")
     request.setHeader(b"cache-control", b"no-store")
+    # A known length: no chunked encoding (fewer bytes, no last-chunk write).
+    request.setHeader(b"content-length", b"%d" % len(body))
     for name, value in (headers or {}).items():
         request.setHeader(name.encode("ascii"), value.encode("ascii"))
     request.write(body)
