@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+from json.encoder import c_make_encoder, encode_basestring  # type: ignore[attr-defined]
 from typing import Any
 
 import attr
@@ -55,8 +56,20 @@ _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 _PLAIN_RE = re.compile(r"[A-Za-z0-9_\-=@,.;: ]*\Z")
 
 
+# JSONEncoder.encode still builds its C encoder (and a dict for circular
+# reference checks) on every call; this one is built once.  What Pushie
+# encodes cannot be circular (data parsed from JSON, or records it builds).
+_C_ENCODE = (
+    c_make_encoder(None, _ENCODER.default, encode_basestring, None, ":", ",", False, False, True)
+    if c_make_encoder is not None
+    else None
+)
+
+
 def dumps(value: Any) -> bytes:
     """Compact JSON bytes, non-ASCII kept as UTF-8."""
+    if _C_ENCODE is not None:
+        return "".join(_C_ENCODE(value, 0)).encode("utf-8")
     return _ENCODER.encode(value).encode("utf-8")
 
 

@@ -153,3 +153,10 @@ def test_hand_built_envelope_and_answer_equal_dumps(channel, offset, epoch, even
     assert result_json(publication) == dumps(result_of(publication))
     expected = {"type": "message", "channel": channel, "event": event, "offset": offset, "epoch": epoch, "data": [1]}
     assert publication.envelope == dumps(expected)
+
+
+@given(JSON_VALUES)
+def test_dumps_equals_json_dumps(value):
+    from pushie.channels import dumps
+
+    assert dumps(value) == json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
