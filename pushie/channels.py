@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import json
 import re
+from json.encoder import c_make_encoder, encode_basestring  # type: ignore[attr-defined]
 from typing import Any
 
 import attr
-from autobahn.websocket.protocol import PreparedMessage
 
 from pushie.errors import bad_request
 
@@ -49,9 +49,45 @@ def is_guarded(name: str) -> bool:
     return name.startswith(PRIVATE_PREFIXES)
 
 
+# json.dumps builds a new encoder for every call with options; this one is built once.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+# Strings made of these characters need no escaping in JSON (channel names,
+# the engines' epochs, most event names).
+_PLAIN_RE = re.compile(r"[A-Za-z0-9_\-=@,.;: ]*\Z")
+
+
+# JSONEncoder.encode still builds its C encoder (and a dict for circular
+# reference checks) on every call; this one is built once.  What Pushie
+# encodes cannot be circular (data parsed from JSON, or records it builds).
+_C_ENCODE = (
+    c_make_encoder(None, _ENCODER.default, encode_basestring, None, ":", ",", False, False, True)
+    if c_make_encoder is not None
+    else None
+)
+
+
 def dumps(value: Any) -> bytes:
     """Compact JSON bytes, non-ASCII kept as UTF-8."""
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    if _C_ENCODE is not None:
+        return "".join(_C_ENCODE(value, 0)).encode("utf-8")
+    return _ENCODER.encode(value).encode("utf-8")
+
+
+def json_string(text: str) -> bytes:
+    """C{dumps(text)} for a string, without the encoder for the common plain strings."""
+    if _PLAIN_RE.match(text) is not None:
+        return b'"' + text.encode("ascii") + b'"'
+    return _ENCODER.encode(text).encode("utf-8")
+
+
+def text_frame(payload: bytes) -> bytes:
+    """One unmasked, unfragmented WebSocket text frame (RFC 6455 5.2) carrying C{payload}."""
+    size = len(payload)
+    if size < 126:
+        return b"\x81" + bytes((size,)) + payload
+    if size < 65536:
+        return b"\x81\x7e" + size.to_bytes(2, "big") + payload
+    return b"\x81\x7f" + size.to_bytes(8, "big") + payload
 
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)
@@ -127,11 +163,11 @@ class Publication:
             self._envelope = b"".join(
                 (
                     b'{"type":"message","channel":',
-                    dumps(self.channel),
+                    json_string(self.channel),
                     b',"event":',
-                    dumps(self.event),
+                    b'"message"' if self.event == "message" else json_string(self.event),
                     b',"offset":%d,"epoch":' % self.offset,
-                    dumps(self.epoch),
+                    json_string(self.epoch),
                     b',"data":',
                     self.data,
                     b"}" if self.user_id is None else b',"user_id":' + dumps(self.user_id) + b"}",
@@ -150,9 +186,7 @@ class Publication:
     def websocket_frame(self) -> bytes:
         """The envelope as one unmasked WebSocket text frame, ready for a transport."""
         if self._frame is None:
-            self._frame = PreparedMessage(
-                self.envelope, isBinary=False, applyMask=False, doNotCompress=True
-            ).payloadHybi
+            self._frame = text_frame(self.envelope)
         return self._frame
 
 

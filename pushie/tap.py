@@ -163,7 +163,6 @@ class PushieService(MultiService):
             max_message_size=settings.max_message_size,
             ping_interval=settings.ping_interval,
             ping_timeout=settings.ping_timeout,
-            handshake_timeout=settings.handshake_timeout,
             allowed_origins=settings.allowed_origin,
             max_subscriptions=settings.max_subscriptions,
             slow_consumer_buffer=settings.slow_consumer_buffer,

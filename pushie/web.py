@@ -19,6 +19,8 @@ from importlib.resources import files
 from typing import Any
 
 from autobahn.twisted.resource import WebSocketResource
+from twisted.protocols.policies import ProtocolWrapper
+from twisted.web.http import HTTPChannel, _GenericHTTPChannelProtocol
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
@@ -74,18 +76,101 @@ class PushieRequest(Request):
         super().process()
 
 
+_HEADER_NEEDS_TWISTED = (b" ", b"\t")  # a folded header line
+_BODY_HEADERS = (b"content-length:", b"transfer-encoding:")
+
+
+class PushieHTTPChannel(HTTPChannel):
+    """
+    twisted.web's HTTP channel, with a short way for WebSocket opening
+    handshakes: a C{GET /websocket} request goes to the site's WebSocket
+    factory as the bytes that arrived, before twisted.web builds a Request
+    out of it (which WebSocketResource would turn back into bytes for
+    Autobahn to parse again).  The request line and headers are still
+    capped at C{totalHeadersSize} and must arrive within the site's timeout;
+    a request with a body or folded headers takes twisted.web's way, through
+    the same WebSocketResource.
+    """
+
+    _upgrade: list[bytes] | None = None
+    _upgrade_size = 0
+
+    def lineReceived(self, line: bytes) -> Any:
+        upgrade = self._upgrade
+        if upgrade is None:
+            if (
+                not self.requests  # a request line, not a header
+                and line.startswith(b"GET /websocket")
+                and line.endswith(b" HTTP/1.1")
+                and line[14:15] in (b" ", b"?")
+                and getattr(self.site, "websocket_factory", None) is not None
+            ):
+                self._upgrade = [line]
+                self._upgrade_size = len(line)
+                return None
+            return super().lineReceived(line)
+        if not line:
+            self._hand_over()
+            return None
+        self._upgrade_size += len(line)
+        if (
+            self._upgrade_size > self.totalHeadersSize
+            or line[:1] in _HEADER_NEEDS_TWISTED
+            or line[:18].lower().startswith(_BODY_HEADERS)
+        ):
+            # twisted.web's way after all: it sees the lines as they came.
+            self._upgrade = None
+            for earlier in [*upgrade, line]:
+                super().lineReceived(earlier)
+                if self.transport is None or self.transport.disconnecting:
+                    break
+            return None
+        upgrade.append(line)
+        return None
+
+    def _hand_over(self) -> None:
+        """Give the connection to a WebSocket protocol, as WebSocketResource does."""
+        assert self._upgrade is not None
+        data = b"\r\n".join(self._upgrade) + b"\r\n\r\n" + self.clearLineBuffer()
+        self._upgrade = None
+        self.setTimeout(None)
+        transport = self.transport
+        assert transport is not None
+        protocol = self.site.websocket_factory.buildProtocol(transport.getPeer())
+        if protocol is None:
+            transport.loseConnection()
+            return
+        if isinstance(transport, ProtocolWrapper):  # TLS
+            transport.wrappedProtocol = protocol
+        elif isinstance(transport.protocol, ProtocolWrapper):
+            transport.protocol.wrappedProtocol = protocol
+        else:
+            transport.protocol = protocol
+        protocol.makeConnection(transport)
+        protocol.dataReceived(data)
+
+
+def _channel(site: Site) -> _GenericHTTPChannelProtocol:
+    # As twisted.web's own factory (which also negotiates HTTP/2 over TLS), with our channel.
+    return _GenericHTTPChannelProtocol(PushieHTTPChannel())
+
+
 class PushieSite(Site):
     """A L{Site} with Pushie's request class and no access log by default."""
 
     requestFactory = PushieRequest
+    protocol = _channel
     noisy = False
 
-    def __init__(self, root: Resource, max_body_size: int, timeout: float, reactor: Any) -> None:
+    def __init__(
+        self, root: Resource, max_body_size: int, timeout: float, reactor: Any, websocket_factory: Any = None
+    ) -> None:
         # `timeout` drops connections that stay silent that long: a request
         # (or a WebSocket handshake) must arrive in time, and idle keep-alive
         # connections do not pile up.
         super().__init__(root, timeout=timeout, reactor=reactor, parsePOSTFormSubmission=False)
         self.max_body_size = max_body_size
+        self.websocket_factory = websocket_factory
 
     def log(self, request: Request) -> None:
         """No per-request access log: a push server sees too many."""
@@ -164,7 +249,9 @@ def build_site(
                 hub, pusher_factory.apps, settings.pusher_max_data_size, throttle, rate_limiter, users_root
             )
             root.putChild(path, api)
-    return PushieSite(root, settings.max_message_size, settings.handshake_timeout, hub.reactor)
+    return PushieSite(
+        root, settings.max_message_size, settings.handshake_timeout, hub.reactor, websocket_factory=websocket_factory
+    )
 
 
 def build_metrics_site(hub: Any, settings: Any) -> PushieSite:

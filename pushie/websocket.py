@@ -508,7 +508,6 @@ class PushieServerFactory(WebSocketServerFactory):
         max_message_size: int,
         ping_interval: float,
         ping_timeout: float,
-        handshake_timeout: float,
         close_timeout: float = 5.0,
         allowed_origins: list[str] | None = None,
         max_subscriptions: int = 0,
@@ -533,7 +532,11 @@ class PushieServerFactory(WebSocketServerFactory):
             maxMessagePayloadSize=max_message_size,
             autoFragmentSize=0,
             failByDrop=False,
-            openHandshakeTimeout=handshake_timeout,
+            # Behind WebSocketResource the whole opening request has arrived
+            # (within the site's handshake_timeout) before Autobahn sees it,
+            # and onConnect answers at once: Autobahn's own timer would be
+            # armed and cancelled in the same call, for every connection.
+            openHandshakeTimeout=0,
             closeHandshakeTimeout=close_timeout,
             autoPingInterval=ping_interval,
             autoPingTimeout=ping_timeout,

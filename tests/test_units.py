@@ -121,3 +121,42 @@ def test_throttle_logs_the_first_and_counts_the_rest():
     clock.advance(10)
     throttle.warn("bad", "bad request from {peer}", peer="p")
     assert len(events) == 3 and events[2]["suppressed"] == 4
+
+
+# -- the hand-built encodings equal the library ones ------------------------
+
+
+@pytest.mark.parametrize("size", [0, 1, 125, 126, 127, 65535, 65536, 70000])
+def test_text_frame_equals_autobahns_prepared_frame(size):
+    from autobahn.websocket.protocol import PreparedMessage
+
+    from pushie.channels import text_frame
+
+    payload = b"x" * size
+    expected = PreparedMessage(payload, isBinary=False, applyMask=False, doNotCompress=True).payloadHybi
+    assert text_frame(payload) == expected
+
+
+@given(st.text(max_size=50) | st.sampled_from(["message", "c-1_2=@,.;:", "a b", 'q"', "back\\slash", "é", "\x00"]))
+def test_json_string_equals_dumps(text):
+    from pushie.channels import dumps, json_string
+
+    assert json_string(text) == dumps(text) == json.dumps(text, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+@given(st.text(max_size=20), st.integers(0, 2**63), st.text(max_size=20), st.text(min_size=1, max_size=20))
+def test_hand_built_envelope_and_answer_equal_dumps(channel, offset, epoch, event):
+    from pushie.api import result_json, result_of
+    from pushie.channels import dumps
+
+    publication = Publication(channel, offset, epoch, b"[1]", event)
+    assert result_json(publication) == dumps(result_of(publication))
+    expected = {"type": "message", "channel": channel, "event": event, "offset": offset, "epoch": epoch, "data": [1]}
+    assert publication.envelope == dumps(expected)
+
+
+@given(JSON_VALUES)
+def test_dumps_equals_json_dumps(value):
+    from pushie.channels import dumps
+
+    assert dumps(value) == json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()

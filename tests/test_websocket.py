@@ -6,7 +6,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import error
 
-from tests.helpers import connect_ws, raw_connect, raw_handshake, sleep, wait_for
+from tests.helpers import HANDSHAKE, connect_ws, raw_connect, raw_handshake, sleep, wait_for
 
 
 async def welcomed(daemon, query=""):
@@ -275,3 +275,63 @@ async def test_shutdown_aborts_a_peer_that_never_closes(make_daemon):
     await daemon.service.stopService()
     await wait_for(lambda: peer.lost.called, timeout=3)
     assert b"\x88\x02\x03\xe9" in peer.received or b"\x88" in peer.received  # close frame 1001 was sent
+
+
+# -- the short way of opening handshakes (pushie.web.PushieHTTPChannel) -----
+
+
+def masked_text(payload: bytes) -> bytes:
+    mask = b"\x01\x02\x03\x04"
+    return bytes((0x81, 0x80 | len(payload))) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+@pytest_twisted.ensureDeferred
+async def test_frames_in_the_same_packet_as_the_handshake_are_read(daemon):
+    client = await raw_connect(daemon.port)
+    handshake = HANDSHAKE.format(path="/websocket?channel=a", port=daemon.port, extra="").encode()
+    client.transport.write(handshake + masked_text(b'{"type":"ping"}'))
+    await wait_for(lambda: b'{"type":"pong"}' in client.received)
+    assert client.received.startswith(b"HTTP/1.1 101 ")
+    client.transport.loseConnection()
+    await client.lost
+
+
+@pytest_twisted.ensureDeferred
+async def test_handshake_headers_over_16_kib_are_refused(daemon):
+    extra = "".join(f"X-Pad-{i}: {'p' * 6000}\r\n" for i in range(3))
+    status, client = await raw_handshake(daemon.port, "/websocket?channel=a", extra)
+    assert status == 400
+    await client.lost
+
+
+@pytest.mark.parametrize(
+    "request_line, extra",
+    [
+        ("GET /websocket?channel=a HTTP/1.1", "X-Folded: one\r\n  two\r\n"),  # obs-fold
+        ("GET /websocket?channel=a HTTP/1.0", ""),
+        ("GET /websocket/?channel=a HTTP/1.1", ""),
+    ],
+    ids=["folded-header", "http-1.0", "trailing-slash"],
+)
+@pytest_twisted.ensureDeferred
+async def test_other_handshakes_take_twisted_webs_way_and_work(daemon, request_line, extra):
+    client = await raw_connect(daemon.port)
+    handshake = HANDSHAKE.format(path="/websocket?channel=a", port=daemon.port, extra=extra)
+    client.transport.write(handshake.replace("GET /websocket?channel=a HTTP/1.1", request_line).encode())
+    await wait_for(lambda: b'"subscribed"' in client.received or client.lost.called)
+    assert client.received.startswith(b"HTTP/1.1 101 ")
+    client.transport.loseConnection()
+    await client.lost
+
+
+@pytest_twisted.ensureDeferred
+async def test_upgrade_after_a_request_on_the_same_connection(daemon):
+    client = await raw_connect(daemon.port)
+    client.transport.write(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    await wait_for(lambda: b'"status"' in client.received)
+    client.received = b""
+    client.transport.write(HANDSHAKE.format(path="/websocket?channel=a", port=daemon.port, extra="").encode())
+    await wait_for(lambda: b'"subscribed"' in client.received)
+    assert client.received.startswith(b"HTTP/1.1 101 ")
+    client.transport.loseConnection()
+    await client.lost
