@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import json
 import secrets
-from collections import deque
 from collections.abc import Callable
-from types import FunctionType
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.twisted.websocket import WebSocketServerFactory
 from autobahn.util import wildcards2patterns
 from autobahn.websocket.protocol import WebSocketProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
@@ -38,15 +36,12 @@ from pushie.channels import (
     is_presence,
 )
 from pushie.errors import PushieError, bad_request
-from pushie.fastwrite import write_now
 from pushie.hub import Hub, Subscribed
-from pushie.limits import SlowConsumerGuard, address_of
 from pushie.logs import Throttle
+from pushie.wsbase import DoorProtocol, configure_factory
 
 _OPEN = WebSocketProtocol.STATE_OPEN
-_CONNECTING = WebSocketProtocol.STATE_CONNECTING
 _CLOSED = WebSocketProtocol.STATE_CLOSED
-_GROUND = WebSocketProtocol.SEND_STATE_GROUND
 
 CLOSE_GOING_AWAY = 1001
 CLOSE_UNSUPPORTED_DATA = 1003
@@ -54,53 +49,16 @@ CLOSE_TRY_AGAIN_LATER = 1013
 CLOSE_RESUBSCRIBE = 4002
 """Close code: this node lost messages of a subscribed channel; reconnect and resubscribe with since."""
 
-# Autobahn logs every failed connection as a warning.  Those failures are
-# client errors; we report them ourselves through the throttled log.
-_AUTOBAHN_QUIET_CODES = frozenset({1002, 1003, 1007, 1009})
-
-# Per-connection memory.  Autobahn keeps ~90 attributes in each protocol's
-# __dict__ (a 3.3 KB hash table alone).  Its options live on a per-factory
-# subclass instead (PushieServerFactory), what only the opening handshake
-# needs is dropped once open, and the state that is the same for every idle
-# connection is read from these class attributes until it changes: an
-# attribute is only left out of an instance when its value is this very
-# object, so reads see exactly what Autobahn set.
-_IDLE_DEFAULTS: dict[str, Any] = {
-    name: None
-    for name in (
-        "wasNotCleanReason", "localCloseCode", "localCloseReason", "remoteCloseCode", "remoteCloseReason",
-        "openHandshakeTimeoutCall", "closeHandshakeTimeoutCall", "autoPingTimeoutCall", "autoPingPending",
-        "autoPingPendingSent", "trackedTimings", "current_frame", "websocket_protocol_in_use",
-        "_perMessageCompress",
-    )
-}  # fmt: skip
-_IDLE_DEFAULTS.update(
-    {
-        name: False
-        for name in (
-            "wasMaxFramePayloadSizeExceeded", "wasMaxMessagePayloadSizeExceeded", "closedByMe", "failedByMe",
-            "droppedByMe", "wasClean", "wasServerConnectionDropTimeout", "wasOpenHandshakeTimeout",
-            "wasCloseHandshakeTimeout", "wasServingFlashSocketPolicyFile", "triggered", "inside_message",
-        )
-    }
-)  # fmt: skip
-_IDLE_DEFAULTS.update(autoPingPendingSeq=0, send_state=_GROUND, data=b"")
-_HANDSHAKE_ONLY = (
-    "http_request_data", "http_status_line", "http_headers", "http_request_params", "http_response_data",
-    "_wskey", "websocket_protocols", "websocket_extensions",
-)  # fmt: skip
-
-
 _NO_CHANNELS: list[str] = []
-_NO_QUEUE: Any = ()  # Autobahn's send queue while nothing is queued (see sendData)
 
 
-class PushieServerProtocol(WebSocketServerProtocol):
+class PushieServerProtocol(DoorProtocol):
     """One browser's WebSocket connection: a subscriber of any number of channels."""
 
     factory: PushieServerFactory
 
-    __slots__ = ("client_id", "token", "_expiry", "subscriptions", "_initial_channels", "_opened", "_guard")
+    __slots__ = ("client_id", "token", "_expiry", "subscriptions", "_initial_channels", "_opened")
+    slow_close_code = CLOSE_TRY_AGAIN_LATER
 
     def __init__(self) -> None:
         super().__init__()
@@ -110,7 +68,6 @@ class PushieServerProtocol(WebSocketServerProtocol):
         self.subscriptions: dict[str, None] = {}
         self._initial_channels: list[str] = []
         self._opened = False
-        self._guard: SlowConsumerGuard | None = None
 
     # -- handshake -------------------------------------------------------
 
@@ -122,7 +79,7 @@ class PushieServerProtocol(WebSocketServerProtocol):
         params = parse_qs(urlsplit(self.http_request_uri).query, keep_blank_values=True)
         channels: list[str] = []
         try:
-            factory.hub.admit(address_of(self.transport.getPeer()))
+            factory.hub.admit(self.peer_address())
             if not factory.origin_allowed(request.origin):
                 raise PushieError(403, "origin_not_allowed", "origin not allowed")
             tokens = params.get("token", [])
@@ -151,35 +108,14 @@ class PushieServerProtocol(WebSocketServerProtocol):
     def onOpen(self) -> None:
         self._opened = True
         factory = self.factory
-        factory.hub.connection_opened(self, address_of(self.transport.getPeer()))
-        self._guard = SlowConsumerGuard(
-            factory.hub.reactor, factory.slow_consumer_buffer, factory.slow_consumer_grace, self._slow_consumer
-        )
-        transport = self.transport
-        # Behind WebSocketResource the HTTP channel is still the transport's
-        # producer: we take its place to learn when the buffer is full.
-        if getattr(transport, "producer", None) is not None:
-            transport.unregisterProducer()
-        transport.registerProducer(self._guard, True)
+        factory.hub.connection_opened(self, self.peer_address())
+        self.guard_writes(factory.hub, factory.slow_consumer_buffer, factory.slow_consumer_grace)
         self.send_json({"type": "welcome", "client": self.client_id})
         for name in self._initial_channels:
             self._subscribe(name)
         self._initial_channels = _NO_CHANNELS
         self._arm_expiry()
-        self._shrink()
-
-    def _shrink(self) -> None:
-        """Leave out of this connection's __dict__ what an idle open connection need not hold (see _IDLE_DEFAULTS)."""
-        state = self.__dict__
-        for name in _HANDSHAKE_ONLY:
-            state.pop(name, None)
-        for name, value in _IDLE_DEFAULTS.items():
-            if state.get(name, state) is value:
-                del state[name]
-        if self.send_queue is not None and not self.send_queue and not self.triggered:
-            self.send_queue = _NO_QUEUE  # a deque is 600 bytes; sendData makes one when needed
-        # A dict never shrinks by itself: a copy is sized for what is left.
-        self.__dict__ = dict(state.items())
+        self.shrink()
 
     # -- delivery (hot path) ---------------------------------------------
 
@@ -187,16 +123,8 @@ class PushieServerProtocol(WebSocketServerProtocol):
         """
         Send one publication.  Called once per subscriber per publication.
         """
-        if self.state != _OPEN:
-            return
-        frame = publication.websocket_frame
-        if self._perMessageCompress is None and self.send_state == _GROUND and not self.send_queue:
-            write_now(self.transport, frame)
-        else:
-            self.sendMessage(publication.envelope, isBinary=False)
-        guard = self._guard
-        if guard is not None and guard.paused:
-            guard.wrote(len(frame))
+        if self.state == _OPEN:
+            self.send_prepared(publication.envelope, publication.websocket_frame)
 
     def deliver_burst(self, burst: Burst) -> None:
         """
@@ -205,34 +133,15 @@ class PushieServerProtocol(WebSocketServerProtocol):
         """
         if self.state != _OPEN:
             return
-        if self._perMessageCompress is None and self.send_state == _GROUND and not self.send_queue:
-            frames = burst.websocket_frames
-            write_now(self.transport, frames)
-            guard = self._guard
-            if guard is not None and guard.paused:
-                guard.wrote(len(frames))
+        if self.fast_path_open():
+            self.write_frames(burst.websocket_frames)
         else:
             for publication in burst.publications:
                 self.deliver(publication)
 
-    def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
-        # Every frame but the fan-out's goes through here: what the Hub
-        # dispatched before it must leave before it.
-        self.factory.hub.flush()
-        if (sync or chopsize) and self.send_queue is _NO_QUEUE:
-            self.send_queue = deque()
-        super().sendData(data, sync, chopsize)
-
-    def _slow_consumer(self) -> None:
-        """Too much is waiting for this client: close with 1013 and drop it, so nobody else waits."""
-        self.factory.hub.metrics.slow_consumers.inc()
-        self.factory.throttle.warn("slow_consumer", "Dropped a slow consumer at {peer} (1013)", peer=self.peer)
-        self._close_with(CLOSE_TRY_AGAIN_LATER, "slow consumer: too much data waiting")
-        self.abort()
-
     def lost_continuity(self, channel: str) -> None:
         """Close so that the client reconnects and resubscribes with C{since} (pushie.js does)."""
-        self._close_with(CLOSE_RESUBSCRIBE, "messages were lost; resubscribe with since")
+        self.close_with(CLOSE_RESUBSCRIBE, "messages were lost; resubscribe with since")
 
     def presence(self, event: PresenceEvent) -> None:
         if self.state == _OPEN:
@@ -246,7 +155,7 @@ class PushieServerProtocol(WebSocketServerProtocol):
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if isBinary:
-            self._close_with(CLOSE_UNSUPPORTED_DATA, "binary frames are not accepted; send JSON text")
+            self.close_with(CLOSE_UNSUPPORTED_DATA, "binary frames are not accepted; send JSON text")
             return
         try:
             self._handle(payload)
@@ -360,7 +269,7 @@ class PushieServerProtocol(WebSocketServerProtocol):
     def _token_expired(self) -> None:
         self._expiry = None
         if self.token is not None and self.factory.guard.expired(self.token) and self._holds_guarded():
-            self._close_with(CLOSE_TOKEN_EXPIRED, "token expired")
+            self.close_with(CLOSE_TOKEN_EXPIRED, "token expired")
         else:
             self._arm_expiry()
 
@@ -404,48 +313,20 @@ class PushieServerProtocol(WebSocketServerProtocol):
 
     # -- closing ---------------------------------------------------------
 
-    def _close_with(self, code: int, reason: str) -> None:
-        """Send a close frame with any code (autobahn's sendClose allows only 1000 and 3000-4999)."""
-        if self.state == _OPEN:
-            self.sendCloseFrame(code=code, reasonUtf8=reason.encode("utf-8")[:123], isReply=False)
-
     def close_for_shutdown(self) -> None:
         if self.state == _OPEN:
-            self._close_with(CLOSE_GOING_AWAY, "server shutting down")
+            self.close_with(CLOSE_GOING_AWAY, "server shutting down")
         elif self.state != _CLOSED:
             self.dropConnection(abort=True)
 
-    def abort(self) -> None:
-        if self.transport is not None:
-            self.transport.abortConnection()
-
-    def connectionLost(self, reason: Any) -> None:
-        super().connectionLost(reason)
-        # Autobahn leaves the closing-handshake timer running when the TCP
-        # connection goes first (after a protocol error, say); it would keep
-        # this protocol alive for close_timeout seconds.
-        if self.closeHandshakeTimeoutCall is not None:
-            self.closeHandshakeTimeoutCall.cancel()
-            self.closeHandshakeTimeoutCall = None
-
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         self._disarm_expiry()
-        if self._guard is not None:
-            self._guard.cancel()
+        self.closed()
         hub = self.factory.hub
         hub.unsubscribe_all(list(self.subscriptions), self)
         self.subscriptions.clear()
         if self._opened:
             hub.connection_closed(self)
-        if self.failedByMe and self.localCloseCode in _AUTOBAHN_QUIET_CODES:
-            hub.metrics.reject(f"websocket_close_{self.localCloseCode}")
-            self.factory.throttle.warn(
-                "ws_protocol_error",
-                "Closed a WebSocket connection from {peer} with {code}: {reason}",
-                peer=self.peer,
-                code=self.localCloseCode,
-                reason=(self.localCloseReason or b"").decode("utf-8", "replace"),
-            )
 
 
 def normalise_origin(origin: str) -> str | None:
@@ -470,29 +351,6 @@ _DENY_REASONS = {
     "too_many_connections": "server busy",
     "too_many_connections_from_address": "too many connections",
 }
-
-
-class _QuietLog:
-    """
-    Autobahn's per-protocol logger, with its warnings about failed
-    connections turned into debug messages (we log those, throttled).
-    """
-
-    def __init__(self, log: Any) -> None:
-        self._log = log
-
-    def warn(self, *args: Any, **kwargs: Any) -> None:
-        self._log.debug(*args, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._log, name)
-
-
-PushieServerProtocol.log = _QuietLog(PushieServerProtocol.log)
-for _name, _value in _IDLE_DEFAULTS.items():
-    setattr(PushieServerProtocol, _name, _value)
-for _name in _HANDSHAKE_ONLY:
-    setattr(PushieServerProtocol, _name, None)
 
 
 class PushieServerFactory(WebSocketServerFactory):
@@ -523,43 +381,7 @@ class PushieServerFactory(WebSocketServerFactory):
         self.allowed_origins = list(allowed_origins or [])
         self._origin_patterns = wildcards2patterns(self.allowed_origins)
         self.throttle = Throttle(self.log, hub.reactor)
-        # Autobahn's defaults are unlimited sizes, no heartbeats, an HTML
-        # status page on plain GETs and failing by dropping TCP without a
-        # close frame.  Every one of them is set here on purpose.
-        self.setProtocolOptions(
-            webStatus=False,
-            maxFramePayloadSize=max_message_size,
-            maxMessagePayloadSize=max_message_size,
-            autoFragmentSize=0,
-            failByDrop=False,
-            # Behind WebSocketResource the whole opening request has arrived
-            # (within the site's handshake_timeout) before Autobahn sees it,
-            # and onConnect answers at once: Autobahn's own timer would be
-            # armed and cancelled in the same call, for every connection.
-            openHandshakeTimeout=0,
-            closeHandshakeTimeout=close_timeout,
-            autoPingInterval=ping_interval,
-            autoPingTimeout=ping_timeout,
-            autoPingSize=12,
-            requireMaskedClientFrames=True,
-            maskServerFrames=False,
-            utf8validateIncoming=True,
-            echoCloseCodeReason=False,
-            tcpNoDelay=True,
-            perMessageCompressionAccept=lambda offers: None,
-            # Origins are checked in onConnect (403, and "null" only when
-            # no allow-list is set); Autobahn's own check would answer 400.
-            allowedOrigins=["*"],
-            allowNullOrigin=True,
-        )
-        # Autobahn copies each of its ~30 options from the factory onto every
-        # connection (and pretty-prints them for a debug log): as class
-        # attributes of a subclass made for this factory they are shared.
-        options = {name: getattr(self, name) for name in PushieServerProtocol.CONFIG_ATTRS}
-        for name, value in options.items():
-            if isinstance(value, FunctionType):  # a callable option must not become a method
-                options[name] = staticmethod(value)
-        self.protocol = type("PushieServerProtocol", (PushieServerProtocol,), {**options, "CONFIG_ATTRS": ()})
+        configure_factory(self, max_message_size, ping_interval, ping_timeout, close_timeout)
 
     def origin_allowed(self, origin: str | None) -> bool:
         """

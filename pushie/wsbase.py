@@ -1,12 +1,15 @@
-# -*- test-case-name: tests.test_websocket -*-
+# -*- test-case-name: tests.test_fastpath -*-
 """
-What every WebSocket door shares: Autobahn's options set on purpose, the
-fan-out write path, the slow-consumer guard, closes with any code, and a
-quiet Autobahn log.
+What every WebSocket door (Pushie's own, the Pusher door) shares: Autobahn's
+options set on purpose, the fan-out write path, the slow-consumer guard,
+closes with any code, a quiet Autobahn log, and the per-connection memory
+savings.
 """
 
 from __future__ import annotations
 
+from collections import deque
+from types import FunctionType
 from typing import Any
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
@@ -22,6 +25,39 @@ _GROUND = WebSocketProtocol.SEND_STATE_GROUND
 # Autobahn logs every failed connection as a warning.  Those failures are
 # client errors; the doors report them themselves through a throttled log.
 QUIET_CLOSE_CODES = frozenset({1002, 1003, 1007, 1009})
+
+# Per-connection memory.  Autobahn keeps ~90 attributes in each protocol's
+# __dict__ (a 3.3 KB hash table alone).  Its options live on a per-factory
+# subclass instead (configure_factory), what only the opening handshake
+# needs is dropped once open, and the state that is the same for every idle
+# connection is read from these class attributes until it changes: an
+# attribute is only left out of an instance when its value is this very
+# object, so reads see exactly what Autobahn set.
+_IDLE_DEFAULTS: dict[str, Any] = {
+    name: None
+    for name in (
+        "wasNotCleanReason", "localCloseCode", "localCloseReason", "remoteCloseCode", "remoteCloseReason",
+        "openHandshakeTimeoutCall", "closeHandshakeTimeoutCall", "autoPingTimeoutCall", "autoPingPending",
+        "autoPingPendingSent", "trackedTimings", "current_frame", "websocket_protocol_in_use",
+        "_perMessageCompress",
+    )
+}  # fmt: skip
+_IDLE_DEFAULTS.update(
+    {
+        name: False
+        for name in (
+            "wasMaxFramePayloadSizeExceeded", "wasMaxMessagePayloadSizeExceeded", "closedByMe", "failedByMe",
+            "droppedByMe", "wasClean", "wasServerConnectionDropTimeout", "wasOpenHandshakeTimeout",
+            "wasCloseHandshakeTimeout", "wasServingFlashSocketPolicyFile", "triggered", "inside_message",
+        )
+    }
+)  # fmt: skip
+_IDLE_DEFAULTS.update(autoPingPendingSeq=0, send_state=_GROUND, data=b"")
+_HANDSHAKE_ONLY = (
+    "http_request_data", "http_status_line", "http_headers", "http_request_params", "http_response_data",
+    "_wskey", "websocket_protocols", "websocket_extensions",
+)  # fmt: skip
+_NO_QUEUE: Any = ()  # Autobahn's send queue while nothing is queued (see sendData)
 
 
 class _QuietLog:
@@ -42,12 +78,17 @@ class _QuietLog:
 
 class DoorProtocol(WebSocketServerProtocol):
     """
-    A server connection of a door.  Subclasses set C{slow_close_code} and
-    call L{guard_writes} once open.
+    A server connection of a door.  Subclasses set C{slow_close_code}, call
+    L{guard_writes} and then L{shrink} once open, and L{closed} from onClose.
+    The factory must have C{hub} and C{throttle}.
     """
 
+    __slots__ = ("_guard",)
     slow_close_code = 1013
-    _guard: SlowConsumerGuard | None = None
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._guard: SlowConsumerGuard | None = None
 
     def peer_address(self) -> str:
         return address_of(self.transport.getPeer())
@@ -62,6 +103,21 @@ class DoorProtocol(WebSocketServerProtocol):
             transport.unregisterProducer()
         transport.registerProducer(self._guard, True)
 
+    def shrink(self) -> None:
+        """Leave out of this connection's __dict__ what an idle open connection need not hold (see _IDLE_DEFAULTS)."""
+        state = self.__dict__
+        for name in _HANDSHAKE_ONLY:
+            state.pop(name, None)
+        for name, value in _IDLE_DEFAULTS.items():
+            if state.get(name, state) is value:
+                del state[name]
+        if self.send_queue is not None and not self.send_queue and not self.triggered:
+            self.send_queue = _NO_QUEUE  # a deque is 600 bytes; sendData makes one when needed
+        # A dict never shrinks by itself: a copy is sized for what is left.
+        self.__dict__ = dict(state.items())
+
+    # -- sending ---------------------------------------------------------
+
     def fast_path_open(self) -> bool:
         """Whether frames may go straight to the socket: no compression, nothing queued in Autobahn."""
         return self._perMessageCompress is None and self.send_state == _GROUND and not self.send_queue
@@ -71,7 +127,7 @@ class DoorProtocol(WebSocketServerProtocol):
         Send one text message whose unmasked frame is C{frame}: straight to
         the socket when nothing else is queued, through Autobahn otherwise.
         """
-        if self.fast_path_open():
+        if self._perMessageCompress is None and self.send_state == _GROUND and not self.send_queue:
             self.write_frames(frame)
         else:
             self.sendMessage(payload, isBinary=False)
@@ -88,6 +144,8 @@ class DoorProtocol(WebSocketServerProtocol):
         # dispatched before it (and holds until the end of the turn) must
         # leave before it.
         self.factory.hub.flush()
+        if (sync or chopsize) and self.send_queue is _NO_QUEUE:
+            self.send_queue = deque()
         super().sendData(data, sync, chopsize)
 
     def _slow_consumer(self) -> None:
@@ -98,6 +156,8 @@ class DoorProtocol(WebSocketServerProtocol):
         )
         self.close_with(self.slow_close_code, "slow consumer: too much data waiting")
         self.abort()
+
+    # -- closing ---------------------------------------------------------
 
     def close_with(self, code: int, reason: str) -> None:
         """Send a close frame with any code (Autobahn's sendClose allows only 1000 and 3000-4999)."""
@@ -133,6 +193,10 @@ class DoorProtocol(WebSocketServerProtocol):
 
 
 DoorProtocol.log = _QuietLog(DoorProtocol.log)
+for _name, _value in _IDLE_DEFAULTS.items():
+    setattr(DoorProtocol, _name, _value)
+for _name in _HANDSHAKE_ONLY:
+    setattr(DoorProtocol, _name, None)
 
 
 def configure_factory(
@@ -140,10 +204,12 @@ def configure_factory(
     max_message_size: int,
     ping_interval: float,
     ping_timeout: float,
-    handshake_timeout: float,
     close_timeout: float,
 ) -> None:
     """
+    Set a door factory's Autobahn options, and give it a protocol subclass
+    that holds them.
+
     Autobahn's defaults are unlimited sizes, no heartbeats, an HTML status
     page on plain GETs and failing by dropping TCP without a close frame.
     Every one of them is set here on purpose.
@@ -154,7 +220,11 @@ def configure_factory(
         maxMessagePayloadSize=max_message_size,
         autoFragmentSize=0,
         failByDrop=False,
-        openHandshakeTimeout=handshake_timeout,
+        # The whole opening request has arrived (within the site's
+        # handshake_timeout) before Autobahn sees it, and onConnect answers
+        # at once: Autobahn's own timer would be armed and cancelled in the
+        # same call, for every connection.
+        openHandshakeTimeout=0,
         closeHandshakeTimeout=close_timeout,
         autoPingInterval=ping_interval,
         autoPingTimeout=ping_timeout,
@@ -170,3 +240,12 @@ def configure_factory(
         allowedOrigins=["*"],
         allowNullOrigin=True,
     )
+    # Autobahn copies each of its ~30 options from the factory onto every
+    # connection (and pretty-prints them for a debug log): as class
+    # attributes of a subclass made for this factory they are shared.
+    base = factory.protocol
+    options = {name: getattr(factory, name) for name in base.CONFIG_ATTRS}
+    for name, value in options.items():
+        if isinstance(value, FunctionType):  # a callable option must not become a method
+            options[name] = staticmethod(value)
+    factory.protocol = type(base.__name__, (base,), {**options, "CONFIG_ATTRS": ()})

@@ -155,6 +155,10 @@ class PusherProtocol(DoorProtocol):
 
     factory: PusherFactory
     slow_close_code = CLOSE_OVER_CAPACITY
+    __slots__ = (
+        "client_id", "app", "_refusal", "subscriptions", "user_id", "_user_channel", "_opened",
+        "last_seen", "pinged_at", "_event_window", "_event_count", "_outbox",
+    )  # fmt: skip
 
     def __init__(self) -> None:
         super().__init__()
@@ -224,6 +228,7 @@ class PusherProtocol(DoorProtocol):
             "pusher:connection_established",
             {"socket_id": self.socket_id, "activity_timeout": max(1, round(factory.activity_timeout))},
         )
+        self.shrink()
 
     # -- sending ---------------------------------------------------------
 
@@ -630,12 +635,7 @@ class PusherFactory(WebSocketServerFactory):
         # Pusher clients keep connections alive with pusher:ping/pong (see
         # PusherDoor), not with WebSocket pings.
         configure_factory(
-            self,
-            max_message_size=settings.max_message_size,
-            ping_interval=0,
-            ping_timeout=0,
-            handshake_timeout=settings.handshake_timeout,
-            close_timeout=5.0,
+            self, max_message_size=settings.max_message_size, ping_interval=0, ping_timeout=0, close_timeout=5.0
         )
 
     def check_activity(self) -> None:
