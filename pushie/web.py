@@ -200,7 +200,7 @@ class PushieHTTPChannel(HTTPChannel):
                 and self.persistent
                 and getattr(self.site, "publish_resource", None) is not None
             ):
-                self._publish = [line]
+                self._publish_start(line)
                 return None
             if (
                 not self.requests  # a request line, not a header
@@ -242,6 +242,24 @@ class PushieHTTPChannel(HTTPChannel):
     # twisted.web as the lines that arrived.  Like twisted.web, data that
     # arrives while an answer is pending is kept until it is written.
 
+    def _publish_start(self, line: bytes) -> None:
+        """
+        The request line of a C{POST /publish}: when the whole header block
+        is already buffered, read it at once; line by line otherwise.
+        """
+        buffer = self._buffer
+        end = buffer.find(b"\r\n\r\n")
+        if 0 < end < self.MAX_LENGTH and len(line) + end <= self.totalHeadersSize:
+            lines = buffer[:end].split(b"\r\n")
+            if len(lines) < self.maxHeaders:
+                parsed = self._publish_parse(lines)
+                if parsed is not None:
+                    rest = buffer[end + 4 :]
+                    self._buffer = b""
+                    self._publish_ready(*parsed, rest)
+                    return
+        self._publish = [line]
+
     def _publish_line(self, line: bytes) -> None:
         lines = self._publish
         assert lines is not None
@@ -254,16 +272,28 @@ class PushieHTTPChannel(HTTPChannel):
             ):
                 self._publish_to_twisted()
             return
+        parsed = self._publish_parse(lines[1:])
+        if parsed is None:
+            self._publish_to_twisted(line)
+            return
+        self._publish = None
+        self._publish_ready(*parsed, b"")
+
+    def _publish_parse(self, lines: list[bytes]) -> tuple[dict[bytes, bytes], int, bool] | None:
+        """
+        The headers (lower-case names, the last value of each), the body
+        length and whether the connection stays open; C{None}: twisted.web's way.
+        """
         headers: dict[bytes, bytes] = {}
         lengths = []
         connection = []
-        for header in lines[1:]:
+        for header in lines:
             match = _SIMPLE_HEADER.match(header)
-            assert match is not None
+            if match is None:
+                return None
             name = match.group(1).lower()
             if name in _PUBLISH_NEEDS_TWISTED:
-                self._publish_to_twisted(line)
-                return
+                return None
             if name == b"content-length":
                 lengths.append(match.group(2))
             elif name == b"connection":
@@ -275,18 +305,23 @@ class PushieHTTPChannel(HTTPChannel):
             or not lengths[0].isdigit()
             or int(lengths[0]) > self.site.max_body_size  # twisted.web's 413 as the body arrives
         ):
-            self._publish_to_twisted(line)
-            return
-        self._publish = None
+            return None
         # As twisted.web's checkPersistence for HTTP/1.1: "close" among the tokens.
-        self.persistent = not (connection and b"close" in [t.lower() for t in connection[0].split(b" ")])
+        persistent = not (connection and b"close" in [t.lower() for t in connection[0].split(b" ")])
+        return headers, int(lengths[0]), persistent
+
+    def _publish_ready(self, headers: dict[bytes, bytes], length: int, persistent: bool, rest: bytes) -> None:
+        """The headers are read: read the body (C{rest} is what followed them)."""
+        self.persistent = persistent
+        if len(rest) >= length:
+            self._publish_headers = headers
+            self._publish_body = [rest[:length]]
+            self._publish_received(rest[length:])
+            return
         self._publish_headers = headers
-        self._publish_body = []
-        self._publish_left = int(lengths[0])
-        if self._publish_left == 0:
-            self._publish_received(b"")
-        else:
-            self.setRawMode()
+        self._publish_body = [rest] if rest else []
+        self._publish_left = length - len(rest)
+        self.setRawMode()
 
     def _publish_to_twisted(self, last: bytes | None = None) -> None:
         lines = self._publish
