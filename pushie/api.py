@@ -259,7 +259,7 @@ class PublishResource(JSONResource):
     def _validate(self, request: Request) -> tuple[list[PublishRequest], bool]:
         authorization = request.getHeader(b"authorization")
         self.guard.check_publisher(authorization)
-        if self.rate_limiter is not None:
+        if self.rate_limiter is not None and self.rate_limiter.rate > 0:  # 0: no limit, no key needed
             key = authorization if not self.guard.publishing_open and authorization else None
             self.rate_limiter.check(key or b"address:" + address_of(request.getClientAddress()).encode())
         if self.hub.draining:

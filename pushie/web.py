@@ -15,23 +15,31 @@ twisted.web would otherwise buffer any body whole before a resource runs.
 from __future__ import annotations
 
 import io
+import re
+import time
 from importlib.resources import files
 from typing import Any
 
 from autobahn.twisted.resource import WebSocketResource
+from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper
-from twisted.web.http import HTTPChannel, _GenericHTTPChannelProtocol
+from twisted.python.failure import Failure
+from twisted.web.http import RESPONSES, HTTPChannel, _GenericHTTPChannelProtocol, datetimeToString
+from twisted.web.http_headers import _nameEncoder
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Request, Site
+from twisted.web.server import NOT_DONE_YET, Request, Site, version
 
 from pushie.api import ChannelsResource, ErrorResource, HealthResource, PublishResource, write_error
 from pushie.errors import PushieError
+from pushie.fastwrite import write_now
 from pushie.limits import RateLimiter
 from pushie.metrics import MetricsResource
 from pushie.pusher.http import PusherAPIResource
 from pushie.sse import EventsResource
 
 STATIC = files("pushie") / "static"
+
+log = Logger()
 
 
 class PushieRequest(Request):
@@ -79,6 +87,83 @@ class PushieRequest(Request):
 _HEADER_NEEDS_TWISTED = (b" ", b"\t")  # a folded header line
 _BODY_HEADERS = (b"content-length:", b"transfer-encoding:")
 
+# A header line the short publish path takes as it is: a token name, a value
+# with no control characters twisted.web refuses (anything else: twisted.web).
+_SIMPLE_HEADER = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([^\x00\r\n]*?)[ \t]*\Z")
+# Headers whose meaning the short path does not implement: twisted.web's way.
+_PUBLISH_NEEDS_TWISTED = frozenset({b"transfer-encoding", b"expect", b"upgrade"})
+_PUBLISH_LINE = b"POST /publish HTTP/1.1"
+
+_date_second = -1
+_date_value = b""
+
+
+def _http_date() -> bytes:
+    """C{datetimeToString()}, formatted once per second."""
+    global _date_second, _date_value
+    now = time.time()
+    second = int(now)
+    if second != _date_second:
+        _date_value = datetimeToString(second)
+        _date_second = second
+    return _date_value
+
+
+class FastPublishRequest:
+    """
+    The part of L{twisted.web.server.Request} that C{PublishResource.render_POST}
+    and L{pushie.api.write_json} use, for a C{POST /publish} taken by
+    L{PushieHTTPChannel}'s short path.  The answer is the bytes twisted.web
+    would write (status line, C{Server}, C{Date}, then the headers in the order
+    they were set), written at once in one piece.
+    """
+
+    method = b"POST"
+    path = uri = b"/publish"
+    clientproto = b"HTTP/1.1"
+    finished = False
+    _disconnected = False
+    code = 200
+
+    def __init__(self, channel: PushieHTTPChannel, headers: dict[bytes, bytes], body: bytes) -> None:
+        self.channel = channel
+        self._request_headers = headers
+        self.content = io.BytesIO(body)
+        self.responseHeaders: dict[bytes, bytes] = {} if channel.persistent else {b"Connection": b"close"}
+        self.responseHeaders[b"Server"] = version
+        self.responseHeaders[b"Date"] = _http_date()
+        self._body: list[bytes] = []
+
+    def getHeader(self, name: bytes) -> bytes | None:
+        return self._request_headers.get(name.lower())
+
+    def getClientAddress(self) -> Any:
+        return self.channel.transport.getPeer()  # type: ignore[union-attr]
+
+    def setResponseCode(self, code: int) -> None:
+        self.code = code
+
+    def setHeader(self, name: bytes, value: bytes) -> None:
+        self.responseHeaders[_nameEncoder.encode(name)] = value
+
+    def write(self, data: bytes) -> None:
+        self._body.append(data)
+
+    def finish(self) -> None:
+        self.finished = True
+        if self._disconnected:
+            return
+        headers = self.responseHeaders
+        if b"Content-Length" not in headers:
+            # write_json always sets it; anything else would need chunking.
+            raise RuntimeError("FastPublishRequest answers need a Content-Length")
+        out = [b"HTTP/1.1 %d %s\r\n" % (self.code, RESPONSES.get(self.code, b"Unknown Status"))]
+        for name, value in headers.items():
+            out.append(b"%s: %s\r\n" % (name, value))
+        out.append(b"\r\n")
+        out.extend(self._body)
+        self.channel._fast_finished(self, b"".join(out))
+
 
 class PushieHTTPChannel(HTTPChannel):
     """
@@ -94,10 +179,29 @@ class PushieHTTPChannel(HTTPChannel):
 
     _upgrade: list[bytes] | None = None
     _upgrade_size = 0
+    # The short publish path: header lines so far, then the request being answered.
+    fast_publish = True
+    _publish: list[bytes] | None = None
+    _publish_headers: dict[bytes, bytes] | None = None
+    _publish_body: list[bytes] | None = None
+    _publish_left = 0
+    _fast_request: FastPublishRequest | None = None
+    _fast_sync = False
 
     def lineReceived(self, line: bytes) -> Any:
+        if self._publish is not None:
+            return self._publish_line(line)
         upgrade = self._upgrade
         if upgrade is None:
+            if (
+                line == _PUBLISH_LINE
+                and not self.requests
+                and self.fast_publish
+                and self.persistent
+                and getattr(self.site, "publish_resource", None) is not None
+            ):
+                self._publish_start(line)
+                return None
             if (
                 not self.requests  # a request line, not a header
                 and line.startswith(b"GET /websocket")
@@ -127,6 +231,179 @@ class PushieHTTPChannel(HTTPChannel):
             return None
         upgrade.append(line)
         return None
+
+    # -- the short publish path ---------------------------------------------
+    #
+    # A C{POST /publish HTTP/1.1} with a Content-Length within the body limit
+    # and plain header lines is answered here, by the same PublishResource
+    # code, without twisted.web's Request: the answer is the same bytes.
+    # Anything else (folded or odd header lines, chunked bodies, Expect,
+    # several Connection headers, oversize bodies, too many or too large headers) is handed to
+    # twisted.web as the lines that arrived.  Like twisted.web, data that
+    # arrives while an answer is pending is kept until it is written.
+
+    def _publish_start(self, line: bytes) -> None:
+        """
+        The request line of a C{POST /publish}: when the whole header block
+        is already buffered, read it at once; line by line otherwise.
+        """
+        buffer = self._buffer
+        end = buffer.find(b"\r\n\r\n")
+        if 0 < end < self.MAX_LENGTH and len(line) + end <= self.totalHeadersSize:
+            lines = buffer[:end].split(b"\r\n")
+            if len(lines) < self.maxHeaders:
+                parsed = self._publish_parse(lines)
+                if parsed is not None:
+                    rest = buffer[end + 4 :]
+                    self._buffer = b""
+                    self._publish_ready(*parsed, rest)
+                    return
+        self._publish = [line]
+
+    def _publish_line(self, line: bytes) -> None:
+        lines = self._publish
+        assert lines is not None
+        if line:
+            lines.append(line)
+            if (
+                len(lines) > self.maxHeaders
+                or sum(map(len, lines)) > self.totalHeadersSize
+                or _SIMPLE_HEADER.match(line) is None
+            ):
+                self._publish_to_twisted()
+            return
+        parsed = self._publish_parse(lines[1:])
+        if parsed is None:
+            self._publish_to_twisted(line)
+            return
+        self._publish = None
+        self._publish_ready(*parsed, b"")
+
+    def _publish_parse(self, lines: list[bytes]) -> tuple[dict[bytes, bytes], int, bool] | None:
+        """
+        The headers (lower-case names, the last value of each), the body
+        length and whether the connection stays open; C{None}: twisted.web's way.
+        """
+        headers: dict[bytes, bytes] = {}
+        lengths = []
+        connection = []
+        for header in lines:
+            match = _SIMPLE_HEADER.match(header)
+            if match is None:
+                return None
+            name = match.group(1).lower()
+            if name in _PUBLISH_NEEDS_TWISTED:
+                return None
+            if name == b"content-length":
+                lengths.append(match.group(2))
+            elif name == b"connection":
+                connection.append(match.group(2))
+            headers[name] = match.group(2)
+        if (
+            len(connection) > 1
+            or len(lengths) != 1
+            or not lengths[0].isdigit()
+            or int(lengths[0]) > self.site.max_body_size  # twisted.web's 413 as the body arrives
+        ):
+            return None
+        # As twisted.web's checkPersistence for HTTP/1.1: "close" among the tokens.
+        persistent = not (connection and b"close" in [t.lower() for t in connection[0].split(b" ")])
+        return headers, int(lengths[0]), persistent
+
+    def _publish_ready(self, headers: dict[bytes, bytes], length: int, persistent: bool, rest: bytes) -> None:
+        """The headers are read: read the body (C{rest} is what followed them)."""
+        self.persistent = persistent
+        if len(rest) >= length:
+            self._publish_headers = headers
+            self._publish_body = [rest[:length]]
+            self._publish_received(rest[length:])
+            return
+        self._publish_headers = headers
+        self._publish_body = [rest] if rest else []
+        self._publish_left = length - len(rest)
+        self.setRawMode()
+
+    def _publish_to_twisted(self, last: bytes | None = None) -> None:
+        lines = self._publish
+        assert lines is not None
+        self._publish = None
+        if last is not None:
+            lines.append(last)
+        for line in lines:
+            super().lineReceived(line)
+            if self.transport is None or self.transport.disconnecting:
+                break
+
+    def rawDataReceived(self, data: bytes) -> None:
+        body = self._publish_body
+        if body is None:
+            super().rawDataReceived(data)
+            return
+        left = self._publish_left
+        if len(data) < left:
+            body.append(data)
+            self._publish_left = left - len(data)
+            return
+        body.append(data[:left])
+        self._publish_received(data[left:])
+
+    def _publish_received(self, rest: bytes) -> None:
+        """The whole body is here: answer, keeping what follows until the answer is written."""
+        headers, body = self._publish_headers, self._publish_body
+        assert headers is not None and body is not None
+        self._publish_headers = self._publish_body = None
+        self._publish_left = 0
+        self._handlingRequest = True
+        self.setRawMode()
+        if rest:
+            self._dataBuffer.append(rest)
+        request = self._fast_request = FastPublishRequest(self, headers, b"".join(body))
+        self._fast_sync = True
+        try:
+            self.site.publish_resource.render_POST(request)
+        except Exception:
+            log.failure("Answering a publish failed", Failure())
+            self._fast_request = None
+            self.transport.abortConnection()  # type: ignore[union-attr]
+            return
+        finally:
+            self._fast_sync = False
+        if self._fast_request is None:
+            self._fast_done()
+        elif self.timeOut:
+            # Waiting for the engine: no idle timeout meanwhile (as twisted.web).
+            self._savedTimeOut = self.setTimeout(None)
+
+    def _fast_finished(self, request: FastPublishRequest, response: bytes) -> None:
+        if request is not self._fast_request:
+            return
+        self._fast_request = None
+        write_now(self.transport, response)
+        if not self._fast_sync:
+            if self._savedTimeOut:
+                self.setTimeout(self._savedTimeOut)
+            self._fast_done()
+
+    def _fast_done(self) -> None:
+        """As twisted.web's requestDone for a persistent connection."""
+        if self.transport is None or self.transport.disconnecting:
+            return
+        if not self._waitingForTransport:
+            self._networkProducer.resumeProducing()
+        if not self.persistent:
+            self.loseConnection()
+            return
+        self._handlingRequest = False
+        self._HTTPChannel__first_line = 1
+        data = b"".join(self._dataBuffer)
+        self._dataBuffer = []
+        self.setLineMode(data)
+
+    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+        if self._fast_request is not None:
+            self._fast_request._disconnected = True
+            self._fast_request = None
+        super().connectionLost(reason)
 
     def _hand_over(self) -> None:
         """Give the connection to a WebSocket protocol, as WebSocketResource does."""
@@ -171,6 +448,7 @@ class PushieSite(Site):
         super().__init__(root, timeout=timeout, reactor=reactor, parsePOSTFormSubmission=False)
         self.max_body_size = max_body_size
         self.websocket_factory = websocket_factory
+        self.publish_resource: Any = None
 
     def log(self, request: Request) -> None:
         """No per-request access log: a push server sees too many."""
@@ -225,7 +503,8 @@ def build_site(
     """Assemble the resource tree for one daemon."""
     root = Root(StaticFile("index.html", b"text/html; charset=utf-8"))
     root.putChild(b"pushie.js", StaticFile("pushie.js", b"application/javascript; charset=utf-8"))
-    root.putChild(b"publish", PublishResource(hub, guard, throttle, rate_limiter))
+    publish = PublishResource(hub, guard, throttle, rate_limiter)
+    root.putChild(b"publish", publish)
     root.putChild(b"websocket", WebSocketResource(websocket_factory))
     root.putChild(b"channels", ChannelsResource(hub, guard))
     root.putChild(b"healthz", HealthResource(hub))
@@ -249,9 +528,11 @@ def build_site(
                 hub, pusher_factory.apps, settings.pusher_max_data_size, throttle, rate_limiter, users_root
             )
             root.putChild(path, api)
-    return PushieSite(
+    site = PushieSite(
         root, settings.max_message_size, settings.handshake_timeout, hub.reactor, websocket_factory=websocket_factory
     )
+    site.publish_resource = publish  # POST /publish: PushieHTTPChannel's short path
+    return site
 
 
 def build_metrics_site(hub: Any, settings: Any) -> PushieSite:
