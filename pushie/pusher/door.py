@@ -26,13 +26,22 @@ from urllib.parse import parse_qs, urlsplit
 
 import attr
 from autobahn.twisted.websocket import WebSocketServerFactory
-from autobahn.websocket.protocol import PreparedMessage
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.application.service import Service
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from pushie.channels import Burst, Member, Position, PresenceEvent, Publication, PublishRequest, dumps
+from pushie.channels import (
+    Burst,
+    Member,
+    Position,
+    PresenceEvent,
+    Publication,
+    PublishRequest,
+    dumps,
+    json_string,
+    text_frame,
+)
 from pushie.errors import PushieError
 from pushie.hub import Hub, Subscribed
 from pushie.logs import Throttle
@@ -69,7 +78,7 @@ def event_frame(event: str, data: Any, channel: str | None = None) -> bytes:
     frame: dict[str, Any] = {"event": event}
     if channel is not None:
         frame["channel"] = channel
-    frame["data"] = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
+    frame["data"] = data if isinstance(data, str) else dumps(data).decode("utf-8")
     return dumps(frame)
 
 
@@ -88,9 +97,9 @@ def publication_frame(publication: Publication, app: App) -> tuple[bytes, bytes]
             data = dumps(data.decode("utf-8"))
         parts = [
             b'{"event":',
-            dumps(publication.event),
+            json_string(publication.event),
             b',"channel":',
-            dumps(app.channel_name(publication.channel)),
+            json_string(app.channel_name(publication.channel)),
             b',"data":',
             data,
         ]
@@ -98,7 +107,7 @@ def publication_frame(publication: Publication, app: App) -> tuple[bytes, bytes]
             parts += [b',"user_id":', dumps(publication.user_id)]
         parts.append(b"}")
         payload = b"".join(parts)
-        frame = PreparedMessage(payload, isBinary=False, applyMask=False, doNotCompress=True).payloadHybi
+        frame = text_frame(payload)
         cached = publication.pusher_frame = (payload, frame)
     return cached
 

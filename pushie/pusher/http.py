@@ -297,7 +297,7 @@ class PusherAPIResource(JSONResource):
         return self.hub.engine.name == "memory"
 
     def _info(self, app: App, channel: str, info: set[str]) -> Deferred[dict[str, Any]]:
-        self._check_counting(info)
+        """The asked attributes of a channel (checked by the caller with L{_check_counting})."""
         result: dict[str, Any] = {}
         hub_name = app.hub_name(channel)
         if "subscription_count" in info:
