@@ -14,11 +14,17 @@ with real clients on both engines:
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import time
+from pathlib import Path
 
 import jwt
 import pytest
 import pytest_twisted
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.internet.utils import getProcessOutputAndValue
 
 from pushie.errors import PushieError
 from tests.helpers import raw_handshake
@@ -263,6 +269,44 @@ def test_guard_names_the_refused_claim(claims, message):
     assert (refused.value.status, refused.value.code) == (401, "unauthorized")
 
 
+TIMES = (
+    st.floats(allow_nan=True, allow_infinity=True)
+    | st.integers(-(10**30), 10**30)
+    | st.sampled_from([1_800_000_000, 1_800_000_000.5, 1_800_000_100])
+    | st.text(max_size=5)
+    | st.booleans()
+    | st.none()
+)
+
+
+@settings(max_examples=400)
+@given(exp=TIMES, nbf=TIMES, iat=TIMES)
+def test_time_claims_property(exp, nbf, iat):
+    """A token is accepted exactly when its times are finite dates and now lies within them."""
+    guard = make_guard()
+    now = guard.clock.seconds()
+    claims = {"sub": "u", "channels": ["private-a"], "exp": exp, "nbf": nbf, "iat": iat}
+    raw = jwt.encode({k: v for k, v in claims.items() if v is not None}, SECRET_1, algorithm="HS256")
+
+    def date(value):
+        ok = not isinstance(value, bool) and isinstance(value, (int, float)) and 0 <= value <= 253402300799
+        return ok and value == value  # NaN compares unequal
+
+    expected = (
+        date(exp)
+        and exp >= now
+        and (nbf is None or (date(nbf) and nbf <= now))
+        and (iat is None or (date(iat) and iat <= now))
+    )
+    try:
+        verified = guard.verify_token(raw)
+    except PushieError as e:
+        assert (e.status, e.code) == (401, "unauthorized")
+        assert not expected
+    else:
+        assert expected and verified.exp == float(exp)
+
+
 # -- A14: no app-id oracle on the Pusher HTTP API ------------------------------
 
 
@@ -283,3 +327,34 @@ async def test_unknown_pusher_app_id_answers_like_a_wrong_key(make_daemon):
     # The right key and signature for the right id still work.
     path = "/apps/3/events"
     assert (await api(daemon, "POST", path, body, signed_query("POST", path, raw, key=KEY)))[0] == 200
+
+
+# -- pushie.js is told of a dropped channel -----------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_pushie_js_reports_a_channel_the_refresh_dropped(make_daemon):
+    node = shutil.which("node")
+    if node is None:
+        if os.environ.get("PUSHIE_REQUIRE_NODE") == "1":
+            pytest.fail("this test needs node (>= 20) and PUSHIE_REQUIRE_NODE=1 is set")
+        pytest.skip("this test needs node (>= 20)")
+    daemon = await make_daemon(subscriber_secrets=[SECRET_1])
+    root = Path(__file__).resolve().parent
+    out, err, code = await getProcessOutputAndValue(
+        node,
+        [
+            "--experimental-websocket",
+            str(root / "js" / "pushie_refresh.js"),
+            str(root.parent / "pushie" / "static" / "pushie.js"),
+            daemon.ws_url,
+            token(channels=["private-a"]),
+            token(channels=["private-b"]),
+        ],
+        env={"PATH": os.environ.get("PATH", "")},
+    )
+    reports = [json.loads(line) for line in out.decode().splitlines()]
+    assert code == 0, (reports, err)
+    seen = [(r["on"], r.get("frame", {}).get("type"), r.get("frame", {}).get("code")) for r in reports]
+    assert ("subscription error", "unsubscribed", "forbidden") in seen, reports
+    assert ("error", "unsubscribed", "forbidden") in seen, reports
