@@ -7,7 +7,10 @@ publications sent with that C{socket_id} skip it), subscribes with
 C{pusher:subscribe} (private and presence channels with an C{auth} signed by
 the app's secret), sends client events on the private and presence channels
 it has joined, and may sign in (C{pusher:signin}) to receive events on
-C{#server-to-user-<id>}.  Frames for a publication are built once and shared
+C{#server-to-user-<id>}.  With C{require_token}, the public channels of the
+first app (the native doors' channels, where every channel then needs a
+token) are refused with C{pusher:subscription_error}: a Pusher client has no
+token, only signatures for private and presence channels.  Frames for a publication are built once and shared
 by every Pusher subscriber, like the native door's.
 
 Close codes follow Pusher's classes: 4000-4099 the client must not reconnect
