@@ -9,16 +9,22 @@ doors map to their answers.
 
 Publisher keys are compared in constant time against every configured key.
 Subscriber tokens are HS256 JWTs verified with PyJWT against every configured
-secret; the algorithm is pinned, C{exp} and C{sub} are required, and expiry is
-checked against the reactor's clock (with a small leeway) so that it can be
-tested and enforced on open connections.
+secret; the algorithm is pinned, C{exp} and C{sub} are required, and the
+times (C{exp}, C{nbf}, C{iat}) are checked against the reactor's clock (with a
+small leeway) so that they can be tested and enforced on open connections.
+A time claim must be a finite JSON number: PyJWT's JSON decoding accepts
+C{NaN} and C{Infinity}, and a token that never expires is not one an app
+meant to mint.  C{aud} follows PyJWT: with no audience configured a token
+that names one is refused (it was minted for another service that may share
+the secret); with audiences configured it must name one of them.
 """
 
 from __future__ import annotations
 
 import hmac
+import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import attr
@@ -26,7 +32,7 @@ import jwt
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from pushie.channels import is_guarded, is_valid_channel
+from pushie.channels import is_guarded, is_presence, is_valid_channel
 from pushie.errors import PushieError
 
 log = Logger()
@@ -37,6 +43,8 @@ MIN_PUBLISHER_KEY_LENGTH = 16
 MAX_SUB_LENGTH = 256
 CLOSE_TOKEN_EXPIRED = 4001
 """WebSocket close code for a connection whose token expired while it held guarded channels."""
+MAX_NUMERIC_DATE = 253402300799
+"""9999-12-31T23:59:59Z: the largest time claim accepted (larger ones are not dates a token means)."""
 
 
 def read_secret_lines(path: str) -> list[str]:
@@ -164,7 +172,10 @@ class Guard:
     @ivar subscriber_secrets: the secrets that may have signed a subscriber token.
     @ivar require_token: whether every channel needs a granting token, not only
         C{private-*} and C{presence-*}.
-    @ivar leeway: seconds of clock skew allowed when checking C{exp}.
+    @ivar leeway: seconds of clock skew allowed when checking C{exp}, C{nbf}
+        and C{iat}.
+    @ivar audience: the C{aud} values a token may name; empty: a token must
+        name none.
     """
 
     clock: IReactorTime
@@ -172,6 +183,7 @@ class Guard:
     subscriber_secrets: ReloadableList | None = None
     require_token: bool = False
     leeway: float = 5.0
+    audience: tuple[str, ...] = attr.ib(default=(), converter=tuple)
 
     # -- publishers ------------------------------------------------------
 
@@ -226,18 +238,32 @@ class Guard:
                     token,
                     secret,
                     algorithms=[ALGORITHM],
-                    # exp is checked below against the reactor's clock; an iat a
-                    # little ahead of ours (an app's clock skew) is no reason to refuse.
-                    options={"require": ["exp", "sub"], "verify_exp": False, "verify_iat": False, "verify_aud": False},
+                    # The times are checked below against the reactor's clock
+                    # (PyJWT reads the wall clock, and lets NaN through).
+                    options={
+                        "require": ["exp", "sub"],
+                        "verify_exp": False,
+                        "verify_nbf": False,
+                        "verify_iat": False,
+                        "verify_aud": True,
+                    },
+                    audience=list(self.audience) or None,
                     leeway=self.leeway,
                 )
                 break
             except jwt.InvalidSignatureError:
                 continue
-            except jwt.PyJWTError:
+            except jwt.MissingRequiredClaimError as e:
+                if e.claim == "aud":
+                    raise unauthorized(_AUDIENCE_MISSING, channel) from None
+                raise unauthorized(_NOT_A_TOKEN, channel) from None
+            except jwt.InvalidAudienceError:
                 raise unauthorized(
-                    f"the subscriber token is not a valid {ALGORITHM} JWT with 'sub' and 'exp'", channel
+                    _AUDIENCE_WRONG if self.audience else _AUDIENCE_UNEXPECTED,
+                    channel,
                 ) from None
+            except jwt.PyJWTError:
+                raise unauthorized(_NOT_A_TOKEN, channel) from None
             except Exception:  # noqa: BLE001  PyJWT may raise others on hostile input
                 raise unauthorized("the subscriber token could not be read", channel) from None
         if claims is None:
@@ -245,16 +271,23 @@ class Guard:
         return self._claims(claims, channel)
 
     def _claims(self, claims: dict[str, Any], channel: str | None) -> SubscriberToken:
-        sub, exp, grants = claims.get("sub"), claims.get("exp"), claims.get("channels", [])
+        sub, grants = claims.get("sub"), claims.get("channels", [])
         if not isinstance(sub, str) or len(sub) > MAX_SUB_LENGTH:
             raise unauthorized(f"the token's 'sub' must be a string of at most {MAX_SUB_LENGTH} characters", channel)
-        if isinstance(exp, bool) or not isinstance(exp, (int, float)):
-            raise unauthorized("the token's 'exp' must be a number of seconds since the epoch", channel)
+        exp = _numeric_date(claims, "exp", channel)
+        nbf = _numeric_date(claims, "nbf", channel)
+        iat = _numeric_date(claims, "iat", channel)
         if not isinstance(grants, list) or not all(_valid_grant(g) for g in grants):
             raise unauthorized("the token's 'channels' must be a list of channel names or 'prefix*' patterns", channel)
-        token = SubscriberToken(sub=sub, exp=float(exp), channels=tuple(grants), info=claims.get("info"))
+        assert exp is not None  # required above
+        token = SubscriberToken(sub=sub, exp=exp, channels=tuple(grants), info=claims.get("info"))
+        now = self.clock.seconds()
         if self.expired(token):
             raise unauthorized("the subscriber token has expired; get a new one", channel)
+        if nbf is not None and nbf > now + self.leeway:
+            raise unauthorized("the subscriber token is not valid yet (nbf); check the clocks", channel)
+        if iat is not None and iat > now + self.leeway:
+            raise unauthorized("the subscriber token was issued in the future (iat); check the clocks", channel)
         return token
 
     def expired(self, token: SubscriberToken) -> bool:
@@ -282,6 +315,63 @@ class Guard:
         if not token.grants(channel):
             raise PushieError(403, "forbidden", "the subscriber token does not grant this channel", channel=channel)
 
+    def check_refresh(self, held: Iterable[str], old: SubscriberToken | None, new: SubscriberToken) -> list[str]:
+        """
+        Judge a token that replaces C{old} on a connection holding the
+        channels C{held}, and return those of them it no longer grants (the
+        caller drops them).
+
+        A refresh may narrow what a connection reads, but it may not change
+        who the connection is while it is a presence member: the member list
+        is keyed by C{sub}, and a quiet switch would leave the old member in
+        place while the connection speaks for the new one.
+
+        @raise PushieError: 409 C{identity_changed} when C{new} names another
+            C{sub} than C{old} while a C{presence-*} channel is held; the
+            caller keeps the old token.
+        """
+        held = list(held)
+        if old is not None and old.sub != new.sub and any(is_presence(name) for name in held):
+            raise PushieError(
+                409,
+                "identity_changed",
+                "a token for another 'sub' cannot replace this connection's token while it is a presence member; "
+                "unsubscribe from the presence channels first, or reconnect",
+            )
+        return [name for name in held if self.needs_token(name) and not new.grants(name)]
+
+
+def _numeric_date(claims: dict[str, Any], name: str, channel: str | None) -> float | None:
+    """
+    A time claim (RFC 7519 NumericDate) as a float, or C{None} when absent.
+
+    Fractions are allowed, as the RFC allows them; C{NaN}, infinities,
+    booleans, strings and dates outside 1970-9999 are refused.
+    """
+    if name not in claims:
+        return None
+    value = claims[name]
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or not 0 <= value <= MAX_NUMERIC_DATE
+    ):
+        raise unauthorized(
+            f"the token's '{name}' must be a number of seconds since the epoch (finite, 0 to {MAX_NUMERIC_DATE})",
+            channel,
+        )
+    return float(value)
+
+
+_NOT_A_TOKEN = f"the subscriber token is not a valid {ALGORITHM} JWT with 'sub' and 'exp'"
+_AUDIENCE_MISSING = "the subscriber token has no 'aud'; this server accepts only tokens for its token_audience"
+_AUDIENCE_WRONG = "the subscriber token's 'aud' names none of this server's token_audience values"
+_AUDIENCE_UNEXPECTED = (
+    "the subscriber token names an audience ('aud') but this server has no token_audience configured; "
+    "set token_audience or mint the token without 'aud'"
+)
+
 
 def guard_from_settings(settings: Any, clock: IReactorTime) -> Guard:
     """Build the daemon's L{Guard} from its settings (files already checked by the config)."""
@@ -301,6 +391,7 @@ def guard_from_settings(settings: Any, clock: IReactorTime) -> Guard:
         subscriber_secrets=secrets,
         require_token=settings.require_token,
         leeway=settings.token_leeway,
+        audience=settings.token_audience,
     )
 
 

@@ -390,13 +390,27 @@ SETTINGS = SETTINGS + (
         "Subscriber token secrets, comma-separated (environment or TOML only).",
         cli=False,
     ),
-    Setting("require_token", _flag, False, "Every channel needs a granting subscriber token.", flag=True),
+    Setting(
+        "require_token",
+        _flag,
+        False,
+        "Every channel needs a granting subscriber token; Pusher clients get no public channels of the first app.",
+        flag=True,
+    ),
     Setting(
         "token_leeway",
         _seconds,
         5.0,
-        "Seconds of clock skew allowed when checking a token's exp.",
+        "Seconds of clock skew allowed when checking a token's exp, nbf and iat.",
         metavar="SECONDS",
+    ),
+    Setting(
+        "token_audience",
+        _words,
+        [],
+        "A subscriber token's aud must name one of these (repeatable); none set: tokens with an aud are refused.",
+        metavar="AUDIENCE",
+        repeatable=True,
     ),
     Setting(
         "allowed_origin",
@@ -489,6 +503,7 @@ class Settings:
     subscriber_secrets: list[str]
     require_token: bool
     token_leeway: float
+    token_audience: list[str]
     allowed_origin: list[str]
     pusher_apps_file: str | None
     pusher_apps: list[str]

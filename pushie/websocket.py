@@ -189,9 +189,9 @@ class PushieServerProtocol(DoorProtocol):
         if "token" in frame:
             if not isinstance(frame["token"], str):
                 raise bad_request("invalid_token", '"token" must be a string', channel=name)
-            # A token that fails verification leaves the connection's token as it was.
-            self.token = self.factory.guard.verify_token(frame["token"], channel=name)
-            self._arm_expiry()
+            # A token that fails verification (or would change a presence
+            # member's identity) leaves the connection's token as it was.
+            self._adopt_token(frame["token"], channel=name)
         if name in self.subscriptions:
             raise bad_request(
                 "already_subscribed",
@@ -238,9 +238,42 @@ class PushieServerProtocol(DoorProtocol):
     def _on_auth(self, frame: dict[str, Any]) -> None:
         if not isinstance(frame.get("token"), str):
             raise bad_request("invalid_token", 'an auth frame needs a "token" string')
-        self.token = self.factory.guard.verify_token(frame["token"])
+        token = self._adopt_token(frame["token"])
+        self.send_json({"type": "authorized", "sub": token.sub, "exp": int(token.exp)})
+
+    def _adopt_token(self, raw: str, channel: str | None = None) -> SubscriberToken:
+        """
+        Make a token given in an C{auth} or C{subscribe} frame the
+        connection's token, re-checking it against every channel held: a
+        guarded channel it does not grant is dropped at once (an
+        C{unsubscribed} frame with code C{forbidden}), so a refresh can narrow
+        what a connection reads but never extends an old grant past the old
+        token's expiry.  A token for another C{sub} is refused
+        (C{identity_changed}) while the connection is a presence member.
+
+        @raise PushieError: the token is refused; the old one stays.
+        """
+        guard = self.factory.guard
+        token = guard.verify_token(raw, channel=channel)
+        try:
+            revoked = guard.check_refresh(self.subscriptions, self.token, token)
+        except PushieError as e:
+            e.channel = channel
+            raise
+        self.token = token
+        for name in revoked:
+            del self.subscriptions[name]
+            self.factory.hub.unsubscribe(name, self)
+            self.send_json(
+                {
+                    "type": "unsubscribed",
+                    "channel": name,
+                    "code": "forbidden",
+                    "message": "the new subscriber token does not grant this channel",
+                }
+            )
         self._arm_expiry()
-        self.send_json({"type": "authorized", "sub": self.token.sub, "exp": int(self.token.exp)})
+        return token
 
     # -- token expiry ----------------------------------------------------
 

@@ -7,7 +7,10 @@ publications sent with that C{socket_id} skip it), subscribes with
 C{pusher:subscribe} (private and presence channels with an C{auth} signed by
 the app's secret), sends client events on the private and presence channels
 it has joined, and may sign in (C{pusher:signin}) to receive events on
-C{#server-to-user-<id>}.  Frames for a publication are built once and shared
+C{#server-to-user-<id>}.  With C{require_token}, the public channels of the
+first app (the native doors' channels, where every channel then needs a
+token) are refused with C{pusher:subscription_error}: a Pusher client has no
+token, only signatures for private and presence channels.  Frames for a publication are built once and shared
 by every Pusher subscriber, like the native door's.
 
 Close codes follow Pusher's classes: 4000-4099 the client must not reconnect
@@ -388,6 +391,15 @@ class PusherProtocol(DoorProtocol):
                 raise PusherError(f"Invalid signature for {channel}", channel=channel, status=401)
             if channel_data is not None:
                 member = _member(channel_data, channel)
+        elif self.app.primary and self.factory.require_token:
+            # The first app's channels are the native doors' channels, where
+            # require_token wants a granting token for every one; a Pusher
+            # client has no token, only signatures for private and presence.
+            raise PusherError(
+                "This server requires authorization for every channel of this app: use a private- or presence- channel",
+                channel=channel,
+                status=401,
+            )
         self.subscriptions[channel] = _Subscription(member)
         if is_cache(channel):
             d = self.factory.hub.engine.state(self.app.hub_name(channel))
@@ -637,6 +649,7 @@ class PusherFactory(WebSocketServerFactory):
         self.client_event_rate = settings.pusher_client_event_rate
         self.max_data_size = settings.pusher_max_data_size
         self.max_subscriptions = settings.max_subscriptions
+        self.require_token = settings.require_token
         self.slow_consumer_buffer = settings.slow_consumer_buffer
         self.slow_consumer_grace = settings.slow_consumer_grace
         self.connections: dict[PusherProtocol, None] = {}

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import secrets
 from typing import Any
 from urllib.parse import unquote
 
@@ -171,9 +172,10 @@ class PusherAPIResource(JSONResource):
         else:
             if not path:
                 raise PushieError(404, "not_found", "use /apps/<app_id>/events (and the rest of the Pusher API)")
-            app = self.apps.by_id(path[0])
-            if app is None:
-                raise PushieError(404, "unknown_app", "no Pusher app has this id on this server")
+            # An unknown id is checked like a known one against a key and
+            # secret nobody has: it gets the same 401 as a wrong key, so the
+            # answers do not tell which app ids exist.
+            app = self.apps.by_id(path[0]) or _unknown_app(path[0])
             rest = path[1:]
         assert request.content is not None
         body = request.content.read()
@@ -353,6 +355,11 @@ class PusherAPIResource(JSONResource):
         self._rate_limit(app)
         request = PublishRequest(app.hub_name(USER_CHANNEL_PREFIX + user_id), b"null", TERMINATE_EVENT)
         return self.hub.publish([request]).addCallback(lambda _: {})
+
+
+def _unknown_app(app_id: str) -> App:
+    """A stand-in for an app id that is not configured: its key and secret match no request."""
+    return App(app_id, "unknown-" + secrets.token_hex(32), secrets.token_hex(32))
 
 
 def _json_body(body: bytes) -> Any:

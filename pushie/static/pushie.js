@@ -34,7 +34,9 @@
  *                "closed" detail is {code, reason, wasClean, reconnectIn}
  *                (reconnectIn in ms, null when the client will not reconnect
  *                by itself)
- *   onError(frame)   every {"type": "error"} frame from the server
+ *   onError(frame)   every {"type": "error"} frame from the server, and every
+ *                    "unsubscribed" frame with a code (a channel the server
+ *                    dropped: a refreshed token no longer grants it)
  *   onFrame(frame)   every other frame the client does not handle itself
  *                    (presence "join"/"leave", "authorized", ...)
  *   WebSocket        the WebSocket constructor to use (default: the browser's)
@@ -407,9 +409,13 @@
         case "error":
           this._error(frame);
           break;
+        case "unsubscribed":
+          if (typeof frame.code === "string") {
+            this._dropped(frame);
+          }
+          break;
         case "pong":
         case "welcome":
-        case "unsubscribed":
           break;
         default:
           call(this.onFrame, frame);
@@ -474,6 +480,27 @@
       entry.subs.slice().forEach(function (sub) {
         if (sub.active) {
           call(sub._onMessage, frame.data, frame);
+        }
+      });
+    }
+
+    _dropped(frame) {
+      // The server dropped a channel on its own (an "unsubscribed" frame with
+      // a code: a refreshed token no longer grants it). Reported like a
+      // refused subscribe, and asked again after setToken().
+      call(this.onError, frame);
+      var entry = this._channels.get(frame.channel);
+      if (entry === undefined) {
+        return;
+      }
+      entry.status = "failed";
+      if (!entry.subs.length) {
+        this._channels.delete(entry.name);
+        return;
+      }
+      entry.subs.slice().forEach(function (sub) {
+        if (sub.active) {
+          call(sub._options.onError, frame);
         }
       });
     }
