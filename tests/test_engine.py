@@ -89,7 +89,7 @@ def test_idle_channels_leave_nothing_behind():
     old_epoch = engine.state_now("c1").epoch
     clock.advance(IDEMPOTENCY_WINDOW + 1)
     assert engine.channel_count() == 0
-    assert not engine._expiries and not engine._idempotency
+    assert not engine._kept and not engine._idempotency and engine.used == 0
     # Used again, a forgotten channel starts over in a new epoch.
     again = publish(engine, "c1", 1)[0]
     assert (again.offset, again.epoch != old_epoch) == (1, True)
