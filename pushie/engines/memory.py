@@ -47,10 +47,10 @@ SWEEP_INTERVAL = 1.0
 
 ENTRY_COST = 600
 """
-Bytes accounted for one kept publication beside its data and envelope: the
-Publication object, its place in the channel's history and in the global
-age order, the cached WebSocket frame header.  Measured on CPython 3.11 (see
-README, Limits); deliberately on the high side.
+Bytes accounted for one kept publication beside its data, envelope and frame:
+the Publication object, its place in the channel's history and in the global
+age order.  Calibrated with C{bench/memory_budget.py} on CPython 3.11
+(tracemalloc), on the high side.
 """
 
 CHANNEL_COST = 1000
@@ -62,14 +62,15 @@ log = Logger(namespace="pushie.engines.memory")
 def entry_cost(publication: Publication) -> int:
     """
     The bytes one kept publication is accounted for: its data, its envelope
-    (built for the first subscriber and then kept with it; estimated here from
-    its parts, without building it) and L{ENTRY_COST}.
+    and the WebSocket frame around it (both built for the first subscriber
+    and then kept with it; estimated here from their parts, without building
+    them) and L{ENTRY_COST}.
     """
     data = len(publication.data)
     envelope = data + len(publication.channel) + len(publication.event) + len(publication.epoch) + 80
     if publication.user_id is not None:
         envelope += len(publication.user_id) + 12
-    return ENTRY_COST + data + envelope
+    return ENTRY_COST + data + 2 * envelope
 
 
 def new_epoch() -> str:
