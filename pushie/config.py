@@ -693,7 +693,10 @@ def settings_reference() -> str:
         env = f"`{s.env}`" + (" (space-separated)" if s.repeatable else "")
         if s.name in ("publisher_keys", "subscriber_secrets", "pusher_apps"):
             env += " (comma-separated)"
-        rows.append(f"| {option} | {env} | `{s.name}` | {_show_default(s.default)} | {s.help} |")
+        default = _show_default(s.default)
+        if s.parse is _bytes and s.default and s.default % (1 << 20) == 0:
+            default = f"`{s.default >> 20}MiB`"
+        rows.append(f"| {option} | {env} | `{s.name}` | {default} | {s.help} |")
     return "\n".join(rows) + "\n"
 
 

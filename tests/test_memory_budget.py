@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 
+import pytest
 import pytest_twisted
 
 from tests.helpers import assert_reactor_clean, start_daemon
@@ -66,3 +67,26 @@ async def test_evicted_history_is_not_recovered_and_is_counted():
     finally:
         await daemon.stop()
     await assert_reactor_clean()
+
+
+def test_the_new_settings_are_read_and_checked():
+    from pushie.config import ConfigError, load_settings
+
+    settings = load_settings(
+        {"memory_budget": "16MiB"}, {"PUSHIE_IDEMPOTENCY_MAX_KEYS": "7", "PUSHIE_WEBHOOK_MAX_QUEUE": "50"}
+    )
+    assert (settings.memory_budget, settings.idempotency_max_keys, settings.webhook_max_queue) == (16 << 20, 7, 50)
+    assert load_settings(environ={"PUSHIE_MEMORY_BUDGET": "1048576"}).memory_budget == 1 << 20
+    assert load_settings(environ={"PUSHIE_MEMORY_BUDGET": "2g"}).memory_budget == 2 << 30
+    assert load_settings(environ={"PUSHIE_MEMORY_BUDGET": "0"}).memory_budget == 0
+    defaults = load_settings()
+    assert (defaults.memory_budget, defaults.idempotency_max_keys, defaults.webhook_max_queue) == (
+        512 << 20,
+        100_000,
+        10_000,
+    )
+    for bad in ("-1", "lots", "12 parsecs", "1.5MiB", "9" * 30):
+        with pytest.raises(ConfigError, match="memory_budget"):
+            load_settings(environ={"PUSHIE_MEMORY_BUDGET": bad})
+    with pytest.raises(ConfigError, match="webhook_max_queue"):
+        load_settings(environ={"PUSHIE_WEBHOOK_MAX_QUEUE": "0"})
