@@ -41,6 +41,27 @@ def _count(value: Any) -> int:
     return number
 
 
+_BYTE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mib": 1 << 20, "g": 1 << 30, "gib": 1 << 30}
+
+
+def _bytes(value: Any) -> int:
+    """A size in bytes: a whole number, or one with a binary unit (C{16MiB}, C{512M}, C{2GiB})."""
+    if isinstance(value, bool):
+        raise ValueError("expected a number of bytes such as 536870912 or 512MiB")
+    if isinstance(value, int):
+        number = value
+    else:
+        text = str(value).strip().lower().replace(" ", "")
+        digits = text.rstrip("abcdefghijklmnopqrstuvwxyz")
+        unit = text[len(digits) :]
+        if not digits.isdigit() or len(digits) > 18 or unit not in _BYTE_UNITS:
+            raise ValueError("expected a number of bytes such as 536870912 or 512MiB")
+        number = int(digits) * _BYTE_UNITS[unit]
+    if number < 0:
+        raise ValueError("must not be negative")
+    return number
+
+
 def _seconds(value: Any) -> float:
     if isinstance(value, bool):
         raise ValueError("expected a number of seconds")
@@ -233,6 +254,21 @@ SETTINGS: tuple[Setting, ...] = (
         metavar="SECONDS",
     ),
     Setting(
+        "memory_budget",
+        _bytes,
+        512 << 20,
+        "Memory engine: bytes all channels' history may hold (e.g. 512MiB); past it the oldest "
+        "publications are evicted first; 0: no limit.",
+        metavar="BYTES",
+    ),
+    Setting(
+        "idempotency_max_keys",
+        _count,
+        100_000,
+        "Memory engine: idempotency keys remembered at most (the oldest are forgotten first); 0: no limit.",
+        metavar="N",
+    ),
+    Setting(
         "max_message_size",
         _positive_int,
         65536,
@@ -337,6 +373,14 @@ SETTINGS: tuple[Setting, ...] = (
         10.0,
         "Seconds to wait for the webhook receiver's answer.",
         metavar="SECONDS",
+    ),
+    Setting(
+        "webhook_max_queue",
+        _positive_int,
+        10000,
+        "Webhook events that may wait for delivery; past it occupancy events are dropped (oldest first) "
+        "before member events, counted in pushie_webhook_events_dropped_total.",
+        metavar="N",
     ),
     Setting(
         "metrics_listen",
@@ -479,6 +523,8 @@ class Settings:
     redis_timeout: float
     history_size: int
     history_ttl: float
+    memory_budget: int
+    idempotency_max_keys: int
     max_message_size: int
     ping_interval: float
     ping_timeout: float
@@ -494,6 +540,7 @@ class Settings:
     webhook_debounce: float
     webhook_retry_for: float
     webhook_timeout: float
+    webhook_max_queue: int
     metrics_listen: str | None
     sse_keepalive: float
     shutdown_timeout: float
@@ -661,7 +708,10 @@ def settings_reference() -> str:
         env = f"`{s.env}`" + (" (space-separated)" if s.repeatable else "")
         if s.name in ("publisher_keys", "subscriber_secrets", "pusher_apps"):
             env += " (comma-separated)"
-        rows.append(f"| {option} | {env} | `{s.name}` | {_show_default(s.default)} | {s.help} |")
+        default = _show_default(s.default)
+        if s.parse is _bytes and s.default and s.default % (1 << 20) == 0:
+            default = f"`{s.default >> 20}MiB`"
+        rows.append(f"| {option} | {env} | `{s.name}` | {default} | {s.help} |")
     return "\n".join(rows) + "\n"
 
 

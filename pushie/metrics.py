@@ -10,9 +10,11 @@ do not mix their figures.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from twisted.web.resource import Resource
 from twisted.web.server import Request
@@ -57,9 +59,61 @@ class Metrics:
         self.connections.set_function(lambda: len(hub.connections))
         self.channels.set_function(lambda: len(hub.channel_names()))
         self.subscriptions.set_function(lambda: sum(hub.subscriber_count(c) for c in hub.channel_names()))
+        self.registry.register(_BoundsCollector(hub))
 
     def reject(self, reason: str) -> None:
         self.rejected.labels(reason=reason).inc()
+
+
+class _BoundsCollector:
+    """
+    What the bounded stores gave up, read when scraped: the memory engine's
+    evictions and accounted bytes, the webhook events dropped from a full
+    queue.  The engine and the webhooks keep plain counts (no metrics on their
+    hot paths); the webhooks are looked up on the Hub at each scrape, since
+    they are attached after it is built.
+    """
+
+    def __init__(self, hub: Any) -> None:
+        self.hub = hub
+
+    def describe(self) -> list[Metric]:
+        return []  # the families depend on the engine and on webhooks being on
+
+    def collect(self) -> Iterator[Metric]:
+        engine = self.hub.engine
+        if hasattr(engine, "evicted"):
+            yield CounterMetricFamily(
+                "pushie_history_evicted",
+                "Publications evicted from the memory engine's history to stay within memory_budget.",
+                value=engine.evicted,
+            )
+            yield GaugeMetricFamily(
+                "pushie_history_bytes", "Bytes the memory engine's history is accounted for.", value=engine.used
+            )
+            yield GaugeMetricFamily(
+                "pushie_memory_budget_bytes",
+                "The memory engine's memory_budget (0: no limit).",
+                value=engine.memory_budget,
+            )
+            yield CounterMetricFamily(
+                "pushie_idempotency_keys_evicted",
+                "Idempotency keys forgotten before their window ended, to stay within idempotency_max_keys.",
+                value=engine.idempotency_evicted,
+            )
+        webhooks = getattr(self.hub, "webhooks", None)
+        if webhooks is not None:
+            dropped = CounterMetricFamily(
+                "pushie_webhook_events_dropped",
+                "Webhook events dropped from a full queue (webhook_max_queue), by event name.",
+                labels=["event"],
+            )
+            for name, count in sorted(webhooks.dropped_by_event.items()):
+                dropped.add_metric([name], count)
+            yield dropped
+            yield GaugeMetricFamily(
+                "pushie_webhook_queue", "Webhook events waiting for delivery.", value=webhooks.queued
+            )
 
 
 class MetricsResource(Resource):

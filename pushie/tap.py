@@ -153,6 +153,7 @@ class PushieService(MultiService):
                 debounce=settings.webhook_debounce,
                 retry_for=settings.webhook_retry_for,
                 timeout=settings.webhook_timeout,
+                max_queue=settings.webhook_max_queue,
                 on_failure=lambda count: self.hub.metrics.webhooks_failed.inc(),
             )
         self.guard = guard_from_settings(settings, reactor)

@@ -26,6 +26,13 @@ Promises and limits, for the next engineer:
     the same channel is occupied again meanwhile (a page reload), both events
     are dropped: a reload is no webhook at all.  C{member_removed} followed by
     C{member_added} of the same member on the same channel is treated alike.
+  - B{Pairs that cancel.}  An event whose opposite (same channel, same
+    member) is still waiting in the queue, not yet sent, cancels it: the
+    receiver never hears of a channel occupied and vacated, or of a member
+    added and removed, while those events waited.  So a client that opens
+    and closes streams naming many new channels, faster than the receiver
+    takes events, costs the queue nothing once its streams are closed; while
+    they are open it costs at most C{max_subscriptions} events a connection.
   - B{Batching.}  Events that become due in the same reactor turn leave in
     one POST, up to L{MAX_BATCH} of them.  While every delivery slot is busy,
     events wait in a queue and later leave together.
@@ -41,9 +48,14 @@ Promises and limits, for the next engineer:
   - B{Order.}  Up to C{concurrency} POSTs are in flight at once and a retried
     one may land after a later one: receivers should order by C{time_ms}
     rather than by arrival.
-  - B{Bounds.}  At most C{max_queue} events wait (the oldest are dropped,
-    with a log line); at most C{concurrency} batches of L{MAX_BATCH} are
-    being delivered.  A failed delivery and a full queue are each logged at
+  - B{Bounds.}  At most C{max_queue} events wait; at most C{concurrency}
+    batches of L{MAX_BATCH} are being delivered.  Past C{max_queue} the
+    cheapest event goes: the oldest occupancy event (C{channel_occupied},
+    C{channel_vacated}: any client can cause them), and a member event
+    (C{member_added}, C{member_removed}: they need a granting token) only
+    when no occupancy event waits.  Each drop is counted by event name
+    (C{dropped_by_event}, the C{pushie_webhook_events_dropped_total} metric,
+    C{on_drop}) and logged.  A failed delivery and a full queue are each logged at
     most once a minute, with a count of the ones not shown, never with a
     traceback.  The webhook URL is logged without credentials or query.
   - B{Time} comes from the injected reactor (C{reactor.seconds()}), so a
@@ -62,7 +74,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import random
-from collections import deque
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -100,6 +112,14 @@ CHANNEL_OCCUPIED = "channel_occupied"
 CHANNEL_VACATED = "channel_vacated"
 MEMBER_ADDED = "member_added"
 MEMBER_REMOVED = "member_removed"
+
+_OPPOSITE = {
+    CHANNEL_OCCUPIED: CHANNEL_VACATED,
+    CHANNEL_VACATED: CHANNEL_OCCUPIED,
+    MEMBER_ADDED: MEMBER_REMOVED,
+    MEMBER_REMOVED: MEMBER_ADDED,
+}
+_MEMBER_EVENTS = frozenset((MEMBER_ADDED, MEMBER_REMOVED))
 
 SIGNATURE_HEADER = "X-Pushie-Signature"
 """The header that carries L{sign}C{(secret, body)}."""
@@ -183,6 +203,11 @@ class WebhookEvent:
     name: str
     channel: str
     user_id: str | None = None
+
+    @property
+    def opposite(self) -> WebhookEvent:
+        """The event that undoes this one (vacated for occupied, removed for added, and back)."""
+        return WebhookEvent(_OPPOSITE[self.name], self.channel, self.user_id)
 
     def to_json(self) -> dict[str, str]:
         event = {"name": self.name, "channel": self.channel}
@@ -273,6 +298,9 @@ class Webhooks:
     @ivar failed: events given up on (not retryable, or C{retry_for} ran out,
         or still undelivered when L{stop} finished).
     @ivar dropped: events dropped from a full queue.
+    @ivar dropped_by_event: the same, by event name.
+    @ivar cancelled: events never sent because their opposite followed them
+        while they waited (counted one per event, so two per pair).
     """
 
     def __init__(
@@ -291,6 +319,7 @@ class Webhooks:
         max_backoff: float = 30.0,
         stop_timeout: float = 2.0,
         on_failure: Callable[[int], object] | None = None,
+        on_drop: Callable[[str], object] | None = None,
     ) -> None:
         """
         @param url: where to POST; see L{check_url}.
@@ -313,6 +342,8 @@ class Webhooks:
         @param on_failure: called with the number of events each time a
             POST is given up (and once by L{stop} for queued events it never
             sent), e.g. to count failures in a metric.
+        @param on_drop: called with the event's name each time an event is
+            dropped from a full queue.
         @raise ValueError: on a bad URL, an empty secret or a bad number.
         """
         check_url(url)
@@ -333,6 +364,7 @@ class Webhooks:
         self.max_backoff = max_backoff
         self.stop_timeout = stop_timeout
         self.on_failure = on_failure
+        self.on_drop = on_drop
         self._secret = secret
         self._pool: HTTPConnectionPool | None = None
         if http_client is None:
@@ -347,7 +379,13 @@ class Webhooks:
         self._random = random.Random()
 
         self._held: dict[WebhookEvent, IDelayedCall] = {}
-        self._queue: deque[WebhookEvent] = deque()
+        # The queue, split by what an event costs to lose, each in arrival order under a
+        # sequence number; _pump merges them back in that order.  _queued finds a waiting
+        # event by value, for its opposite to cancel it.
+        self._seq = 0
+        self._cheap: OrderedDict[int, WebhookEvent] = OrderedDict()  # occupancy events
+        self._dear: OrderedDict[int, WebhookEvent] = OrderedDict()  # member events
+        self._queued: dict[WebhookEvent, int] = {}
         self._pump_call: IDelayedCall | None = None
         self._in_flight: dict[Deferred[None], None] = {}
         self._sleeping: dict[Deferred[None], None] = {}
@@ -361,6 +399,8 @@ class Webhooks:
         self.delivered = 0
         self.failed = 0
         self.dropped = 0
+        self.dropped_by_event: dict[str, int] = {}
+        self.cancelled = 0
 
     # -- what the Hub calls ----------------------------------------------
 
@@ -391,7 +431,7 @@ class Webhooks:
     @property
     def queued(self) -> int:
         """Events due and waiting for a delivery slot."""
-        return len(self._queue)
+        return len(self._cheap) + len(self._dear)
 
     @property
     def in_flight(self) -> int:
@@ -410,13 +450,15 @@ class Webhooks:
                 if call.active():
                     call.cancel()
                 return
-            self._enqueue(event)
+            self._settle(event)
         except Exception:
             log.failure("Webhook bookkeeping failed for {event}", event=event)
 
     def _later(self, event: WebhookEvent) -> None:
         try:
             if self._closed or event in self._held:
+                return
+            if self._cancel_queued(event.opposite):
                 return
             if self.debounce <= 0 or self._stopping:
                 self._enqueue(event)
@@ -427,28 +469,78 @@ class Webhooks:
 
     def _release(self, event: WebhookEvent) -> None:
         if self._held.pop(event, None) is not None:
+            self._settle(event)
+
+    def _settle(self, event: WebhookEvent) -> None:
+        """Queue C{event}, unless its opposite still waits in the queue: then neither is sent."""
+        if not self._cancel_queued(event.opposite):
             self._enqueue(event)
 
+    def _cancel_queued(self, event: WebhookEvent) -> bool:
+        """Take C{event} out of the queue if it waits there; whether it did."""
+        seq = self._queued.pop(event, None)
+        if seq is None:
+            return False
+        queue = self._dear if event.name in _MEMBER_EVENTS else self._cheap
+        del queue[seq]
+        self.cancelled += 2
+        return True
+
     def _enqueue(self, event: WebhookEvent) -> None:
-        self._queue.append(event)
-        if len(self._queue) > self.max_queue:
-            self._queue.popleft()
-            self.dropped += 1
-            self._throttle.warn(
-                "webhook_queue_full",
-                "Webhook queue full ({max_queue} events waiting for {url}): dropped the oldest",
-                max_queue=self.max_queue,
-                url=self._log_url,
-            )
+        self._seq += 1
+        seq = self._seq
+        (self._dear if event.name in _MEMBER_EVENTS else self._cheap)[seq] = event
+        self._queued[event] = seq
+        if self.queued > self.max_queue:
+            self._drop_one()
         if self._pump_call is None:
             # Everything that becomes due in this reactor turn leaves together.
             self._pump_call = self.reactor.callLater(0, self._pump)
 
+    def _drop_one(self) -> None:
+        """Drop the cheapest waiting event: the oldest occupancy event, else the oldest member event."""
+        seq, event = (self._cheap or self._dear).popitem(last=False)
+        if self._queued.get(event) == seq:
+            del self._queued[event]
+        self.dropped += 1
+        self.dropped_by_event[event.name] = self.dropped_by_event.get(event.name, 0) + 1
+        if self.on_drop is not None:
+            try:
+                self.on_drop(event.name)
+            except Exception:
+                log.failure("Webhook on_drop callback failed")
+        self._throttle.warn(
+            "webhook_queue_full",
+            "Webhook queue full ({max_queue} events waiting for {url}): dropped {event} of {channel} "
+            "({dropped} dropped so far, occupancy events first; see pushie_webhook_events_dropped_total)",
+            max_queue=self.max_queue,
+            url=self._log_url,
+            event=event.name,
+            channel=event.channel,
+            dropped=self.dropped,
+        )
+
+    def _take(self) -> WebhookEvent:
+        """The event that has waited longest, of either kind."""
+        cheap, dear = self._cheap, self._dear
+        if cheap and (not dear or next(iter(cheap)) < next(iter(dear))):
+            seq, event = cheap.popitem(last=False)
+        else:
+            seq, event = dear.popitem(last=False)
+        if self._queued.get(event) == seq:
+            del self._queued[event]
+        return event
+
+    def _clear_queue(self) -> None:
+        self._cheap.clear()
+        self._dear.clear()
+        self._queued.clear()
+
     def _pump(self) -> None:
         self._pump_call = None
-        while self._queue and len(self._in_flight) < self.concurrency:
-            size = min(MAX_BATCH, len(self._queue))
-            batch = [self._queue.popleft() for _ in range(size)]
+        while self.queued and len(self._in_flight) < self.concurrency:
+            size = min(MAX_BATCH, self.queued)
+            batch = [self._take() for _ in range(size)]
             d = Deferred.fromCoroutine(self._deliver(batch))
             self._in_flight[d] = None
             d.addBoth(self._finished, d)
@@ -457,7 +549,7 @@ class Webhooks:
         self._in_flight.pop(d, None)
         if isinstance(result, Failure) and not result.check(CancelledError):
             log.failure("Webhook delivery crashed", result)
-        if self._queue and self._pump_call is None and not self._closed:
+        if self.queued and self._pump_call is None and not self._closed:
             self._pump_call = self.reactor.callLater(0, self._pump)
         self._check_stopped()
 
@@ -604,14 +696,14 @@ class Webhooks:
 
     def _abandon(self) -> None:
         self._stop_timer = None
-        self._failed(len(self._queue))
-        self._queue.clear()
+        self._failed(self.queued)
+        self._clear_queue()
         for d in list(self._in_flight):
             d.cancel()
         self._check_stopped()
 
     def _check_stopped(self) -> None:
-        if not self._stopping or self._closed or self._queue or self._in_flight:
+        if not self._stopping or self._closed or self.queued or self._in_flight:
             return
         self._closed = True
         for call in (self._stop_timer, self._pump_call):

@@ -398,6 +398,74 @@ def test_the_queue_is_bounded_and_drops_the_oldest(logged):
     s.stop()
 
 
+def test_an_event_cancels_its_opposite_while_it_still_waits():
+    s = Stubbed(debounce=3.0, concurrency=1)
+    s.receiver.default = "hang"
+    s.webhooks.channel_occupied("busy")
+    s.advance(0)
+    assert s.webhooks.in_flight == 1  # every slot taken: what follows waits in the queue
+    s.webhooks.channel_occupied("a")
+    s.webhooks.member_added("presence-r", "42")
+    s.webhooks.channel_occupied("b")
+    assert s.webhooks.queued == 3
+    s.webhooks.channel_vacated("a")  # not held for the debounce: its occupied was never sent
+    s.webhooks.member_removed("presence-r", "42")
+    assert (s.webhooks.queued, s.webhooks.held, s.webhooks.cancelled) == (1, 0, 4)
+    s.receiver.default = 200
+    s.receiver.hung.pop().finish()
+    s.advance(0)
+    assert s.receiver.events[-1] == [("channel_occupied", "b")]
+    assert s.webhooks.dropped == 0
+    s.stop()
+
+
+def test_a_full_queue_drops_occupancy_events_before_member_events(logged):
+    dropped: list[str] = []
+    s = Stubbed(max_queue=3, concurrency=1, on_drop=dropped.append)
+    s.receiver.default = "hang"
+    s.webhooks.channel_occupied("busy")
+    s.advance(0)
+    s.webhooks.member_added("presence-r", "1")
+    s.webhooks.channel_occupied("a")
+    s.webhooks.channel_occupied("b")
+    s.webhooks.member_added("presence-r", "2")  # full: the oldest occupancy event ("a") goes
+    s.webhooks.channel_occupied("c")  # "b" goes
+    s.webhooks.member_added("presence-r", "3")  # "c" goes
+    s.webhooks.member_added("presence-r", "4")  # only member events wait: the oldest of them goes
+    assert dropped == ["channel_occupied"] * 3 + ["member_added"]
+    assert s.webhooks.dropped_by_event == {"channel_occupied": 3, "member_added": 1}
+    assert s.webhooks.dropped == 4
+    [warning] = logged  # throttled: one line, the rest are counted
+    text = formatEvent(warning)
+    assert "queue full" in text and "dropped channel_occupied of a" in text
+    s.receiver.default = 200
+    s.receiver.hung.pop().finish()
+    s.advance(0)
+    assert s.receiver.events[-1] == [("member_added", "presence-r", str(i)) for i in (2, 3, 4)]
+    s.stop()
+
+
+def test_the_queue_keeps_arrival_order_across_kinds():
+    s = Stubbed(concurrency=1)
+    s.receiver.default = "hang"
+    s.webhooks.channel_occupied("busy")
+    s.advance(0)
+    s.webhooks.member_added("presence-r", "1")
+    s.webhooks.channel_occupied("a")
+    s.webhooks.member_added("presence-r", "2")
+    s.webhooks.channel_occupied("b")
+    s.receiver.default = 200
+    s.receiver.hung.pop().finish()
+    s.advance(0)
+    assert s.receiver.events[-1] == [
+        ("member_added", "presence-r", "1"),
+        ("channel_occupied", "a"),
+        ("member_added", "presence-r", "2"),
+        ("channel_occupied", "b"),
+    ]
+    s.stop()
+
+
 # -- against a real receiver -------------------------------------------------------
 
 

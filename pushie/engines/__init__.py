@@ -102,7 +102,11 @@ def engine_from_setting(value: str, settings: Any, reactor: Any) -> IEngine:
         from pushie.engines.memory import MemoryEngine
 
         return MemoryEngine(  # type: ignore[no-any-return]
-            clock=reactor, history_size=settings.history_size, history_ttl=settings.history_ttl
+            clock=reactor,
+            history_size=settings.history_size,
+            history_ttl=settings.history_ttl,
+            memory_budget=settings.memory_budget,
+            idempotency_max_keys=settings.idempotency_max_keys,
         )
     if value.startswith(("redis://", "rediss://")):
         from pushie.engines.redis import RedisEngine

@@ -3,14 +3,26 @@
 The in-memory engine: one process, nothing shared.
 
 Each channel in use has an offset, an epoch and a history: the last
-C{history_size} publications, each kept for C{history_ttl} seconds.  Memory is
-bounded by both.  A channel with no history left, no watching node and no
-presence members is forgotten; if it is used again it starts over at offset 0
-with a new epoch, so no client can mistake the new offsets for the old ones.
-An epoch is random, so a restarted daemon never reuses one.
+C{history_size} publications, each kept for C{history_ttl} seconds.  A channel
+with no history left, no watching node and no presence members is forgotten;
+if it is used again it starts over at offset 0 with a new epoch, so no client
+can mistake the new offsets for the old ones.  An epoch is random, so a
+restarted daemon never reuses one.
+
+B{Memory budget.}  The two history limits bound one channel, not the daemon:
+publishing to many channels (or fast to a few, for C{history_ttl}) would grow
+memory without end.  So all the history together is accounted in bytes (see
+L{entry_cost} and L{CHANNEL_COST}) against C{memory_budget}; past it, the
+globally oldest publications are evicted first, whatever their channel.  An
+eviction is counted (C{evicted}, the C{pushie_history_evicted_total} metric)
+and logged at most once a minute.  A client that asks to recover from an
+evicted range finds the history no longer reaching back (C{complete} false),
+so it gets C{recovered: false}, exactly as after an expiry.
 
 Idempotency keys are remembered for L{IDEMPOTENCY_WINDOW} seconds, as the
-channel state they were first published at (never the data).
+channel state they were first published at (never the data), and at most
+C{idempotency_max_keys} of them: past it the oldest is forgotten first (a
+repeat of a forgotten key publishes again).
 """
 
 from __future__ import annotations
@@ -23,13 +35,42 @@ import attr
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
 from zope.interface import implementer
 
 from pushie.channels import ChannelState, History, Member, PresenceEvent, Publication, PublishRequest
 from pushie.engines import EngineListener, IEngine
+from pushie.logs import Throttle
 
 IDEMPOTENCY_WINDOW = 300.0
 SWEEP_INTERVAL = 1.0
+
+ENTRY_COST = 600
+"""
+Bytes accounted for one kept publication beside its data, envelope and frame:
+the Publication object, its place in the channel's history and in the global
+age order.  Calibrated with C{bench/memory_budget.py} on CPython 3.11
+(tracemalloc), on the high side.
+"""
+
+CHANNEL_COST = 1000
+"""Bytes accounted for a channel while it keeps history: its record, its name, its epoch, the history deque."""
+
+log = Logger(namespace="pushie.engines.memory")
+
+
+def entry_cost(publication: Publication) -> int:
+    """
+    The bytes one kept publication is accounted for: its data, its envelope
+    and the WebSocket frame around it (both built for the first subscriber
+    and then kept with it; estimated here from their parts, without building
+    them) and L{ENTRY_COST}.
+    """
+    data = len(publication.data)
+    envelope = data + len(publication.channel) + len(publication.event) + len(publication.epoch) + 80
+    if publication.user_id is not None:
+        envelope += len(publication.user_id) + 12
+    return ENTRY_COST + data + 2 * envelope
 
 
 def new_epoch() -> str:
@@ -57,12 +98,26 @@ class MemoryEngine:
     history_size: int = 100
     history_ttl: float = 300.0
     name: str = "memory"
+    memory_budget: int = 512 << 20
+    """Bytes all the history together may be accounted for (0: no limit)."""
+    idempotency_max_keys: int = 100_000
+    """Idempotency keys remembered at most (0: no limit)."""
     _channels: dict[str, _Channel] = attr.ib(factory=dict, init=False)
     _idempotency: OrderedDict[tuple[str, str], tuple[float, ChannelState]] = attr.ib(factory=OrderedDict, init=False)
-    # (expires at, channel, offset) in publish order: the sweep pops from the left.
-    _expiries: deque[tuple[float, str, int]] = attr.ib(factory=deque, init=False)
+    # Every kept publication, (channel, offset) -> (expires at, accounted bytes), in publish order: that is
+    # both the expiry order (one TTL for all) and the age order the budget evicts in; both pop from the left.
+    # A publication pushed out of its channel by history_size leaves it at once, so this never holds more
+    # than what the histories hold.
+    _kept: OrderedDict[tuple[str, int], tuple[float, int]] = attr.ib(factory=OrderedDict, init=False)
+    used: int = attr.ib(default=0, init=False)
+    """Bytes the kept history is accounted for now (never above C{memory_budget} once L{append} returns)."""
+    evicted: int = attr.ib(default=0, init=False)
+    """Publications evicted from history to stay within C{memory_budget}."""
+    idempotency_evicted: int = attr.ib(default=0, init=False)
+    """Idempotency keys forgotten before their window ended, to stay within C{idempotency_max_keys}."""
     _listener: EngineListener | None = attr.ib(default=None, init=False)
     _sweeper: LoopingCall | None = attr.ib(default=None, init=False)
+    _throttle: Throttle | None = attr.ib(default=None, init=False)
 
     # -- service ---------------------------------------------------------
 
@@ -106,18 +161,73 @@ class MemoryEngine:
         keys = self._idempotency
         while keys and next(iter(keys.values()))[0] <= now:
             keys.popitem(last=False)
-        expiries = self._expiries
-        while expiries and expiries[0][0] <= now:
-            _, name, offset = expiries.popleft()
-            channel = self._channels.get(name)
-            if channel is None:
-                continue
+        kept = self._kept
+        while kept and next(iter(kept.values()))[0] <= now:
+            self._drop_oldest()
+
+    def _drop_oldest(self) -> str:
+        """Drop the globally oldest kept publication; return its channel's name."""
+        (name, offset), (_, cost) = self._kept.popitem(last=False)
+        self.used -= cost
+        channel = self._channels.get(name)
+        if channel is not None and channel.history:
             history = channel.history
             while history and history[0][1].offset <= offset:
                 history.popleft()
             if not history:
                 channel.history = None
-            self._forget_if_idle(name)
+                self.used -= CHANNEL_COST
+                self._forget_if_idle(name)
+        return name
+
+    def _keep(self, channel: _Channel, now: float, publication: Publication) -> None:
+        """Put C{publication} in its channel's history and account for it."""
+        history = channel.history
+        if history is None:
+            history = channel.history = deque()
+            self.used += CHANNEL_COST
+        history.append((now, publication))
+        cost = entry_cost(publication)
+        self._kept[(publication.channel, publication.offset)] = (now + self.history_ttl, cost)
+        self.used += cost
+        if len(history) > self.history_size:
+            _, old = history.popleft()
+            gone = self._kept.pop((old.channel, old.offset), None)
+            if gone is not None:
+                self.used -= gone[1]
+
+    def _within_budget(self) -> None:
+        """Evict the oldest history, across all channels, until the accounted bytes fit the budget."""
+        budget = self.memory_budget
+        if budget <= 0 or self.used <= budget:
+            return
+        count = 0
+        channels: set[str] = set()
+        while self._kept and self.used > budget:
+            if len(channels) < 3:
+                channels.add(self._drop_oldest())
+            else:
+                self._drop_oldest()
+            count += 1
+        self.evicted += count
+        if self._throttle is None:
+            self._throttle = Throttle(log, self.clock, interval=60.0)
+        self._throttle.warn(
+            "history_evicted",
+            "History reached memory_budget ({budget} bytes): evicted the {count} oldest publications "
+            "(of {channels}...); clients recovering from them get recovered: false",
+            budget=budget,
+            count=count,
+            channels=", ".join(sorted(channels)),
+        )
+
+    def _remember_key(self, key: tuple[str, str], now: float, state: ChannelState) -> None:
+        keys = self._idempotency
+        keys[key] = (now + IDEMPOTENCY_WINDOW, state)
+        limit = self.idempotency_max_keys
+        while limit > 0 and len(keys) > limit:
+            keys.popitem(last=False)
+            self.idempotency_evicted += 1
 
     # -- publishing ------------------------------------------------------
 
@@ -139,17 +249,13 @@ class MemoryEngine:
             channel.offset += 1
             publication = Publication.of(request, channel.offset, channel.epoch)
             if self.history_size > 0:
-                history = channel.history
-                if history is None:
-                    history = channel.history = deque()
-                history.append((now, publication))
-                if len(history) > self.history_size:
-                    history.popleft()
-                self._expiries.append((now + self.history_ttl, request.channel, channel.offset))
+                self._keep(channel, now, publication)
             if key is not None:
-                self._idempotency[key] = (now + IDEMPOTENCY_WINDOW, ChannelState(channel.offset, channel.epoch))
+                self._remember_key(key, now, ChannelState(channel.offset, channel.epoch))
             publications.append(publication)
             fresh.append(publication)
+        # After the whole batch: a batch bigger than the budget keeps its newest part.
+        self._within_budget()
         listener = self._listener
         for publication in fresh:
             if listener is not None:
