@@ -132,3 +132,13 @@ def test_presence_counts_connections_per_member():
     assert [(e.kind, e.member.id) for e in listener.presence[2:]] == [("leave", "ann"), ("leave", "bob")]
     assert engine.presence("presence-r").result == [] and engine.channel_count() == 0
     engine.stop()
+
+
+def test_idempotency_keys_are_per_channel_whatever_the_text():
+    """(channel, key) is a pair, never joined into one string (issue 12 A6)."""
+    engine, clock, listener = started()
+    first = engine.append([PublishRequest("orders", b"1", idempotency_key="eu:17")]).result[0]
+    other = engine.append([PublishRequest("orders:eu", b"2", idempotency_key="17")]).result[0]
+    assert (first.channel, first.offset, other.channel, other.offset) == ("orders", 1, "orders:eu", 1)
+    assert [p.channel for p in listener.publications] == ["orders", "orders:eu"]
+    engine.stop()

@@ -253,3 +253,33 @@ async def test_killed_pubsub_connection_resubscribes_and_fills_the_gap(own_redis
     finally:
         await daemon.stop()
         await other.stop()
+
+
+# -- keys ---------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_idempotency_keys_of_different_channels_never_meet(make_daemon):
+    """(channel, key) pairs that join to the same text are different keys (issue 12 A6)."""
+    daemon = await make_daemon()
+    client = await daemon.connect("channel=orders:eu&channel=orders")
+    await client.next_of("welcome")
+    await client.next_of("subscribed")
+    await client.next_of("subscribed")
+    pairs = [("orders", "eu:17"), ("orders:eu", "17"), ("orders:eu:", "17"), ("orders", "eu::17"), ("orders", "eu")]
+    for i, (channel, key) in enumerate(pairs):
+        status, body, _ = await daemon.publish({"channel": channel, "data": i, "idempotency_key": key})
+        assert (status, body["channel"]) == (200, channel)
+        assert body["offset"] == sum(1 for c, _ in pairs[: i + 1] if c == channel), (channel, key, body)
+    got = [await client.next_of("message") for _ in range(4)]  # orders:eu: has no subscriber here
+    assert sorted((m["channel"], m["data"]) for m in got) == [
+        ("orders", 0),
+        ("orders", 3),
+        ("orders", 4),
+        ("orders:eu", 1),
+    ]
+    # The same pair again is still recognised.
+    status, body, _ = await daemon.publish({"channel": "orders:eu", "data": "again", "idempotency_key": "17"})
+    assert (status, body["offset"]) == (200, 1)
+    await sleep(0.1)
+    assert client.pending() == []

@@ -3,18 +3,34 @@
 The Redis engine: any number of Pushie daemons sharing one Redis serve the
 same channels, with the same offsets, history, presence and idempotency keys.
 
-Storage, per channel C{c} (all keys start with C{pushie:<db>:}):
+Storage, per channel C{c} (all keys and pub/sub names start with
+C{pushie:<db>:}; C{c} is the Hub's channel name, which for a Pusher app other
+than the first is C{<app id>|<name>}):
 
   - C{meta:c}      hash: C{offset}, C{epoch}, C{ms} (last history id time);
                    expires with the history, so an epoch changes exactly when a
                    channel's history is lost.
   - C{hist:c}      stream of envelopes, id C{<ms>-<offset>}; trimmed to
-                   C{history_size} entries and to C{history_ttl} seconds.
-  - C{idem:c:key}  the first offset and epoch of an idempotency key, 5 minutes.
+                   C{history_size} entries and to C{history_ttl} seconds, by
+                   the daemon that publishes (so with daemons of different
+                   settings, the publishing daemon's settings win).
+  - C{ikey:<n>:c:k} the first offset and epoch of idempotency key C{k},
+                   5 minutes; C{<n>} is the length of C{c} in bytes, so that
+                   no (channel, key) pair can spell another's key (keys are any
+                   string, and channel names may contain C{:}).  Earlier
+                   daemons used C{idem:c:k}, which collided; those keys are
+                   not read after an upgrade (they expire; a retry across the
+                   upgrade, or across old and new daemons in a rolling one,
+                   within 5 minutes may publish twice).
   - C{pres:c}      hash C{<node>/<client>} -> member JSON: presence, one field
-                   per connection on any node.
+                   per connection on any node (node ids are hex, so the first
+                   C{/} ends it).
   - C{node:<id>}   a node's heartbeat; presence fields of nodes whose
                    heartbeat has expired are swept, with a C{leave}.
+  - pub/sub C{m:c} (publications) and C{p:c} (presence events).
+
+Every name is C{<kind>:} then one channel name, except C{ikey}; kinds are
+fixed words without C{:}, so names of different kinds or channels never meet.
 
 One Lua script publishes a whole request (offset, history, idempotency key and
 PUBLISH to the nodes) atomically, so a C{200} means stored and on its way, and
@@ -379,7 +395,17 @@ class RedisEngine:
     # -- keys ------------------------------------------------------------
 
     def _key(self, kind: str, channel: str) -> str:
+        """A key or pub/sub name of one channel: the kind is a fixed word without C{:}, then the name."""
         return f"{self.prefix}{kind}:{channel}"
+
+    def _idempotency_key(self, channel: str, key: str) -> str:
+        """
+        The key remembering idempotency key C{key} of C{channel}: two
+        user-controlled parts, so the channel name goes with its length
+        (C{ikey:6:orders:eu:17} is C{orders} + C{eu:17}, C{ikey:9:orders:eu:17}
+        is C{orders:eu} + C{17}); no separator could do, as keys are any string.
+        """
+        return f"{self.prefix}ikey:{len(channel.encode())}:{channel}:{key}"
 
     # -- publishing ------------------------------------------------------
 
@@ -390,7 +416,7 @@ class RedisEngine:
             idem = (
                 "-"
                 if request.idempotency_key is None
-                else self._key("idem", request.channel) + ":" + request.idempotency_key
+                else self._idempotency_key(request.channel, request.idempotency_key)
             )
             keys += [self._key("meta", request.channel), self._key("hist", request.channel), idem]
             args += [
