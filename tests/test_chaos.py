@@ -40,6 +40,7 @@ from tests.redis_server import RedisServer, require_redis
 from tests.test_daemon import spawn, stop
 
 LONG = os.environ.get("PUSHIE_CHAOS_LONG") == "1"
+REDIS_TIMEOUT = 1.0
 
 
 @attr.s(auto_attribs=True)
@@ -70,7 +71,7 @@ class Cluster:
 
     async def start_node(self) -> None:
         args = ["-n", "--pidfile=", "pushie", "--listen", "tcp:0:interface=127.0.0.1", "--engine", self.redis.url]
-        args += ["--history-size", "100000", "--publish-rate", "0", "--redis-timeout", "1"]
+        args += ["--history-size", "100000", "--publish-rate", "0", "--redis-timeout", str(REDIS_TIMEOUT)]
         proc = spawn(args)
         await wait_for(lambda: proc.addresses or proc.ended.called, timeout=30)
         assert proc.addresses, proc.output.decode()
@@ -235,6 +236,7 @@ class Run:
     refused: dict[str, int] = attr.ib(factory=dict)  # data id -> status (never published)
     unknown: set[str] = attr.ib(factory=set)  # no answer (a daemon killed): may or may not be published
     status_503: int = 0
+    timeouts: int = 0  # 503s answered after redis_timeout: outcome unknown
     delivered: int = 0
     recovered_false: int = 0
     subscribe_errors: int = 0
@@ -254,6 +256,7 @@ class Run:
             data_id = f"{name}-{n}"
             port = random.choice(self.cluster.ports)
             self.published += 1
+            began = reactor.seconds()
             try:
                 response = await treq.post(
                     f"http://127.0.0.1:{port}/publish",
@@ -268,6 +271,13 @@ class Run:
                 continue
             if response.code == 200:
                 self.acked[data_id] = (channel, body["epoch"], body["offset"])
+            elif response.code == 503 and reactor.seconds() - began >= REDIS_TIMEOUT * 0.9:
+                # Redis did not answer within redis_timeout: the script may
+                # still have run, so the outcome is unknown (README: retry
+                # with the same idempotency_key).
+                self.status_503 += 1
+                self.timeouts += 1
+                self.unknown.add(data_id)
             else:
                 self.refused[data_id] = response.code
                 if response.code == 503:
@@ -277,7 +287,8 @@ class Run:
     def report(self) -> str:
         return (
             f"published {self.published}, acknowledged {len(self.acked)}, refused {len(self.refused)} "
-            f"(503: {self.status_503}), unknown outcome {len(self.unknown)}, delivered {self.delivered}, "
+            f"(503: {self.status_503}, after the Redis timeout: {self.timeouts}), "
+            f"unknown outcome {len(self.unknown)}, delivered {self.delivered}, "
             f"recovered:false {self.recovered_false}, subscribe errors {self.subscribe_errors}, closes {self.closes}"
         )
 
