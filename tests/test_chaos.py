@@ -271,13 +271,15 @@ class Run:
                 continue
             if response.code == 200:
                 self.acked[data_id] = (channel, body["epoch"], body["offset"])
-            elif response.code == 503 and reactor.seconds() - began >= REDIS_TIMEOUT * 0.9:
-                # Redis did not answer within redis_timeout: the script may
-                # still have run, so the outcome is unknown (README: retry
-                # with the same idempotency_key).
+            elif response.code == 503:
+                # Redis did not answer (timeout, or the connection dropped
+                # after the script was sent): it may still have run, so the
+                # outcome is unknown (README: retry with the same idempotency_key).
                 self.status_503 += 1
-                self.timeouts += 1
+                if reactor.seconds() - began >= REDIS_TIMEOUT * 0.9:
+                    self.timeouts += 1
                 self.unknown.add(data_id)
+                await sleep(0.05)
             else:
                 self.refused[data_id] = response.code
                 if response.code == 503:
