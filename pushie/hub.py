@@ -23,7 +23,13 @@ Then history (or the current state) is read, and the answer to the front door
 is the history after the client's offset followed by the buffered
 publications that come after it, with duplicates removed by offset.  The
 front door sends the C{subscribed} frame and that replay in one reactor turn,
-and from then on the subscriber is live.
+and from then on the subscriber is live.  The engine answers a read of a
+watched channel only once it has dispatched up to it, so the Hub's position
+never runs ahead of what it dispatched.  Every publication handed on, live or
+replayed, must follow the one before (the next offset, or offset 1 of a new
+epoch); one that does not is never passed off as continuous: live
+subscribers are told to recover (L{Hub.lost_continuity}), a subscribe fails
+with C{engine_unavailable}.
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ from pushie.channels import (
     is_presence,
 )
 from pushie.engines import IEngine
+from pushie.errors import EngineUnavailable
 from pushie.limits import ConnectionLimits
 from pushie.metrics import Metrics
 from pushie.webhooks import Webhooks
@@ -309,8 +316,13 @@ class Hub(Service):
         channel = self._channels.get(publication.channel)
         if channel is None:
             return
-        if channel.epoch == publication.epoch and publication.offset <= channel.last_offset:
-            return
+        if channel.epoch == publication.epoch:
+            if publication.offset <= channel.last_offset:
+                return
+            if publication.offset > channel.last_offset + 1:
+                self._gap(publication.channel, channel.last_offset, publication)
+        elif channel.epoch is not None and publication.offset != 1:
+            self._gap(publication.channel, channel.last_offset, publication)
         channel.epoch = publication.epoch
         channel.last_offset = publication.offset
         subscribers = channel.snapshot
@@ -377,6 +389,21 @@ class Hub(Service):
         for subscriber, buffered in channel.pending.items():
             if subscriber.client_id != event.origin:
                 buffered.append(event)
+
+    def _gap(self, name: str, last: int, publication: Publication) -> None:
+        """
+        The engine handed over a publication that does not follow the last
+        one (it should have read the gap back first): never pass it off as
+        continuous; the subscribers recover with C{since} instead.
+        """
+        self.log.error(
+            "Channel {channel}: publication {offset} ({epoch}) does not follow {last}; subscribers must recover",
+            channel=name,
+            offset=publication.offset,
+            epoch=publication.epoch,
+            last=last,
+        )
+        self.lost_continuity(name)
 
     def lost_continuity(self, name: str) -> None:
         """The engine lost publications of C{name} on their way here: its subscribers must recover."""
@@ -454,11 +481,24 @@ class Hub(Service):
             if recovered:
                 replay.extend(history.publications)
                 last = history.publications[-1].offset if history.publications else since.offset
+        epoch = state.epoch
         for item in buffered:
-            if isinstance(item, Publication) and item.epoch == state.epoch:
-                if item.offset <= last:
+            if isinstance(item, Publication):
+                if item.epoch == epoch and item.offset <= last:
                     continue
-                last = item.offset
+                if (item.epoch == epoch and item.offset > last + 1) or (item.epoch != epoch and item.offset != 1):
+                    # Never expected (the engine answers only once it has
+                    # dispatched up to the state it read): refuse rather
+                    # than hand over a gap as recovered.
+                    self.log.error(
+                        "Channel {channel}: publication {offset} does not follow {last}; subscribe refused",
+                        channel=name,
+                        offset=item.offset,
+                        last=last,
+                    )
+                    self.unsubscribe(name, subscriber)
+                    raise EngineUnavailable()
+                epoch, last = item.epoch, item.offset
             replay.append(item)
         return Subscribed(state, recovered, replay, members)
 

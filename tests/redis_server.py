@@ -1,4 +1,4 @@
-"""A throwaway redis-server for the tests, on a free port, with nothing on disk."""
+"""A throwaway redis-server for the tests, on a free port, with nothing on disk (or an append-only file, if asked)."""
 
 from __future__ import annotations
 
@@ -20,9 +20,10 @@ def free_port() -> int:
 class RedisServer:
     """A redis-server process the tests can stop and start again on the same port."""
 
-    def __init__(self, directory: str) -> None:
+    def __init__(self, directory: str, appendonly: bool = False) -> None:
         self.port = free_port()
         self.directory = directory
+        self.appendonly = appendonly
         self.process: subprocess.Popen | None = None
 
     @property
@@ -40,7 +41,9 @@ class RedisServer:
                 "--save",
                 "",
                 "--appendonly",
-                "no",
+                "yes" if self.appendonly else "no",
+                "--appendfsync",
+                "everysec",
                 "--dir",
                 self.directory,
             ],

@@ -253,3 +253,73 @@ async def test_killed_pubsub_connection_resubscribes_and_fills_the_gap(own_redis
     finally:
         await daemon.stop()
         await other.stop()
+
+
+# -- keys ---------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_idempotency_keys_of_different_channels_never_meet(make_daemon):
+    """(channel, key) pairs that join to the same text are different keys (issue 12 A6)."""
+    daemon = await make_daemon()
+    client = await daemon.connect("channel=orders:eu&channel=orders")
+    await client.next_of("welcome")
+    await client.next_of("subscribed")
+    await client.next_of("subscribed")
+    pairs = [("orders", "eu:17"), ("orders:eu", "17"), ("orders:eu:", "17"), ("orders", "eu::17"), ("orders", "eu")]
+    for i, (channel, key) in enumerate(pairs):
+        status, body, _ = await daemon.publish({"channel": channel, "data": i, "idempotency_key": key})
+        assert (status, body["channel"]) == (200, channel)
+        assert body["offset"] == sum(1 for c, _ in pairs[: i + 1] if c == channel), (channel, key, body)
+    got = [await client.next_of("message") for _ in range(4)]  # orders:eu: has no subscriber here
+    assert sorted((m["channel"], m["data"]) for m in got) == [
+        ("orders", 0),
+        ("orders", 3),
+        ("orders", 4),
+        ("orders:eu", 1),
+    ]
+    # The same pair again is still recognised.
+    status, body, _ = await daemon.publish({"channel": "orders:eu", "data": "again", "idempotency_key": "17"})
+    assert (status, body["offset"]) == (200, 1)
+    await sleep(0.1)
+    assert client.pending() == []
+
+
+# -- continuity (issue 12 A15) --------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_new_subscriber_never_costs_older_ones_what_is_on_its_way(own_redis):
+    """
+    While a node's pub/sub connection is down, a second subscriber of a
+    channel reads the channel's state: that position must not make the
+    node drop, for its first subscriber, what it reads back after the
+    reconnect (it did: the Hub took the state as already dispatched).
+    """
+    daemon = await start_daemon(engine=own_redis.url, redis_timeout=10.0)
+    other = await start_daemon(engine=own_redis.url)
+    try:
+        first = await daemon.connect("channel=c")
+        await first.next_of("welcome")
+        await first.next_of("subscribed")
+        own_redis.cli("CLIENT", "KILL", "TYPE", "pubsub")
+        await wait_for(lambda: not daemon.hub.engine.healthy(), timeout=5)
+        for i in range(1, 4):
+            status, body, _ = await other.publish({"channel": "c", "data": i})
+            assert (status, body["offset"]) == (200, i)
+        second = await daemon.connect()
+        await second.next_of("welcome")
+        second.send({"type": "subscribe", "channel": "c"})
+        await sleep(0.1)
+        assert not daemon.hub.engine.healthy(), "the node reconnected too soon for this test to mean anything"
+        answer = await second.next_of("subscribed", timeout=15)
+        assert answer["offset"] == 3
+        await wait_for(daemon.hub.engine.healthy, timeout=15)
+        await other.publish({"channel": "c", "data": 4})
+        assert [(await first.next_of("message", timeout=15))["offset"] for _ in range(4)] == [1, 2, 3, 4]
+        assert (await second.next_of("message", timeout=15))["offset"] == 4
+        await sleep(0.2)
+        assert first.pending() == [] and second.pending() == []
+    finally:
+        await daemon.stop()
+        await other.stop()

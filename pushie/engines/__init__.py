@@ -58,7 +58,13 @@ class IEngine(Interface):
         """
 
     def state(channel: str) -> Deferred[ChannelState]:
-        """The channel's current offset and epoch."""
+        """
+        The channel's current offset and epoch.  For a watched channel (as
+        for L{history}), the answer comes only once every publication up to
+        it has been dispatched to the listener: the Hub takes it as the
+        position of a new subscriber, and its older subscribers must not
+        lose what was still on its way.
+        """
 
     def history(channel: str, since: int, limit: int | None) -> Deferred[History]:
         """The kept publications after offset C{since} (at most C{limit}), oldest first."""

@@ -3,18 +3,34 @@
 The Redis engine: any number of Pushie daemons sharing one Redis serve the
 same channels, with the same offsets, history, presence and idempotency keys.
 
-Storage, per channel C{c} (all keys start with C{pushie:<db>:}):
+Storage, per channel C{c} (all keys and pub/sub names start with
+C{pushie:<db>:}; C{c} is the Hub's channel name, which for a Pusher app other
+than the first is C{<app id>|<name>}):
 
   - C{meta:c}      hash: C{offset}, C{epoch}, C{ms} (last history id time);
                    expires with the history, so an epoch changes exactly when a
                    channel's history is lost.
   - C{hist:c}      stream of envelopes, id C{<ms>-<offset>}; trimmed to
-                   C{history_size} entries and to C{history_ttl} seconds.
-  - C{idem:c:key}  the first offset and epoch of an idempotency key, 5 minutes.
+                   C{history_size} entries and to C{history_ttl} seconds, by
+                   the daemon that publishes (so with daemons of different
+                   settings, the publishing daemon's settings win).
+  - C{ikey:<n>:c:k} the first offset and epoch of idempotency key C{k},
+                   5 minutes; C{<n>} is the length of C{c} in bytes, so that
+                   no (channel, key) pair can spell another's key (keys are any
+                   string, and channel names may contain C{:}).  Earlier
+                   daemons used C{idem:c:k}, which collided; those keys are
+                   not read after an upgrade (they expire; a retry across the
+                   upgrade, or across old and new daemons in a rolling one,
+                   within 5 minutes may publish twice).
   - C{pres:c}      hash C{<node>/<client>} -> member JSON: presence, one field
-                   per connection on any node.
+                   per connection on any node (node ids are hex, so the first
+                   C{/} ends it).
   - C{node:<id>}   a node's heartbeat; presence fields of nodes whose
                    heartbeat has expired are swept, with a C{leave}.
+  - pub/sub C{m:c} (publications) and C{p:c} (presence events).
+
+Every name is C{<kind>:} then one channel name, except C{ikey}; kinds are
+fixed words without C{:}, so names of different kinds or channels never meet.
 
 One Lua script publishes a whole request (offset, history, idempotency key and
 PUBLISH to the nodes) atomically, so a C{200} means stored and on its way, and
@@ -239,19 +255,65 @@ def parse_redis_url(url: str) -> dict[str, Any]:
     }
 
 
+def _command(*parts: str) -> bytes:
+    """One Redis command in RESP."""
+    out = [b"*%d\r\n" % len(parts)]
+    for part in parts:
+        raw = part.encode()
+        out.append(b"$%d\r\n%s\r\n" % (len(raw), raw))
+    return b"".join(out)
+
+
 class _Subscriber(txredisapi.SubscriberProtocol):
-    """The node's pub/sub connection: hands messages to the engine, re-subscribes when (re)connected."""
+    """
+    The node's pub/sub connection: hands messages to the engine, re-subscribes when (re)connected.
+
+    SUBSCRIBE is confirmed per pub/sub name: Redis answers one C{subscribe}
+    reply per name, and txredisapi hands them to whichever command waits
+    (and drops them when none does), so a SUBSCRIBE of several names could be
+    taken as confirmed before its own names were.  Every publication sent
+    after the confirmation of a name comes on this connection after it.
+    """
 
     engine: RedisEngine
 
     def connectionMade(self) -> Deferred[None]:  # type: ignore[override]
+        self._confirming: dict[bytes, list[Deferred[None]]] = {}
         d = super().connectionMade()
         d.addCallback(lambda _: self.factory.engine._subscriber_ready(self))
         return d
 
     def connectionLost(self, why: Any) -> None:
+        waiting, self._confirming = self._confirming, {}
         super().connectionLost(why)
+        for waiters in waiting.values():
+            for d in waiters:
+                d.errback(EngineUnavailable())
         self.factory.engine._subscriber_lost(self)
+
+    def replyReceived(self, reply: Any) -> None:
+        if isinstance(reply, list) and len(reply) == 3 and reply[0] in (b"subscribe", b"unsubscribe"):
+            waiters = self._confirming.get(reply[1]) if reply[0] == b"subscribe" else None
+            if waiters:
+                d = waiters.pop(0)
+                if not waiters:
+                    del self._confirming[reply[1]]
+                d.callback(None)
+            return
+        super().replyReceived(reply)
+
+    def subscribe_names(self, names: list[str]) -> Deferred[None]:
+        """SUBSCRIBE; fires once Redis has confirmed every name."""
+        waiters = []
+        for name in names:
+            d: Deferred[None] = Deferred()
+            self._confirming.setdefault(name.encode(), []).append(d)
+            waiters.append(d)
+        self.transport.write(_command("SUBSCRIBE", *names))
+        return defer.gatherResults(waiters, consumeErrors=True).addCallback(lambda _: None)
+
+    def unsubscribe_names(self, names: list[str]) -> None:
+        self.transport.write(_command("UNSUBSCRIBE", *names))
 
     def messageReceived(self, pattern: Any, channel: bytes, message: bytes) -> None:
         self.factory.engine._on_pubsub(channel, message)
@@ -275,7 +337,15 @@ class RedisEngine:
     _pubsub: _Subscriber | None = attr.ib(default=None, init=False)
     _watched: dict[str, int] = attr.ib(factory=dict, init=False)
     _last: dict[str, tuple[int, str]] = attr.ib(factory=dict, init=False)
+    # Per channel, while its history is read back: the live publications that wait.
     _resyncing: dict[str, list[Publication]] = attr.ib(factory=dict, init=False)
+    # The resync under way per channel (a token), and the channels to read once more after it.
+    _resync_running: dict[str, object] = attr.ib(factory=dict, init=False)
+    _resync_again: set[str] = attr.ib(factory=set, init=False)
+    # Watched channels whose position was not known when the pub/sub connection came back.
+    _unsynced: set[str] = attr.ib(factory=set, init=False)
+    # Reads waiting until this node has dispatched up to what they saw: (offset, epoch, Deferred).
+    _catching_up: dict[str, list[tuple[int, str, Deferred[None]]]] = attr.ib(factory=dict, init=False)
     _heartbeat: LoopingCall | None = attr.ib(default=None, init=False)
     _was_up: bool | None = attr.ib(default=None, init=False)
 
@@ -379,7 +449,17 @@ class RedisEngine:
     # -- keys ------------------------------------------------------------
 
     def _key(self, kind: str, channel: str) -> str:
+        """A key or pub/sub name of one channel: the kind is a fixed word without C{:}, then the name."""
         return f"{self.prefix}{kind}:{channel}"
+
+    def _idempotency_key(self, channel: str, key: str) -> str:
+        """
+        The key remembering idempotency key C{key} of C{channel}: two
+        user-controlled parts, so the channel name goes with its length
+        (C{ikey:6:orders:eu:17} is C{orders} + C{eu:17}, C{ikey:9:orders:eu:17}
+        is C{orders:eu} + C{17}); no separator could do, as keys are any string.
+        """
+        return f"{self.prefix}ikey:{len(channel.encode())}:{channel}:{key}"
 
     # -- publishing ------------------------------------------------------
 
@@ -390,7 +470,7 @@ class RedisEngine:
             idem = (
                 "-"
                 if request.idempotency_key is None
-                else self._key("idem", request.channel) + ":" + request.idempotency_key
+                else self._idempotency_key(request.channel, request.idempotency_key)
             )
             keys += [self._key("meta", request.channel), self._key("hist", request.channel), idem]
             args += [
@@ -420,7 +500,11 @@ class RedisEngine:
     def history(self, channel: str, since: int, limit: int | None) -> Deferred[History]:
         return self._read(channel, with_history=True).addCallback(lambda h: self._after(h, since, limit))
 
-    def _read(self, channel: str, with_history: bool) -> Deferred[History]:
+    def _read(self, channel: str, with_history: bool, wait: bool = True) -> Deferred[History]:
+        """
+        The channel's state (and history).  With C{wait}, a watched channel's
+        answer waits until this node has dispatched up to it (L{_dispatched_up_to}).
+        """
         keys = [self._key("meta", channel), self._key("hist", channel)]
         args = [
             new_epoch(),
@@ -429,14 +513,58 @@ class RedisEngine:
             "1" if with_history else "0",
         ]
 
-        def parse(answer: list[bytes]) -> History:
+        def parse(answer: list[bytes]) -> History | Deferred[History]:
             state = ChannelState(int(answer[0]), answer[1].decode())
-            if channel in self._watched and channel not in self._last:
+            history = History(state, [Publication.from_envelope(raw) for raw in answer[2:]], True)
+            if channel not in self._watched:
+                return history
+            last = self._last.get(channel)
+            if last is None:
                 self._last[channel] = (state.offset, state.epoch)
-            kept = [Publication.from_envelope(raw) for raw in answer[2:]]
-            return History(state, kept, True)
+                if channel in self._unsynced:
+                    self._unsynced.discard(channel)
+                    self._resync(channel)
+            elif wait and not self._reached(last, state.offset, state.epoch):
+                return self._dispatched_up_to(channel, state).addCallback(lambda _: history)
+            return history
 
         return self._call("eval", HISTORY_SCRIPT, keys, args).addCallback(parse)
+
+    @staticmethod
+    def _reached(last: tuple[int, str], offset: int, epoch: str) -> bool:
+        """Whether a node that dispatched up to C{last} has dispatched up to (C{offset}, C{epoch})."""
+        return (last[1] == epoch and last[0] >= offset) or (last[1] != epoch and offset == 0)
+
+    def _dispatched_up_to(self, channel: str, state: ChannelState) -> Deferred[None]:
+        """
+        Fire once this node has dispatched the channel up to C{state}.
+
+        A read of a watched channel answers only then: the Hub takes the
+        answer as its subscribers' position, so what Redis had stored but
+        this node had not yet dispatched (on its way on the pub/sub
+        connection, or waiting for a resync) must reach the Hub first, or its
+        older subscribers would never get it.  Past the engine timeout (the
+        pub/sub connection is down), L{EngineUnavailable}.
+        """
+        d: Deferred[None] = Deferred()
+        self._catching_up.setdefault(channel, []).append((state.offset, state.epoch, d))
+        return self._run(d)
+
+    def _release_readers(self, channel: str, publication: Publication | None) -> None:
+        """Answer the reads that waited for C{publication}; with None, fail them all (continuity lost)."""
+        waiting = self._catching_up.pop(channel, [])
+        left = []
+        for offset, epoch, d in waiting:
+            if d.called:
+                continue
+            if publication is None:
+                d.errback(EngineUnavailable())
+            elif publication.epoch == epoch and publication.offset >= offset:
+                d.callback(None)
+            else:
+                left.append((offset, epoch, d))
+        if left:
+            self._catching_up[channel] = left
 
     @staticmethod
     def _after(history: History, since: int, limit: int | None) -> History:
@@ -456,8 +584,7 @@ class RedisEngine:
             return defer.fail(EngineUnavailable())
         if count:
             return defer.succeed(None)
-        d = self._pubsub.subscribe([self._key("m", channel), self._key("p", channel)])
-        return self._run(d).addCallback(lambda _: None)
+        return self._run(self._pubsub.subscribe_names([self._key("m", channel), self._key("p", channel)]))
 
     def occupied(self, prefix: str) -> Deferred[list[str]]:
         # Nodes SUBSCRIBE to a channel exactly while they have subscribers for it.
@@ -477,21 +604,43 @@ class RedisEngine:
         self._watched.pop(channel, None)
         self._last.pop(channel, None)
         self._resyncing.pop(channel, None)
+        self._resync_running.pop(channel, None)
+        self._resync_again.discard(channel)
+        self._unsynced.discard(channel)
+        self._release_readers(channel, None)
         if self._pubsub is not None and self._pubsub.connected:
-            self._pubsub.unsubscribe([self._key("m", channel), self._key("p", channel)]).addErrback(lambda f: None)
+            self._pubsub.unsubscribe_names([self._key("m", channel), self._key("p", channel)])
 
     def _subscriber_ready(self, protocol: _Subscriber) -> None:
+        """
+        Subscribe again to every watched channel; once Redis confirms, read
+        back from history what was published while the connection was down.
+
+        Only after the confirmation: a history read that Redis runs before
+        the SUBSCRIBE would miss what is published in between, which the live
+        stream does not carry either.  Nothing of these channels can arrive
+        before the confirmation; what arrives after it waits for the resync.
+        """
         self._pubsub = protocol
         self._note_health()
         channels = list(self._watched)
-        if channels:
-            names = [self._key(kind, c) for c in channels for kind in ("m", "p")]
-            protocol.subscribe(names).addErrback(lambda f: None)
-            # Whatever was published while the connection was down is read
-            # back from history before anything newer is dispatched.
+        if not channels:
+            return
+        names = [self._key(kind, c) for c in channels for kind in ("m", "p")]
+
+        def confirmed(_: object) -> None:
+            if self._pubsub is not protocol:
+                return
             for channel in channels:
+                if channel not in self._watched:
+                    continue
                 if channel in self._last:
                     self._resync(channel)
+                else:
+                    # Its first read may have run before this SUBSCRIBE: read again once it answers.
+                    self._unsynced.add(channel)
+
+        protocol.subscribe_names(names).addCallbacks(confirmed, lambda f: None)
 
     def _subscriber_lost(self, protocol: _Subscriber) -> None:
         if self._pubsub is protocol:
@@ -517,34 +666,61 @@ class RedisEngine:
         self._arrived(Publication.from_envelope(message, exclude))
 
     def _arrived(self, publication: Publication) -> None:
+        """
+        A live publication, or one that waited for a resync: dispatch it if
+        it follows the last one dispatched (the next offset, or offset 1 of a
+        new epoch), else read the gap back from history first.
+        """
         channel = publication.channel
-        if channel in self._resyncing:
-            self._resyncing[channel].append(publication)
+        waiting = self._resyncing.get(channel)
+        if waiting is not None:
+            waiting.append(publication)
             return
         last = self._last.get(channel)
-        if last is not None and last[1] == publication.epoch and publication.offset > last[0] + 1:
+        if last is not None and not self._follows(last, publication):
             self._resyncing[channel] = [publication]
             self._resync(channel)
             return
         self._dispatch(publication)
 
+    @staticmethod
+    def _follows(last: tuple[int, str], publication: Publication) -> bool:
+        """Whether nothing can be missing between C{last} and C{publication} (duplicates are dropped later)."""
+        if publication.epoch == last[1]:
+            return publication.offset <= last[0] + 1
+        return publication.offset == 1
+
     def _dispatch(self, publication: Publication) -> None:
-        last = self._last.get(publication.channel)
+        channel = publication.channel
+        last = self._last.get(channel)
         if last is not None and last[1] == publication.epoch and publication.offset <= last[0]:
             return
-        self._last[publication.channel] = (publication.offset, publication.epoch)
+        self._last[channel] = (publication.offset, publication.epoch)
         if self._listener is not None:
             self._listener.dispatch(publication)
+        if channel in self._catching_up:
+            self._release_readers(channel, publication)
 
     def _resync(self, channel: str) -> None:
-        """Dispatch the publications after the last one dispatched, from history, then what waited."""
+        """
+        Dispatch the publications after the last one dispatched, from
+        history, then what waited (each checked for continuity again).
+        """
+        if channel in self._resync_running:
+            # Under way, but its read may have run before the latest SUBSCRIBE: read once more after it.
+            self._resync_again.add(channel)
+            return
         self._resyncing.setdefault(channel, [])
+        token = self._resync_running[channel] = object()
         since = self._last[channel]
 
+        def current() -> bool:
+            return self._resync_running.get(channel) is token and self._listener is not None
+
         def replay(history: History) -> None:
-            waiting = self._resyncing.pop(channel, [])
-            if channel not in self._watched:
+            if not current():
                 return
+            del self._resync_running[channel]
             if history.state.epoch == since[1] and history.complete:
                 for publication in history.publications:
                     self._dispatch(publication)
@@ -553,18 +729,25 @@ class RedisEngine:
                     "Channel {channel}: messages were lost between nodes; subscribers must recover", channel=channel
                 )
                 self._last.pop(channel, None)
+                self._release_readers(channel, None)
                 if self._listener is not None:
                     self._listener.lost_continuity(channel)
-            for publication in waiting:
-                self._dispatch(publication)
+            if channel in self._resync_again:
+                self._resync_again.discard(channel)
+                if channel in self._last:
+                    self._resync(channel)
+                    return
+            for publication in self._resyncing.pop(channel, []):
+                self._arrived(publication)
 
         def failed(failure: Any) -> None:
             # Redis is not answering yet (the command connection may come back
             # after the pub/sub one): try again shortly, keeping what waits.
-            if channel in self._watched and self._listener is not None:
-                self.reactor.callLater(RESYNC_RETRY, retry)
-            else:
-                self._resyncing.pop(channel, None)
+            if not current():
+                return
+            del self._resync_running[channel]
+            self._resync_again.discard(channel)
+            self.reactor.callLater(RESYNC_RETRY, retry)
 
         def retry() -> None:
             if channel in self._watched and channel in self._last and self._listener is not None:
@@ -572,7 +755,8 @@ class RedisEngine:
             else:
                 self._resyncing.pop(channel, None)
 
-        self.history(channel, since[0], None).addCallbacks(replay, failed)
+        d = self._read(channel, with_history=True, wait=False)
+        d.addCallback(lambda h: self._after(h, since[0], None)).addCallbacks(replay, failed)
 
     # -- presence --------------------------------------------------------
 
