@@ -326,6 +326,13 @@ SETTINGS: tuple[Setting, ...] = (
         metavar="N",
     ),
     Setting(
+        "presence_max_members",
+        _count,
+        100,
+        "Distinct members a presence channel admits; a new one past it is refused (presence_full); 0: no limit.",
+        metavar="N",
+    ),
+    Setting(
         "slow_consumer_buffer",
         _count,
         1 << 20,
@@ -533,6 +540,7 @@ class Settings:
     max_connections: int
     max_connections_per_ip: int
     max_subscriptions: int
+    presence_max_members: int
     slow_consumer_buffer: int
     slow_consumer_grace: float
     webhook_url: str | None

@@ -56,10 +56,18 @@ from pushie.channels import (
     is_presence,
 )
 from pushie.engines import IEngine
-from pushie.errors import EngineUnavailable
+from pushie.errors import EngineUnavailable, PushieError
 from pushie.limits import ConnectionLimits
 from pushie.metrics import Metrics
 from pushie.webhooks import Webhooks
+
+
+def _presence_full(cap: int) -> PushieError:
+    return PushieError(
+        403,
+        "presence_full",
+        f"this presence channel has its {cap} members (presence_max_members); try again when one leaves",
+    )
 
 
 def in_native_space(name: str) -> bool:
@@ -191,12 +199,16 @@ class Hub(Service):
         limits: ConnectionLimits | None = None,
         webhooks: Webhooks | None = None,
         coalesce: bool = True,
+        presence_max_members: int = 100,
     ) -> None:
         """
         @param coalesce: keep each channel's publications of a reactor turn
             and send them together at the end of the turn (L{flush}); when
             false, every publication is sent to every subscriber at once.
+        @param presence_max_members: distinct members a presence channel
+            admits (0: no limit); see L{_join}.
         """
+        self.presence_max_members = presence_max_members
         self.webhooks = webhooks
         self.coalesce = coalesce
         # (subscribers, publications) in dispatch order, until flush().
@@ -451,9 +463,9 @@ class Hub(Service):
     ) -> Subscribed | None:
         try:
             await channel.when_watched()
+            joined = False
             if member is not None:
-                channel.members[subscriber] = member
-                await self.engine.presence_add(name, member, subscriber.client_id)
+                joined = await self._join(name, channel, subscriber, member)
             history = None
             if since is not None:
                 history = await self.engine.history(name, since.offset, None)
@@ -461,6 +473,12 @@ class Hub(Service):
             else:
                 state = await self.engine.state(name)
             members = await self.engine.presence(name) if is_presence(name) else None
+            cap = self.presence_max_members
+            if joined and cap and members is not None and len(members) > cap:
+                # Another join (maybe on another node) raced this one past
+                # the cap: the newcomer leaves again (unsubscribe, below).
+                self.metrics.reject("presence_full")
+                raise _presence_full(cap)
         except BaseException:
             self.unsubscribe(name, subscriber)
             raise
@@ -501,6 +519,31 @@ class Hub(Service):
                 epoch, last = item.epoch, item.offset
             replay.append(item)
         return Subscribed(state, recovered, replay, members)
+
+    async def _join(self, name: str, channel: _LocalChannel, subscriber: Subscriber, member: Member) -> bool:
+        """
+        Add C{member} to a presence channel, within C{presence_max_members}.
+
+        The member list goes whole in every C{subscribed} frame and
+        C{subscription_succeeded} event, so the cap is what bounds them: a
+        new member past it is refused with 403 C{presence_full} (Pusher's
+        and Soketi's answer too) and is neither member nor subscriber.
+        Another connection of a member already present is always admitted.
+
+        @return: whether C{member} was new when it was checked (it is then
+            checked again once added: see L{_subscribe}).
+        """
+        cap = self.presence_max_members
+        new = True
+        if cap:
+            present = await self.engine.presence(name)
+            new = all(m.id != member.id for m in present)
+            if new and len(present) >= cap:
+                self.metrics.reject("presence_full")
+                raise _presence_full(cap)
+        channel.members[subscriber] = member
+        await self.engine.presence_add(name, member, subscriber.client_id)
+        return new
 
     def unsubscribe(self, name: str, subscriber: Subscriber) -> None:
         """Remove C{subscriber} from channel C{name}; forget the channel when it empties."""

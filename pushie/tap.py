@@ -142,6 +142,7 @@ class PushieService(MultiService):
             reactor,
             shutdown_timeout=settings.shutdown_timeout,
             limits=ConnectionLimits(settings.max_connections, settings.max_connections_per_ip),
+            presence_max_members=settings.presence_max_members,
         )
         self.hub.setServiceParent(self)
         if settings.webhook_url is not None:

@@ -27,7 +27,7 @@ from twisted.python.failure import Failure
 from twisted.web.http import RESPONSES, HTTPChannel, _GenericHTTPChannelProtocol, datetimeToString
 from twisted.web.http_headers import _nameEncoder
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Request, Site, version
+from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from pushie.api import ChannelsResource, ErrorResource, HealthResource, PublishResource, write_error
 from pushie.errors import PushieError
@@ -36,8 +36,12 @@ from pushie.limits import RateLimiter
 from pushie.metrics import MetricsResource
 from pushie.pusher.http import PusherAPIResource
 from pushie.sse import EventsResource
+from pushie.wsbase import SERVER_NAME
 
 STATIC = files("pushie") / "static"
+
+SERVER_HEADER = SERVER_NAME.encode("ascii")
+"""Every HTTP answer's C{Server}: not twisted.web's C{TwistedWeb/<version>} (a version only helps an attacker)."""
 
 log = Logger()
 
@@ -68,6 +72,12 @@ class PushieRequest(Request):
             self.content = io.BytesIO()
             return
         self.content.write(data)
+
+    def setHeader(self, name: bytes | str, value: bytes | str) -> None:
+        # twisted.web's process() sets its own Server header first thing.
+        if name == b"Server":
+            value = SERVER_HEADER
+        super().setHeader(name, value)
 
     def process(self) -> None:
         if self.body_too_large:
@@ -130,7 +140,7 @@ class FastPublishRequest:
         self._request_headers = headers
         self.content = io.BytesIO(body)
         self.responseHeaders: dict[bytes, bytes] = {} if channel.persistent else {b"Connection": b"close"}
-        self.responseHeaders[b"Server"] = version
+        self.responseHeaders[b"Server"] = SERVER_HEADER
         self.responseHeaders[b"Date"] = _http_date()
         self._body: list[bytes] = []
 

@@ -22,6 +22,7 @@ from autobahn.util import wildcards2patterns
 from autobahn.websocket.protocol import WebSocketProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from pushie.auth import CLOSE_TOKEN_EXPIRED, Guard, SubscriberToken
 from pushie.channels import (
@@ -59,6 +60,7 @@ class PushieServerProtocol(DoorProtocol):
 
     __slots__ = ("client_id", "token", "_expiry", "subscriptions", "_initial_channels", "_opened")
     slow_close_code = CLOSE_TRY_AGAIN_LATER
+    deny_reasons = frozenset({"server shutting down", "refused"})  # and _DENY_REASONS, below
 
     def __init__(self) -> None:
         super().__init__()
@@ -144,12 +146,12 @@ class PushieServerProtocol(DoorProtocol):
         self.close_with(CLOSE_RESUBSCRIBE, "messages were lost; resubscribe with since")
 
     def presence(self, event: PresenceEvent) -> None:
-        if self.state == _OPEN:
-            self.sendMessage(event.json, isBinary=False)
+        self.send_text(event.json)
 
     def send_json(self, frame: dict[str, Any]) -> None:
+        """Send an answer of any size; see L{DoorProtocol.send_text}."""
         if self.state == _OPEN:
-            self.sendMessage(dumps(frame), isBinary=False)
+            self.send_text(dumps(frame))
 
     # -- client frames ---------------------------------------------------
 
@@ -330,7 +332,12 @@ class PushieServerProtocol(DoorProtocol):
     def _subscribed(self, name: str, answer: Subscribed | None) -> None:
         if answer is None or self.state != _OPEN:
             return  # unsubscribed or closed meanwhile
-        self.send_json(answer.frame(name))
+        try:
+            self.send_json(answer.frame(name))
+        except Exception:
+            # A subscriber that was never told is no subscriber (nor member).
+            self._subscribe_failed(name, Failure())
+            return
         answer.replay_to(self)
 
     def _subscribe_failed(self, name: str, failure: Any, unsubscribe: bool = True) -> None:
@@ -384,6 +391,7 @@ _DENY_REASONS = {
     "too_many_connections": "server busy",
     "too_many_connections_from_address": "too many connections",
 }
+PushieServerProtocol.deny_reasons |= frozenset(_DENY_REASONS.values())
 
 
 class PushieServerFactory(WebSocketServerFactory):

@@ -14,12 +14,18 @@ from typing import Any
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.protocol import WebSocketProtocol
+from twisted.web.http import RESPONSES
 
+from pushie.channels import text_frame
 from pushie.fastwrite import write_now
 from pushie.limits import SlowConsumerGuard, address_of
 
 OPEN = WebSocketProtocol.STATE_OPEN
+CLOSING = WebSocketProtocol.STATE_CLOSING
 CLOSED = WebSocketProtocol.STATE_CLOSED
+
+SERVER_NAME = "Pushie"
+"""The C{Server} header of every answer: no library names or versions (they help only an attacker)."""
 _GROUND = WebSocketProtocol.SEND_STATE_GROUND
 
 # Autobahn logs every failed connection as a warning.  Those failures are
@@ -85,6 +91,9 @@ class DoorProtocol(WebSocketServerProtocol):
 
     __slots__ = ("_guard",)
     slow_close_code = 1013
+    deny_reasons: frozenset[str] = frozenset()
+    """The fixed texts a door's onConnect refuses with; any other refusal gets the status's standard phrase."""
+    _drain_call: Any = None
 
     def __init__(self) -> None:
         super().__init__()
@@ -122,31 +131,61 @@ class DoorProtocol(WebSocketServerProtocol):
         """Whether frames may go straight to the socket: no compression, nothing queued in Autobahn."""
         return self._perMessageCompress is None and self.send_state == _GROUND and not self.send_queue
 
+    def send_text(self, payload: bytes) -> None:
+        """
+        Send one server text message (an answer, an error, a C{subscribed}
+        frame with its member list), of any size.
+
+        Not Autobahn's sendMessage: that applies C{maxMessagePayloadSize},
+        the limit on what a I{client} may send, to outgoing messages too, and
+        raises past it.  What the server sends is bounded by what it builds
+        (presence by C{presence_max_members}); what waits for a client that
+        does not read is bounded by the slow-consumer guard, which counts
+        every byte written here.
+        """
+        if self.state != OPEN:
+            return
+        # What the Hub dispatched before (and holds until the end of the
+        # turn) must leave first.
+        self.factory.hub.flush()
+        if self.state == OPEN:
+            self.send_prepared(payload, text_frame(payload))
+
     def send_prepared(self, payload: bytes, frame: bytes) -> None:
         """
         Send one text message whose unmasked frame is C{frame}: straight to
-        the socket when nothing else is queued, through Autobahn otherwise.
+        the socket when nothing else is queued, behind Autobahn's queue
+        otherwise (as its sendFrame would, with no size check).
         """
         if self._perMessageCompress is None and self.send_state == _GROUND and not self.send_queue:
             self.write_frames(frame)
         else:
-            self.sendMessage(payload, isBinary=False)
+            self.sendData(frame)
 
     def write_frames(self, frames: bytes) -> None:
         """Write ready frames (one or several) on the fast path; see L{fast_path_open}."""
-        write_now(self.transport, frames)
         guard = self._guard
-        if guard is not None and guard.paused:
-            guard.wrote(len(frames))
+        # Only what is written once the buffer is already full counts: the
+        # write that fills it (one frame, however large) is the transport's
+        # own share, the 64 KiB it buffers before pausing us.
+        counted = guard is not None and guard.paused
+        write_now(self.transport, frames)
+        if counted:
+            guard.wrote(len(frames))  # type: ignore[union-attr]
 
     def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
-        # Every frame but the fan-out's goes through here: what the Hub
-        # dispatched before it (and holds until the end of the turn) must
-        # leave before it.
+        # Every frame but the fan-out's goes through here (answers, errors,
+        # pongs, closes): what the Hub dispatched before it (and holds until
+        # the end of the turn) must leave before it, and it counts against
+        # the slow-consumer budget like a publication.
         self.factory.hub.flush()
         if (sync or chopsize) and self.send_queue is _NO_QUEUE:
             self.send_queue = deque()
+        guard = self._guard
+        counted = guard is not None and guard.paused
         super().sendData(data, sync, chopsize)
+        if counted:
+            guard.wrote(len(data))  # type: ignore[union-attr]
 
     def _slow_consumer(self) -> None:
         """Too much is waiting for this client: close and drop it."""
@@ -156,6 +195,19 @@ class DoorProtocol(WebSocketServerProtocol):
         )
         self.close_with(self.slow_close_code, "slow consumer: too much data waiting")
         self.abort()
+
+    # -- handshake refusals ----------------------------------------------
+
+    def failHandshake(self, reason: str, code: int = 400, responseHeaders: Any = None) -> None:
+        """
+        Refuse the opening handshake with a status line that carries no
+        client input: Autobahn's own refusals quote the request line or the
+        C{Upgrade} value, and an unexpected error its exception text.
+        """
+        if reason not in self.deny_reasons:
+            self.log.debug("Refused a WebSocket handshake: {reason}", reason=reason)
+            reason = RESPONSES.get(code, b"Refused").decode("ascii")
+        super().failHandshake(reason, code, responseHeaders)
 
     # -- closing ---------------------------------------------------------
 
@@ -168,6 +220,25 @@ class DoorProtocol(WebSocketServerProtocol):
         if self.transport is not None:
             self.transport.abortConnection()
 
+    def dropConnection(self, abort: bool = False) -> None:
+        """
+        As Autobahn's, except right after a protocol error found in a
+        client's close frame (an invalid code, a 1-byte payload).
+
+        Autobahn then answers with a 1002 close frame and, taking the
+        client's frame for the reply to it, aborts at once: the abort
+        throws away the 1002 frame still in the transport's buffer and the
+        client sees a TCP reset.  Here the buffer is flushed first (a
+        normal close), within C{closeHandshakeTimeout} seconds.
+        """
+        if abort and self.wasClean and self.failedByMe and self.state == CLOSING and self.transport is not None:
+            super().dropConnection(abort=False)
+            if self.transport is not None and self.transport.connected:
+                delay = self.closeHandshakeTimeout or 5.0
+                self._drain_call = self.factory.hub.reactor.callLater(delay, self.abort)
+            return
+        super().dropConnection(abort)
+
     def connectionLost(self, reason: Any) -> None:
         super().connectionLost(reason)
         # Autobahn leaves the closing-handshake timer running when the TCP
@@ -176,6 +247,10 @@ class DoorProtocol(WebSocketServerProtocol):
         if self.closeHandshakeTimeoutCall is not None:
             self.closeHandshakeTimeoutCall.cancel()
             self.closeHandshakeTimeoutCall = None
+        if self._drain_call is not None:
+            if self._drain_call.active():
+                self._drain_call.cancel()
+            self._drain_call = None
 
     def closed(self) -> None:
         """Common bookkeeping once the connection is closed (call from onClose)."""
@@ -240,6 +315,8 @@ def configure_factory(
         allowedOrigins=["*"],
         allowNullOrigin=True,
     )
+    # Autobahn's default is "AutobahnPython/<version>", in every 101 answer.
+    factory.server = SERVER_NAME
     # Autobahn copies each of its ~30 options from the factory onto every
     # connection (and pretty-prints them for a debug log): as class
     # attributes of a subclass made for this factory they are shared.

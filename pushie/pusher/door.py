@@ -33,6 +33,7 @@ from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.application.service import Service
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from pushie.channels import (
     Burst,
@@ -154,12 +155,20 @@ class _UserChannel:
 class PusherError(Exception):
     """A refusal sent as C{pusher:error} (and C{pusher:subscription_error} for a channel)."""
 
-    def __init__(self, message: str, code: int | None = None, status: int = 400, channel: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        code: int | None = None,
+        status: int = 400,
+        channel: str | None = None,
+        kind: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.code = code
         self.status = status
         self.channel = channel
+        self.kind = kind or ("AuthError" if status in (401, 403) else "SubscriptionError")
 
 
 class PusherProtocol(DoorProtocol):
@@ -167,6 +176,7 @@ class PusherProtocol(DoorProtocol):
 
     factory: PusherFactory
     slow_close_code = CLOSE_OVER_CAPACITY
+    deny_reasons = frozenset({"origin not allowed"})
     __slots__ = (
         "client_id", "app", "_refusal", "subscriptions", "user_id", "_user_channel", "_opened",
         "last_seen", "pinged_at", "_event_window", "_event_count", "_outbox",
@@ -245,8 +255,9 @@ class PusherProtocol(DoorProtocol):
     # -- sending ---------------------------------------------------------
 
     def send_event(self, event: str, data: Any, channel: str | None = None) -> None:
+        """Send a Pusher event of any size (a member list too); see L{DoorProtocol.send_text}."""
         if self.state == OPEN:
-            self.sendMessage(event_frame(event, data, channel), isBinary=False)
+            self.send_text(event_frame(event, data, channel))
 
     def deliver(self, publication: Publication) -> None:
         """Send one publication (hot path), unless this socket is the one to leave out."""
@@ -311,7 +322,7 @@ class PusherProtocol(DoorProtocol):
             self.send_event(
                 "pusher:subscription_error",
                 {
-                    "type": "AuthError" if error.status in (401, 403) else "SubscriptionError",
+                    "type": error.kind,
                     "error": error.message,
                     "status": error.status,
                 },
@@ -425,8 +436,13 @@ class PusherProtocol(DoorProtocol):
         subscription = self.subscriptions.get(channel)
         if answer is None or subscription is None or self.state != OPEN:
             return
+        try:
+            self.send_event("pusher_internal:subscription_succeeded", _succeeded_data(answer.members), channel)
+        except Exception:
+            # A subscriber that was never told is no subscriber (nor member).
+            self._subscribe_failed(channel, Failure())
+            return
         subscription.live = True
-        self.send_event("pusher_internal:subscription_succeeded", _succeeded_data(answer.members), channel)
         if cache and not answer.recovered:
             self.send_event("pusher:cache_miss", {}, channel)
         answer.replay_to(self)
@@ -446,7 +462,20 @@ class PusherProtocol(DoorProtocol):
         assert self.app is not None
         if unsubscribe and self.subscriptions.pop(channel, None) is not None:
             self.factory.hub.unsubscribe(self.app.hub_name(channel), self)
-        if not isinstance(failure.value, PushieError):
+        error = failure.value
+        if isinstance(error, PushieError) and error.code == "presence_full":
+            # As Soketi: pusher-js reports it with the type and status.
+            self._error(
+                PusherError(
+                    "The maximum members per presence channel limit was reached",
+                    code=CLOSE_OVER_CAPACITY,
+                    status=CLOSE_OVER_CAPACITY,
+                    channel=channel,
+                    kind="LimitReached",
+                )
+            )
+            return
+        if not isinstance(error, PushieError):
             self.factory.log.failure("Pusher subscribe to {channel} failed", failure, channel=channel)
         self._error(PusherError("The channel could not be subscribed; retry later", channel=channel, status=503))
 
