@@ -124,7 +124,8 @@ PATCHES: list[tuple[str, str, Any, str]] = [
     ),
     (
         "case/case9_9_1.py",
-        r"^from zope\.interface import implements\n((?:.*\n)*?)class FrameProducer:\n\n   implements\(interfaces\.IPushProducer\)",
+        r"^from zope\.interface import implements\n((?:.*\n)*?)"
+        r"class FrameProducer:\n\n   implements\(interfaces\.IPushProducer\)",
         "from zope.interface import implementer\n\\1@implementer(interfaces.IPushProducer)\nclass FrameProducer:\n",
         "zope.interface's class advice implements() is Python 2 only",
     ),
