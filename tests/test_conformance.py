@@ -45,6 +45,7 @@ import sys
 import pytest
 import pytest_twisted
 from twisted.internet import utils
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 
 from tests.conformance.echo import serve_echo
 from tests.helpers import assert_reactor_clean, start_daemon
@@ -122,6 +123,15 @@ async def test_autobahn_testsuite_both_doors(run):
     shutil.rmtree(outdir, ignore_errors=True)
     os.makedirs(outdir)
     daemon = await start_daemon(pusher_apps=APPS, **settings)
+    errors: list[str] = []
+
+    def observe(event: dict) -> None:
+        # Nothing a client sends may end as a traceback or an error in the daemon's log.
+        if "log_failure" in event or event.get("log_level") in (LogLevel.error, LogLevel.critical):
+            failure = event.get("log_failure")
+            errors.append(formatEvent(event) + ("\n" + failure.getTraceback() if failure is not None else ""))
+
+    globalLogPublisher.addObserver(observe)
     try:
         serve_echo(daemon.service.websocket_factory)
         serve_echo(daemon.service.pusher_factory)
@@ -148,7 +158,9 @@ async def test_autobahn_testsuite_both_doors(run):
             index = json.load(f)
     finally:
         await daemon.stop()
+        globalLogPublisher.removeObserver(observe)
     await assert_reactor_clean()
+    assert not errors, "\n".join(errors[:5])
 
     summary = judge(index, outdir, allowed)
     with open(os.path.join(outdir, "summary.json"), "w") as f:

@@ -29,6 +29,7 @@ hash) and is rebuilt when either changes.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import re
 import shutil
@@ -224,6 +225,8 @@ def port(target: str = DEFAULT_TARGET) -> str:
         with open(stamp) as f:
             if f.read().strip() == mark:
                 return target
+    if importlib.util.find_spec("lib2to3") is None:
+        raise SystemExit("port_suite: this Python has no lib2to3 (removed in 3.13); run the suite with 3.11 or 3.12")
     cache = os.path.join(os.path.dirname(target), "download")
     os.makedirs(cache, exist_ok=True)
     sdist = download(cache)
