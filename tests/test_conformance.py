@@ -47,6 +47,7 @@ import pytest_twisted
 from twisted.internet import utils
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 
+from tests.conformance import port_suite
 from tests.conformance.echo import serve_echo
 from tests.helpers import assert_reactor_clean, start_daemon
 
@@ -101,17 +102,12 @@ def _reports_dir() -> str:
 
 
 def _port_or_skip() -> None:
-    sys.path.insert(0, CONFORMANCE)
     try:
-        import port_suite
-
         port_suite.port()
     except (Exception, SystemExit) as e:  # network, pip, lib2to3
         if os.environ.get("PUSHIE_REQUIRE_AUTOBAHN"):
             raise
         pytest.skip(f"Autobahn|Testsuite could not be prepared: {e}")
-    finally:
-        sys.path.remove(CONFORMANCE)
 
 
 @pytest.mark.parametrize("run", list(RUNS))
