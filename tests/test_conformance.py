@@ -77,18 +77,10 @@ ALLOWED: dict[str, tuple[str, int]] = {
 }
 """Case id pattern (per run 'defaults') -> (why the result is a deliberate choice, the close code it must end with)."""
 
-KNOWN_DROPS = ("3.7", "7.3.2", "7.3.6", "7.5.1", "7.9.*", "7.13.*")
-KNOWN_DROPS_REASON = (
-    "issue 12 A14: a close frame that is itself invalid (RSV bits, a 1-byte payload, a reason over 123 bytes "
-    "or not UTF-8, a code outside the RFC's ranges) makes the door drop TCP without a close frame of its own"
-)
-"""
-Stricter than the suite: a case passes only if the door's side of the
-connection ends with a close frame (Pushie's contract: a documented close
-code, never a bare drop).  The suite rates a drop "OK" where it expects a
-failed connection.  These cases still end in a drop; any other drop fails.
-A case listed here that gets a close frame passes.
-"""
+# Stricter than the suite: a case passes only if the door's side of the
+# connection ends with a close frame (Pushie's contract: a documented close code,
+# never a bare drop).  The suite rates a drop "OK" where it expects a failed
+# connection; here any drop fails, invalid close frames included (they get 1002).
 
 RUNS = {
     "defaults": ({}, ["1.*", "2.*", "3.*", "4.*", "5.*", "6.*", "7.*", "9.*", "10.*"], ALLOWED),
@@ -179,7 +171,7 @@ def judge(index: dict, outdir: str, allowed: dict[str, tuple[str, int]]) -> dict
     summary: dict = {}
     for agent, cases in index.items():
         counts: dict = {
-            "run": 0, "passed": 0, "informational": 0, "non_strict": 0, "allowed": {}, "known_drops": {}, "failures": {}
+            "run": 0, "passed": 0, "informational": 0, "non_strict": 0, "allowed": {}, "failures": {}
         }  # fmt: skip
         for case_id, result in cases.items():
             counts["run"] += 1
@@ -187,9 +179,6 @@ def judge(index: dict, outdir: str, allowed: dict[str, tuple[str, int]]) -> dict
             if behavior == "NON-STRICT":
                 counts["non_strict"] += 1
             dropped = result["remoteCloseCode"] is None
-            if dropped and any(fnmatch.fnmatchcase(case_id, pattern) for pattern in KNOWN_DROPS):
-                counts["known_drops"][case_id] = KNOWN_DROPS_REASON
-                dropped = False
             if behavior in PASSING and close in PASSING and not dropped:
                 counts["passed"] += 1
                 counts["informational"] += behavior == "INFORMATIONAL"
