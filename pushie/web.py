@@ -94,6 +94,13 @@ _SIMPLE_HEADER = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([^\x00\r\n]
 _PUBLISH_NEEDS_TWISTED = frozenset({b"transfer-encoding", b"expect", b"upgrade"})
 _PUBLISH_LINE = b"POST /publish HTTP/1.1"
 
+# A Content-Length of more digits is refused (400) before anything reads it as
+# a number: no body that large is accepted anyway.
+MAX_CONTENT_LENGTH_DIGITS = 18
+BAD_HTTP_REQUEST = PushieError(
+    400, "bad_request", "the request is not valid HTTP/1.1 (request line, header or length); see RFC 9112"
+)
+
 _date_second = -1
 _date_value = b""
 
@@ -303,6 +310,7 @@ class PushieHTTPChannel(HTTPChannel):
             len(connection) > 1
             or len(lengths) != 1
             or not lengths[0].isdigit()
+            or len(lengths[0]) > MAX_CONTENT_LENGTH_DIGITS  # twisted.web's way: refused there, as 400
             or int(lengths[0]) > self.site.max_body_size  # twisted.web's 413 as the body arrives
         ):
             return None
@@ -404,6 +412,31 @@ class PushieHTTPChannel(HTTPChannel):
             self._fast_request._disconnected = True
             self._fast_request = None
         super().connectionLost(reason)
+
+    # -- twisted.web's own parsing, made safe for hostile input ---------------
+
+    def _maybeChooseTransferDecoder(self, header: bytes, data: bytes) -> bool:
+        # twisted.web (checked on 24.x-26.x) calls int() on any run of digits:
+        # past 4300 digits that raises out of dataReceived (a logged
+        # traceback, the connection dropped without an answer).
+        if header == b"Content-Length" and len(data) > MAX_CONTENT_LENGTH_DIGITS:
+            return self._failChooseTransferDecoder()  # type: ignore[no-any-return]
+        return super()._maybeChooseTransferDecoder(header, data)  # type: ignore[no-any-return]
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        """
+        twisted.web's answer to a request it cannot parse (a bad request
+        line or header, an invalid length, too many headers), as a JSON 400
+        like every other refusal instead of a bare status line.
+        """
+        if self.transport is None:
+            return
+        body = BAD_HTTP_REQUEST.to_json()
+        self.transport.write(
+            b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+            b"Connection: close\r\n\r\n%s" % (len(body), body)
+        )
+        self.loseConnection()
 
     def _hand_over(self) -> None:
         """Give the connection to a WebSocket protocol, as WebSocketResource does."""
