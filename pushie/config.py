@@ -205,6 +205,14 @@ SETTINGS: tuple[Setting, ...] = (
         repeatable=True,
     ),
     Setting(
+        "listen_backlog",
+        _positive_int,
+        511,
+        "Connections the kernel queues before the daemon accepts them, for tcp, tcp6, ssl and unix "
+        "endpoints that give no backlog= of their own (Twisted's default, 50, drops SYNs in reconnect waves).",
+        metavar="N",
+    ),
+    Setting(
         "engine",
         _engine,
         "memory",
@@ -461,6 +469,7 @@ class Settings:
     """The daemon's effective settings, after every source was applied."""
 
     listen: list[str]
+    listen_backlog: int
     engine: str
     redis_timeout: float
     history_size: int
