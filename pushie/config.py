@@ -265,8 +265,8 @@ SETTINGS: tuple[Setting, ...] = (
         "handshake_timeout",
         _seconds,
         10.0,
-        "Seconds a client has to send a complete HTTP request or WebSocket handshake; "
-        "idle keep-alive HTTP connections are closed after it too.",
+        "Seconds a client has for a whole HTTP request or WebSocket handshake (line, headers and body), "
+        "from accept or from the previous answer on a kept-alive connection; 408 past it.",
         metavar="SECONDS",
     ),
     Setting(
@@ -280,14 +280,16 @@ SETTINGS: tuple[Setting, ...] = (
         "max_connections",
         _count,
         10000,
-        "Open WebSocket and SSE connections this daemon accepts (503 past it); 0: no limit.",
+        "Open WebSocket and SSE connections this daemon accepts, HTTP connections still sending a request "
+        "included (503 past it); 0: no limit.",
         metavar="N",
     ),
     Setting(
         "max_connections_per_ip",
         _count,
         1000,
-        "Open connections accepted from one client address (429 past it); 0: no limit.",
+        "Open connections accepted from one client address, those still sending a request included "
+        "(429 past it); 0: no limit.",
         metavar="N",
     ),
     Setting(

@@ -32,7 +32,8 @@ from twisted.web.server import NOT_DONE_YET, Request, Site, version
 from pushie.api import ChannelsResource, ErrorResource, HealthResource, PublishResource, write_error
 from pushie.errors import PushieError
 from pushie.fastwrite import write_now
-from pushie.limits import RateLimiter
+from pushie.limits import ConnectionLimits, RateLimiter, address_of
+from pushie.logs import Throttle
 from pushie.metrics import MetricsResource
 from pushie.pusher.http import PusherAPIResource
 from pushie.sse import EventsResource
@@ -97,6 +98,9 @@ _PUBLISH_LINE = b"POST /publish HTTP/1.1"
 # A Content-Length of more digits is refused (400) before anything reads it as
 # a number: no body that large is accepted anyway.
 MAX_CONTENT_LENGTH_DIGITS = 18
+REQUEST_TIMEOUT = PushieError(
+    408, "request_timeout", "the request (line, headers and body) did not arrive whole in time (handshake_timeout)"
+)
 BAD_HTTP_REQUEST = PushieError(
     400, "bad_request", "the request is not valid HTTP/1.1 (request line, header or length); see RFC 9112"
 )
@@ -194,6 +198,99 @@ class PushieHTTPChannel(HTTPChannel):
     _publish_left = 0
     _fast_request: FastPublishRequest | None = None
     _fast_sync = False
+    # The request deadline: armed at accept and after each answer on a kept-alive
+    # connection, cancelled when a whole request (line, headers, body) is here.
+    _deadline: Any = None
+    _pending_address: str | None = None  # counted by the site's limits as pending
+    _got_bytes = False
+
+    # -- the request deadline and the pending count ----------------------------
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        limits = getattr(self.site, "limits", None)
+        if limits is not None:
+            address = address_of(self.transport.getPeer())  # type: ignore[union-attr]
+            try:
+                limits.accept(address)
+            except PushieError as e:
+                self.site.refused(e, self.transport.getPeer())  # type: ignore[union-attr]
+                self._answer_and_close(e)
+                return
+            self._pending_address = address
+        self._arm_deadline()
+
+    def dataReceived(self, data: bytes) -> None:
+        self._got_bytes = True
+        super().dataReceived(data)
+
+    def _arm_deadline(self) -> None:
+        """A request must now arrive whole within the site's timeout."""
+        timeout = self.site.timeOut
+        if not timeout or self.transport is None or self.transport.disconnecting:
+            return
+        if self._deadline is None:
+            self._got_bytes = False
+            self._deadline = self.callLater(timeout, self._request_too_slow)
+        limits = getattr(self.site, "limits", None)
+        if limits is not None and self._pending_address is None:
+            address = address_of(self.transport.getPeer())
+            limits.pend(address)
+            self._pending_address = address
+
+    def _request_complete(self) -> None:
+        """A whole request is here: no deadline, no longer pending (the Hub counts what it becomes)."""
+        if self._deadline is not None:
+            if self._deadline.active():
+                self._deadline.cancel()
+            self._deadline = None
+        address, self._pending_address = self._pending_address, None
+        if address is not None:
+            self.site.limits.settled(address)
+
+    def _request_too_slow(self) -> None:
+        """
+        The deadline passed before the request was whole (a slow or trickling
+        client, a half-sent handshake): a JSON 408 if it had begun, then close.
+        """
+        self._deadline = None
+        if self.transport is None or self.transport.disconnecting:
+            return
+        if self._got_bytes:
+            self.site.refused(REQUEST_TIMEOUT, self.transport.getPeer())
+            self._answer_and_close(REQUEST_TIMEOUT)
+        else:
+            self.timeoutConnection()
+
+    def _answer_and_close(self, error: PushieError) -> None:
+        """Write a JSON error answer and close, aborting if the client does not read it."""
+        assert self.transport is not None
+        body = error.to_json()
+        head = b"HTTP/1.1 %d %s\r\n" % (error.status, RESPONSES.get(error.status, b"Error"))
+        for name, value in error.headers.items():
+            head += b"%s: %s\r\n" % (name.encode("ascii"), value.encode("ascii"))
+        self.transport.write(
+            head
+            + b"Content-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
+        )
+        self.timeoutConnection()
+
+    def timeoutConnection(self) -> None:
+        # As twisted.web's, without its log line per connection (a slowloris
+        # run would write one per socket): close, abort if that does not work.
+        self.setTimeout(None)  # the idle timer would only close it again
+        if self.abortTimeout is not None and self._abortingCall is None:
+            self._abortingCall = self.callLater(self.abortTimeout, self.forceAbortClient)
+        self.loseConnection()
+
+    def allContentReceived(self) -> None:
+        self._request_complete()
+        super().allContentReceived()
+
+    def requestDone(self, request: Request) -> None:
+        if self.persistent:
+            self._arm_deadline()  # before the buffered next request is read
+        super().requestDone(request)
 
     def lineReceived(self, line: bytes) -> Any:
         if self._publish is not None:
@@ -361,6 +458,7 @@ class PushieHTTPChannel(HTTPChannel):
         assert headers is not None and body is not None
         self._publish_headers = self._publish_body = None
         self._publish_left = 0
+        self._request_complete()
         self._handlingRequest = True
         self.setRawMode()
         if rest:
@@ -403,11 +501,13 @@ class PushieHTTPChannel(HTTPChannel):
             return
         self._handlingRequest = False
         self._HTTPChannel__first_line = 1
+        self._arm_deadline()
         data = b"".join(self._dataBuffer)
         self._dataBuffer = []
         self.setLineMode(data)
 
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+        self._request_complete()
         if self._fast_request is not None:
             self._fast_request._disconnected = True
             self._fast_request = None
@@ -444,6 +544,7 @@ class PushieHTTPChannel(HTTPChannel):
         data = b"\r\n".join(self._upgrade) + b"\r\n\r\n" + self.clearLineBuffer()
         self._upgrade = None
         self.setTimeout(None)
+        self._request_complete()
         transport = self.transport
         assert transport is not None
         protocol = self.site.websocket_factory.buildProtocol(transport.getPeer())
@@ -482,9 +583,27 @@ class PushieSite(Site):
         self.max_body_size = max_body_size
         self.websocket_factory = websocket_factory
         self.publish_resource: Any = None
+        # Set by build_site: connections are counted (pending until their
+        # request is whole) and refused at accept past the limits.
+        self.limits: ConnectionLimits | None = None
+        self.hub: Any = None
+        self.throttle: Throttle | None = None
 
     def log(self, request: Request) -> None:
         """No per-request access log: a push server sees too many."""
+
+    def refused(self, error: PushieError, peer: Any) -> None:
+        """Count and (throttled) log a connection refused before it had a request."""
+        if self.hub is not None:
+            self.hub.metrics.reject(error.code)
+        if self.throttle is not None:
+            self.throttle.warn(
+                "connection_" + error.code,
+                "Refused a connection from {peer}: {status} {code}",
+                peer=peer,
+                status=error.status,
+                code=error.code,
+            )
 
 
 class StaticFile(Resource):
@@ -565,6 +684,9 @@ def build_site(
         root, settings.max_message_size, settings.handshake_timeout, hub.reactor, websocket_factory=websocket_factory
     )
     site.publish_resource = publish  # POST /publish: PushieHTTPChannel's short path
+    site.limits = hub.limits
+    site.hub = hub
+    site.throttle = throttle
     return site
 
 
