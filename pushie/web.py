@@ -199,25 +199,29 @@ class PushieHTTPChannel(HTTPChannel):
     _fast_request: FastPublishRequest | None = None
     _fast_sync = False
     # The request deadline: armed at accept and after each answer on a kept-alive
-    # connection, cancelled when a whole request (line, headers, body) is here.
+    # connection; a whole request (line, headers, body) disarms it.  The short
+    # publish path keeps one timer per connection and moves it on (a cheap
+    # DelayedCall.reset) instead of a new one per request.
     _deadline: Any = None
-    _pending_address: str | None = None  # counted by the site's limits as pending
+    _awaiting = False  # a request is due before the deadline
+    _address = "local"
+    _pending = False  # counted by the site's limits as pending
     _got_bytes = False
 
     # -- the request deadline and the pending count ----------------------------
 
     def connectionMade(self) -> None:
         super().connectionMade()
+        self._address = address_of(self.transport.getPeer())  # type: ignore[union-attr]
         limits = getattr(self.site, "limits", None)
         if limits is not None:
-            address = address_of(self.transport.getPeer())  # type: ignore[union-attr]
             try:
-                limits.accept(address)
+                limits.accept(self._address)
             except PushieError as e:
                 self.site.refused(e, self.transport.getPeer())  # type: ignore[union-attr]
                 self._answer_and_close(e)
                 return
-            self._pending_address = address
+            self._pending = True
         self._arm_deadline()
 
     def dataReceived(self, data: bytes) -> None:
@@ -225,28 +229,37 @@ class PushieHTTPChannel(HTTPChannel):
         super().dataReceived(data)
 
     def _arm_deadline(self) -> None:
-        """A request must now arrive whole within the site's timeout."""
+        """A request must now arrive whole within the site's timeout; until then the connection is pending."""
         timeout = self.site.timeOut
         if not timeout or self.transport is None or self.transport.disconnecting:
             return
-        if self._deadline is None:
-            self._got_bytes = False
+        self._got_bytes = False
+        self._awaiting = True
+        deadline = self._deadline
+        if deadline is not None and deadline.active():
+            deadline.reset(timeout)
+        else:
             self._deadline = self.callLater(timeout, self._request_too_slow)
-        limits = getattr(self.site, "limits", None)
-        if limits is not None and self._pending_address is None:
-            address = address_of(self.transport.getPeer())
-            limits.pend(address)
-            self._pending_address = address
+        if not self._pending:
+            limits = getattr(self.site, "limits", None)
+            if limits is not None:
+                limits.pend(self._address)
+                self._pending = True
 
-    def _request_complete(self) -> None:
-        """A whole request is here: no deadline, no longer pending (the Hub counts what it becomes)."""
-        if self._deadline is not None:
+    def _request_complete(self, keep_timer: bool = False) -> None:
+        """
+        A whole request is here: no deadline, no longer pending (the Hub
+        counts what it becomes).  C{keep_timer}: leave the timer to be moved
+        on for the next request (it does nothing if it fires meanwhile).
+        """
+        self._awaiting = False
+        if not keep_timer and self._deadline is not None:
             if self._deadline.active():
                 self._deadline.cancel()
             self._deadline = None
-        address, self._pending_address = self._pending_address, None
-        if address is not None:
-            self.site.limits.settled(address)
+        if self._pending:
+            self._pending = False
+            self.site.limits.settled(self._address)
 
     def _request_too_slow(self) -> None:
         """
@@ -254,7 +267,7 @@ class PushieHTTPChannel(HTTPChannel):
         client, a half-sent handshake): a JSON 408 if it had begun, then close.
         """
         self._deadline = None
-        if self.transport is None or self.transport.disconnecting:
+        if not self._awaiting or self.transport is None or self.transport.disconnecting:
             return
         if self._got_bytes:
             self.site.refused(REQUEST_TIMEOUT, self.transport.getPeer())
@@ -282,6 +295,12 @@ class PushieHTTPChannel(HTTPChannel):
         if self.abortTimeout is not None and self._abortingCall is None:
             self._abortingCall = self.callLater(self.abortTimeout, self.forceAbortClient)
         self.loseConnection()
+
+    def forceAbortClient(self) -> None:
+        # As twisted.web's, without its log line per connection.
+        self._abortingCall = None
+        if self.transport is not None:
+            self.transport.abortConnection()
 
     def allContentReceived(self) -> None:
         self._request_complete()
@@ -458,7 +477,7 @@ class PushieHTTPChannel(HTTPChannel):
         assert headers is not None and body is not None
         self._publish_headers = self._publish_body = None
         self._publish_left = 0
-        self._request_complete()
+        self._request_complete(keep_timer=True)
         self._handlingRequest = True
         self.setRawMode()
         if rest:
