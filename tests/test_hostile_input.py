@@ -223,3 +223,74 @@ async def test_refusals_are_logged_at_a_bounded_rate(daemon, log_events):
         assert status == 400
     refused = [formatEvent(e) for e in log_events if "Refused a publish" in e.get("log_format", "")]
     assert 1 <= len(refused) <= 2, refused
+
+
+# -- the decoder and the offset parser, without a daemon ---------------------
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"NaN",
+        b"[-Infinity]",
+        b"1e999",
+        b"-1e400",
+        b"[" * 65 + b"]" * 65,
+        b'{"a": ' * 65 + b"1" + b"}" * 65,
+        b'"\\ud800"',
+        b'"\\uDC00"',
+        b'"\\ud83d x"',
+        b'"\xed\xa0\x80"',
+        b"\xff",
+        b"1" * 4301,
+        "[NaN]",
+        '"\ud800"',
+    ],
+)
+def test_loads_refuses(raw):
+    from pushie.channels import InvalidJSON, loads
+
+    with pytest.raises(InvalidJSON):
+        loads(raw)
+
+
+@pytest.mark.parametrize(
+    "raw,value",
+    [
+        (b"[" * 64 + b"]" * 64, json.loads("[" * 64 + "]" * 64)),
+        (b'"\\ud83d\\ude00"', "\U0001f600"),
+        (b'"\\\\ud800"', "\\ud800"),  # an escaped backslash, not an escape
+        (b"1.7976931348623157e308", 1.7976931348623157e308),
+        (b"1e-999", 0.0),
+        ('{"a": [1, "\\u00e9"]}'.encode("utf-16"), {"a": [1, "\u00e9"]}),
+    ],
+)
+def test_loads_accepts(raw, value):
+    from pushie.channels import loads
+
+    assert loads(raw) == value
+
+
+@pytest.mark.parametrize(
+    "text,value",
+    [
+        ("0", 0),
+        ("17", 17),
+        ("9007199254740991", 2**53 - 1),
+        ("9007199254740992", None),
+        ("\u00b2", None),
+        ("\u0661", None),
+        ("+1", None),
+        ("-1", None),
+        (" 1", None),
+        ("1_0", None),
+        ("", None),
+        ("1" * 5000, None),
+        (b"12", 12),
+        (b"\xc2\xb2", None),
+    ],
+)
+def test_parse_offset(text, value):
+    from pushie.channels import parse_offset
+
+    assert parse_offset(text) == value
