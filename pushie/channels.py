@@ -97,12 +97,28 @@ def _no_constant(name: str) -> Any:
     raise InvalidJSON(f"{name} is not JSON (RFC 8259 has no NaN or Infinity)")
 
 
-# json.loads builds a new decoder for every call with options; this one is built once.
-_DECODER = json.JSONDecoder(parse_float=_finite_float, parse_constant=_no_constant)
+# json.loads builds a new decoder for every call with options; these are built once.
+_DECODER = json.JSONDecoder(parse_constant=_no_constant)
+# Checking every float costs a Python call each: that decoder is only for
+# text that may hold one that overflows, found by L{_may_overflow}.
+_DECODER_CHECKING_FLOATS = json.JSONDecoder(parse_float=_finite_float, parse_constant=_no_constant)
+_NUMBER_SHAPE = bytes.maketrans(b"123456789E", b"000000000e")
+_MANY_DIGITS = b"0" * 309
 # A lone surrogate can only come from a \uD800-\uDFFF escape once the bytes are
-# strict UTF-8; a body without one needs no walk for it.
+# strict UTF-8; text without one needs no walk for it.
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89abcdefABCDEF]")
 _SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _may_overflow(raw: bytes) -> bool:
+    """
+    Whether C{raw} may hold a float that overflows to infinity: one with an
+    exponent of three digits or more, or 309 digits in a row.  (Two C scans
+    of the bytes; a regular expression with a character class costs ten
+    times more, and a Python call per float more still.)
+    """
+    shape = raw.translate(_NUMBER_SHAPE, b"+")
+    return b"e000" in shape or _MANY_DIGITS in shape
 
 
 def loads(raw: bytes | str) -> Any:
@@ -118,18 +134,22 @@ def loads(raw: bytes | str) -> Any:
     L{MAX_JSON_DEPTH}.  Whatever this returns, L{dumps} encodes as valid JSON.
     """
     if isinstance(raw, bytes):
+        encoding = json.detect_encoding(raw)
         try:
-            text = raw.decode(json.detect_encoding(raw))
+            text = raw.decode(encoding)
         except UnicodeDecodeError:
-            raise InvalidJSON("the text is not valid UTF-8") from None
-        escapes = _SURROGATE_ESCAPE.search(raw) is not None
-        brackets = raw.count(b"[") + raw.count(b"{")
+            raise InvalidJSON(f"the text is not valid {encoding.upper()}") from None
+        utf8 = raw if encoding == "utf-8" else text.encode("utf-8")
+        surrogates = False
     else:
         text = raw
-        escapes = _SURROGATE.search(raw) is not None or "\\u" in raw
-        brackets = raw.count("[") + raw.count("{")
+        utf8 = raw.encode("utf-8", "surrogatepass")
+        surrogates = _SURROGATE.search(raw) is not None
+    huge = _may_overflow(utf8)
+    surrogates = surrogates or _SURROGATE_ESCAPE.search(utf8) is not None
+    brackets = utf8.count(b"[") + utf8.count(b"{")
     try:
-        value = _DECODER.decode(text)
+        value = (_DECODER_CHECKING_FLOATS if huge else _DECODER).decode(text)
     except RecursionError:
         raise InvalidJSON(f"arrays and objects nest deeper than {MAX_JSON_DEPTH} levels") from None
     except InvalidJSON:
@@ -138,7 +158,7 @@ def loads(raw: bytes | str) -> Any:
         raise InvalidJSON(f"{e.msg} at character {e.pos}") from None
     except ValueError:  # an integer over Python's 4300-digit conversion limit
         raise InvalidJSON("a number has more digits than this server reads") from None
-    if escapes or brackets > MAX_JSON_DEPTH:
+    if surrogates or brackets > MAX_JSON_DEPTH:
         _check_decoded(value)
     return value
 
