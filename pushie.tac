@@ -11,4 +11,4 @@ from pushie.config import load_settings
 from pushie.tap import PushieService
 
 application = Application("pushie")
-PushieService(load_settings(environ=os.environ), reactor).setServiceParent(application)
+PushieService(load_settings(environ=os.environ), reactor, exit_on_failure=True).setServiceParent(application)

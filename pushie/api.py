@@ -9,7 +9,6 @@ so a request that gets an error publishes nothing.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from twisted.internet.defer import succeed
@@ -19,7 +18,17 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from pushie.auth import Guard
-from pushie.channels import Publication, PublishRequest, check_channel, dumps, json_string
+from pushie.channels import (
+    MAX_OFFSET,
+    InvalidJSON,
+    Publication,
+    PublishRequest,
+    check_channel,
+    dumps,
+    json_string,
+    loads,
+    parse_offset,
+)
 from pushie.errors import EngineUnavailable, PushieError, bad_request
 from pushie.hub import Hub, in_native_space
 from pushie.limits import RateLimiter, address_of
@@ -106,20 +115,6 @@ def _data(fields: dict[str, Any], where: str) -> bytes:
     return dumps(fields["data"])
 
 
-def _no_constants(name: str) -> Any:
-    # NaN and Infinity are not JSON: browsers' JSON.parse would choke on them.
-    raise ValueError(f"{name} is not valid JSON")
-
-
-# json.loads builds a new decoder for every call with options; this one is built once.
-_DECODER = json.JSONDecoder(parse_constant=_no_constants)
-
-
-def _loads(body: bytes) -> Any:
-    """C{json.loads(body, parse_constant=_no_constants)}, with the decoder built once."""
-    return _DECODER.decode(body.decode(json.detect_encoding(body), "surrogatepass"))
-
-
 def parse_publish_body(body: bytes) -> tuple[list[PublishRequest], bool]:
     """
     Parse and validate a C{/publish} body.
@@ -129,9 +124,9 @@ def parse_publish_body(body: bytes) -> tuple[list[PublishRequest], bool]:
     @raise PushieError: 400 with a code and a message naming the fault.
     """
     try:
-        parsed = _loads(body)
-    except (ValueError, UnicodeDecodeError):
-        raise bad_request("invalid_json", "the body is not valid JSON") from None
+        parsed = loads(body)
+    except InvalidJSON as e:
+        raise bad_request("invalid_json", f"the body is not valid JSON: {e}") from None
     if isinstance(parsed, dict):
         fields = _fold_keys(parsed, "body")
         event, key = _options(fields, "body")
@@ -299,12 +294,11 @@ def _query_int(request: Request, name: str, minimum: int) -> int | None:
     values = (request.args or {}).get(name.encode())
     if not values:
         return None
-    try:
-        number = int(values[-1])
-    except ValueError:
-        number = minimum - 1
-    if number < minimum:
-        raise bad_request("invalid_query", f"{name!r} must be a whole number of at least {minimum}")
+    number = parse_offset(values[-1])
+    if number is None or number < minimum:
+        raise bad_request(
+            "invalid_query", f"{name!r} must be a whole number from {minimum} to {MAX_OFFSET} in ASCII digits"
+        )
     return number
 
 

@@ -226,6 +226,14 @@ SETTINGS: tuple[Setting, ...] = (
         repeatable=True,
     ),
     Setting(
+        "listen_backlog",
+        _positive_int,
+        511,
+        "Connections the kernel queues before the daemon accepts them, for tcp, tcp6, ssl and unix "
+        "endpoints that give no backlog= of their own (Twisted's default, 50, drops SYNs in reconnect waves).",
+        metavar="N",
+    ),
+    Setting(
         "engine",
         _engine,
         "memory",
@@ -293,8 +301,8 @@ SETTINGS: tuple[Setting, ...] = (
         "handshake_timeout",
         _seconds,
         10.0,
-        "Seconds a client has to send a complete HTTP request or WebSocket handshake; "
-        "idle keep-alive HTTP connections are closed after it too.",
+        "Seconds a client has for a whole HTTP request or WebSocket handshake (line, headers and body), "
+        "from accept or from the previous answer on a kept-alive connection; 408 past it.",
         metavar="SECONDS",
     ),
     Setting(
@@ -308,14 +316,16 @@ SETTINGS: tuple[Setting, ...] = (
         "max_connections",
         _count,
         10000,
-        "Open WebSocket and SSE connections this daemon accepts (503 past it); 0: no limit.",
+        "Open WebSocket and SSE connections this daemon accepts, HTTP connections still sending a request "
+        "included (503 past it); 0: no limit.",
         metavar="N",
     ),
     Setting(
         "max_connections_per_ip",
         _count,
         1000,
-        "Open connections accepted from one client address (429 past it); 0: no limit.",
+        "Open connections accepted from one client address, those still sending a request included "
+        "(429 past it); 0: no limit.",
         metavar="N",
     ),
     Setting(
@@ -526,6 +536,7 @@ class Settings:
     """The daemon's effective settings, after every source was applied."""
 
     listen: list[str]
+    listen_backlog: int
     engine: str
     redis_timeout: float
     history_size: int

@@ -61,34 +61,66 @@ class RateLimiter:
 
 
 class ConnectionLimits:
-    """Counts open client connections, in all and per address, and refuses new ones past the limits."""
+    """
+    Counts client connections, in all and per address, and refuses new ones past the limits.
+
+    Two kinds count: open connections (WebSocket and SSE subscribers, from
+    L{opened} to L{closed}) and pending ones (L{accept} to L{settled}): HTTP
+    connections that are sending a request (or idle between keep-alive
+    requests), so that half-sent handshakes cannot pile up uncounted.
+    """
 
     def __init__(self, max_connections: int, max_per_address: int) -> None:
         self.max_connections = max_connections
         self.max_per_address = max_per_address
         self.total = 0
         self._per_address: dict[str, int] = {}
+        self.pending = 0
+        self._pending: dict[str, int] = {}
+
+    def accept(self, address: str) -> None:
+        """
+        Count a new connection from C{address} as pending, unless pending
+        connections alone reach a limit (open ones are left to L{check}, when
+        a request is whole, so that each door refuses in its own protocol:
+        a 503, a Pusher 4100 close).  Half-sent requests therefore never hold
+        more than the limits' worth of sockets.
+
+        @raise PushieError: as L{check}; nothing is counted then.
+        """
+        if self.max_connections and self.pending >= self.max_connections:
+            raise _too_many()
+        if self.max_per_address and self._pending.get(address, 0) >= self.max_per_address:
+            raise _too_many_from_address()
+        self.pend(address)
+
+    def pend(self, address: str) -> None:
+        """Count a connection as pending again (a kept-alive one, waiting for its next request), without a check."""
+        self.pending += 1
+        self._pending[address] = self._pending.get(address, 0) + 1
+
+    def settled(self, address: str) -> None:
+        """A pending connection has a whole request, or is gone."""
+        self.pending -= 1
+        left = self._pending.get(address, 0) - 1
+        if left > 0:
+            self._pending[address] = left
+        else:
+            self._pending.pop(address, None)
 
     def check(self, address: str) -> None:
         """
         @raise PushieError: 503 C{too_many_connections} past the daemon's
             limit, 429 C{too_many_connections_from_address} past the
-            per-address one.
+            per-address one (open and pending connections both count).
         """
-        if self.max_connections and self.total >= self.max_connections:
-            raise PushieError(
-                503,
-                "too_many_connections",
-                "this server has reached its connection limit; retry on another node",
-                headers={"Retry-After": "5"},
-            )
-        if self.max_per_address and self._per_address.get(address, 0) >= self.max_per_address:
-            raise PushieError(
-                429,
-                "too_many_connections_from_address",
-                "too many connections from your address",
-                headers={"Retry-After": "5"},
-            )
+        if self.max_connections and self.total + self.pending >= self.max_connections:
+            raise _too_many()
+        if (
+            self.max_per_address
+            and self._per_address.get(address, 0) + self._pending.get(address, 0) >= self.max_per_address
+        ):
+            raise _too_many_from_address()
 
     def opened(self, address: str) -> None:
         self.total += 1
@@ -101,6 +133,21 @@ class ConnectionLimits:
             self._per_address[address] = left
         else:
             self._per_address.pop(address, None)
+
+
+def _too_many() -> PushieError:
+    return PushieError(
+        503,
+        "too_many_connections",
+        "this server has reached its connection limit; retry on another node",
+        headers={"Retry-After": "5"},
+    )
+
+
+def _too_many_from_address() -> PushieError:
+    return PushieError(
+        429, "too_many_connections_from_address", "too many connections from your address", headers={"Retry-After": "5"}
+    )
 
 
 def address_of(peer: object) -> str:

@@ -23,7 +23,17 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from pushie.api import JSONResource, write_error
 from pushie.auth import Guard, SubscriberToken
-from pushie.channels import Burst, Member, Position, PresenceEvent, Publication, check_channel, dumps, is_presence
+from pushie.channels import (
+    Burst,
+    Member,
+    Position,
+    PresenceEvent,
+    Publication,
+    check_channel,
+    dumps,
+    is_presence,
+    parse_offset,
+)
 from pushie.errors import PushieError, bad_request
 from pushie.hub import Hub, Subscribed
 from pushie.limits import SlowConsumerGuard, address_of
@@ -45,11 +55,12 @@ def parse_event_id(value: str) -> dict[str, Position]:
         raise bad_request("invalid_last_event_id", "the Last-Event-ID is too long")
     for entry in value.split():
         parts = entry.split(".", 2)
-        if len(parts) != 3 or not parts[0].isdigit() or not parts[1]:
+        offset = parse_offset(parts[0])
+        if len(parts) != 3 or offset is None or not parts[1]:
             raise bad_request(
                 "invalid_last_event_id", "the Last-Event-ID must be an id this server sent (offset.epoch.channel ...)"
             )
-        positions[check_channel(parts[2])] = Position(int(parts[0]), parts[1])
+        positions[check_channel(parts[2])] = Position(offset, parts[1])
     return positions
 
 

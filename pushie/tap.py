@@ -10,16 +10,19 @@ tests can run the whole daemon in-process on port 0.
 from __future__ import annotations
 
 import os
+import re
+import sys
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import Deferred, DeferredList, fail, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 from twisted.python import usage
+from twisted.python.failure import Failure
 
 from pushie import __version__
 from pushie.auth import guard_from_settings
@@ -90,25 +93,61 @@ class Options(usage.Options):
             raise usage.UsageError(str(e)) from None
 
 
+_BACKLOG_TYPES = frozenset({"tcp", "tcp6", "ssl", "unix"})
+_HAS_BACKLOG = re.compile(r"(?<!\\):backlog=", re.IGNORECASE)
+
+
+def with_backlog(description: str, backlog: int) -> str:
+    """
+    C{description} with C{:backlog=<backlog>} added when it is a tcp, tcp6,
+    ssl or unix endpoint string that gives no backlog of its own.
+    """
+    kind = description.split(":", 1)[0].strip().lower()
+    if kind not in _BACKLOG_TYPES or _HAS_BACKLOG.search(description) is not None:
+        return description
+    return f"{description}:backlog={backlog}"
+
+
+class ListenFailed(Exception):
+    """An endpoint could not listen: C{str()} is the one line that says which and why."""
+
+    def __init__(self, description: str, reason: object) -> None:
+        super().__init__(f"Pushie could not listen on {description}: {reason}")
+        self.description = description
+
+
 class ListeningService(Service):
     """Listens on one endpoint while running; remembers the port it got."""
 
-    def __init__(self, description: str, factory: Any, reactor: Any) -> None:
+    def __init__(self, description: str, factory: Any, reactor: Any, backlog: int | None = None) -> None:
         self.description = description
         self.factory = factory
         self.reactor = reactor
+        self.backlog = backlog
         self.port: IListeningPort | None = None
 
     def startService(self) -> Deferred[None]:  # type: ignore[override]
+        """
+        Listen.  The Deferred fails with L{ListenFailed} when the endpoint
+        cannot (a busy port, a bad address, a wrong endpoint string).
+        """
         super().startService()
-        endpoint = serverFromString(self.reactor, self.description)
-        d = endpoint.listen(self.factory)
+        description = self.description
+        if self.backlog is not None:
+            description = with_backlog(description, self.backlog)
+        try:
+            d = serverFromString(self.reactor, description).listen(self.factory)
+        except Exception as e:  # an endpoint string that does not parse raises at once
+            d = fail(e)
 
         def listening(port: IListeningPort) -> None:
             self.port = port
             log.info("Pushie listening on {endpoint} ({address})", endpoint=self.description, address=describe(port))
 
-        return d.addCallback(listening)
+        def failed(failure: Failure) -> Failure:
+            return Failure(ListenFailed(self.description, failure.value))
+
+        return d.addCallbacks(listening, failed)
 
     def stopService(self) -> Deferred[None] | None:  # type: ignore[override]
         super().stopService()
@@ -133,9 +172,15 @@ class PushieService(MultiService):
     drains the Hub.
     """
 
-    def __init__(self, settings: Settings, reactor: Any) -> None:
+    def __init__(self, settings: Settings, reactor: Any, exit_on_failure: bool = False) -> None:
+        """
+        @param exit_on_failure: end the process (status 1, one log line) when
+            an endpoint cannot listen, as twistd's entries want; in-process
+            users (tests) get the failed Deferred of L{startService} instead.
+        """
         super().__init__()
         self.settings = settings
+        self.exit_on_failure = exit_on_failure
         self.engine = engine_from_setting(settings.engine, settings, reactor)
         self.hub = Hub(
             self.engine,
@@ -186,10 +231,12 @@ class PushieService(MultiService):
             serve_metrics=settings.metrics_listen is None,
             pusher_factory=self.pusher_factory,
         )
-        self.listeners = [ListeningService(d, self.site, reactor) for d in settings.listen]
+        self.listeners = [ListeningService(d, self.site, reactor, settings.listen_backlog) for d in settings.listen]
         if settings.metrics_listen is not None:
             self.listeners.append(
-                ListeningService(settings.metrics_listen, build_metrics_site(self.hub, settings), reactor)
+                ListeningService(
+                    settings.metrics_listen, build_metrics_site(self.hub, settings), reactor, settings.listen_backlog
+                )
             )
         for listener in self.listeners:
             listener.setServiceParent(self)
@@ -233,10 +280,33 @@ class PushieService(MultiService):
         gathered = DeferredList(results, fireOnOneErrback=True, consumeErrors=True)
 
         def failed(failure: Any) -> Any:
-            log.failure("Pushie could not start", failure.value.subFailure)
-            return failure.value.subFailure
+            reason = failure.value.subFailure
+            if reason.check(ListenFailed):
+                log.critical("{reason}", reason=str(reason.value))
+            else:
+                log.failure("Pushie could not start", reason)
+            return reason
 
-        return gathered.addErrback(failed)
+        gathered.addErrback(failed)
+        if not self.exit_on_failure:
+            return gathered
+        # Under twistd: a daemon that cannot serve every endpoint must not
+        # look alive (systemd's Restart=on-failure needs a non-zero exit).
+        outcome: list[Any] = []
+        gathered.addBoth(outcome.append)
+        if outcome and isinstance(outcome[0], Failure):
+            # Before the reactor runs (ports listen at once): twistd lets
+            # SystemExit through, so the process ends with status 1.
+            raise SystemExit(1)
+        if not outcome:
+            gathered.addErrback(lambda _: self._exit_now())
+        return succeed(None)
+
+    def _exit_now(self) -> None:
+        """An endpoint failed after start-up began: end the process with status 1."""
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
 
     def ports(self) -> list[IListeningPort]:
         return [listener.port for listener in self.listeners if listener.port is not None]
@@ -249,4 +319,4 @@ def makeService(options: Mapping[str, Any], reactor: Any = None) -> PushieServic
 
         reactor = default_reactor
     settings = options["settings"]
-    return PushieService(settings, reactor)
+    return PushieService(settings, reactor, exit_on_failure=True)

@@ -32,7 +32,8 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 from pushie.api import ChannelsResource, ErrorResource, HealthResource, PublishResource, write_error
 from pushie.errors import PushieError
 from pushie.fastwrite import write_now
-from pushie.limits import RateLimiter
+from pushie.limits import ConnectionLimits, RateLimiter, address_of
+from pushie.logs import Throttle
 from pushie.metrics import MetricsResource
 from pushie.pusher.http import PusherAPIResource
 from pushie.sse import EventsResource
@@ -103,6 +104,16 @@ _SIMPLE_HEADER = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([^\x00\r\n]
 # Headers whose meaning the short path does not implement: twisted.web's way.
 _PUBLISH_NEEDS_TWISTED = frozenset({b"transfer-encoding", b"expect", b"upgrade"})
 _PUBLISH_LINE = b"POST /publish HTTP/1.1"
+
+# A Content-Length of more digits is refused (400) before anything reads it as
+# a number: no body that large is accepted anyway.
+MAX_CONTENT_LENGTH_DIGITS = 18
+REQUEST_TIMEOUT = PushieError(
+    408, "request_timeout", "the request (line, headers and body) did not arrive whole in time (handshake_timeout)"
+)
+BAD_HTTP_REQUEST = PushieError(
+    400, "bad_request", "the request is not valid HTTP/1.1 (request line, header or length); see RFC 9112"
+)
 
 _date_second = -1
 _date_value = b""
@@ -197,6 +208,118 @@ class PushieHTTPChannel(HTTPChannel):
     _publish_left = 0
     _fast_request: FastPublishRequest | None = None
     _fast_sync = False
+    # The request deadline: armed at accept and after each answer on a kept-alive
+    # connection; a whole request (line, headers, body) disarms it.  The short
+    # publish path keeps one timer per connection and moves it on (a cheap
+    # DelayedCall.reset) instead of a new one per request.
+    _deadline: Any = None
+    _awaiting = False  # a request is due before the deadline
+    _address = "local"
+    _pending = False  # counted by the site's limits as pending
+    _got_bytes = False
+
+    # -- the request deadline and the pending count ----------------------------
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self._address = address_of(self.transport.getPeer())  # type: ignore[union-attr]
+        limits = getattr(self.site, "limits", None)
+        if limits is not None:
+            try:
+                limits.accept(self._address)
+            except PushieError as e:
+                self.site.refused(e, self.transport.getPeer())  # type: ignore[union-attr]
+                self._answer_and_close(e)
+                return
+            self._pending = True
+        self._arm_deadline()
+
+    def dataReceived(self, data: bytes) -> None:
+        self._got_bytes = True
+        super().dataReceived(data)
+
+    def _arm_deadline(self) -> None:
+        """A request must now arrive whole within the site's timeout; until then the connection is pending."""
+        timeout = self.site.timeOut
+        if not timeout or self.transport is None or self.transport.disconnecting:
+            return
+        self._got_bytes = False
+        self._awaiting = True
+        deadline = self._deadline
+        if deadline is not None and deadline.active():
+            deadline.reset(timeout)
+        else:
+            self._deadline = self.callLater(timeout, self._request_too_slow)
+        if not self._pending:
+            limits = getattr(self.site, "limits", None)
+            if limits is not None:
+                limits.pend(self._address)
+                self._pending = True
+
+    def _request_complete(self, keep_timer: bool = False) -> None:
+        """
+        A whole request is here: no deadline, no longer pending (the Hub
+        counts what it becomes).  C{keep_timer}: leave the timer to be moved
+        on for the next request (it does nothing if it fires meanwhile).
+        """
+        self._awaiting = False
+        if not keep_timer and self._deadline is not None:
+            if self._deadline.active():
+                self._deadline.cancel()
+            self._deadline = None
+        if self._pending:
+            self._pending = False
+            self.site.limits.settled(self._address)
+
+    def _request_too_slow(self) -> None:
+        """
+        The deadline passed before the request was whole (a slow or trickling
+        client, a half-sent handshake): a JSON 408 if it had begun, then close.
+        """
+        self._deadline = None
+        if not self._awaiting or self.transport is None or self.transport.disconnecting:
+            return
+        if self._got_bytes:
+            self.site.refused(REQUEST_TIMEOUT, self.transport.getPeer())
+            self._answer_and_close(REQUEST_TIMEOUT)
+        else:
+            self.timeoutConnection()
+
+    def _answer_and_close(self, error: PushieError) -> None:
+        """Write a JSON error answer and close, aborting if the client does not read it."""
+        assert self.transport is not None
+        body = error.to_json()
+        head = b"HTTP/1.1 %d %s\r\n" % (error.status, RESPONSES.get(error.status, b"Error"))
+        for name, value in error.headers.items():
+            head += b"%s: %s\r\n" % (name.encode("ascii"), value.encode("ascii"))
+        self.transport.write(
+            head
+            + b"Content-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
+        )
+        self.timeoutConnection()
+
+    def timeoutConnection(self) -> None:
+        # As twisted.web's, without its log line per connection (a slowloris
+        # run would write one per socket): close, abort if that does not work.
+        self.setTimeout(None)  # the idle timer would only close it again
+        if self.abortTimeout is not None and self._abortingCall is None:
+            self._abortingCall = self.callLater(self.abortTimeout, self.forceAbortClient)
+        self.loseConnection()
+
+    def forceAbortClient(self) -> None:
+        # As twisted.web's, without its log line per connection.
+        self._abortingCall = None
+        if self.transport is not None:
+            self.transport.abortConnection()
+
+    def allContentReceived(self) -> None:
+        self._request_complete()
+        super().allContentReceived()
+
+    def requestDone(self, request: Request) -> None:
+        if self.persistent:
+            self._arm_deadline()  # before the buffered next request is read
+        super().requestDone(request)
 
     def lineReceived(self, line: bytes) -> Any:
         if self._publish is not None:
@@ -313,6 +436,7 @@ class PushieHTTPChannel(HTTPChannel):
             len(connection) > 1
             or len(lengths) != 1
             or not lengths[0].isdigit()
+            or len(lengths[0]) > MAX_CONTENT_LENGTH_DIGITS  # twisted.web's way: refused there, as 400
             or int(lengths[0]) > self.site.max_body_size  # twisted.web's 413 as the body arrives
         ):
             return None
@@ -363,6 +487,7 @@ class PushieHTTPChannel(HTTPChannel):
         assert headers is not None and body is not None
         self._publish_headers = self._publish_body = None
         self._publish_left = 0
+        self._request_complete(keep_timer=True)
         self._handlingRequest = True
         self.setRawMode()
         if rest:
@@ -405,15 +530,42 @@ class PushieHTTPChannel(HTTPChannel):
             return
         self._handlingRequest = False
         self._HTTPChannel__first_line = 1
+        self._arm_deadline()
         data = b"".join(self._dataBuffer)
         self._dataBuffer = []
         self.setLineMode(data)
 
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+        self._request_complete()
         if self._fast_request is not None:
             self._fast_request._disconnected = True
             self._fast_request = None
         super().connectionLost(reason)
+
+    # -- twisted.web's own parsing, made safe for hostile input ---------------
+
+    def _maybeChooseTransferDecoder(self, header: bytes, data: bytes) -> bool:
+        # twisted.web (checked on 24.x-26.x) calls int() on any run of digits:
+        # past 4300 digits that raises out of dataReceived (a logged
+        # traceback, the connection dropped without an answer).
+        if header == b"Content-Length" and len(data) > MAX_CONTENT_LENGTH_DIGITS:
+            return self._failChooseTransferDecoder()  # type: ignore[no-any-return]
+        return super()._maybeChooseTransferDecoder(header, data)  # type: ignore[no-any-return]
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        """
+        twisted.web's answer to a request it cannot parse (a bad request
+        line or header, an invalid length, too many headers), as a JSON 400
+        like every other refusal instead of a bare status line.
+        """
+        if self.transport is None:
+            return
+        body = BAD_HTTP_REQUEST.to_json()
+        self.transport.write(
+            b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+            b"Connection: close\r\n\r\n%s" % (len(body), body)
+        )
+        self.loseConnection()
 
     def _hand_over(self) -> None:
         """Give the connection to a WebSocket protocol, as WebSocketResource does."""
@@ -421,6 +573,7 @@ class PushieHTTPChannel(HTTPChannel):
         data = b"\r\n".join(self._upgrade) + b"\r\n\r\n" + self.clearLineBuffer()
         self._upgrade = None
         self.setTimeout(None)
+        self._request_complete()
         transport = self.transport
         assert transport is not None
         protocol = self.site.websocket_factory.buildProtocol(transport.getPeer())
@@ -459,9 +612,27 @@ class PushieSite(Site):
         self.max_body_size = max_body_size
         self.websocket_factory = websocket_factory
         self.publish_resource: Any = None
+        # Set by build_site: connections are counted (pending until their
+        # request is whole) and refused at accept past the limits.
+        self.limits: ConnectionLimits | None = None
+        self.hub: Any = None
+        self.throttle: Throttle | None = None
 
     def log(self, request: Request) -> None:
         """No per-request access log: a push server sees too many."""
+
+    def refused(self, error: PushieError, peer: Any) -> None:
+        """Count and (throttled) log a connection refused before it had a request."""
+        if self.hub is not None:
+            self.hub.metrics.reject(error.code)
+        if self.throttle is not None:
+            self.throttle.warn(
+                "connection_" + error.code,
+                "Refused a connection from {peer}: {status} {code}",
+                peer=peer,
+                status=error.status,
+                code=error.code,
+            )
 
 
 class StaticFile(Resource):
@@ -542,6 +713,9 @@ def build_site(
         root, settings.max_message_size, settings.handshake_timeout, hub.reactor, websocket_factory=websocket_factory
     )
     site.publish_resource = publish  # POST /publish: PushieHTTPChannel's short path
+    site.limits = hub.limits
+    site.hub = hub
+    site.throttle = throttle
     return site
 
 

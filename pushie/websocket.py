@@ -11,7 +11,6 @@ queued: no per-subscriber encoding or framing.
 
 from __future__ import annotations
 
-import json
 import secrets
 from collections.abc import Callable
 from typing import Any
@@ -27,6 +26,7 @@ from twisted.python.failure import Failure
 from pushie.auth import CLOSE_TOKEN_EXPIRED, Guard, SubscriberToken
 from pushie.channels import (
     Burst,
+    InvalidJSON,
     Member,
     Position,
     PresenceEvent,
@@ -35,6 +35,7 @@ from pushie.channels import (
     check_since,
     dumps,
     is_presence,
+    loads,
 )
 from pushie.errors import PushieError, bad_request
 from pushie.hub import Hub, Subscribed
@@ -167,9 +168,9 @@ class PushieServerProtocol(DoorProtocol):
 
     def _handle(self, payload: bytes) -> None:
         try:
-            frame = json.loads(payload)
-        except ValueError:
-            raise bad_request("invalid_json", 'a frame must be a JSON object such as {"type": "ping"}')
+            frame = loads(payload)
+        except InvalidJSON as e:
+            raise bad_request("invalid_json", f'a frame must be a JSON object such as {{"type": "ping"}}: {e}')
         if not isinstance(frame, dict):
             raise bad_request("invalid_frame", 'a frame must be a JSON object with a "type"')
         kind = frame.get("type")

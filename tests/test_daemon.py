@@ -11,11 +11,13 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
+import pytest
 import pytest_twisted
 import treq
 from twisted.internet import reactor
@@ -207,3 +209,78 @@ def test_wheel_installs_the_plugin_outside_the_checkout(tmp_path):
         [str(venv / "bin" / "pushie"), "--version"], capture_output=True, text=True, cwd=outside, env=env, timeout=60
     )
     assert version.stdout.strip().startswith("pushie ")
+
+
+def _busy_port() -> tuple[socket.socket, int]:
+    """A port that something else listens on."""
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen(1)
+    return holder, holder.getsockname()[1]
+
+
+async def _assert_refuses_to_start(proc: Twistd, busy: int) -> None:
+    await wait_for(lambda: proc.ended.called, timeout=20)
+    code = await proc.ended
+    output = proc.output.decode()
+    assert code != 0, output
+    assert output.count(f"Pushie could not listen on tcp:{busy}:interface=127.0.0.1:") == 1, output
+    assert output.count("could not") == 1, output
+    assert "Unhandled" not in output and "Traceback" not in output, output
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_busy_port_stops_the_plugin_with_one_line_and_status_1():
+    holder, busy = _busy_port()
+    try:
+        free = "tcp:0:interface=127.0.0.1"
+        proc = spawn(["-n", "--pidfile=", "pushie", "--listen", free, "--listen", f"tcp:{busy}:interface=127.0.0.1"])
+        try:
+            await _assert_refuses_to_start(proc, busy)
+        finally:
+            await stop(proc)
+    finally:
+        holder.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_busy_port_stops_the_tac_with_one_line_and_status_1():
+    holder, busy = _busy_port()
+    try:
+        proc = spawn(
+            ["-ny", str(ROOT / "pushie.tac"), "--pidfile="],
+            {"PUSHIE_LISTEN": f"tcp:0:interface=127.0.0.1 tcp:{busy}:interface=127.0.0.1"},
+        )
+        try:
+            await _assert_refuses_to_start(proc, busy)
+        finally:
+            await stop(proc)
+    finally:
+        holder.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_listen_backlog_is_511_unless_the_endpoint_gives_one(tmp_path):
+    if shutil.which("ss") is None:
+        pytest.skip("needs ss (iproute2) to read the kernel's backlog")
+    tcp, explicit = "tcp:0:interface=127.0.0.1", "tcp:0:interface=127.0.0.1:backlog=64"
+    proc = spawn(["-n", "--pidfile=", "pushie", "--listen", tcp, "--listen", explicit])
+    try:
+        await wait_for(lambda: len(proc.addresses) == 2 or proc.ended.called, timeout=20)
+        assert len(proc.addresses) == 2, proc.output.decode()
+        # The kernel's word for it: `ss` shows a listening socket's backlog.
+        backlogs = _listen_backlogs()
+        assert backlogs[proc.port_of(tcp)] == 511
+        assert backlogs[proc.port_of(explicit)] == 64
+    finally:
+        await stop(proc)
+
+
+def _listen_backlogs() -> dict[int, int]:
+    """Listening TCP ports and their backlogs (`ss -ltn`: Send-Q is the backlog of a listening socket)."""
+    out = subprocess.run(["ss", "-ltnH"], capture_output=True, text=True, check=True).stdout
+    backlogs = {}
+    for line in out.splitlines():
+        fields = line.split()
+        backlogs[int(fields[3].rsplit(":", 1)[1])] = int(fields[2])
+    return backlogs

@@ -21,7 +21,6 @@ shutdown or lost messages, 4201 no pong).
 
 from __future__ import annotations
 
-import json
 import secrets
 from collections.abc import Callable
 from typing import Any
@@ -37,6 +36,7 @@ from twisted.python.failure import Failure
 
 from pushie.channels import (
     Burst,
+    InvalidJSON,
     Member,
     Position,
     PresenceEvent,
@@ -44,6 +44,7 @@ from pushie.channels import (
     PublishRequest,
     dumps,
     json_string,
+    loads,
     text_frame,
 )
 from pushie.errors import PushieError
@@ -346,9 +347,9 @@ class PusherProtocol(DoorProtocol):
 
     def _handle(self, payload: bytes) -> None:
         try:
-            frame = json.loads(payload)
-        except ValueError:
-            raise PusherError("Invalid JSON: send one JSON object per message") from None
+            frame = loads(payload)
+        except InvalidJSON as e:
+            raise PusherError(f"Invalid JSON: send one JSON object per message ({e})") from None
         if not isinstance(frame, dict) or not isinstance(frame.get("event"), str):
             raise PusherError('A message must be a JSON object with an "event" string')
         event = frame["event"]
@@ -356,8 +357,8 @@ class PusherProtocol(DoorProtocol):
         if isinstance(data, str) and event.startswith("pusher:"):
             # Some clients send the data of pusher:* events as a JSON string.
             try:
-                data = json.loads(data)
-            except ValueError:
+                data = loads(data)
+            except InvalidJSON:
                 raise PusherError(f"Invalid data for {event}") from None
         handler = self._handlers.get(event)
         if handler is not None:
@@ -495,7 +496,7 @@ class PusherProtocol(DoorProtocol):
         if not self.app.check_auth(data.get("auth"), signin_string(self.socket_id, user_data)):
             raise PusherError("Invalid signature for pusher:signin", code=4009, status=401)
         try:
-            user = json.loads(user_data)
+            user = loads(user_data)
         except ValueError:
             user = None
         user_id = user.get("id") if isinstance(user, dict) else None
@@ -635,7 +636,7 @@ class PusherProtocol(DoorProtocol):
 
 def _member(channel_data: str, channel: str) -> Member:
     try:
-        parsed = json.loads(channel_data)
+        parsed = loads(channel_data)
     except ValueError:
         parsed = None
     user_id = parsed.get("user_id") if isinstance(parsed, dict) else None

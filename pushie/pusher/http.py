@@ -16,7 +16,6 @@ request is checked whole before anything is published.
 from __future__ import annotations
 
 import hmac
-import json
 import secrets
 from typing import Any
 from urllib.parse import unquote
@@ -27,7 +26,7 @@ from twisted.python.failure import Failure
 from twisted.web.server import NOT_DONE_YET, Request
 
 from pushie.api import JSONResource, write_error, write_json
-from pushie.channels import PublishRequest, dumps
+from pushie.channels import InvalidJSON, PublishRequest, dumps, loads
 from pushie.errors import EngineUnavailable, PushieError, bad_request
 from pushie.hub import Hub
 from pushie.limits import RateLimiter
@@ -364,9 +363,9 @@ def _unknown_app(app_id: str) -> App:
 
 def _json_body(body: bytes) -> Any:
     try:
-        return json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        raise bad_request("invalid_json", "the body is not valid JSON") from None
+        return loads(body)
+    except InvalidJSON as e:
+        raise bad_request("invalid_json", f"the body is not valid JSON: {e}") from None
 
 
 def _info_attributes(value: Any, where: str) -> set[str]:
