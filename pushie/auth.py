@@ -21,6 +21,8 @@ the secret); with audiences configured it must name one of them.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hmac
 import math
 import os
@@ -32,7 +34,7 @@ import jwt
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from pushie.channels import is_guarded, is_presence, is_valid_channel
+from pushie.channels import InvalidJSON, is_guarded, is_presence, is_valid_channel, loads
 from pushie.errors import PushieError
 
 log = Logger()
@@ -268,7 +270,9 @@ class Guard:
                 raise unauthorized("the subscriber token could not be read", channel) from None
         if claims is None:
             raise unauthorized("the subscriber token's signature does not match any subscriber secret", channel)
-        return self._claims(claims, channel)
+        verified = self._claims(claims, channel)
+        _strict_claims(token, channel)
+        return verified
 
     def _claims(self, claims: dict[str, Any], channel: str | None) -> SubscriberToken:
         sub, grants = claims.get("sub"), claims.get("channels", [])
@@ -408,3 +412,18 @@ def mint_token(secret: str, sub: str, channels: Sequence[str], ttl: float, now: 
     if info is not None:
         claims["info"] = info
     return jwt.encode(claims, secret, algorithm=ALGORITHM)
+
+
+def _strict_claims(token: str, channel: str | None) -> None:
+    """
+    Read a verified token's claims again with Pushie's strict JSON decoder.
+
+    PyJWT decodes claims with Python's C{json}, which takes C{NaN},
+    C{Infinity} and lone surrogates; an C{info} claim holding one would
+    otherwise reach presence frames as JSON no client can parse.
+    """
+    segment = token.split(".")[1]
+    try:
+        loads(base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)))
+    except (InvalidJSON, binascii.Error, ValueError) as e:
+        raise unauthorized(f"the subscriber token's claims are not valid JSON (RFC 8259): {e}", channel) from None

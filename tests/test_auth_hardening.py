@@ -202,6 +202,10 @@ REFUSED_CLAIMS = {
     "iat string": {"iat": "yesterday"},
     "iat in the future": {"iat": time.time() + 3600},
     "aud without token_audience": {"aud": "another-service"},
+    # Claims that Python's json reads but RFC 8259 does not allow: they would reach presence frames.
+    "info NaN": {"info": {"score": NAN}},
+    "info Infinity": {"info": [INF]},
+    "info lone surrogate": {"info": {"name": "\ud800"}},
 }
 
 
