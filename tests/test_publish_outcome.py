@@ -22,7 +22,7 @@ from twisted.internet import reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
 from twisted.internet.protocol import Factory, Protocol
 
-from tests.helpers import Daemon, assert_reactor_clean, start_daemon, wait_for
+from tests.helpers import Daemon, assert_reactor_clean, sleep, start_daemon, wait_for
 from tests.redis_server import RedisServer
 from tests.test_pusher import APPS, api
 
@@ -335,5 +335,49 @@ async def test_pusher_triggers_answer_the_same_way(redis):
         proxy.set_down(False)
         await wait_for(daemon.hub.engine.healthy, timeout=15)
         assert [e["data"] for e in stored(redis, "pc")] == ["lost-one", "lost-two"]
+    finally:
+        await teardown(proxy, daemon)
+
+
+@pytest_twisted.ensureDeferred
+async def test_pusher_trigger_answers_200_when_only_its_info_read_fails(redis):
+    """
+    The event is published and only the user_count read after it fails:
+    the answer is 200 (without the info), not a 503 that would say nothing
+    was published.
+    """
+    proxy, daemon = await setup(redis, pusher_apps=APPS)
+    path = f"/apps/{APPS[0].split(':')[0]}/events"
+    try:
+        # The presence listing script's text (sent with EVAL the first time) carries this comment.
+        proxy.lose_answer_to(b"Sweeps the fields", "down")
+        event = {"name": "e", "channel": "presence-room", "data": "shown", "info": "user_count"}
+        status, body = await api(daemon, "POST", path, event)
+        assert proxy.lost == 1
+        assert (status, body) == (200, {})
+        assert [e["data"] for e in stored(redis, "presence-room")] == ["shown"]
+        proxy.set_down(False)
+        await wait_for(daemon.hub.engine.healthy, timeout=15)
+    finally:
+        await teardown(proxy, daemon)
+
+
+@pytest_twisted.ensureDeferred
+async def test_connections_dropped_during_their_handshake_do_not_stop_reconnecting(redis):
+    """
+    A Redis (or a proxy in front of it) that accepts connections and drops
+    them at once, for a while: txredisapi would stop reconnecting for good
+    (SELECT failed); the daemon comes back as soon as Redis does.
+    """
+    proxy, daemon = await setup(redis)
+    try:
+        engine = daemon.hub.engine
+        proxy.set_down(True)
+        await wait_for(lambda: not engine.healthy(), timeout=5)
+        await sleep(1.5)  # several reconnections refused
+        proxy.set_down(False)
+        await wait_for(engine.healthy, timeout=15)
+        status, body, _ = await daemon.publish({"channel": "outcome", "data": "back"})
+        assert (status, body["offset"]) == (200, 1)
     finally:
         await teardown(proxy, daemon)
