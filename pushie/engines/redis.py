@@ -429,10 +429,11 @@ class RedisEngine:
             username=self.config["username"],
         )
         factory.protocol = protocol
-        # A dropped connection is most often a blip: come back at once (a
-        # publish whose answer it lost is settled within redis_timeout), then
-        # back off (0.1, 0.3, 0.7, 2, 5 s) while Redis stays away.
-        factory.initialDelay = 0.1
+        if protocol is txredisapi.RedisProtocol:
+            # A dropped command connection is most often a blip: come back at
+            # once (a publish whose answer it lost is settled within
+            # redis_timeout), then back off (0.1, 0.3, 0.7, 2, 5 s).
+            factory.initialDelay = 0.1
         factory.maxDelay = 5
         # The first connection's outcome is also reported here; health and
         # logs come from the connections themselves.
