@@ -598,9 +598,12 @@ class RedisEngine:
             if remaining <= 0:
                 break
             try:
-                return await self._send_publish(keys, args, remaining)
+                answers = await self._send_publish(keys, args, remaining)
             except Exception:  # noqa: BLE001  not settled yet: wait for a connection, try again
                 pass
+            else:
+                log.info("Redis's answer to a publish was lost; asked again, settled ({id})", id=keys[0])
+                return answers
             pause = deferLater(self.reactor, max(0.0, min(PUBLISH_RETRY, deadline - self.reactor.seconds())))
             self._pauses.add(pause)
             try:
@@ -609,6 +612,7 @@ class RedisEngine:
                 break
             finally:
                 self._pauses.discard(pause)
+        log.warn("Redis's answer to a publish was lost and could not be settled: outcome unknown ({id})", id=keys[0])
         raise OutcomeUnknown()
 
     def _send_publish(self, keys: list[Any], args: list[Any], timeout: float) -> Deferred[list[bytes]]:
