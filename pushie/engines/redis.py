@@ -85,6 +85,7 @@ from pushie.channels import (
 from pushie.engines import EngineListener, IEngine
 from pushie.engines.memory import IDEMPOTENCY_WINDOW, new_epoch
 from pushie.errors import EngineUnavailable, OutcomeUnknown
+from pushie.logs import Throttle
 
 log = Logger()
 
@@ -406,6 +407,7 @@ class RedisEngine:
         self.config = parse_redis_url(self.url)
         self.name = f"redis://{self.config['host']}:{self.config['port']}/{self.config['db']}"
         self.prefix = f"pushie:{self.config['db']}:"
+        self._throttle = Throttle(log, self.reactor)
 
     # -- connections -----------------------------------------------------
 
@@ -588,7 +590,7 @@ class RedisEngine:
         except _NotSent:
             raise EngineUnavailable() from None
         except txredisapi.ResponseError as e:
-            log.warn("Redis refused a publish: {error}", error=str(e))
+            self._throttle.warn("publish_refused", "Redis refused a publish: {error}", error=str(e))
             raise EngineUnavailable() from None
         except Exception:  # noqa: BLE001  sent, and no answer: the outcome is unknown so far
             pass
@@ -612,7 +614,11 @@ class RedisEngine:
                 break
             finally:
                 self._pauses.discard(pause)
-        log.warn("Redis's answer to a publish was lost and could not be settled: outcome unknown ({id})", id=keys[0])
+        self._throttle.warn(
+            "publish_unsettled",
+            "Redis's answer to a publish was lost and could not be settled: outcome unknown ({id})",
+            id=keys[0],
+        )
         raise OutcomeUnknown()
 
     def _send_publish(self, keys: list[Any], args: list[Any], timeout: float) -> Deferred[list[bytes]]:
