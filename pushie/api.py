@@ -29,7 +29,7 @@ from pushie.channels import (
     loads,
     parse_offset,
 )
-from pushie.errors import EngineUnavailable, PushieError, bad_request
+from pushie.errors import ENGINE_FAILURES, EngineUnavailable, PushieError, bad_request
 from pushie.hub import Hub, in_native_space
 from pushie.limits import RateLimiter, address_of
 from pushie.logs import Throttle
@@ -284,7 +284,7 @@ class PublishResource(JSONResource):
         else:
             log.failure("Publishing failed", failure)
             error = EngineUnavailable()
-        if error.code == "engine_unavailable":
+        if error.code in ENGINE_FAILURES:
             self.hub.metrics.engine_errors.inc()
         self.hub.metrics.reject(error.code)
         write_error(request, error)

@@ -244,7 +244,7 @@ SETTINGS: tuple[Setting, ...] = (
         "redis_timeout",
         _positive_seconds,
         2.0,
-        "Seconds to wait for Redis before a publish answers 503.",
+        "Seconds to wait for a Redis answer; a publish whose answer was lost is asked again as long (then 503).",
         metavar="SECONDS",
     ),
     Setting(

@@ -64,3 +64,26 @@ class EngineUnavailable(PushieError):
 
     def __init__(self, message: str = "the engine is unavailable; nothing was published, retry later") -> None:
         super().__init__(503, "engine_unavailable", message, headers={"Retry-After": "1"})
+
+
+class OutcomeUnknown(PushieError):
+    """
+    The engine was asked to publish but its answer was lost (the connection
+    dropped, or no answer came in time) and asking again with the same
+    publish id did not settle it in time either: the message may or may not
+    have been published.  Unlike L{EngineUnavailable}, this does not promise
+    that nothing was published, so it has a code of its own.
+    """
+
+    def __init__(
+        self,
+        message: str = (
+            "the message may or may not have been published (the engine's answer was lost); "
+            "retry with the same idempotency_key to publish it exactly once"
+        ),
+    ) -> None:
+        super().__init__(503, "outcome_unknown", message, headers={"Retry-After": "1"})
+
+
+ENGINE_FAILURES = frozenset({"engine_unavailable", "outcome_unknown"})
+"""The codes of a 503 that the engine caused (counted in C{pushie_engine_errors_total})."""

@@ -12,7 +12,9 @@ C{subscribed} frames follows on without a gap, a duplicate or a reordering
 answered C{recovered: true} continues the run, C{recovered: false} (the
 documented way to say "reload") starts a new one; every message delivered at
 an offset is the one acknowledged at that offset; no message whose publish
-was refused appears; and after the faults every subscriber reaches the last
+was refused appears (a C{503 engine_unavailable} is a refusal: certainly not
+published; only C{503 outcome_unknown} and a request cut by a killed daemon
+may or may not have published); and after the faults every subscriber reaches the last
 acknowledged message of every channel.
 
 The quick profile runs in the default suite; C{PUSHIE_CHAOS_LONG=1} runs a
@@ -68,6 +70,7 @@ class Cluster:
         self.count = count
         self.nodes: list[Any] = []
         self.ports: list[int] = []  # of the nodes that are up
+        self.gone: list[Any] = []  # nodes killed or stopped, for their logs
 
     async def start_node(self) -> None:
         args = ["-n", "--pidfile=", "pushie", "--listen", "tcp:0:interface=127.0.0.1", "--engine", self.redis.url]
@@ -86,16 +89,18 @@ class Cluster:
     async def kill_node(self, index: int) -> None:
         proc = self.nodes.pop(index)
         self.ports.pop(index)
+        self.gone.append(proc)
         proc.transport.signalProcess("KILL")
         await proc.ended
 
     async def stop_all(self) -> None:
         nodes, self.nodes, self.ports = self.nodes, [], []
+        self.gone += nodes
         for proc in nodes:
             await stop(proc)
 
     def logs(self) -> str:
-        return "\n".join(p.output.decode(errors="replace") for p in self.nodes)
+        return "\n".join(p.output.decode(errors="replace") for p in self.gone + self.nodes)
 
 
 # -- subscribers --------------------------------------------------------------
@@ -233,10 +238,10 @@ class Run:
     channels: list[str]
     published: int = 0
     acked: dict[str, tuple[str, str, int]] = attr.ib(factory=dict)  # data id -> (channel, epoch, offset)
-    refused: dict[str, int] = attr.ib(factory=dict)  # data id -> status (never published)
-    unknown: set[str] = attr.ib(factory=set)  # no answer (a daemon killed): may or may not be published
-    status_503: int = 0
-    timeouts: int = 0  # 503s answered after redis_timeout: outcome unknown
+    refused: dict[str, Any] = attr.ib(factory=dict)  # data id -> status or error code (never published)
+    # 503 outcome_unknown, or no answer (a daemon killed): may or may not be published
+    unknown: set[str] = attr.ib(factory=set)
+    codes_503: dict[str, int] = attr.ib(factory=dict)  # error code -> count
     delivered: int = 0
     recovered_false: int = 0
     subscribe_errors: int = 0
@@ -256,7 +261,6 @@ class Run:
             data_id = f"{name}-{n}"
             port = random.choice(self.cluster.ports)
             self.published += 1
-            began = reactor.seconds()
             try:
                 response = await treq.post(
                     f"http://127.0.0.1:{port}/publish",
@@ -271,27 +275,28 @@ class Run:
                 continue
             if response.code == 200:
                 self.acked[data_id] = (channel, body["epoch"], body["offset"])
-            elif response.code == 503:
-                # Redis did not answer (timeout, or the connection dropped
-                # after the script was sent): it may still have run, so the
-                # outcome is unknown (README: retry with the same idempotency_key).
-                self.status_503 += 1
-                if reactor.seconds() - began >= REDIS_TIMEOUT * 0.9:
-                    self.timeouts += 1
+                continue
+            code = body.get("error") if isinstance(body, dict) else None
+            if response.code == 503:
+                self.codes_503[code] = self.codes_503.get(code, 0) + 1
+            if (response.code, code) == (503, "outcome_unknown"):
+                # Redis's answer was lost and could not be settled in time:
+                # it may have published (README: retry with the same
+                # idempotency_key).  The only uncertain answer.
                 self.unknown.add(data_id)
-                await sleep(0.05)
             else:
-                self.refused[data_id] = response.code
-                if response.code == 503:
-                    self.status_503 += 1
-                await sleep(0.05)
+                # engine_unavailable, shutting_down and any other error:
+                # certainly not published, so it must never be delivered.
+                self.refused[data_id] = f"{response.code} {code}"
+            await sleep(0.05)
 
     def report(self) -> str:
         return (
             f"published {self.published}, acknowledged {len(self.acked)}, refused {len(self.refused)} "
-            f"(503: {self.status_503}, after the Redis timeout: {self.timeouts}), "
+            f"(503 by code: {self.codes_503}), "
             f"unknown outcome {len(self.unknown)}, delivered {self.delivered}, "
-            f"recovered:false {self.recovered_false}, subscribe errors {self.subscribe_errors}, closes {self.closes}"
+            f"recovered:false {self.recovered_false}, subscribe errors {self.subscribe_errors}, closes {self.closes}, "
+            f"lost Redis answers settled {self.cluster.logs().count('asked again, settled')}"
         )
 
 

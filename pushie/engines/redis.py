@@ -27,14 +27,23 @@ than the first is C{<app id>|<name>}):
                    C{/} ends it).
   - C{node:<id>}   a node's heartbeat; presence fields of nodes whose
                    heartbeat has expired are swept, with a C{leave}.
+  - C{pub:<id>:<n>} the answers of publish C{n} of node C{id}, written by
+                   the publish script itself, for a few seconds (see
+                   L{PUBLISH_ID_TTL}): a repeated call finds them.
   - pub/sub C{m:c} (publications) and C{p:c} (presence events).
 
-Every name is C{<kind>:} then one channel name, except C{ikey}; kinds are
-fixed words without C{:}, so names of different kinds or channels never meet.
+Every name is C{<kind>:} then one channel name, except C{ikey}, C{node}
+and C{pub}; kinds are fixed words without C{:}, so names of different kinds
+or channels never meet.
 
 One Lua script publishes a whole request (offset, history, idempotency key and
-PUBLISH to the nodes) atomically, so a C{200} means stored and on its way, and
-a failure means nothing happened.  Nodes SUBSCRIBE only to the channels they
+PUBLISH to the nodes) atomically, so a C{200} means stored and on its way.
+Each call carries a publish id: when its answer is lost (connection dropped,
+timeout), the same call is sent again and either finds the answers of the run
+that happened or publishes now, so the request still gets an honest C{200};
+C{503 engine_unavailable} means the script was never run, and only when the
+question cannot be settled within C{redis_timeout} more does the answer say
+C{503 outcome_unknown}.  Nodes SUBSCRIBE only to the channels they
 have local subscribers for (C{m:c} for messages, C{p:c} for presence), and
 re-subscribe after a reconnect (txredisapi does not).  After any gap in a
 channel's live stream (a reconnect, a lost message) the node reads the missing
@@ -45,7 +54,9 @@ resubscribe (and learn C{recovered: false}).
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import secrets
 from collections.abc import Sequence
 from typing import Any
@@ -54,10 +65,10 @@ from urllib.parse import unquote, urlsplit
 import attr
 import txredisapi
 from twisted.internet import defer
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.ssl import optionsForClientTLS
-from twisted.internet.task import LoopingCall
+from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -73,7 +84,8 @@ from pushie.channels import (
 )
 from pushie.engines import EngineListener, IEngine
 from pushie.engines.memory import IDEMPOTENCY_WINDOW, new_epoch
-from pushie.errors import EngineUnavailable
+from pushie.errors import EngineUnavailable, OutcomeUnknown
+from pushie.logs import Throttle
 
 log = Logger()
 
@@ -81,20 +93,41 @@ RESYNC_RETRY = 0.5
 HEARTBEAT_INTERVAL = 2.0
 HEARTBEAT_TTL = 6
 """A crashed node's presence members disappear within HEARTBEAT_TTL + HEARTBEAT_INTERVAL seconds."""
+PUBLISH_RETRY = 0.1
+"""Seconds between tries to settle a publish whose answer was lost (waiting for a connection)."""
+PUBLISH_ID_TTL = 10
+"""
+Seconds (at least; 4 x redis_timeout when longer) that Redis remembers a
+publish id and its answers: longer than any copy of one call may still run,
+as retries are sent within 2 x redis_timeout of the first.
+"""
+
+
+class _NotSent(Exception):
+    """The publish script was not written to any connection: Redis certainly did not run it."""
+
 
 PUBLISH_SCRIPT = r"""
--- KEYS: per request, meta, hist, idem (idem may be "-" for none)
--- ARGV: prefix, history_size, ttl_ms, idem_ttl, then per request:
+-- KEYS: the publish id's key, then per request: meta, hist, idem (idem may be "-" for none)
+-- ARGV: prefix, history_size, ttl_ms, idem_ttl, publish_id_ttl, then per request:
 --       channel, channel_json, event_json, data, idem_key, epoch_candidate,
 --       user_id_json ('' for none), exclude ('' for none)
+-- A call repeated with the same publish id (its answer was lost) returns the
+-- first call's answers and publishes nothing again.
+local done = redis.call('GET', KEYS[1])
+if done then
+  local answers = {}
+  for answer in string.gmatch(done, '[^\n]+') do answers[#answers + 1] = answer end
+  return answers
+end
 local prefix, size, ttl_ms, idem_ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local results = {}
-local n = #KEYS / 3
+local n = (#KEYS - 1) / 3
 for i = 0, n - 1 do
-  local meta, hist, idem = KEYS[i * 3 + 1], KEYS[i * 3 + 2], KEYS[i * 3 + 3]
-  local a = 5 + i * 8
+  local meta, hist, idem = KEYS[i * 3 + 2], KEYS[i * 3 + 3], KEYS[i * 3 + 4]
+  local a = 6 + i * 8
   local channel, channel_json, event_json, data = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
   local idem_key, candidate, user_json, exclude = ARGV[a + 4], ARGV[a + 5], ARGV[a + 6], ARGV[a + 7]
   local seen = false
@@ -138,6 +171,7 @@ for i = 0, n - 1 do
     results[#results + 1] = answer
   end
 end
+redis.call('SET', KEYS[1], table.concat(results, '\n'), 'EX', tonumber(ARGV[5]))
 return results
 """
 
@@ -319,6 +353,22 @@ class _Subscriber(txredisapi.SubscriberProtocol):
         self.factory.engine._on_pubsub(channel, message)
 
 
+class _Factory(txredisapi.RedisFactory):
+    """
+    A connection pool that never gives up reconnecting on its own.
+
+    txredisapi 1.6 stops reconnecting for good when AUTH or SELECT fails on
+    a new connection, and a connection that drops during them counts: a
+    Redis shutting down, or a proxy or load balancer that accepts and then
+    closes while Redis is away, would leave the daemon answering 503 until
+    it is restarted.  The engine closes its pools with C{disconnect()}, which
+    does not need this.
+    """
+
+    def stopTrying(self) -> Deferred[None]:
+        return defer.succeed(None)
+
+
 @implementer(IEngine)
 @attr.s(auto_attribs=True, eq=False)
 class RedisEngine:
@@ -348,11 +398,16 @@ class RedisEngine:
     _catching_up: dict[str, list[tuple[int, str, Deferred[None]]]] = attr.ib(factory=dict, init=False)
     _heartbeat: LoopingCall | None = attr.ib(default=None, init=False)
     _was_up: bool | None = attr.ib(default=None, init=False)
+    # Publish ids: unique per node, so a repeated script call can be recognised.
+    _publish_ids: Any = attr.ib(factory=lambda: itertools.count(1), init=False)
+    # Publishes waiting to settle a lost answer, paused until the next try.
+    _pauses: set[Deferred[None]] = attr.ib(factory=set, init=False)
 
     def __attrs_post_init__(self) -> None:
         self.config = parse_redis_url(self.url)
         self.name = f"redis://{self.config['host']}:{self.config['port']}/{self.config['db']}"
         self.prefix = f"pushie:{self.config['db']}:"
+        self._throttle = Throttle(log, self.reactor)
 
     # -- connections -----------------------------------------------------
 
@@ -363,7 +418,7 @@ class RedisEngine:
         return endpoint
 
     def _factory(self, protocol: type, poolsize: int, dbid: int | None) -> Any:
-        factory = txredisapi.RedisFactory(
+        factory = _Factory(
             None,
             dbid,
             poolsize,
@@ -376,6 +431,11 @@ class RedisEngine:
             username=self.config["username"],
         )
         factory.protocol = protocol
+        if protocol is txredisapi.RedisProtocol:
+            # A dropped command connection is most often a blip: come back at
+            # once (a publish whose answer it lost is settled within
+            # redis_timeout), then back off (0.1, 0.3, 0.7, 2, 5 s).
+            factory.initialDelay = 0.1
         factory.maxDelay = 5
         # The first connection's outcome is also reported here; health and
         # logs come from the connections themselves.
@@ -397,6 +457,8 @@ class RedisEngine:
     @defer.inlineCallbacks
     def stop(self) -> Any:
         self._listener = None
+        for pause in list(self._pauses):
+            pause.cancel()  # their publishes answer outcome_unknown
         if self._heartbeat is not None and self._heartbeat.running:
             self._heartbeat.stop()
         if self._commands is not None and self._commands.size:
@@ -464,8 +526,22 @@ class RedisEngine:
     # -- publishing ------------------------------------------------------
 
     def append(self, requests: Sequence[PublishRequest]) -> Deferred[list[Publication]]:
-        keys: list[Any] = []
-        args: list[Any] = [self.prefix, self.history_size, int(self.history_ttl * 1000), int(IDEMPOTENCY_WINDOW)]
+        """
+        Publish C{requests} with one run of L{PUBLISH_SCRIPT}, all or none.
+
+        Fails with L{EngineUnavailable} only when Redis certainly did not
+        publish (no connection took the script, or Redis refused it), and
+        with L{OutcomeUnknown} when the script was sent, its answer was lost
+        and asking again did not settle it in time (L{_publish}).
+        """
+        keys: list[Any] = [f"{self.prefix}pub:{self.node}:{next(self._publish_ids)}"]
+        args: list[Any] = [
+            self.prefix,
+            self.history_size,
+            int(self.history_ttl * 1000),
+            int(IDEMPOTENCY_WINDOW),
+            max(PUBLISH_ID_TTL, math.ceil(4 * self.timeout)),
+        ]
         for request in requests:
             idem = (
                 "-"
@@ -483,7 +559,7 @@ class RedisEngine:
                 dumps(request.user_id) if request.user_id is not None else "",
                 request.exclude or "",
             ]
-        d = self._call("eval", PUBLISH_SCRIPT, keys, args)
+        d = Deferred.fromCoroutine(self._publish(keys, args))
 
         def publications(answers: list[bytes]) -> list[Publication]:
             result = []
@@ -493,6 +569,78 @@ class RedisEngine:
             return result
 
         return d.addCallback(publications)
+
+    async def _publish(self, keys: list[Any], args: list[Any]) -> list[bytes]:
+        """
+        Run the publish script; when its answer is lost, run it again with
+        the same publish id (C{keys[0]}) until Redis answers or
+        C{redis_timeout} more has passed.
+
+        A lost answer (connection lost, or no answer within the timeout)
+        says nothing about whether Redis ran the script.  The publish id
+        makes the question safe to ask again: a script that already ran
+        answers with its first offsets and publishes nothing; one that did
+        not run publishes now.  Only a script that was never written to a
+        connection, or that Redis answered with an error (busy, loading, out
+        of memory, read-only: it refused to run it), certainly published
+        nothing.
+        """
+        try:
+            return await self._send_publish(keys, args, self.timeout)
+        except _NotSent:
+            raise EngineUnavailable() from None
+        except txredisapi.ResponseError as e:
+            self._throttle.warn("publish_refused", "Redis refused a publish: {error}", error=str(e))
+            raise EngineUnavailable() from None
+        except Exception:  # noqa: BLE001  sent, and no answer: the outcome is unknown so far
+            pass
+        deadline = self.reactor.seconds() + self.timeout
+        while self._listener is not None:
+            remaining = deadline - self.reactor.seconds()
+            if remaining <= 0:
+                break
+            try:
+                answers = await self._send_publish(keys, args, remaining)
+            except Exception:  # noqa: BLE001  not settled yet: wait for a connection, try again
+                pass
+            else:
+                log.info("Redis's answer to a publish was lost; asked again, settled ({id})", id=keys[0])
+                return answers
+            pause = deferLater(self.reactor, max(0.0, min(PUBLISH_RETRY, deadline - self.reactor.seconds())))
+            self._pauses.add(pause)
+            try:
+                await pause
+            except CancelledError:
+                break
+            finally:
+                self._pauses.discard(pause)
+        self._throttle.warn(
+            "publish_unsettled",
+            "Redis's answer to a publish was lost and could not be settled: outcome unknown ({id})",
+            id=keys[0],
+        )
+        raise OutcomeUnknown()
+
+    def _send_publish(self, keys: list[Any], args: list[Any], timeout: float) -> Deferred[list[bytes]]:
+        """
+        Write the publish script on a ready command connection; fire with its answer.
+
+        Fails with L{_NotSent} when no connection took it, so that Redis
+        certainly did not run it; with a timeout or connection error when it
+        was written and no answer came; with C{txredisapi.ResponseError} when
+        Redis answered with an error.
+        """
+        pool = self._commands.pool if self._commands is not None else []
+        for connection in pool:
+            if connection.connected:
+                break
+        else:
+            return defer.fail(_NotSent())
+        try:
+            d = connection.eval(PUBLISH_SCRIPT, keys, args)
+        except txredisapi.ConnectionError:
+            return defer.fail(_NotSent())
+        return d.addTimeout(timeout, self.reactor)
 
     def state(self, channel: str) -> Deferred[ChannelState]:
         return self._read(channel, with_history=False).addCallback(lambda h: h.state)

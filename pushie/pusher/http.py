@@ -27,7 +27,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from pushie.api import JSONResource, write_error, write_json
 from pushie.channels import InvalidJSON, PublishRequest, dumps, loads
-from pushie.errors import EngineUnavailable, PushieError, bad_request
+from pushie.errors import ENGINE_FAILURES, EngineUnavailable, OutcomeUnknown, PushieError, bad_request
 from pushie.hub import Hub
 from pushie.limits import RateLimiter
 from pushie.logs import Throttle
@@ -119,7 +119,13 @@ class PusherAPIResource(JSONResource):
         else:
             log.failure("Pusher API request failed", failure)
             error = EngineUnavailable()
-        if error.code == "engine_unavailable":
+        if isinstance(error, OutcomeUnknown):
+            # Pusher triggers carry no idempotency key: say so rather than suggest one.
+            error = OutcomeUnknown(
+                "the event may or may not have been triggered (the engine's answer was lost); "
+                "a retry may deliver it twice"
+            )
+        if error.code in ENGINE_FAILURES:
             self.hub.metrics.engine_errors.inc()
         self._refuse(request, error)
 
@@ -227,13 +233,16 @@ class PusherAPIResource(JSONResource):
                 return succeed({})
             if batch:
                 # One info object per event, for its (single) channel.
-                return _gather(
+                d = _gather(
                     [self._info(app, channels[0], info) if info else succeed({}) for channels, info in infos]
                 ).addCallback(lambda results: {"batch": results})
-            channels, info = infos[0]
-            return _gather([self._info(app, c, info) for c in channels]).addCallback(
-                lambda results: {"channels": dict(zip(channels, results, strict=True))}
-            )
+            else:
+                channels, info = infos[0]
+                d = _gather([self._info(app, c, info) for c in channels]).addCallback(
+                    lambda results: {"channels": dict(zip(channels, results, strict=True))}
+                )
+            # The events are published: a failed user_count read must not turn that into an error.
+            return d.addErrback(lambda failure: {})
 
         return d.addCallback(answer)
 
