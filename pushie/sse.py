@@ -34,7 +34,7 @@ from pushie.channels import (
     is_presence,
     parse_offset,
 )
-from pushie.errors import PushieError, bad_request
+from pushie.errors import EngineUnavailable, PushieError, bad_request
 from pushie.hub import Hub, Subscribed
 from pushie.limits import SlowConsumerGuard, address_of
 from pushie.logs import Throttle
@@ -148,7 +148,10 @@ class EventStream:
             member = Member(self.token.sub, self.token.info) if is_presence(name) and self.token else None
             position = since.get(name)
             d = self.hub.subscribe(name, self, position, member)
-            d.addCallbacks(lambda answer, n=name, p=position: self._subscribed(n, answer, p), self._failed)
+            d.addCallbacks(
+                lambda answer, n=name, p=position: self._subscribed(n, answer, p),
+                lambda failure, n=name: self._failed(n, failure),
+            )
         self._arm_expiry()
 
     def _subscribed(self, name: str, answer: Subscribed | None, since: Position | None) -> None:
@@ -163,8 +166,18 @@ class EventStream:
         self._write(b"id: " + self.event_id() + b"\nevent: subscribed\ndata: " + frame + b"\n\n")
         answer.replay_to(self)
 
-    def _failed(self, failure: Any) -> None:
-        log.failure("An SSE subscription failed", failure)
+    def _failed(self, name: str, failure: Any) -> None:
+        error = failure.value
+        if isinstance(error, PushieError) and not isinstance(error, EngineUnavailable):
+            # A refusal of this one channel (presence_full): say so and keep
+            # the stream for its other channels, as a WebSocket keeps its
+            # connection; ending it would only make the EventSource come back.
+            if name in self.channels:
+                self.channels.remove(name)
+            self._event("error", PushieError(error.status, error.code, error.message, channel=name).to_frame())
+            return
+        if not failure.check(EngineUnavailable):
+            log.failure("An SSE subscription failed", failure)
         self._event("error", {"type": "error", "code": "engine_unavailable", "message": "retry later"})
         self.close_for_shutdown()
 

@@ -58,3 +58,14 @@ async def make_daemon(engine):
 async def daemon(make_daemon):
     """One daemon with default settings (memory engine, open publishing)."""
     yield await make_daemon()
+
+
+@pytest.fixture
+def log_events():
+    """Every log event emitted while the test runs (see test_hostile_input.assert_no_traceback)."""
+    from twisted.logger import globalLogPublisher
+
+    events: list = []
+    globalLogPublisher.addObserver(events.append)
+    yield events
+    globalLogPublisher.removeObserver(events.append)

@@ -22,6 +22,7 @@ import pytest_twisted
 from pushie.channels import Member
 from tests.helpers import HANDSHAKE, raw_connect, raw_handshake, sleep, wait_for
 from tests.test_fastpath import OP_CLOSE, OP_TEXT, server_frames
+from tests.test_hostile_input import assert_no_traceback
 from tests.test_operations import metric
 from tests.test_pusher import APPS, SDK, connect, expect, next_event, subscribe
 
@@ -104,6 +105,32 @@ async def test_native_member_list_far_over_the_client_frame_limit_is_delivered(m
     # Live after the answer: publications arrive.
     await daemon.publish({"channel": "presence-big", "data": 1})
     assert (await joiner.next_of("message"))["data"] == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_sse_presence_cap_refuses_that_channel_and_keeps_the_stream(make_daemon, log_events):
+    from tests.test_sse import open_stream
+
+    daemon = await make_daemon(subscriber_secrets=[SECRET], presence_max_members=1)
+    ann = await daemon.connect(f"channel=presence-room&token={token('ann', 'presence-room')}")
+    await ann.next_of("welcome")
+    await ann.next_of("subscribed")
+    grant = jwt.encode({"sub": "dan", "channels": ["*"], "exp": time.time() + 600}, SECRET, algorithm="HS256")
+    response, reader = await open_stream(daemon, f"channel=presence-room&channel=news&token={grant}")
+    assert response.code == 200
+    seen = {}
+    for _ in range(2):
+        event = await reader.next()
+        seen[event["event"]] = json.loads(event["data"])
+    assert (seen["error"]["code"], seen["error"]["channel"]) == ("presence_full", "presence-room")
+    assert seen["subscribed"]["channel"] == "news"
+    assert daemon.hub.subscriber_count("presence-room") == 1
+    # The stream lives on for its other channel, and only for it.
+    await daemon.publish({"channel": "presence-room", "data": "not for dan"})
+    await daemon.publish({"channel": "news", "data": "for dan"})
+    message = await reader.next("message")
+    assert (json.loads(message["data"])["channel"], json.loads(message["data"])["data"]) == ("news", "for dan")
+    assert_no_traceback(log_events)
 
 
 @pytest_twisted.ensureDeferred
