@@ -64,6 +64,7 @@ NOW = int(time.time())
 COUNTER = [0]  # numbers the sentinel frames
 FUZZ_SEED = int(os.environ.get("PUSHIE_FUZZ_SEED") or random.SystemRandom().randrange(2**32))
 
+MAX_FRAME = 65536  # the default max_message_size
 PUBLISH_STATUSES = {200, 400, 401, 405, 413, 415, 429, 503}
 SSE_STATUSES = {200, 400, 401, 403, 429, 503}
 HANDSHAKE_STATUSES = {101, 400, 401, 403, 429, 503}
@@ -122,8 +123,14 @@ def watcher():
     watch.stop()
 
 
-def fuzz_seed() -> None:
+def begin(watcher: LogWatcher) -> None:
+    """
+    Start an example: name the run's seed in any failure report, and forget
+    what the log holds from an example that failed before its log check
+    (that one was reported already; this one must not be blamed for it).
+    """
     note(f"fuzz seed: rerun with PUSHIE_FUZZ_SEED={FUZZ_SEED}")
+    watcher.take()
 
 
 # -- shared checks ---------------------------------------------------------
@@ -211,7 +218,7 @@ async def publish_example(daemon: Daemon, request: dict[str, Any], pipelined: in
 
 
 async def publish_property(daemon: Daemon, watcher: LogWatcher, request: dict[str, Any], pipelined: int) -> None:
-    fuzz_seed()
+    begin(watcher)
     await publish_example(daemon, request, pipelined)
     watcher.check("a publish")
     await serves_next_client(daemon)
@@ -332,7 +339,7 @@ async def native_example(daemon: Daemon, frames: list[bytes]) -> None:
 @given(frames=st.lists(fs.native_frames(SECRET, NOW), min_size=1, max_size=6))
 @pytest_twisted.ensureDeferred
 async def test_native_websocket_fuzz(fuzzed_memory, watcher, frames):
-    fuzz_seed()
+    begin(watcher)
     await native_example(fuzzed_memory, frames)
     watcher.check("native frames")
     await settled(fuzzed_memory, fuzzed_memory.baseline)
@@ -363,13 +370,17 @@ async def token_example(daemon: Daemon, token: Any, channel: str) -> None:
     protocol, recorder = await record_ws(daemon.port, "/websocket")
     protocol.sendMessage(json.dumps({"type": "auth", "token": token}, allow_nan=True).encode("utf-8", "surrogatepass"))
     subscribe = {"type": "subscribe", "channel": channel, "token": token}
-    protocol.sendMessage(json.dumps(subscribe, allow_nan=True).encode("utf-8", "surrogatepass"))
+    subscribe_frame = json.dumps(subscribe, allow_nan=True).encode("utf-8", "surrogatepass")
+    protocol.sendMessage(subscribe_frame)
     COUNTER[0] += 1
     sentinel, name = native_sentinel(COUNTER[0])
     if protocol.state == WebSocketClientProtocol.STATE_OPEN:
         protocol.sendMessage(sentinel)
     await wait_for(lambda: recorder["closed"].called or any(name.encode() in f for f in recorder["frames"]), 5)
     note(f"frames: {recorder['frames']!r} close: {recorder['code']}")
+    if recorder["closed"].called and len(subscribe_frame) > MAX_FRAME:
+        assert recorder["code"] == 1009, recorder["code"]  # the frame was over max_message_size
+        return
     assert not recorder["closed"].called, f"a token in a frame closed the connection (code {recorder['code']})"
     check_native_frames(recorder["frames"])
     await close_ws(protocol, recorder)
@@ -380,7 +391,7 @@ async def token_example(daemon: Daemon, token: Any, channel: str) -> None:
 @given(token=fs.tokens(SECRET, NOW), channel=st.sampled_from(["fz0", "private-fz", "presence-fz"]))
 @pytest_twisted.ensureDeferred
 async def test_token_fuzz(fuzzed_memory, watcher, token, channel):
-    fuzz_seed()
+    begin(watcher)
     await token_example(fuzzed_memory, token, channel)
     watcher.check("a token")
     await settled(fuzzed_memory, fuzzed_memory.baseline)
@@ -394,7 +405,7 @@ async def sse_example(daemon: Daemon, query: bytes, last_event_id: bytes | None)
     if last_event_id is not None:
         request += b"Last-Event-ID: " + last_event_id + b"\r\n"
     request += b"\r\n"
-    answers, closed, received = await raw_exchange(daemon.port, [request], timeout=0.5)
+    answers, closed, received = await raw_exchange(daemon.port, [request], timeout=0.25)
     note(f"answer: {received[:600]!r}")
     assert answers, f"no answer to an event-stream request (closed={closed})"
     answer = answers[0]
@@ -413,7 +424,7 @@ async def sse_example(daemon: Daemon, query: bytes, last_event_id: bytes | None)
 @given(request=fs.sse_queries(SECRET, NOW))
 @pytest_twisted.ensureDeferred
 async def test_sse_fuzz(fuzzed_memory, watcher, request):
-    fuzz_seed()
+    begin(watcher)
     query, last_event_id = request
     await sse_example(fuzzed_memory, query, last_event_id)
     watcher.check("an event-stream request")
@@ -490,7 +501,7 @@ async def pusher_example(daemon: Daemon, frames: list[Any], preamble: bool) -> N
 @given(frames=st.lists(fs.pusher_frames(), min_size=1, max_size=6), preamble=st.booleans())
 @pytest_twisted.ensureDeferred
 async def test_pusher_websocket_fuzz(fuzzed_memory, watcher, frames, preamble):
-    fuzz_seed()
+    begin(watcher)
     await pusher_example(fuzzed_memory, frames, preamble)
     watcher.check("Pusher frames")
     await settled(fuzzed_memory, fuzzed_memory.baseline)
@@ -532,7 +543,7 @@ async def pusher_api_example(daemon: Daemon, call: tuple[str, str, bytes, dict[s
 
 
 async def pusher_api_property(daemon: Daemon, watcher: LogWatcher, call: Any) -> None:
-    fuzz_seed()
+    begin(watcher)
     await pusher_api_example(daemon, call)
     watcher.check("a Pusher API call")
     await serves_next_client(daemon)
@@ -579,3 +590,30 @@ async def test_over_long_line_is_answered(fuzzed_memory, watcher, request_head):
     assert answers and answers[0].status == 400 and closed, received[:200]
     watcher.check()
     await serves_next_client(fuzzed_memory)
+
+
+@pytest_twisted.ensureDeferred
+async def test_pusher_auth_with_lone_surrogates_is_refused(fuzzed_memory, watcher):
+    """
+    Found by test_pusher_websocket_fuzz: a lone surrogate (valid JSON:
+    C{"\\ud800"}) in a C{pusher:signin} or C{pusher:subscribe} auth, user_data
+    or channel_data raised UnicodeEncodeError while checking the signature:
+    a traceback, and the connection dropped without a close frame.  Each now
+    gets a C{pusher:error} and the connection stays open.
+    """
+    protocol, recorder = await record_ws(fuzzed_memory.port, f"/app/{KEY}?protocol=7&client=js&version=8.4.0")
+    frames = [
+        {"event": "pusher:signin", "data": {"user_data": '{"id": "u1"}', "auth": "\ud800"}},
+        {"event": "pusher:signin", "data": {"user_data": '{"id": "\ud800"}', "auth": f"{KEY}:00"}},
+        {"event": "pusher:subscribe", "data": {"channel": "private-fz", "auth": f"{KEY}:\udfff"}},
+        {"event": "pusher:subscribe", "data": {"channel": "presence-fz", "auth": "x", "channel_data": "\ud800"}},
+    ]
+    for frame in frames:
+        protocol.sendMessage(json.dumps(frame).encode())  # ensure_ascii: the surrogates travel as \\u escapes
+    await wait_for(lambda: len(recorder["frames"]) >= 1 + 4 + 2 or recorder["closed"].called)
+    assert not recorder["closed"].called, recorder["code"]
+    errors = [json.loads(f)["event"] for f in recorder["frames"][1:]]
+    assert errors.count("pusher:error") == 4, recorder["frames"]
+    check_pusher_frames(recorder["frames"])
+    watcher.check()
+    await close_ws(protocol, recorder)
