@@ -149,7 +149,7 @@ def to_json_text(value: Any, ascii_only: bool) -> str:
     text = json.dumps(value, ensure_ascii=ascii_only, allow_nan=True)
     if "raw:" in text:
         for index, raw_text in enumerate(RAW_TEXTS):
-            text = text.replace('"\\u0000raw:%d"' % index, raw_text)
+            text = text.replace(f'"\\u0000raw:{index}"', raw_text)
     return text
 
 
@@ -583,3 +583,63 @@ def pusher_api_calls(draw: Any) -> tuple[str, str, bytes, dict[str, str]]:
         extra["filter_by_prefix"] = draw(st.one_of(st.sampled_from(["presence-", "fz"]), st.text(max_size=8)))
     method = "POST" if path.endswith("terminate_connections") else "GET"
     return method, path, b"", extra
+
+
+# -- the inputs the adversarial probe of ISSUE12 used, run first by every fuzz test -
+
+
+def publish_request(body: bytes, framing: str = "exact", content_length: bytes | None = None) -> dict[str, Any]:
+    """A C{POST /publish} in the shape L{publish_requests} draws, for explicit examples."""
+    head = b"POST /publish HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+    if framing == "chunked":
+        return {
+            "raw": head + b"Transfer-Encoding: chunked\r\n\r\n" + chunked(body, [100]),
+            "framing": framing,
+            "body": body,
+        }
+    length = content_length if content_length is not None else b"%d" % len(body)
+    return {"raw": head + b"Content-Length: " + length + b"\r\n\r\n" + body, "framing": framing, "body": body}
+
+
+DEEP = deep(30000).encode()
+KNOWN_PUBLISH = [
+    publish_request(b'{"channel": "fz0", "data": 1e999}'),  # A7
+    publish_request(b'{"channel": "fz0", "data": "\\ud800"}'),  # A8: a lone surrogate
+    publish_request(b'{"channel": "\\ud800", "data": 1}'),  # A8
+    publish_request(b'{"channel": "fz0", "data": ' + DEEP + b"}"),  # A8: deep nesting, short path
+    publish_request(b'{"channel": "fz0", "data": ' + DEEP + b"}", "chunked"),  # A8: twisted.web's path
+    publish_request(b"{}", "bad", b"9" * 5000),  # A8: a 5,000-digit Content-Length
+    publish_request(b'[{"channel": "fz0", "data": 1}, {"channel": "fz1", "data": 1e999}]'),  # nothing half-published
+]
+KNOWN_NATIVE_FRAMES = [
+    [b'{"type": "subscribe", "channel": "\\ud800"}'],  # A8
+    [b'{"type": "subscribe", "channel": "fz0", "since": ' + DEEP + b"}"],  # A8
+    [DEEP],  # A8
+]
+KNOWN_TOKEN_CLAIMS = [
+    {"sub": "u", "exp": float("nan"), "channels": ["*"]},  # A10
+    {"sub": "u", "exp": float("inf"), "channels": ["*"]},  # A10
+    {"sub": "\ud800", "exp": 4102444800, "channels": ["*"]},  # a lone surrogate in a claim
+]
+
+
+def known_token(claims: dict[str, Any], secret: str) -> str:
+    """Sign claims as an app would with Python's json (NaN and Infinity included)."""
+    return _sign({"alg": "HS256", "typ": "JWT"}, json.dumps(claims).encode("utf-8", "surrogatepass"), secret)
+
+
+KNOWN_SSE = [
+    (b"channel=fz0", "\u00b2.x.c".encode()),  # A8: Last-Event-ID: ².x.c
+    (b"channel=fz0", b"1" * 5000 + b".e.fz0"),  # A8: a 5,000-digit offset
+    (b"channel=%ED%A0%80", None),  # a lone surrogate's UTF-8 bytes as a channel
+]
+KNOWN_PUSHER_FRAMES = [
+    [{"event": "client-fz", "channel": "private-fz", "data": float("nan")}],  # A7: with the preamble
+    [DEEP],  # A8
+    [{"event": "pusher:subscribe", "data": {"channel": "private-fz", "auth": SIGN, "channel_data": "\ud800"}}],
+]
+KNOWN_PUSHER_API = [
+    ("POST", "events", b'{"name": "ev", "channel": "fz0", "data": NaN}', {}),  # A7
+    ("POST", "events", b'{"name": "ev", "channel": "fz0", "data": ' + DEEP + b"}", {}),  # A8
+    ("POST", "batch_events", b'{"batch": [{"name": "ev", "channel": "fz0", "data": "1"}, {"name": 1}]}', {}),
+]

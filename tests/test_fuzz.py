@@ -37,12 +37,13 @@ from urllib.parse import quote
 import pytest
 import pytest_twisted
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
-from hypothesis import given, note, seed
+from hypothesis import example, given, note, seed
 from hypothesis import strategies as st
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint
 
+from pushie.channels import is_valid_channel
 from pushie.pusher.apps import api_string_to_sign, channel_auth_string, signin_string
 from tests import fuzz_strategies as fs
 from tests.helpers import (
@@ -90,7 +91,7 @@ async def _daemon_for_a_run(engine: str) -> Any:
     daemon.baseline = daemon_counts(daemon)
     try:
         yield daemon
-        await settled(daemon, daemon.baseline)
+        await settled(daemon, daemon.baseline, published=True)
     finally:
         await daemon.stop()
         await assert_reactor_clean()
@@ -176,12 +177,26 @@ async def serves_next_client(daemon: Daemon) -> None:
     assert answers and answers[0].status == 200, f"the daemon no longer serves: {raw[:200]!r}"
 
 
-async def settled(daemon: Daemon, baseline: dict[str, int]) -> None:
-    """The daemon holds no more than before, once the example's clients are gone."""
+async def settled(daemon: Daemon, baseline: dict[str, int], published: bool = False) -> None:
+    """
+    The daemon holds no more than before, once the example's clients are
+    gone.  With C{published}, channels the engine keeps for their history
+    (kept C{history_ttl} by design) are not counted.
+    """
+
+    def counts() -> dict[str, int]:
+        now = daemon_counts(daemon)
+        if published:
+            now.pop("engine_channels", None)
+        return now
+
+    expected = dict(baseline)
+    if published:
+        expected.pop("engine_channels", None)
     try:
-        await wait_for(lambda: daemon_counts(daemon) == baseline, timeout=5)
+        await wait_for(lambda: counts() == expected, timeout=5)
     except AssertionError:
-        raise AssertionError(f"left behind: {daemon_counts(daemon)} (before: {baseline})") from None
+        raise AssertionError(f"left behind: {counts()} (before: {expected})") from None
 
 
 # -- POST /publish -------------------------------------------------------------
@@ -201,6 +216,7 @@ async def publish_example(daemon: Daemon, request: dict[str, Any], pipelined: in
     if framing != "long":
         assert answers, f"no answer to a {framing} publish (connection {'closed' if closed else 'open'})"
     published = False
+    answered: list[str] = []
     for answer in answers:
         if not answer.complete:
             continue
@@ -211,10 +227,11 @@ async def publish_example(daemon: Daemon, request: dict[str, Any], pipelined: in
             results = [result] if "channel" in result else result["results"]
             for item in results:
                 assert isinstance(item["offset"], int) and isinstance(item["epoch"], str), item
+                answered.append(item["channel"])
     after = await offsets(daemon, names)
     if not published:
         assert after == before, f"an error answer, yet offsets moved: {before} -> {after}"
-    await check_history_is_json(daemon, names)
+    await check_history_is_json(daemon, sorted(set(names + answered)))
 
 
 async def publish_property(daemon: Daemon, watcher: LogWatcher, request: dict[str, Any], pipelined: int) -> None:
@@ -227,6 +244,13 @@ async def publish_property(daemon: Daemon, watcher: LogWatcher, request: dict[st
 @seed(FUZZ_SEED)
 @fs.profile(quick=60)
 @given(request=fs.publish_requests(), pipelined=st.integers(1, 3))
+@example(request=fs.KNOWN_PUBLISH[0], pipelined=1)
+@example(request=fs.KNOWN_PUBLISH[1], pipelined=1)
+@example(request=fs.KNOWN_PUBLISH[2], pipelined=1)
+@example(request=fs.KNOWN_PUBLISH[3], pipelined=1)
+@example(request=fs.KNOWN_PUBLISH[4], pipelined=1)
+@example(request=fs.KNOWN_PUBLISH[5], pipelined=1)
+@example(request=fs.KNOWN_PUBLISH[6], pipelined=1)
 @pytest_twisted.ensureDeferred
 async def test_publish_fuzz_memory(fuzzed_memory, watcher, request, pipelined):
     await publish_property(fuzzed_memory, watcher, request, pipelined)
@@ -235,6 +259,13 @@ async def test_publish_fuzz_memory(fuzzed_memory, watcher, request, pipelined):
 @seed(FUZZ_SEED)
 @fs.profile(quick=30)
 @given(request=fs.publish_requests(), pipelined=st.integers(1, 3))
+@example(request=fs.KNOWN_PUBLISH[0], pipelined=1)
+@example(request=fs.KNOWN_PUBLISH[1], pipelined=1)
+@example(request=fs.KNOWN_PUBLISH[2], pipelined=1)
+@example(request=fs.KNOWN_PUBLISH[3], pipelined=1)
+@example(request=fs.KNOWN_PUBLISH[4], pipelined=1)
+@example(request=fs.KNOWN_PUBLISH[5], pipelined=1)
+@example(request=fs.KNOWN_PUBLISH[6], pipelined=1)
 @pytest_twisted.ensureDeferred
 async def test_publish_fuzz_redis(fuzzed_redis, watcher, request, pipelined):
     await publish_property(fuzzed_redis, watcher, request, pipelined)
@@ -337,6 +368,9 @@ async def native_example(daemon: Daemon, frames: list[bytes]) -> None:
 @seed(FUZZ_SEED)
 @fs.profile(quick=60)
 @given(frames=st.lists(fs.native_frames(SECRET, NOW), min_size=1, max_size=6))
+@example(frames=fs.KNOWN_NATIVE_FRAMES[0])
+@example(frames=fs.KNOWN_NATIVE_FRAMES[1])
+@example(frames=fs.KNOWN_NATIVE_FRAMES[2])
 @pytest_twisted.ensureDeferred
 async def test_native_websocket_fuzz(fuzzed_memory, watcher, frames):
     begin(watcher)
@@ -389,6 +423,9 @@ async def token_example(daemon: Daemon, token: Any, channel: str) -> None:
 @seed(FUZZ_SEED)
 @fs.profile(quick=60)
 @given(token=fs.tokens(SECRET, NOW), channel=st.sampled_from(["fz0", "private-fz", "presence-fz"]))
+@example(token=fs.known_token(fs.KNOWN_TOKEN_CLAIMS[0], SECRET), channel="private-fz")
+@example(token=fs.known_token(fs.KNOWN_TOKEN_CLAIMS[1], SECRET), channel="private-fz")
+@example(token=fs.known_token(fs.KNOWN_TOKEN_CLAIMS[2], SECRET), channel="private-fz")
 @pytest_twisted.ensureDeferred
 async def test_token_fuzz(fuzzed_memory, watcher, token, channel):
     begin(watcher)
@@ -422,6 +459,9 @@ async def sse_example(daemon: Daemon, query: bytes, last_event_id: bytes | None)
 @seed(FUZZ_SEED)
 @fs.profile(quick=60)
 @given(request=fs.sse_queries(SECRET, NOW))
+@example(request=fs.KNOWN_SSE[0])
+@example(request=fs.KNOWN_SSE[1])
+@example(request=fs.KNOWN_SSE[2])
 @pytest_twisted.ensureDeferred
 async def test_sse_fuzz(fuzzed_memory, watcher, request):
     begin(watcher)
@@ -499,12 +539,15 @@ async def pusher_example(daemon: Daemon, frames: list[Any], preamble: bool) -> N
 @seed(FUZZ_SEED)
 @fs.profile(quick=60)
 @given(frames=st.lists(fs.pusher_frames(), min_size=1, max_size=6), preamble=st.booleans())
+@example(frames=fs.KNOWN_PUSHER_FRAMES[0], preamble=True)
+@example(frames=fs.KNOWN_PUSHER_FRAMES[1], preamble=True)
+@example(frames=fs.KNOWN_PUSHER_FRAMES[2], preamble=True)
 @pytest_twisted.ensureDeferred
 async def test_pusher_websocket_fuzz(fuzzed_memory, watcher, frames, preamble):
     begin(watcher)
     await pusher_example(fuzzed_memory, frames, preamble)
     watcher.check("Pusher frames")
-    await settled(fuzzed_memory, fuzzed_memory.baseline)
+    await settled(fuzzed_memory, fuzzed_memory.baseline, published=True)
     await check_history_is_json(fuzzed_memory, fs.CHANNEL_POOL + fs.PUSHER_CHANNELS)
 
 
@@ -536,10 +579,17 @@ async def pusher_api_example(daemon: Daemon, call: tuple[str, str, bytes, dict[s
     check_http_answer(answer, PUSHER_API_STATUSES, closed, "Pusher API")
     if answer.status == 200:
         strict_json(answer.body)
+        try:  # the channels the trigger named: their envelopes must be JSON too
+            sent = json.loads(body)
+            events = sent.get("batch", []) if path == "batch_events" else [sent]
+            for event in events:
+                names += event.get("channels", []) if "channels" in event else [event.get("channel")]
+        except (ValueError, AttributeError, TypeError, RecursionError):
+            pass
     else:
         after = await offsets(daemon, names)
         assert after == before, f"an error answer, yet offsets moved: {before} -> {after}"
-    await check_history_is_json(daemon, names)
+    await check_history_is_json(daemon, sorted({n for n in names if isinstance(n, str) and is_valid_channel(n)}))
 
 
 async def pusher_api_property(daemon: Daemon, watcher: LogWatcher, call: Any) -> None:
@@ -552,6 +602,9 @@ async def pusher_api_property(daemon: Daemon, watcher: LogWatcher, call: Any) ->
 @seed(FUZZ_SEED)
 @fs.profile(quick=60)
 @given(call=fs.pusher_api_calls())
+@example(call=fs.KNOWN_PUSHER_API[0])
+@example(call=fs.KNOWN_PUSHER_API[1])
+@example(call=fs.KNOWN_PUSHER_API[2])
 @pytest_twisted.ensureDeferred
 async def test_pusher_api_fuzz_memory(fuzzed_memory, watcher, call):
     await pusher_api_property(fuzzed_memory, watcher, call)
@@ -560,6 +613,9 @@ async def test_pusher_api_fuzz_memory(fuzzed_memory, watcher, call):
 @seed(FUZZ_SEED)
 @fs.profile(quick=30)
 @given(call=fs.pusher_api_calls())
+@example(call=fs.KNOWN_PUSHER_API[0])
+@example(call=fs.KNOWN_PUSHER_API[1])
+@example(call=fs.KNOWN_PUSHER_API[2])
 @pytest_twisted.ensureDeferred
 async def test_pusher_api_fuzz_redis(fuzzed_redis, watcher, call):
     await pusher_api_property(fuzzed_redis, watcher, call)
