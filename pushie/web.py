@@ -535,6 +535,15 @@ class PushieHTTPChannel(HTTPChannel):
         self._dataBuffer = []
         self.setLineMode(data)
 
+    def lineLengthExceeded(self, line: bytes) -> None:
+        """
+        A request line or header line over C{MAX_LENGTH} (16 KiB): answer
+        C{400} and close, as twisted.web does for a header block over
+        C{totalHeadersSize}, rather than LineReceiver's silent close, which
+        leaves the client guessing.
+        """
+        self._respondToBadRequestAndDisconnect()
+
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
         self._request_complete()
         if self._fast_request is not None:

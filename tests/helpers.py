@@ -250,3 +250,203 @@ async def assert_reactor_clean() -> None:
 def _is_reactor_internal(selectable: Any) -> bool:
     name = type(selectable).__name__
     return name in ("_UnixWaker", "_SocketWaker", "_SIGCHLDWaker", "_SignalReactorMixin", "_FDWaker")
+
+
+# -- hostile clients and leak checks (fuzz and abuse tests) ------------------
+
+
+def strict_json(data: bytes) -> Any:
+    """
+    Parse C{data} as RFC 8259 JSON: UTF-8 only (no lone surrogates on the
+    wire), no C{NaN}/C{Infinity}, which Python's own parser accepts.
+
+    @raise ValueError: naming what is not JSON.
+    """
+
+    def constant(name: str) -> Any:
+        raise ValueError(f"{name} is not JSON")
+
+    return json.loads(data.decode("utf-8"), parse_constant=constant)
+
+
+@attr.s(auto_attribs=True)
+class HTTPAnswer:
+    """One HTTP response read off a raw connection."""
+
+    status: int
+    headers: dict[bytes, bytes]
+    body: bytes
+    complete: bool
+
+
+def parse_http_answers(data: bytes) -> list[HTTPAnswer]:
+    """
+    The HTTP/1.1 responses in C{data}, in order: bodies framed by
+    C{Content-Length} or chunked, else running to the end of the data.  The
+    last one is C{complete=False} when its body has not all arrived.
+    """
+    answers = []
+    while data:
+        end = data.find(b"\r\n\r\n")
+        if end < 0:
+            break
+        head, data = data[:end].split(b"\r\n"), data[end + 4 :]
+        status = int(head[0].split(b" ", 2)[1])
+        if 100 <= status < 200:
+            continue  # an interim answer (100 Continue): no body
+        headers = {}
+        for line in head[1:]:
+            name, _, value = line.partition(b":")
+            headers[name.strip().lower()] = value.strip()
+        if b"content-length" in headers:
+            length = int(headers[b"content-length"])
+            answers.append(HTTPAnswer(status, headers, data[:length], len(data) >= length))
+            data = data[length:]
+        elif headers.get(b"transfer-encoding", b"").lower() == b"chunked":
+            body, complete = [], False
+            while True:
+                line_end = data.find(b"\r\n")
+                if line_end < 0:
+                    break
+                size = int(data[:line_end].split(b";")[0], 16)
+                if len(data) < line_end + 2 + size + 2:
+                    break
+                body.append(data[line_end + 2 : line_end + 2 + size])
+                data = data[line_end + 2 + size + 2 :]
+                if size == 0:
+                    complete = True
+                    break
+            answers.append(HTTPAnswer(status, headers, b"".join(body), complete))
+            if not complete:
+                break
+        else:
+            answers.append(HTTPAnswer(status, headers, data, False))
+            data = b""
+    return answers
+
+
+async def raw_exchange(
+    port: int, pieces: list[bytes], answers: int = 1, timeout: float = 5.0, gap: float = 0.0
+) -> tuple[list[HTTPAnswer], bool, bytes]:
+    """
+    Send C{pieces} on a new TCP connection (C{gap} seconds apart), wait for
+    C{answers} complete HTTP answers or the server's close, then close.
+
+    @return: the answers, whether the server closed the connection, and the raw bytes received.
+    """
+    client = await raw_connect(port)
+    for piece in pieces:
+        if client.lost.called:
+            break
+        client.transport.write(piece)
+        if gap:
+            await _sleep(gap)
+
+    def done() -> bool:
+        if client.lost.called:
+            return True
+        parsed = parse_http_answers(client.received)
+        return len(parsed) >= answers and all(a.complete for a in parsed)
+
+    try:
+        await wait_for(done, timeout)
+    except AssertionError:
+        pass
+    closed = client.lost.called
+    if not closed:
+        client.transport.abortConnection()
+        await client.lost
+    return parse_http_answers(client.received), closed, client.received
+
+
+class LogWatcher:
+    """
+    Records the daemon's log events that show a bug rather than a refused
+    client: any event carrying a failure (a traceback), and any text that
+    says "Traceback" or "Unhandled" (Twisted's "Unhandled error in
+    Deferred").  Events are global: run no other daemon meanwhile.
+    """
+
+    def __init__(self) -> None:
+        self.bad: list[str] = []
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        from twisted.logger import formatEvent
+
+        text = formatEvent(event) or ""
+        failure = event.get("log_failure")
+        if failure is not None:
+            self.bad.append(f"{text}\n{failure.getTraceback()}")
+        elif "Traceback" in text or "Unhandled" in text:
+            self.bad.append(text)
+
+    def start(self) -> LogWatcher:
+        from twisted.logger import globalLogPublisher
+
+        globalLogPublisher.addObserver(self)
+        return self
+
+    def stop(self) -> None:
+        from twisted.logger import globalLogPublisher
+
+        globalLogPublisher.removeObserver(self)
+
+    def take(self) -> list[str]:
+        """The bad events so far (C{gc} first: unhandled Deferred failures are logged when collected)."""
+        import gc
+
+        gc.collect()
+        bad, self.bad = self.bad, []
+        return bad
+
+    def check(self, what: str = "") -> None:
+        bad = self.take()
+        assert not bad, f"the daemon logged a traceback{' after ' + what if what else ''}:\n" + "\n".join(bad)[:4000]
+
+
+def open_fds() -> int:
+    """How many file descriptors this process has open (Linux)."""
+    import os
+
+    return len(os.listdir("/proc/self/fd"))
+
+
+def ws_frame(opcode: int, payload: bytes, fin: bool = True, mask: bytes | None = b"\x01\x02\x03\x04") -> bytes:
+    """One WebSocket frame, masked as a client must (C{mask=None}: unmasked)."""
+    first = (0x80 if fin else 0) | opcode
+    length = len(payload)
+    mask_bit = 0x80 if mask is not None else 0
+    if length < 126:
+        head = bytes([first, mask_bit | length])
+    elif length < 1 << 16:
+        head = bytes([first, mask_bit | 126]) + length.to_bytes(2, "big")
+    else:
+        head = bytes([first, mask_bit | 127]) + length.to_bytes(8, "big")
+    if mask is None:
+        return head + payload
+    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    return head + mask + masked
+
+
+async def raw_websocket(port: int, path: str) -> _RawClient:
+    """A raw TCP client past a successful WebSocket opening handshake (frames are up to the test)."""
+    status, client = await raw_handshake(port, path)
+    assert status == 101, client.received[:200]
+    client.received = client.received[client.received.find(b"\r\n\r\n") + 4 :]
+    return client
+
+
+def daemon_counts(daemon: Daemon) -> dict[str, int]:
+    """What a daemon holds for its clients: connections, local channels, subscribers, engine channels."""
+    hub = daemon.hub
+    counts = {
+        "connections": len(hub.connections),
+        "channels": len(hub.channel_names()),
+        "subscribers": sum(hub.subscriber_count(n) for n in hub.channel_names()),
+        "limits_total": hub.limits.total,
+    }
+    engine = hub.engine
+    if hasattr(engine, "channel_count"):
+        engine.sweep()
+        counts["engine_channels"] = engine.channel_count()
+    return counts

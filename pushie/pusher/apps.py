@@ -62,8 +62,13 @@ class App:
         return hub_name.startswith(self.hub_prefix)
 
     def sign(self, text: str) -> str:
-        """Hex HMAC-SHA256 of C{text} with the app's secret."""
-        return hmac.new(self.secret.encode("utf-8"), text.encode("utf-8"), hashlib.sha256).hexdigest()
+        """
+        Hex HMAC-SHA256 of C{text} with the app's secret.  A lone surrogate
+        (JSON allows C{"\\ud800"}) is signed as its bytes, not refused with
+        an exception: no client can have signed it, so its check just fails.
+        """
+        data = text.encode("utf-8", "surrogatepass")
+        return hmac.new(self.secret.encode("utf-8"), data, hashlib.sha256).hexdigest()
 
     def check_auth(self, auth: object, text: str) -> bool:
         """Whether C{auth} is C{"<key>:<signature of text>"}, in constant time."""
@@ -72,8 +77,8 @@ class App:
         key, _, signature = auth.partition(":")
         expected = self.sign(text)
         # Both comparisons always run: no early exit on a wrong key.
-        key_ok = hmac.compare_digest(key.encode("utf-8"), self.key.encode("utf-8"))
-        signature_ok = hmac.compare_digest(signature.encode("utf-8"), expected.encode("utf-8"))
+        key_ok = hmac.compare_digest(key.encode("utf-8", "surrogatepass"), self.key.encode("utf-8"))
+        signature_ok = hmac.compare_digest(signature.encode("utf-8", "surrogatepass"), expected.encode("utf-8"))
         return key_ok and signature_ok
 
 
