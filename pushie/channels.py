@@ -24,7 +24,7 @@ PRIVATE_PREFIXES = ("private-", "presence-")
 
 
 def is_valid_channel(name: object) -> bool:
-    """Whether C{name} is a string that PROTOCOL.md allows as a channel name."""
+    """Whether C{name} is a string that docs/PROTOCOL.md §2.1 allows as a channel name."""
     return isinstance(name, str) and _CHANNEL_RE.match(name) is not None
 
 

@@ -1,4 +1,4 @@
-"""POST /publish, exactly as PROTOCOL.md section 2, against a real daemon."""
+"""POST /publish, exactly as docs/PROTOCOL.md §3, against a real daemon."""
 
 from __future__ import annotations
 

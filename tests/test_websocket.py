@@ -1,4 +1,4 @@
-"""The WebSocket door, exactly as PROTOCOL.md section 4, with real Autobahn clients."""
+"""The WebSocket door, exactly as docs/PROTOCOL.md §5, with real Autobahn clients."""
 
 from __future__ import annotations
 

@@ -1,0 +1,137 @@
+"""
+docs/PROTOCOL.md is the public contract: these tests keep it from silently
+falling behind the code.  Every error code and close code that the code in
+C{pushie/} can send must be named there, and every section that code, tests or
+the README cite as C{docs/PROTOCOL.md §N} must exist.  (They read the source
+as text: a code built some other way than the patterns below must be added
+to them, which a reviewer will see.)
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PROTOCOL = ROOT / "docs" / "PROTOCOL.md"
+CHANGELOG = ROOT / "CHANGELOG.md"
+
+# How pushie/ spells a code a client receives: PushieError(status, "code", ...)
+# (and the subclasses' super().__init__(status, "code", ...)), bad_request("code", ...),
+# and frames or events built by hand, {"type": "error", "code": "..."}.
+_ERROR_CODE_PATTERNS = (
+    re.compile(r'\(\s*\d{3},\s*"([a-z_]+)"'),
+    re.compile(r'\bbad_request\(\s*"([a-z_]+)"'),
+    re.compile(r'"code":\s*"([a-z_]+)"'),
+)
+# How pushie/ spells a WebSocket close code it sends.
+_CLOSE_CODE_PATTERNS = (
+    re.compile(r"^\s*CLOSE_[A-Z_]+\s*=\s*(\d{4})\b", re.MULTILINE),
+    re.compile(r"\bclose_with\(\s*(\d{4})\b"),
+    re.compile(r"\bslow_close_code\s*=\s*(\d{4})\b"),
+    re.compile(r"\bQUIET_CLOSE_CODES\s*=\s*frozenset\(\{([\d,\s]+)\}\)"),
+)
+# Sent for the doors by Autobahn, as configured in pushie.wsbase (failByDrop
+# off, so protocol errors get a close frame): the reply to a client's close,
+# protocol errors, invalid UTF-8, oversize frames.
+AUTOBAHN_CLOSE_CODES = {1000, 1002, 1007, 1009}
+
+_CITATION = re.compile(r"docs/PROTOCOL\.md §(\d+(?:\.\d+)?)")
+
+
+# The Python client and the command line are clients of the protocol: their
+# own error codes (unreachable, timeout, invalid_response) never go on the wire.
+_CLIENT_SIDE = {"pushie/client.py", "pushie/cli.py"}
+
+
+def _sources() -> list[Path]:
+    """The daemon's modules."""
+    return sorted(p for p in (ROOT / "pushie").rglob("*.py") if str(p.relative_to(ROOT)) not in _CLIENT_SIDE)
+
+
+def error_codes_in_code() -> dict[str, set[str]]:
+    """Every error code the product code can send, with the modules that send it."""
+    codes: dict[str, set[str]] = {}
+    for path in _sources():
+        text = path.read_text(encoding="utf-8")
+        for pattern in _ERROR_CODE_PATTERNS:
+            for code in pattern.findall(text):
+                codes.setdefault(code, set()).add(str(path.relative_to(ROOT)))
+    return codes
+
+
+def close_codes_in_code() -> set[int]:
+    """Every WebSocket close code the product code sends itself."""
+    codes: set[int] = set()
+    for path in _sources():
+        text = path.read_text(encoding="utf-8")
+        for pattern in _CLOSE_CODE_PATTERNS:
+            for found in pattern.findall(text):
+                codes.update(int(n) for n in re.findall(r"\d{4}", found))
+    return codes
+
+
+def protocol_text() -> str:
+    return PROTOCOL.read_text(encoding="utf-8")
+
+
+def test_the_contract_and_the_changelog_exist():
+    text = protocol_text()
+    assert text.startswith("# The Pushie protocol")
+    changelog = CHANGELOG.read_text(encoding="utf-8")
+    assert "## [Unreleased]" in changelog and "## [0.1.0]" in changelog
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert "(docs/PROTOCOL.md)" in readme and "(CHANGELOG.md)" in readme
+
+
+def test_the_code_scan_finds_what_it_should():
+    # If the patterns stopped matching, the tests below would pass vacuously.
+    codes = error_codes_in_code()
+    assert len(codes) >= 35
+    for code in ("invalid_json", "outcome_unknown", "engine_unavailable", "presence_full", "identity_changed",
+                 "token_expired", "request_timeout", "too_many_connections", "forbidden"):  # fmt: skip
+        assert code in codes, code
+    assert {1001, 1003, 1013, 4001, 4002, 4100, 4200, 4201} <= close_codes_in_code()
+
+
+def test_every_error_code_is_documented():
+    text = protocol_text()
+    missing = {code: sorted(where) for code, where in error_codes_in_code().items() if f"`{code}`" not in text}
+    assert not missing, f"error codes sent by pushie/ but not named in docs/PROTOCOL.md: {missing}"
+
+
+def test_every_error_code_is_in_the_index():
+    index = protocol_text().split("## 14. Index of error codes", 1)[1]
+    rows = set(re.findall(r"^\| `([a-z_]+)` \|", index, re.MULTILINE))
+    missing = set(error_codes_in_code()) - rows
+    assert not missing, f"error codes missing from docs/PROTOCOL.md §14: {sorted(missing)}"
+
+
+def test_every_close_code_is_documented():
+    # A close code is documented by a table row of its own: | `4002` | ...
+    rows = {int(n) for n in re.findall(r"^\| `(\d{4})` \|", protocol_text(), re.MULTILINE)}
+    missing = (close_codes_in_code() | AUTOBAHN_CLOSE_CODES) - rows
+    assert not missing, f"close codes sent but not in a table of docs/PROTOCOL.md: {sorted(missing)}"
+
+
+def test_cited_sections_exist():
+    text = protocol_text()
+    headings = set(re.findall(r"^## (\d+)\. ", text, re.MULTILINE))
+    headings |= set(re.findall(r"^### (\d+\.\d+) ", text, re.MULTILINE))
+    cited: dict[str, set[str]] = {}
+    for path in [*_sources(), *sorted((ROOT / "tests").glob("*.py")), ROOT / "README.md", CHANGELOG, PROTOCOL]:
+        for section in _CITATION.findall(path.read_text(encoding="utf-8")):
+            cited.setdefault(section, set()).add(str(path.relative_to(ROOT)))
+    assert cited, "nothing cites docs/PROTOCOL.md"
+    unknown = {section: sorted(where) for section, where in cited.items() if section not in headings}
+    assert not unknown, f"citations of sections docs/PROTOCOL.md does not have: {unknown}"
+
+
+def test_internal_section_references_exist():
+    text = protocol_text()
+    headings = set(re.findall(r"^## (\d+)\. ", text, re.MULTILINE))
+    headings |= set(re.findall(r"^### (\d+\.\d+) ", text, re.MULTILINE))
+    referenced = set(re.findall(r"§(\d+(?:\.\d+)?)", text))
+    # "§8.1-§8.4" and the like: every end of a range is a section too.
+    unknown = sorted(referenced - headings, key=lambda s: [int(p) for p in s.split(".")])
+    assert not unknown, f"docs/PROTOCOL.md refers to sections it does not have: {unknown}"
