@@ -25,7 +25,7 @@ from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper
 from twisted.python.failure import Failure
 from twisted.web.http import RESPONSES, HTTPChannel, _GenericHTTPChannelProtocol, datetimeToString
-from twisted.web.http_headers import _nameEncoder
+from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
@@ -130,6 +130,25 @@ def _http_date() -> bytes:
     return _date_value
 
 
+_header_names: dict[bytes, bytes] = {}
+
+
+def _header_name(name: bytes) -> bytes:
+    """
+    C{name} in Header-Case, exactly as Twisted's own Request writes it. Asked of the public L{Headers} API
+    (Twisted's encoder is private and moved between 24.7 and 24.10) and cached: only pushie's code names
+    headers, so the cache stays a handful of entries (capped anyway).
+    """
+    canonical = _header_names.get(name)
+    if canonical is None:
+        headers = Headers()
+        headers.setRawHeaders(name, [b""])
+        canonical = next(iter(headers.getAllRawHeaders()))[0]
+        if len(_header_names) < 256:
+            _header_names[name] = canonical
+    return canonical
+
+
 class FastPublishRequest:
     """
     The part of L{twisted.web.server.Request} that C{PublishResource.render_POST}
@@ -165,7 +184,7 @@ class FastPublishRequest:
         self.code = code
 
     def setHeader(self, name: bytes, value: bytes) -> None:
-        self.responseHeaders[_nameEncoder.encode(name)] = value
+        self.responseHeaders[_header_name(name)] = value
 
     def write(self, data: bytes) -> None:
         self._body.append(data)
