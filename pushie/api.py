@@ -291,7 +291,8 @@ class PublishResource(JSONResource):
 
 
 def _query_int(request: Request, name: str, minimum: int) -> int | None:
-    values = (request.args or {}).get(name.encode())
+    args: dict[bytes, list[bytes]] = request.args or {}  # Twisted declares `args = None`
+    values = args.get(name.encode())
     if not values:
         return None
     number = parse_offset(values[-1])
@@ -320,6 +321,7 @@ class ChannelsResource(JSONResource):
         self.guard = guard
 
     def render_GET(self, request: Request) -> int:
+        assert request.postpath is not None  # set by the Site before any render
         try:
             self.guard.check_publisher(request.getHeader(b"authorization"))
             d = self._answer(request, [segment.decode("utf-8", "replace") for segment in request.postpath])

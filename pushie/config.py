@@ -629,6 +629,7 @@ def load_settings(
     if path:
         _apply(values, f"config file {path}", read_toml(path))
     from_env = {}
+    setting: Setting | None
     for setting in SETTINGS:
         if setting.env in environ:
             from_env[setting.name] = environ[setting.env]
@@ -663,7 +664,7 @@ def pusher_apps(settings: Any) -> list[Any]:
     from pushie.auth import read_secret_lines
     from pushie.pusher.apps import parse_apps
 
-    get = settings.get if isinstance(settings, dict) else lambda name: getattr(settings, name)
+    get: Callable[[str], Any] = settings.get if isinstance(settings, dict) else lambda name: getattr(settings, name)
     path = get("pusher_apps_file")
     lines: list[str] = []
     if path:

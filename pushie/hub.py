@@ -188,7 +188,7 @@ class Hub(Service):
     """
 
     log = Logger()
-    name = "hub"
+    name = "hub"  # type: ignore[assignment]  # Twisted's Service says `name = None`, documented as str
 
     def __init__(
         self,

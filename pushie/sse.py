@@ -18,6 +18,7 @@ from __future__ import annotations
 import secrets
 from typing import Any
 
+from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.web.server import NOT_DONE_YET, Request
 
@@ -88,7 +89,7 @@ class EventStream:
         self.finished = False
         clock = hub.reactor
         self._keepalive = clock.callLater(keepalive, self._keep_alive, keepalive) if keepalive > 0 else None
-        self._expiry = None
+        self._expiry: IDelayedCall | None = None
         self.backpressure = SlowConsumerGuard(clock, slow_buffer, slow_grace, self._slow_consumer)
 
     # -- output ----------------------------------------------------------
@@ -212,7 +213,7 @@ class EventStream:
     def abort(self) -> None:
         transport = self.request.channel.transport if self.request.channel else None
         if transport is not None:
-            transport.abortConnection()
+            transport.abortConnection()  # type: ignore[attr-defined]  # ITCPTransport's; TLS has it too
 
     def _gone(self, _: object) -> None:
         self.finished = True
@@ -281,7 +282,7 @@ class EventsResource(JSONResource):
         if self.hub.draining:
             raise PushieError(503, "shutting_down", "the server is shutting down; reconnect", {"Retry-After": "1"})
         self.hub.admit(address_of(request.getClientAddress()))
-        args = request.args or {}
+        args: dict[bytes, list[bytes]] = request.args or {}  # Twisted declares `args = None`
         names: list[str] = []
         for raw in args.get(b"channel", []):
             name = check_channel(raw.decode("utf-8", "replace"))

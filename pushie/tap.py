@@ -158,7 +158,7 @@ class ListeningService(Service):
 
 
 def describe(port: IListeningPort) -> str:
-    host = port.getHost()
+    host: Any = port.getHost()  # any IAddress: the attributes are probed
     if hasattr(host, "port"):
         return f"{host.host}:{host.port}"
     return str(getattr(host, "name", host))
@@ -254,6 +254,7 @@ class PushieService(MultiService):
                 "reach the port may publish.  Configure keys before exposing this daemon."
             )
         else:
+            assert self.guard.publisher_keys is not None  # publishing_open otherwise
             log.info("Publishing needs one of {count} publisher keys", count=len(self.guard.publisher_keys.values()))
         if self.settings.webhook_url:
             target = urlsplit(self.settings.webhook_url)

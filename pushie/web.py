@@ -25,7 +25,7 @@ from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper
 from twisted.python.failure import Failure
 from twisted.web.http import RESPONSES, HTTPChannel, _GenericHTTPChannelProtocol, datetimeToString
-from twisted.web.http_headers import _nameEncoder
+from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
@@ -55,9 +55,12 @@ class PushieRequest(Request):
 
     body_too_large = False
     _body_size = 0
+    channel: PushieHTTPChannel
+    # Twisted declares `content = None` on Request but documents and uses a binary file.
+    content: io.BytesIO  # type: ignore[assignment]
 
     def _limit(self) -> int:
-        return self.channel.site.max_body_size  # type: ignore[no-any-return]
+        return self.channel.site.max_body_size
 
     def gotLength(self, length: int | None) -> None:
         if length is not None and length > self._limit():
@@ -130,6 +133,25 @@ def _http_date() -> bytes:
     return _date_value
 
 
+_header_names: dict[bytes, bytes] = {}
+
+
+def _header_name(name: bytes) -> bytes:
+    """
+    C{name} in Header-Case, exactly as Twisted's own Request writes it. Asked of the public L{Headers} API
+    (Twisted's encoder is private and moved between 24.7 and 24.10) and cached: only pushie's code names
+    headers, so the cache stays a handful of entries (capped anyway).
+    """
+    canonical = _header_names.get(name)
+    if canonical is None:
+        headers = Headers()
+        headers.setRawHeaders(name, [b""])
+        canonical = next(iter(headers.getAllRawHeaders()))[0]
+        if len(_header_names) < 256:
+            _header_names[name] = canonical
+    return canonical
+
+
 class FastPublishRequest:
     """
     The part of L{twisted.web.server.Request} that C{PublishResource.render_POST}
@@ -165,7 +187,7 @@ class FastPublishRequest:
         self.code = code
 
     def setHeader(self, name: bytes, value: bytes) -> None:
-        self.responseHeaders[_nameEncoder.encode(name)] = value
+        self.responseHeaders[_header_name(name)] = value
 
     def write(self, data: bytes) -> None:
         self._body.append(data)
@@ -198,6 +220,7 @@ class PushieHTTPChannel(HTTPChannel):
     the same WebSocketResource.
     """
 
+    site: PushieSite  # set by Site.buildProtocol, not declared by HTTPChannel
     _upgrade: list[bytes] | None = None
     _upgrade_size = 0
     # The short publish path: header lines so far, then the request being answered.
@@ -241,7 +264,7 @@ class PushieHTTPChannel(HTTPChannel):
     def _arm_deadline(self) -> None:
         """A request must now arrive whole within the site's timeout; until then the connection is pending."""
         timeout = self.site.timeOut
-        if not timeout or self.transport is None or self.transport.disconnecting:
+        if not timeout or self.transport is None or self.transport.disconnecting:  # type: ignore[attr-defined]  # not in ITransport
             return
         self._got_bytes = False
         self._awaiting = True
@@ -269,6 +292,7 @@ class PushieHTTPChannel(HTTPChannel):
             self._deadline = None
         if self._pending:
             self._pending = False
+            assert self.site.limits is not None  # only counted as pending when the site has limits
             self.site.limits.settled(self._address)
 
     def _request_too_slow(self) -> None:
@@ -277,7 +301,7 @@ class PushieHTTPChannel(HTTPChannel):
         client, a half-sent handshake): a JSON 408 if it had begun, then close.
         """
         self._deadline = None
-        if not self._awaiting or self.transport is None or self.transport.disconnecting:
+        if not self._awaiting or self.transport is None or self.transport.disconnecting:  # type: ignore[attr-defined]  # not in ITransport
             return
         if self._got_bytes:
             self.site.refused(REQUEST_TIMEOUT, self.transport.getPeer())
@@ -310,7 +334,7 @@ class PushieHTTPChannel(HTTPChannel):
         # As twisted.web's, without its log line per connection.
         self._abortingCall = None
         if self.transport is not None:
-            self.transport.abortConnection()
+            self.transport.abortConnection()  # type: ignore[attr-defined]  # ITCPTransport's; TLS has it too
 
     def allContentReceived(self) -> None:
         self._request_complete()
@@ -359,7 +383,7 @@ class PushieHTTPChannel(HTTPChannel):
             self._upgrade = None
             for earlier in [*upgrade, line]:
                 super().lineReceived(earlier)
-                if self.transport is None or self.transport.disconnecting:
+                if self.transport is None or self.transport.disconnecting:  # type: ignore[attr-defined]  # not in ITransport
                     break
             return None
         upgrade.append(line)
@@ -465,7 +489,7 @@ class PushieHTTPChannel(HTTPChannel):
             lines.append(last)
         for line in lines:
             super().lineReceived(line)
-            if self.transport is None or self.transport.disconnecting:
+            if self.transport is None or self.transport.disconnecting:  # type: ignore[attr-defined]  # not in ITransport
                 break
 
     def rawDataReceived(self, data: bytes) -> None:
@@ -521,7 +545,7 @@ class PushieHTTPChannel(HTTPChannel):
 
     def _fast_done(self) -> None:
         """As twisted.web's requestDone for a persistent connection."""
-        if self.transport is None or self.transport.disconnecting:
+        if self.transport is None or self.transport.disconnecting:  # type: ignore[attr-defined]  # not in ITransport
             return
         if not self._waitingForTransport:
             self._networkProducer.resumeProducing()
@@ -591,10 +615,11 @@ class PushieHTTPChannel(HTTPChannel):
             return
         if isinstance(transport, ProtocolWrapper):  # TLS
             transport.wrappedProtocol = protocol
-        elif isinstance(transport.protocol, ProtocolWrapper):
-            transport.protocol.wrappedProtocol = protocol
+        # tcp.Connection's own `protocol` attribute, which ITransport does not declare.
+        elif isinstance(transport.protocol, ProtocolWrapper):  # type: ignore[attr-defined]
+            transport.protocol.wrappedProtocol = protocol  # type: ignore[attr-defined]
         else:
-            transport.protocol = protocol
+            transport.protocol = protocol  # type: ignore[attr-defined]
         protocol.makeConnection(transport)
         protocol.dataReceived(data)
 
@@ -627,7 +652,7 @@ class PushieSite(Site):
         self.hub: Any = None
         self.throttle: Throttle | None = None
 
-    def log(self, request: Request) -> None:
+    def log(self, request: object) -> None:
         """No per-request access log: a push server sees too many."""
 
     def refused(self, error: PushieError, peer: Any) -> None:

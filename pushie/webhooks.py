@@ -248,7 +248,7 @@ def _discard_body(response: IResponse) -> Deferred[IResponse]:
 
     def cancel(d: Deferred[None]) -> None:
         if protocol.transport is not None:
-            protocol.transport.stopProducing()
+            protocol.transport.stopProducing()  # type: ignore[attr-defined]  # tcp's IProducer side
 
     finished: Deferred[None] = Deferred(cancel)
     protocol = _Discard(finished)

@@ -398,7 +398,7 @@ PushieServerProtocol.deny_reasons |= frozenset(_DENY_REASONS.values())
 class PushieServerFactory(WebSocketServerFactory):
     """Builds L{PushieServerProtocol}s that share one L{Hub} and one L{Guard}."""
 
-    protocol = PushieServerProtocol
+    protocol = PushieServerProtocol  # type: ignore[assignment]  # Factory's generic protocol type, left unbound by Autobahn's factory
     log = Logger()
 
     def __init__(

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 from collections import deque
 from types import FunctionType
-from typing import Any
+from typing import Any, cast
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.protocol import WebSocketProtocol
+from twisted.internet.interfaces import IConsumer
+from twisted.internet.protocol import connectionDone
+from twisted.python.failure import Failure
 from twisted.web.http import RESPONSES
 
 from pushie.channels import text_frame
@@ -94,18 +97,20 @@ class DoorProtocol(WebSocketServerProtocol):
     deny_reasons: frozenset[str] = frozenset()
     """The fixed texts a door's onConnect refuses with; any other refusal gets the status's standard phrase."""
     _drain_call: Any = None
+    closeHandshakeTimeout: float | None  # one of Autobahn's options, copied from the factory
 
     def __init__(self) -> None:
         super().__init__()
         self._guard: SlowConsumerGuard | None = None
 
     def peer_address(self) -> str:
+        assert self.transport is not None  # asked only while connected
         return address_of(self.transport.getPeer())
 
     def guard_writes(self, hub: Any, limit: int, grace: float) -> None:
         """Watch the outgoing buffer: a client that stops reading is dropped, nobody else waits."""
         self._guard = SlowConsumerGuard(hub.reactor, limit, grace, self._slow_consumer)
-        transport = self.transport
+        transport = cast(IConsumer, self.transport)  # tcp.Server or TLS: both are consumers
         # Behind WebSocketResource the HTTP channel is still the transport's
         # producer: we take its place to learn when the buffer is full.
         if getattr(transport, "producer", None) is not None:
@@ -218,7 +223,7 @@ class DoorProtocol(WebSocketServerProtocol):
 
     def abort(self) -> None:
         if self.transport is not None:
-            self.transport.abortConnection()
+            self.transport.abortConnection()  # type: ignore[attr-defined]  # ITCPTransport's; TLS has it too
 
     def dropConnection(self, abort: bool = False) -> None:
         """
@@ -233,13 +238,13 @@ class DoorProtocol(WebSocketServerProtocol):
         """
         if abort and self.wasClean and self.failedByMe and self.state == CLOSING and self.transport is not None:
             super().dropConnection(abort=False)
-            if self.transport is not None and self.transport.connected:
+            if self.transport is not None and self.transport.connected:  # type: ignore[attr-defined]  # tcp's
                 delay = self.closeHandshakeTimeout or 5.0
                 self._drain_call = self.factory.hub.reactor.callLater(delay, self.abort)
             return
         super().dropConnection(abort)
 
-    def connectionLost(self, reason: Any) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         super().connectionLost(reason)
         # Autobahn leaves the closing-handshake timer running when the TCP
         # connection goes first (after a protocol error, say); it would keep
@@ -325,4 +330,5 @@ def configure_factory(
     for name, value in options.items():
         if isinstance(value, FunctionType):  # a callable option must not become a method
             options[name] = staticmethod(value)
-    factory.protocol = type(base.__name__, (base,), {**options, "CONFIG_ATTRS": ()})
+    shared = type(base.__name__, (base,), {**options, "CONFIG_ATTRS": ()})
+    factory.protocol = cast(type[WebSocketServerProtocol], shared)

@@ -225,6 +225,8 @@ def test_a_publish_to_a_channel_nobody_follows_leaves_only_its_history():
     clock.advance(11)
     engine.sweep()
     assert engine.channel_count() == 0 and not engine._kept and engine.used == 0
+
+
 def test_idempotency_keys_are_per_channel_whatever_the_text():
     """(channel, key) is a pair, never joined into one string (issue 12 A6)."""
     engine, clock, listener = started()

@@ -67,6 +67,7 @@ import txredisapi
 from twisted.internet import defer
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
@@ -412,6 +413,7 @@ class RedisEngine:
     # -- connections -----------------------------------------------------
 
     def _endpoint(self) -> Any:
+        endpoint: IStreamClientEndpoint
         endpoint = HostnameEndpoint(self.reactor, self.config["host"], self.config["port"], timeout=self.timeout)
         if self.config["tls"]:
             endpoint = wrapClientTLS(optionsForClientTLS(self.config["host"]), endpoint)
@@ -504,7 +506,7 @@ class RedisEngine:
             return None
         d = self._call("set", self.prefix + "node:" + self.node, b"1", expire=HEARTBEAT_TTL)
         for channel in [c for c in self._watched if is_presence(c)]:
-            d.addCallback(lambda _, c=channel: self.presence(c))
+            d.addCallback(lambda _, c: self.presence(c), channel)
         d.addErrback(lambda f: None)  # reported by _note_health
         return None
 
@@ -606,6 +608,7 @@ class RedisEngine:
             else:
                 log.info("Redis's answer to a publish was lost; asked again, settled ({id})", id=keys[0])
                 return answers
+            pause: Deferred[None]
             pause = deferLater(self.reactor, max(0.0, min(PUBLISH_RETRY, deadline - self.reactor.seconds())))
             self._pauses.add(pause)
             try:

@@ -284,6 +284,7 @@ class PusherProtocol(DoorProtocol):
             for publication in publications:
                 self.deliver(publication)
             return
+        frames: bytes | None
         if any(p.exclude == me for p in publications):
             frames = b"".join([publication_frame(p, app)[1] for p in publications if p.exclude != me])
         else:
@@ -660,7 +661,7 @@ def _succeeded_data(members: list[Member] | None) -> Any:
 class PusherFactory(WebSocketServerFactory):
     """Builds L{PusherProtocol}s; one for every app (the key in the path picks the app)."""
 
-    protocol = PusherProtocol
+    protocol = PusherProtocol  # type: ignore[assignment]  # Factory's generic protocol type, left unbound by Autobahn's factory
     log = Logger()
 
     def __init__(
@@ -699,7 +700,7 @@ class PusherFactory(WebSocketServerFactory):
 class PusherDoor(Service):
     """Runs the activity sweep of every Pusher connection while the daemon runs."""
 
-    name = "pusher"
+    name = "pusher"  # type: ignore[assignment]  # Twisted's Service says `name = None`, documented as str
 
     def __init__(self, factory: PusherFactory) -> None:
         self.factory = factory

@@ -134,7 +134,8 @@ class PusherAPIResource(JSONResource):
     def _authenticate(self, request: Request, app: App, body: bytes) -> dict[str, str]:
         """Check the request's signature; return its query parameters."""
         params: dict[str, str] = {}
-        for raw_key, values in (request.args or {}).items():
+        args: dict[bytes, list[bytes]] = request.args or {}  # Twisted declares `args = None`
+        for raw_key, values in args.items():
             key = raw_key.decode("utf-8", "replace")
             if len(values) != 1 or key.lower() in params:
                 raise bad_request("invalid_query", f"query parameter {key!r} is given more than once")
@@ -163,13 +164,15 @@ class PusherAPIResource(JSONResource):
     # -- routing ---------------------------------------------------------
 
     def _route(self, request: Request) -> Deferred[Any]:
+        assert request.postpath is not None  # set by the Site before any render
         path = [unquote(p.decode("utf-8", "replace")) for p in request.postpath]
         if path and path[-1] == "":
             path.pop()
         if self.users_root:
             # /users/<id>/terminate_connections, as pusher-http-python 3.x
             # sends it: no app id in the path, the signed auth_key names the app.
-            key = (request.args or {}).get(b"auth_key", [b""])[-1].decode("utf-8", "replace")
+            args: dict[bytes, list[bytes]] = request.args or {}  # Twisted declares `args = None`
+            key = args.get(b"auth_key", [b""])[-1].decode("utf-8", "replace")
             app = self.apps.by_key(key)
             if app is None:
                 raise unauthorized("auth_key is missing or names no app on this server")
@@ -231,6 +234,7 @@ class PusherAPIResource(JSONResource):
             self.hub.metrics.publications.inc(len(publications))
             if not any(info for _, info in infos):
                 return succeed({})
+            d: Deferred[dict[str, Any]]
             if batch:
                 # One info object per event, for its (single) channel.
                 d = _gather(
