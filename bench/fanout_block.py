@@ -77,9 +77,9 @@ def main() -> None:
     from pushie.tap import PushieService
 
     if args.plain_write:
-        import pushie.websocket
+        import pushie.doors.websocket
 
-        pushie.websocket.write_now = lambda transport, data: transport.write(data)
+        pushie.doors.websocket.write_now = lambda transport, data: transport.write(data)
 
     settings = Settings.defaults().replace(
         listen=["tcp:0:interface=127.0.0.1"], ping_interval=0.0, max_connections=0, max_connections_per_ip=0

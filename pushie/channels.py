@@ -326,7 +326,7 @@ class Burst:
 def is_presence(name: str) -> bool:
     """
     Whether a channel keeps a member list (C{presence-*}), in any app's
-    channel space (see L{pushie.pusher.apps.App.hub_name}).
+    channel space (see L{pushie.doors.pusher.apps.App.hub_name}).
     """
     return name.rpartition(APP_SEPARATOR)[2].startswith("presence-")
 

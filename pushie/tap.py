@@ -27,15 +27,15 @@ from twisted.python.failure import Failure
 from pushie import __version__
 from pushie.auth import guard_from_settings
 from pushie.config import SETTINGS, ConfigError, Settings, load_settings, pusher_apps
+from pushie.doors._http import PushieSite, build_metrics_site, build_site
+from pushie.doors.pusher.apps import Apps
+from pushie.doors.pusher.door import PusherDoor, PusherFactory
+from pushie.doors.websocket import PushieServerFactory
 from pushie.engines import engine_from_setting
 from pushie.hub import Hub
 from pushie.limits import ConnectionLimits, RateLimiter
 from pushie.logs import Throttle
-from pushie.pusher.apps import Apps
-from pushie.pusher.door import PusherDoor, PusherFactory
-from pushie.web import PushieSite, build_metrics_site, build_site
 from pushie.webhooks import Webhooks
-from pushie.websocket import PushieServerFactory
 
 log = Logger(namespace="pushie")
 
@@ -203,7 +203,7 @@ class PushieService(MultiService):
                 on_failure=lambda count: self.hub.metrics.webhooks_failed.inc(),
             )
         self.guard = guard_from_settings(settings, reactor)
-        throttle = Throttle(Logger(namespace="pushie.api"), reactor)
+        throttle = Throttle(Logger(namespace="pushie.doors.api"), reactor)
         self.websocket_factory = PushieServerFactory(
             self.hub,
             self.guard,

@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 from twisted.internet.task import Clock
 from twisted.logger import Logger, LogLevel, formatEvent
 
-from pushie.api import is_json_content_type, parse_publish_body
 from pushie.channels import Publication, is_valid_channel
+from pushie.doors.api import is_json_content_type, parse_publish_body
 from pushie.errors import PushieError
 from pushie.logs import Throttle
 
@@ -146,8 +146,8 @@ def test_json_string_equals_dumps(text):
 
 @given(st.text(max_size=20), st.integers(0, 2**63), st.text(max_size=20), st.text(min_size=1, max_size=20))
 def test_hand_built_envelope_and_answer_equal_dumps(channel, offset, epoch, event):
-    from pushie.api import result_json, result_of
     from pushie.channels import dumps
+    from pushie.doors.api import result_json, result_of
 
     publication = Publication(channel, offset, epoch, b"[1]", event)
     assert result_json(publication) == dumps(result_of(publication))

@@ -47,10 +47,8 @@ from pushie.channels import (
     loads,
     text_frame,
 )
-from pushie.errors import PushieError
-from pushie.hub import Hub, Subscribed
-from pushie.logs import Throttle
-from pushie.pusher.apps import (
+from pushie.doors._wsbase import CLOSED, OPEN, DoorProtocol, configure_factory
+from pushie.doors.pusher.apps import (
     USER_CHANNEL_PREFIX,
     App,
     Apps,
@@ -63,7 +61,9 @@ from pushie.pusher.apps import (
     is_valid_user_id,
     signin_string,
 )
-from pushie.wsbase import CLOSED, OPEN, DoorProtocol, configure_factory
+from pushie.errors import PushieError
+from pushie.hub import Hub, Subscribed
+from pushie.logs import Throttle
 
 CLOSE_UNKNOWN_APP = 4001
 CLOSE_UNSUPPORTED_PROTOCOL = 4007

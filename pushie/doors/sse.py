@@ -21,7 +21,6 @@ from typing import Any
 from twisted.logger import Logger
 from twisted.web.server import NOT_DONE_YET, Request
 
-from pushie.api import JSONResource, write_error
 from pushie.auth import Guard, SubscriberToken
 from pushie.channels import (
     Burst,
@@ -34,6 +33,7 @@ from pushie.channels import (
     is_presence,
     parse_offset,
 )
+from pushie.doors.api import JSONResource, write_error
 from pushie.errors import EngineUnavailable, PushieError, bad_request
 from pushie.hub import Hub, Subscribed
 from pushie.limits import SlowConsumerGuard, address_of

@@ -16,8 +16,8 @@ from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerPr
 from autobahn.websocket.protocol import WebSocketProtocol
 from twisted.web.http import RESPONSES
 
+from pushie._fastwrite import write_now
 from pushie.channels import text_frame
-from pushie.fastwrite import write_now
 from pushie.limits import SlowConsumerGuard, address_of
 
 OPEN = WebSocketProtocol.STATE_OPEN

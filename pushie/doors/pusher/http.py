@@ -9,7 +9,7 @@ The Pusher HTTP API under C{/apps/<app_id>/}, as the Pusher server SDKs call it:
 Every request is signed: C{auth_key} must be the app's key, C{auth_timestamp}
 within 600 seconds of the server's clock, C{auth_version} C{1.0}, C{body_md5}
 the MD5 of a non-empty body, and C{auth_signature} the HMAC of
-L{pushie.pusher.apps.api_string_to_sign}, compared in constant time.  A
+L{pushie.doors.pusher.apps.api_string_to_sign}, compared in constant time.  A
 request is checked whole before anything is published.
 """
 
@@ -25,13 +25,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.server import NOT_DONE_YET, Request
 
-from pushie.api import JSONResource, write_error, write_json
 from pushie.channels import InvalidJSON, PublishRequest, dumps, loads
-from pushie.errors import ENGINE_FAILURES, EngineUnavailable, OutcomeUnknown, PushieError, bad_request
-from pushie.hub import Hub
-from pushie.limits import RateLimiter
-from pushie.logs import Throttle
-from pushie.pusher.apps import (
+from pushie.doors.api import JSONResource, write_error, write_json
+from pushie.doors.pusher.apps import (
     USER_CHANNEL_PREFIX,
     App,
     Apps,
@@ -43,7 +39,11 @@ from pushie.pusher.apps import (
     is_valid_socket_id,
     is_valid_user_id,
 )
-from pushie.pusher.door import TERMINATE_EVENT
+from pushie.doors.pusher.door import TERMINATE_EVENT
+from pushie.errors import ENGINE_FAILURES, EngineUnavailable, OutcomeUnknown, PushieError, bad_request
+from pushie.hub import Hub
+from pushie.limits import RateLimiter
+from pushie.logs import Throttle
 
 log = Logger()
 

@@ -3,10 +3,10 @@
 The resource tree and the HTTP site, built in one readable place.
 
   /            the demo page (static/index.html)
-  /publish     L{pushie.api.PublishResource}
+  /publish     L{pushie.doors.api.PublishResource}
   /websocket   the WebSocket door (Autobahn's WebSocketResource)
-  /app/<key>   the Pusher WebSocket door (L{pushie.pusher.door})
-  /apps/<id>/  the Pusher HTTP API (L{pushie.pusher.http})
+  /app/<key>   the Pusher WebSocket door (L{pushie.doors.pusher.door})
+  /apps/<id>/  the Pusher HTTP API (L{pushie.doors.pusher.http})
 
 L{PushieRequest} enforces the body size limit while the body arrives:
 twisted.web would otherwise buffer any body whole before a resource runs.
@@ -29,15 +29,15 @@ from twisted.web.http_headers import _nameEncoder
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
-from pushie.api import ChannelsResource, ErrorResource, HealthResource, PublishResource, write_error
+from pushie._fastwrite import write_now
+from pushie.doors._wsbase import SERVER_NAME
+from pushie.doors.api import ChannelsResource, ErrorResource, HealthResource, PublishResource, write_error
+from pushie.doors.pusher.http import PusherAPIResource
+from pushie.doors.sse import EventsResource
 from pushie.errors import PushieError
-from pushie.fastwrite import write_now
 from pushie.limits import ConnectionLimits, RateLimiter, address_of
 from pushie.logs import Throttle
 from pushie.metrics import MetricsResource
-from pushie.pusher.http import PusherAPIResource
-from pushie.sse import EventsResource
-from pushie.wsbase import SERVER_NAME
 
 STATIC = files("pushie") / "static"
 
@@ -133,7 +133,7 @@ def _http_date() -> bytes:
 class FastPublishRequest:
     """
     The part of L{twisted.web.server.Request} that C{PublishResource.render_POST}
-    and L{pushie.api.write_json} use, for a C{POST /publish} taken by
+    and L{pushie.doors.api.write_json} use, for a C{POST /publish} taken by
     L{PushieHTTPChannel}'s short path.  The answer is the bytes twisted.web
     would write (status line, C{Server}, C{Date}, then the headers in the order
     they were set), written at once in one piece.

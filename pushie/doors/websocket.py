@@ -37,10 +37,10 @@ from pushie.channels import (
     is_presence,
     loads,
 )
+from pushie.doors._wsbase import DoorProtocol, configure_factory
 from pushie.errors import PushieError, bad_request
 from pushie.hub import Hub, Subscribed
 from pushie.logs import Throttle
-from pushie.wsbase import DoorProtocol, configure_factory
 
 _OPEN = WebSocketProtocol.STATE_OPEN
 _CLOSED = WebSocketProtocol.STATE_CLOSED
