@@ -27,9 +27,10 @@ from twisted.python.failure import Failure
 from pushie import __version__
 from pushie.auth import guard_from_settings
 from pushie.config import SETTINGS, ConfigError, Settings, load_settings, pusher_apps
-from pushie.doors._http import PushieSite, build_metrics_site, build_site
+from pushie.doors._http import PushieSite
 from pushie.doors.pusher.apps import Apps
 from pushie.doors.pusher.door import PusherDoor, PusherFactory
+from pushie.doors.tree import build_metrics_site, build_site
 from pushie.doors.websocket import PushieServerFactory
 from pushie.engines import engine_from_setting
 from pushie.hub import Hub
