@@ -72,9 +72,10 @@ def main() -> None:
     from twisted.internet import reactor, task
     from twisted.internet.defer import ensureDeferred
 
-    from pushie.channels import PublishRequest, dumps
     from pushie.config import Settings
+    from pushie.records import PublishRequest
     from pushie.tap import PushieService
+    from pushie.wire import dumps
 
     if args.plain_write:
         import pushie.doors.websocket

@@ -34,8 +34,9 @@ import jwt
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from pushie.channels import InvalidJSON, is_guarded, is_presence, is_valid_channel, loads
+from pushie.channels import is_guarded, is_presence, is_valid_channel
 from pushie.errors import PushieError
+from pushie.wire import InvalidJSON, loads
 
 log = Logger()
 

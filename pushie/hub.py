@@ -44,21 +44,12 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from pushie.channels import (
-    APP_SEPARATOR,
-    Burst,
-    ChannelState,
-    Member,
-    Position,
-    PresenceEvent,
-    Publication,
-    PublishRequest,
-    is_presence,
-)
+from pushie.channels import APP_SEPARATOR, Position, is_presence
 from pushie.engines import IEngine
 from pushie.errors import EngineUnavailable, PushieError
 from pushie.limits import ConnectionLimits
 from pushie.metrics import Metrics
+from pushie.records import Burst, ChannelState, Member, PresenceEvent, Publication, PublishRequest
 from pushie.webhooks import Webhooks
 
 

@@ -107,7 +107,7 @@ async def test_closing_connection_gets_nothing_after_its_close_frame(daemon):
 
 
 def daemon_request(channel: str, data: int):
-    from pushie.channels import PublishRequest
+    from pushie.records import PublishRequest
 
     return PublishRequest(channel, json.dumps(data).encode())
 

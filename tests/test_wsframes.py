@@ -19,7 +19,7 @@ import jwt
 import pytest
 import pytest_twisted
 
-from pushie.channels import Member
+from pushie.records import Member
 from tests.helpers import HANDSHAKE, raw_connect, raw_handshake, sleep, wait_for
 from tests.test_fastpath import OP_CLOSE, OP_TEXT, server_frames
 from tests.test_hostile_input import assert_no_traceback

@@ -17,8 +17,8 @@ from autobahn.websocket.protocol import WebSocketProtocol
 from twisted.web.http import RESPONSES
 
 from pushie._fastwrite import write_now
-from pushie.channels import text_frame
 from pushie.limits import SlowConsumerGuard, address_of
+from pushie.wire import text_frame
 
 OPEN = WebSocketProtocol.STATE_OPEN
 CLOSING = WebSocketProtocol.STATE_CLOSING

@@ -18,21 +18,13 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from pushie.auth import Guard
-from pushie.channels import (
-    MAX_OFFSET,
-    InvalidJSON,
-    Publication,
-    PublishRequest,
-    check_channel,
-    dumps,
-    json_string,
-    loads,
-    parse_offset,
-)
+from pushie.channels import MAX_OFFSET, check_channel, parse_offset
 from pushie.errors import ENGINE_FAILURES, EngineUnavailable, PushieError, bad_request
 from pushie.hub import Hub, in_native_space
 from pushie.limits import RateLimiter, address_of
 from pushie.logs import Throttle
+from pushie.records import Publication, PublishRequest
+from pushie.wire import InvalidJSON, dumps, json_string, loads
 
 MAX_BATCH = 100
 MAX_EVENT_LENGTH = 128

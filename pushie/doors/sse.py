@@ -22,22 +22,14 @@ from twisted.logger import Logger
 from twisted.web.server import NOT_DONE_YET, Request
 
 from pushie.auth import Guard, SubscriberToken
-from pushie.channels import (
-    Burst,
-    Member,
-    Position,
-    PresenceEvent,
-    Publication,
-    check_channel,
-    dumps,
-    is_presence,
-    parse_offset,
-)
+from pushie.channels import Position, check_channel, is_presence, parse_offset
 from pushie.doors.api import JSONResource, write_error
 from pushie.errors import EngineUnavailable, PushieError, bad_request
 from pushie.hub import Hub, Subscribed
 from pushie.limits import SlowConsumerGuard, address_of
 from pushie.logs import Throttle
+from pushie.records import Burst, Member, PresenceEvent, Publication
+from pushie.wire import dumps
 
 log = Logger()
 

@@ -24,23 +24,13 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from pushie.auth import CLOSE_TOKEN_EXPIRED, Guard, SubscriberToken
-from pushie.channels import (
-    Burst,
-    InvalidJSON,
-    Member,
-    Position,
-    PresenceEvent,
-    Publication,
-    check_channel,
-    check_since,
-    dumps,
-    is_presence,
-    loads,
-)
+from pushie.channels import Position, check_channel, check_since, is_presence
 from pushie.doors._wsbase import DoorProtocol, configure_factory
 from pushie.errors import PushieError, bad_request
 from pushie.hub import Hub, Subscribed
 from pushie.logs import Throttle
+from pushie.records import Burst, Member, PresenceEvent, Publication
+from pushie.wire import InvalidJSON, dumps, loads
 
 _OPEN = WebSocketProtocol.STATE_OPEN
 _CLOSED = WebSocketProtocol.STATE_CLOSED

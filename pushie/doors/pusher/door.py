@@ -34,19 +34,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from pushie.channels import (
-    Burst,
-    InvalidJSON,
-    Member,
-    Position,
-    PresenceEvent,
-    Publication,
-    PublishRequest,
-    dumps,
-    json_string,
-    loads,
-    text_frame,
-)
+from pushie.channels import Position
 from pushie.doors._wsbase import CLOSED, OPEN, DoorProtocol, configure_factory
 from pushie.doors.pusher.apps import (
     USER_CHANNEL_PREFIX,
@@ -64,6 +52,8 @@ from pushie.doors.pusher.apps import (
 from pushie.errors import PushieError
 from pushie.hub import Hub, Subscribed
 from pushie.logs import Throttle
+from pushie.records import Burst, Member, PresenceEvent, Publication, PublishRequest
+from pushie.wire import InvalidJSON, dumps, json_string, loads, text_frame
 
 CLOSE_UNKNOWN_APP = 4001
 CLOSE_UNSUPPORTED_PROTOCOL = 4007

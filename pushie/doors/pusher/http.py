@@ -25,7 +25,6 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.server import NOT_DONE_YET, Request
 
-from pushie.channels import InvalidJSON, PublishRequest, dumps, loads
 from pushie.doors.api import JSONResource, write_error, write_json
 from pushie.doors.pusher.apps import (
     USER_CHANNEL_PREFIX,
@@ -44,6 +43,8 @@ from pushie.errors import ENGINE_FAILURES, EngineUnavailable, OutcomeUnknown, Pu
 from pushie.hub import Hub
 from pushie.limits import RateLimiter
 from pushie.logs import Throttle
+from pushie.records import PublishRequest
+from pushie.wire import InvalidJSON, dumps, loads
 
 log = Logger()
 
