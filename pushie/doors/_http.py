@@ -4,6 +4,20 @@ The hand-written HTTP channel: request parsing and answers for the short
 paths (C{POST /publish}, WebSocket opening handshakes) and the site that
 uses it.  The resource tree is built in L{pushie.doors.tree}.
 
+Private internals used (checked against Twisted 26.10.0, the version the test
+suite runs on; pyproject.toml allows Twisted>=24.7,<27):
+  - C{twisted.web.http._GenericHTTPChannelProtocol} (the site's protocol
+    factory wraps L{PushieHTTPChannel} in it, as twisted.web's own does);
+  - C{twisted.web.http_headers._nameEncoder} (header name canonicalisation);
+  - C{HTTPChannel} state: C{_buffer} (LineReceiver), C{_dataBuffer},
+    C{_handlingRequest}, C{_waitingForTransport}, C{_networkProducer},
+    C{_savedTimeOut}, C{_abortingCall}, the name-mangled
+    C{_HTTPChannel__first_line}, and the hooks C{_maybeChooseTransferDecoder},
+    C{_failChooseTransferDecoder}, C{_respondToBadRequestAndDisconnect};
+  - C{Request._disconnected} (mirrored by L{FastPublishRequest}).
+tests/test_publish_path.py compares the short paths byte for byte with
+twisted.web's own answers; tests/test_hostile_input.py sends them bad input.
+
 L{PushieRequest} enforces the body size limit while the body arrives:
 twisted.web would otherwise buffer any body whole before a resource runs.
 """

@@ -4,6 +4,20 @@ What every WebSocket door (Pushie's own, the Pusher door) shares: Autobahn's
 options set on purpose, the fan-out write path, the slow-consumer guard,
 closes with any code, a quiet Autobahn log, and the per-connection memory
 savings.
+
+Private internals used (checked against Autobahn 26.11.1 and Twisted 26.10.0,
+the versions the test suite runs on; pyproject.toml allows autobahn>=24.4,<27):
+  - Autobahn's protocol state: C{send_state}, C{send_queue}, C{triggered},
+    C{_perMessageCompress}, C{trackedTimings}, C{current_frame} and the ~30
+    other per-connection attributes listed in C{_IDLE_DEFAULTS}, which are
+    taken out of each instance's C{__dict__} and read from class attributes
+    while they keep their idle values;
+  - its options, read from a per-factory subclass (L{configure_factory})
+    instead of being copied onto every protocol;
+  - the write path of L{pushie._fastwrite} (twisted.internet.tcp internals).
+tests/test_fastpath.py, tests/test_wsframes.py and the Autobahn|Testsuite run
+(tests/test_conformance.py) check the doors' frames and closes against
+Autobahn's own.
 """
 
 from __future__ import annotations
