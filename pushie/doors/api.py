@@ -333,7 +333,7 @@ class ChannelsResource(JSONResource):
         name = check_channel(path[0])
         rest = [p for p in path[1:] if p]
         if not rest:
-            return self.hub.engine.state(name).addCallback(
+            return self.hub.state(name).addCallback(
                 lambda state: dumps(
                     {
                         "name": name,
@@ -346,7 +346,7 @@ class ChannelsResource(JSONResource):
         if rest == ["history"]:
             since = _query_int(request, "since", 0) or 0
             limit = _query_int(request, "limit", 1)
-            return self.hub.engine.history(name, since, limit).addCallback(
+            return self.hub.history(name, since, limit).addCallback(
                 lambda history: b"".join(
                     (
                         b'{"channel":',
@@ -363,7 +363,7 @@ class ChannelsResource(JSONResource):
         if rest == ["presence"]:
             if not name.startswith("presence-"):
                 raise bad_request("not_presence_channel", "members are kept for presence-* channels only")
-            return self.hub.engine.presence(name).addCallback(
+            return self.hub.members(name).addCallback(
                 lambda members: dumps({"channel": name, "members": [m.to_json() for m in members]})
             )
         raise PushieError(
@@ -388,11 +388,11 @@ class HealthResource(JSONResource):
         self.hub = hub
 
     def render_GET(self, request: Request) -> int:
-        engine_ok = self.hub.engine.healthy()
+        engine_ok = self.hub.healthy()
         status = "draining" if self.hub.draining else ("ok" if engine_ok else "engine_unavailable")
         body = {
             "status": status,
-            "engine": self.hub.engine.name,
+            "engine": self.hub.engine_name,
             "connections": len(self.hub.connections),
             "channels": len(self.hub.channel_names()),
         }

@@ -217,7 +217,7 @@ class PushieServerProtocol(DoorProtocol):
             raise bad_request(
                 "not_subscribed", "ask for the members of a presence-* channel you are subscribed to", channel=name
             )
-        d = self.factory.hub.engine.presence(name)
+        d = self.factory.hub.members(name)
         d.addCallback(
             lambda members: self.send_json(
                 {"type": "presence", "channel": name, "members": [m.to_json() for m in members]}

@@ -404,7 +404,7 @@ class PusherProtocol(DoorProtocol):
             )
         self.subscriptions[channel] = _Subscription(member)
         if is_cache(channel):
-            d = self.factory.hub.engine.state(self.app.hub_name(channel))
+            d = self.factory.hub.state(self.app.hub_name(channel))
             d.addCallback(lambda state: self._subscribe(channel, member, state))
             d.addErrback(lambda failure: self._subscribe_failed(channel, failure))
         else:
@@ -443,7 +443,7 @@ class PusherProtocol(DoorProtocol):
         if not is_presence(channel):
             self.send_event("pusher_internal:subscription_succeeded", {}, channel)
             return
-        d = self.factory.hub.engine.presence(self.app.hub_name(channel))
+        d = self.factory.hub.members(self.app.hub_name(channel))
         d.addCallback(
             lambda members: self.send_event("pusher_internal:subscription_succeeded", _succeeded_data(members), channel)
         )

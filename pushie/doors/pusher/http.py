@@ -305,7 +305,7 @@ class PusherAPIResource(JSONResource):
             )
 
     def _counts_subscriptions(self) -> bool:
-        return self.hub.engine.name == "memory"
+        return self.hub.single_node
 
     def _info(self, app: App, channel: str, info: set[str]) -> Deferred[dict[str, Any]]:
         """The asked attributes of a channel (checked by the caller with L{_check_counting})."""
@@ -314,7 +314,7 @@ class PusherAPIResource(JSONResource):
         if "subscription_count" in info:
             result["subscription_count"] = self.hub.subscriber_count(hub_name)
         if "user_count" in info:
-            return self.hub.engine.presence(hub_name).addCallback(
+            return self.hub.members(hub_name).addCallback(
                 lambda members: {**result, "user_count": len(members)}
             )
         return succeed(result)
@@ -325,7 +325,7 @@ class PusherAPIResource(JSONResource):
         if "user_count" in info and not prefix.startswith("presence-"):
             raise bad_request("invalid_info", "info=user_count needs filter_by_prefix=presence-")
         self._check_counting(info)
-        d = self.hub.engine.occupied(app.hub_prefix + prefix)
+        d = self.hub.occupied(app.hub_prefix + prefix)
 
         def listed(names: list[str]) -> Deferred[Any]:
             channels = [app.channel_name(n) for n in names if app.owns(n) and is_valid_channel(app.channel_name(n))]
@@ -343,7 +343,7 @@ class PusherAPIResource(JSONResource):
             raise bad_request("invalid_info", "user_count is available for presence- channels only")
         self._check_counting(info)
         hub_name = app.hub_name(channel)
-        d = self.hub.engine.occupied(hub_name)
+        d = self.hub.occupied(hub_name)
 
         def answer(names: list[str]) -> Deferred[Any]:
             occupied = hub_name in names
@@ -354,7 +354,7 @@ class PusherAPIResource(JSONResource):
     def _users(self, app: App, channel: str) -> Deferred[Any]:
         if not is_valid_channel(channel) or not is_presence(channel):
             raise bad_request("not_presence_channel", "users are listed for presence- channels only")
-        return self.hub.engine.presence(app.hub_name(channel)).addCallback(
+        return self.hub.members(app.hub_name(channel)).addCallback(
             lambda members: {"users": [{"id": m.id} for m in members]}
         )
 
