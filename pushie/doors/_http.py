@@ -43,6 +43,7 @@ from pushie.doors.api import write_error
 from pushie.errors import PushieError
 from pushie.limits import ConnectionLimits, address_of
 from pushie.logs import Throttle
+from pushie.metrics import Metrics
 
 SERVER_HEADER = SERVER_NAME.encode("ascii")
 """Every HTTP answer's C{Server}: not twisted.web's C{TwistedWeb/<version>} (a version only helps an attacker)."""
@@ -618,7 +619,7 @@ class PushieSite(Site):
         # Set by pushie.doors.tree.build_site: connections are counted (pending until their
         # request is whole) and refused at accept past the limits.
         self.limits: ConnectionLimits | None = None
-        self.hub: Any = None
+        self.metrics: Metrics | None = None
         self.throttle: Throttle | None = None
 
     def log(self, request: Request) -> None:
@@ -626,8 +627,8 @@ class PushieSite(Site):
 
     def refused(self, error: PushieError, peer: Any) -> None:
         """Count and (throttled) log a connection refused before it had a request."""
-        if self.hub is not None:
-            self.hub.metrics.reject(error.code)
+        if self.metrics is not None:
+            self.metrics.reject(error.code)
         if self.throttle is not None:
             self.throttle.warn(
                 "connection_" + error.code,

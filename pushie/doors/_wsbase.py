@@ -116,9 +116,9 @@ class DoorProtocol(WebSocketServerProtocol):
     def peer_address(self) -> str:
         return address_of(self.transport.getPeer())
 
-    def guard_writes(self, hub: Any, limit: int, grace: float) -> None:
+    def guard_writes(self, clock: Any, limit: int, grace: float) -> None:
         """Watch the outgoing buffer: a client that stops reading is dropped, nobody else waits."""
-        self._guard = SlowConsumerGuard(hub.reactor, limit, grace, self._slow_consumer)
+        self._guard = SlowConsumerGuard(clock, limit, grace, self._slow_consumer)
         transport = self.transport
         # Behind WebSocketResource the HTTP channel is still the transport's
         # producer: we take its place to learn when the buffer is full.
@@ -203,7 +203,7 @@ class DoorProtocol(WebSocketServerProtocol):
 
     def _slow_consumer(self) -> None:
         """Too much is waiting for this client: close and drop it."""
-        self.factory.hub.metrics.slow_consumers.inc()
+        self.factory.metrics.slow_consumers.inc()
         self.factory.throttle.warn(
             "slow_consumer", "Dropped a slow consumer at {peer} ({code})", peer=self.peer, code=self.slow_close_code
         )
@@ -249,7 +249,7 @@ class DoorProtocol(WebSocketServerProtocol):
             super().dropConnection(abort=False)
             if self.transport is not None and self.transport.connected:
                 delay = self.closeHandshakeTimeout or 5.0
-                self._drain_call = self.factory.hub.reactor.callLater(delay, self.abort)
+                self._drain_call = self.factory.clock.callLater(delay, self.abort)
             return
         super().dropConnection(abort)
 
@@ -271,7 +271,7 @@ class DoorProtocol(WebSocketServerProtocol):
         if self._guard is not None:
             self._guard.cancel()
         if self.failedByMe and self.localCloseCode in QUIET_CLOSE_CODES:
-            self.factory.hub.metrics.reject(f"websocket_close_{self.localCloseCode}")
+            self.factory.metrics.reject(f"websocket_close_{self.localCloseCode}")
             self.factory.throttle.warn(
                 "ws_protocol_error",
                 "Closed a WebSocket connection from {peer} with {code}: {reason}",

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.defer import succeed
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
@@ -23,6 +24,7 @@ from pushie.errors import ENGINE_FAILURES, EngineUnavailable, PushieError, bad_r
 from pushie.hub import Hub, in_native_space
 from pushie.limits import RateLimiter, address_of
 from pushie.logs import Throttle
+from pushie.metrics import Metrics
 from pushie.records import Publication, PublishRequest
 from pushie.wire import InvalidJSON, dumps, json_string, loads
 
@@ -214,19 +216,29 @@ class PublishResource(JSONResource):
 
     allowed_methods = (b"POST",)
 
-    def __init__(self, hub: Hub, guard: Guard, throttle: Throttle, rate_limiter: RateLimiter | None = None) -> None:
+    def __init__(
+        self,
+        hub: Hub,
+        guard: Guard,
+        throttle: Throttle,
+        clock: IReactorTime,
+        metrics: Metrics,
+        rate_limiter: RateLimiter | None = None,
+    ) -> None:
         super().__init__()
         self.hub = hub
+        self.clock = clock
+        self.metrics = metrics
         self.guard = guard
         self.throttle = throttle
         self.rate_limiter = rate_limiter
 
     def render_POST(self, request: Request) -> int:
-        started = self.hub.reactor.seconds()
+        started = self.clock.seconds()
         try:
             requests, single = self._validate(request)
         except PushieError as e:
-            self.hub.metrics.reject(e.code)
+            self.metrics.reject(e.code)
             self.throttle.warn(
                 "publish_" + e.code,
                 "Refused a publish from {peer}: {status} {code}",
@@ -266,9 +278,9 @@ class PublishResource(JSONResource):
         else:
             body = b'{"results":[' + b",".join([result_json(p) for p in publications]) + b"]}"
         write_json(request, 200, body)
-        metrics = self.hub.metrics
+        metrics = self.metrics
         metrics.publications.inc(len(publications))
-        metrics.publish_seconds.observe(self.hub.reactor.seconds() - started)
+        metrics.publish_seconds.observe(self.clock.seconds() - started)
 
     def _failed(self, request: Request, failure: Failure) -> None:
         if isinstance(failure.value, PushieError):
@@ -277,8 +289,8 @@ class PublishResource(JSONResource):
             log.failure("Publishing failed", failure)
             error = EngineUnavailable()
         if error.code in ENGINE_FAILURES:
-            self.hub.metrics.engine_errors.inc()
-        self.hub.metrics.reject(error.code)
+            self.metrics.engine_errors.inc()
+        self.metrics.reject(error.code)
         write_error(request, error)
 
 

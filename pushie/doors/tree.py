@@ -22,6 +22,7 @@ from importlib.resources import files
 from typing import Any
 
 from autobahn.twisted.resource import WebSocketResource
+from twisted.internet.interfaces import IReactorTime
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
@@ -30,8 +31,8 @@ from pushie.doors.api import ChannelsResource, ErrorResource, HealthResource, Pu
 from pushie.doors.pusher.http import PusherAPIResource
 from pushie.doors.sse import EventsResource
 from pushie.errors import PushieError
-from pushie.limits import RateLimiter
-from pushie.metrics import MetricsResource
+from pushie.limits import ConnectionLimits, RateLimiter
+from pushie.metrics import Metrics, MetricsResource
 
 STATIC = files("pushie") / "static"
 
@@ -80,12 +81,15 @@ def build_site(
     settings: Any,
     rate_limiter: RateLimiter,
     serve_metrics: bool,
+    clock: IReactorTime,
+    metrics: Metrics,
+    limits: ConnectionLimits,
     pusher_factory: Any = None,
 ) -> PushieSite:
-    """Assemble the resource tree for one daemon."""
+    """Assemble the resource tree for one daemon; C{clock}, C{metrics} and C{limits} come from the wiring."""
     root = Root(StaticFile("index.html", b"text/html; charset=utf-8"))
     root.putChild(b"pushie.js", StaticFile("pushie.js", b"application/javascript; charset=utf-8"))
-    publish = PublishResource(hub, guard, throttle, rate_limiter)
+    publish = PublishResource(hub, guard, throttle, clock, metrics, rate_limiter)
     root.putChild(b"publish", publish)
     root.putChild(b"websocket", WebSocketResource(websocket_factory))
     root.putChild(b"channels", ChannelsResource(hub, guard))
@@ -94,6 +98,8 @@ def build_site(
         hub,
         guard,
         throttle,
+        clock,
+        metrics,
         settings.sse_keepalive,
         settings.max_subscriptions,
         settings.slow_consumer_buffer,
@@ -101,27 +107,34 @@ def build_site(
     )
     root.putChild(b"events", events)
     if serve_metrics:
-        root.putChild(b"metrics", MetricsResource(hub.metrics))
+        root.putChild(b"metrics", MetricsResource(metrics))
     if pusher_factory is not None:
         # /app/<key>: the key is read from the path by the protocol.
         root.putChild(b"app", WebSocketResource(pusher_factory))
         for path, users_root in ((b"apps", False), (b"users", True)):
             api = PusherAPIResource(
-                hub, pusher_factory.apps, settings.pusher_max_data_size, throttle, rate_limiter, users_root
+                hub,
+                pusher_factory.apps,
+                settings.pusher_max_data_size,
+                throttle,
+                rate_limiter,
+                clock,
+                metrics,
+                users_root,
             )
             root.putChild(path, api)
     site = PushieSite(
-        root, settings.max_message_size, settings.handshake_timeout, hub.reactor, websocket_factory=websocket_factory
+        root, settings.max_message_size, settings.handshake_timeout, clock, websocket_factory=websocket_factory
     )
     site.publish_resource = publish  # POST /publish: PushieHTTPChannel's short path
-    site.limits = hub.limits
-    site.hub = hub
+    site.limits = limits
+    site.metrics = metrics
     site.throttle = throttle
     return site
 
 
-def build_metrics_site(hub: Any, settings: Any) -> PushieSite:
+def build_metrics_site(metrics: Metrics, settings: Any, clock: IReactorTime) -> PushieSite:
     """A site that serves only C{/metrics}, for C{--metrics-listen}."""
     root = Root(ErrorResource(PushieError(404, "not_found", "this endpoint serves /metrics only")))
-    root.putChild(b"metrics", MetricsResource(hub.metrics))
-    return PushieSite(root, 0, settings.handshake_timeout, hub.reactor)
+    root.putChild(b"metrics", MetricsResource(metrics))
+    return PushieSite(root, 0, settings.handshake_timeout, clock)

@@ -30,6 +30,7 @@ import attr
 from autobahn.twisted.websocket import WebSocketServerFactory
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.application.service import Service
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -52,6 +53,7 @@ from pushie.doors.pusher.apps import (
 from pushie.errors import PushieError
 from pushie.hub import Hub, Subscribed
 from pushie.logs import Throttle
+from pushie.metrics import Metrics
 from pushie.records import Burst, Member, PresenceEvent, Publication, PublishRequest
 from pushie.wire import InvalidJSON, dumps, json_string, loads, text_frame
 
@@ -197,7 +199,7 @@ class PusherProtocol(DoorProtocol):
     def onConnect(self, request: ConnectionRequest) -> None:
         factory = self.factory
         if not factory.origin_allowed(request.origin):
-            factory.hub.metrics.reject("origin_not_allowed")
+            factory.metrics.reject("origin_not_allowed")
             raise ConnectionDeny(403, "origin not allowed")
         key = self.http_request_path.rstrip("/").rpartition("/")[2]
         params = parse_qs(urlsplit(self.http_request_uri).query, keep_blank_values=True)
@@ -217,7 +219,7 @@ class PusherProtocol(DoorProtocol):
             except PushieError as e:
                 self._refusal = (CLOSE_OVER_CAPACITY, f"Over capacity ({e.code}); reconnect later")
         if self._refusal is not None:
-            factory.hub.metrics.reject(f"pusher_close_{self._refusal[0]}")
+            factory.metrics.reject(f"pusher_close_{self._refusal[0]}")
             factory.throttle.warn(
                 f"pusher_refused_{self._refusal[0]}",
                 "Refused a Pusher connection from {peer}: {reason}",
@@ -235,8 +237,8 @@ class PusherProtocol(DoorProtocol):
         factory = self.factory
         factory.hub.connection_opened(self, self.peer_address())
         factory.connections[self] = None
-        self.guard_writes(factory.hub, factory.slow_consumer_buffer, factory.slow_consumer_grace)
-        self.last_seen = factory.hub.reactor.seconds()
+        self.guard_writes(factory.clock, factory.slow_consumer_buffer, factory.slow_consumer_grace)
+        self.last_seen = factory.clock.seconds()
         self.send_event(
             "pusher:connection_established",
             {"socket_id": self.socket_id, "activity_timeout": max(1, round(factory.activity_timeout))},
@@ -307,7 +309,7 @@ class PusherProtocol(DoorProtocol):
         self.close_with(CLOSE_TERMINATED, "terminated")
 
     def _error(self, error: PusherError) -> None:
-        self.factory.hub.metrics.reject("pusher_error")
+        self.factory.metrics.reject("pusher_error")
         self.send_event("pusher:error", {"code": error.code, "message": error.message})
         if error.channel is not None:
             self.send_event(
@@ -328,7 +330,7 @@ class PusherProtocol(DoorProtocol):
             return
         if not self._opened:
             return
-        self.last_seen = self.factory.hub.reactor.seconds()
+        self.last_seen = self.factory.clock.seconds()
         self.pinged_at = None
         try:
             self._handle(payload)
@@ -539,13 +541,13 @@ class PusherProtocol(DoorProtocol):
             raise PusherError("Client events are allowed on private- and presence- channels only (not encrypted)")
         if len(event) > 200:
             raise PusherError("Event names are at most 200 characters")
-        now = factory.hub.reactor.seconds()
+        now = factory.clock.seconds()
         if now - self._event_window >= 1.0:
             self._event_window = now
             self._event_count = 0
         self._event_count += 1
         if self._event_count > factory.client_event_rate:
-            factory.hub.metrics.reject("pusher_client_event_rate")
+            factory.metrics.reject("pusher_client_event_rate")
             raise PusherError(
                 f"Client event rejected - only {factory.client_event_rate:g} accepted per second",
                 code=ERROR_CLIENT_EVENT_RATE,
@@ -569,7 +571,7 @@ class PusherProtocol(DoorProtocol):
         """
         hub = self.factory.hub
         d = hub.publish(requests)
-        d.addCallback(lambda publications: hub.metrics.publications.inc(len(publications)))
+        d.addCallback(lambda publications: self.factory.metrics.publications.inc(len(publications)))
         d.addErrback(lambda failure: self._error(PusherError("The client event could not be sent; retry later")))
 
         def next_batch(_: object) -> None:
@@ -659,9 +661,13 @@ class PusherFactory(WebSocketServerFactory):
         apps: Apps,
         settings: Any,
         origin_allowed: Callable[[str | None], bool],
+        clock: IReactorTime,
+        metrics: Metrics,
     ) -> None:
         super().__init__()
         self.hub = hub
+        self.clock = clock
+        self.metrics = metrics
         self.apps = apps
         self.origin_allowed = origin_allowed
         self.activity_timeout = settings.pusher_activity_timeout
@@ -673,7 +679,7 @@ class PusherFactory(WebSocketServerFactory):
         self.slow_consumer_buffer = settings.slow_consumer_buffer
         self.slow_consumer_grace = settings.slow_consumer_grace
         self.connections: dict[PusherProtocol, None] = {}
-        self.throttle = Throttle(self.log, hub.reactor)
+        self.throttle = Throttle(self.log, clock)
         # Pusher clients keep connections alive with pusher:ping/pong (see
         # PusherDoor), not with WebSocket pings.
         configure_factory(
@@ -681,7 +687,7 @@ class PusherFactory(WebSocketServerFactory):
         )
 
     def check_activity(self) -> None:
-        now = self.hub.reactor.seconds()
+        now = self.clock.seconds()
         for protocol in list(self.connections):
             protocol.check_activity(now)
 
@@ -700,7 +706,7 @@ class PusherDoor(Service):
         factory = self.factory
         interval = max(0.05, min(factory.activity_timeout, factory.pong_timeout) / 4)
         self._sweep = LoopingCall(factory.check_activity)
-        self._sweep.clock = factory.hub.reactor
+        self._sweep.clock = factory.clock
         self._sweep.start(interval, now=False)
 
     def stopService(self) -> None:

@@ -21,6 +21,7 @@ from typing import Any
 from urllib.parse import unquote
 
 from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.server import NOT_DONE_YET, Request
@@ -43,6 +44,7 @@ from pushie.errors import ENGINE_FAILURES, EngineUnavailable, OutcomeUnknown, Pu
 from pushie.hub import Hub
 from pushie.limits import RateLimiter
 from pushie.logs import Throttle
+from pushie.metrics import Metrics
 from pushie.records import PublishRequest
 from pushie.wire import InvalidJSON, dumps, loads
 
@@ -77,10 +79,14 @@ class PusherAPIResource(JSONResource):
         max_data_size: int,
         throttle: Throttle,
         rate_limiter: RateLimiter,
+        clock: IReactorTime,
+        metrics: Metrics,
         users_root: bool = False,
     ) -> None:
         super().__init__()
         self.hub = hub
+        self.clock = clock
+        self.metrics = metrics
         self.apps = apps
         self.max_data_size = max_data_size
         self.throttle = throttle
@@ -104,7 +110,7 @@ class PusherAPIResource(JSONResource):
         return NOT_DONE_YET
 
     def _refuse(self, request: Request, error: PushieError) -> None:
-        self.hub.metrics.reject("pusher_api_" + error.code)
+        self.metrics.reject("pusher_api_" + error.code)
         self.throttle.warn(
             "pusher_api_" + error.code,
             "Refused a Pusher API request from {peer}: {status} {message}",
@@ -127,7 +133,7 @@ class PusherAPIResource(JSONResource):
                 "a retry may deliver it twice"
             )
         if error.code in ENGINE_FAILURES:
-            self.hub.metrics.engine_errors.inc()
+            self.metrics.engine_errors.inc()
         self._refuse(request, error)
 
     # -- signing ---------------------------------------------------------
@@ -148,7 +154,7 @@ class PusherAPIResource(JSONResource):
             timestamp = int(params.get("auth_timestamp", ""))
         except ValueError:
             raise unauthorized("auth_timestamp must be the Unix time of the request") from None
-        if abs(self.hub.reactor.seconds() - timestamp) > TIMESTAMP_WINDOW:
+        if abs(self.clock.seconds() - timestamp) > TIMESTAMP_WINDOW:
             raise unauthorized(
                 f"auth_timestamp is more than {TIMESTAMP_WINDOW} seconds from the server's time; check the clock"
             )
@@ -229,7 +235,7 @@ class PusherAPIResource(JSONResource):
         d = self.hub.publish(requests)
 
         def answer(publications: Any) -> Deferred[Any]:
-            self.hub.metrics.publications.inc(len(publications))
+            self.metrics.publications.inc(len(publications))
             if not any(info for _, info in infos):
                 return succeed({})
             if batch:
@@ -314,9 +320,7 @@ class PusherAPIResource(JSONResource):
         if "subscription_count" in info:
             result["subscription_count"] = self.hub.subscriber_count(hub_name)
         if "user_count" in info:
-            return self.hub.members(hub_name).addCallback(
-                lambda members: {**result, "user_count": len(members)}
-            )
+            return self.hub.members(hub_name).addCallback(lambda members: {**result, "user_count": len(members)})
         return succeed(result)
 
     def _channels(self, app: App, params: dict[str, str]) -> Deferred[Any]:
