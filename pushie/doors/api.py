@@ -55,6 +55,26 @@ def write_error(request: Request, error: PushieError) -> None:
     write_json(request, error.status, error.to_json(), error.headers)
 
 
+def error_of(
+    failure: Failure, logger: Logger, what: str, metrics: Metrics | None = None, message: str | None = None
+) -> PushieError:
+    """
+    The one mapping of an HTTP door's failed Deferred to the error it answers
+    with: the L{PushieError} it carries, or, for anything else (a bug, logged
+    with its traceback as C{what} under C{logger}), a 503
+    C{engine_unavailable} (with C{message} when given).  With C{metrics},
+    errors the engine caused are counted in C{pushie_engine_errors_total}.
+    """
+    if isinstance(failure.value, PushieError):
+        error = failure.value
+    else:
+        logger.failure(what, failure)
+        error = EngineUnavailable() if message is None else EngineUnavailable(message)
+    if metrics is not None and error.code in ENGINE_FAILURES:
+        metrics.engine_errors.inc()
+    return error
+
+
 class ErrorResource(Resource):
     isLeaf = True
 
@@ -283,13 +303,7 @@ class PublishResource(JSONResource):
         metrics.publish_seconds.observe(self.clock.seconds() - started)
 
     def _failed(self, request: Request, failure: Failure) -> None:
-        if isinstance(failure.value, PushieError):
-            error = failure.value
-        else:
-            log.failure("Publishing failed", failure)
-            error = EngineUnavailable()
-        if error.code in ENGINE_FAILURES:
-            self.metrics.engine_errors.inc()
+        error = error_of(failure, log, "Publishing failed", self.metrics)
         self.metrics.reject(error.code)
         write_error(request, error)
 
@@ -383,11 +397,10 @@ class ChannelsResource(JSONResource):
         )
 
     def _failed(self, request: Request, failure: Failure) -> None:
-        if isinstance(failure.value, PushieError):
-            write_error(request, failure.value)
-            return
-        log.failure("Server API request failed", failure)
-        write_error(request, EngineUnavailable("the engine did not answer; retry later"))
+        write_error(
+            request,
+            error_of(failure, log, "Server API request failed", message="the engine did not answer; retry later"),
+        )
 
 
 class HealthResource(JSONResource):

@@ -26,7 +26,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.server import NOT_DONE_YET, Request
 
-from pushie.doors.api import JSONResource, write_error, write_json
+from pushie.doors.api import JSONResource, error_of, write_error, write_json
 from pushie.doors.pusher.apps import (
     USER_CHANNEL_PREFIX,
     App,
@@ -40,7 +40,7 @@ from pushie.doors.pusher.apps import (
     is_valid_user_id,
 )
 from pushie.doors.pusher.door import TERMINATE_EVENT
-from pushie.errors import ENGINE_FAILURES, EngineUnavailable, OutcomeUnknown, PushieError, bad_request
+from pushie.errors import OutcomeUnknown, PushieError, bad_request
 from pushie.hub import Hub
 from pushie.limits import RateLimiter
 from pushie.logs import Throttle
@@ -121,19 +121,13 @@ class PusherAPIResource(JSONResource):
         write_error(request, error)
 
     def _failed(self, request: Request, failure: Failure) -> None:
-        if isinstance(failure.value, PushieError):
-            error = failure.value
-        else:
-            log.failure("Pusher API request failed", failure)
-            error = EngineUnavailable()
+        error = error_of(failure, log, "Pusher API request failed", self.metrics)
         if isinstance(error, OutcomeUnknown):
             # Pusher triggers carry no idempotency key: say so rather than suggest one.
             error = OutcomeUnknown(
                 "the event may or may not have been triggered (the engine's answer was lost); "
                 "a retry may deliver it twice"
             )
-        if error.code in ENGINE_FAILURES:
-            self.metrics.engine_errors.inc()
         self._refuse(request, error)
 
     # -- signing ---------------------------------------------------------
