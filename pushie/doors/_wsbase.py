@@ -98,13 +98,16 @@ class _QuietLog:
 
 class DoorProtocol(WebSocketServerProtocol):
     """
-    A server connection of a door.  Subclasses set C{slow_close_code}, call
-    L{guard_writes} and then L{shrink} once open, and L{closed} from onClose.
+    A server connection of a door.  Subclasses set C{slow_close_code} and
+    C{shutdown_close}, call L{guard_writes} and then L{shrink} once open, and
+    L{closed} from onClose.
     The factory must have C{hub} and C{throttle}.
     """
 
     __slots__ = ("_guard",)
     slow_close_code = 1013
+    shutdown_close: tuple[int, str] = (1001, "server shutting down")
+    """The close code and reason a connection gets when the daemon stops."""
     deny_reasons: frozenset[str] = frozenset()
     """The fixed texts a door's onConnect refuses with; any other refusal gets the status's standard phrase."""
     _drain_call: Any = None
@@ -229,6 +232,13 @@ class DoorProtocol(WebSocketServerProtocol):
         """Send a close frame with any code (Autobahn's sendClose allows only 1000 and 3000-4999)."""
         if self.state == OPEN:
             self.sendCloseFrame(code=code, reasonUtf8=reason.encode("utf-8")[:123], isReply=False)
+
+    def close_for_shutdown(self) -> None:
+        """Close with C{shutdown_close} (the Hub drains the doors on stop); a connection not yet open is dropped."""
+        if self.state == OPEN:
+            self.close_with(*self.shutdown_close)
+        elif self.state != CLOSED:
+            self.dropConnection(abort=True)
 
     def abort(self) -> None:
         if self.transport is not None:

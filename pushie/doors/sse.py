@@ -183,9 +183,7 @@ class EventStream:
     def _arm_expiry(self) -> None:
         if self.token is None or not any(self.guard.needs_token(c) for c in self.channels):
             return
-        clock = self.clock
-        delay = max(0.0, self.token.exp + self.guard.leeway - clock.seconds()) + 0.01
-        self._expiry = clock.callLater(delay, self._token_expired)
+        self._expiry = self.guard.call_at_expiry(self.token, self._token_expired)
 
     def _token_expired(self) -> None:
         self._expiry = None

@@ -35,7 +35,6 @@ from pushie.records import Burst, Member, PresenceEvent, Publication
 from pushie.wire import InvalidJSON, dumps, loads
 
 _OPEN = WebSocketProtocol.STATE_OPEN
-_CLOSED = WebSocketProtocol.STATE_CLOSED
 
 CLOSE_GOING_AWAY = 1001
 CLOSE_UNSUPPORTED_DATA = 1003
@@ -53,6 +52,7 @@ class PushieServerProtocol(DoorProtocol):
 
     __slots__ = ("client_id", "token", "_expiry", "subscriptions", "_initial_channels", "_opened")
     slow_close_code = CLOSE_TRY_AGAIN_LATER
+    shutdown_close = (CLOSE_GOING_AWAY, "server shutting down")
     deny_reasons = frozenset({"server shutting down", "refused"})  # and _DENY_REASONS, below
 
     def __init__(self) -> None:
@@ -290,9 +290,7 @@ class PushieServerProtocol(DoorProtocol):
         self._disarm_expiry()
         if self.token is None or self.state != _OPEN or not self._holds_guarded():
             return
-        clock = self.factory.clock
-        delay = max(0.0, self.token.exp + self.factory.guard.leeway - clock.seconds()) + 0.01
-        self._expiry = clock.callLater(delay, self._token_expired)
+        self._expiry = self.factory.guard.call_at_expiry(self.token, self._token_expired)
 
     def _token_expired(self) -> None:
         self._expiry = None
@@ -345,12 +343,6 @@ class PushieServerProtocol(DoorProtocol):
         self.send_json(error.to_frame())
 
     # -- closing ---------------------------------------------------------
-
-    def close_for_shutdown(self) -> None:
-        if self.state == _OPEN:
-            self.close_with(CLOSE_GOING_AWAY, "server shutting down")
-        elif self.state != _CLOSED:
-            self.dropConnection(abort=True)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         self._disarm_expiry()

@@ -36,7 +36,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from pushie.channels import Position
-from pushie.doors._wsbase import CLOSED, OPEN, DoorProtocol, configure_factory
+from pushie.doors._wsbase import OPEN, DoorProtocol, configure_factory
 from pushie.doors.pusher.apps import (
     USER_CHANNEL_PREFIX,
     App,
@@ -169,6 +169,7 @@ class PusherProtocol(DoorProtocol):
 
     factory: PusherFactory
     slow_close_code = CLOSE_OVER_CAPACITY
+    shutdown_close = (CLOSE_RECONNECT, "Server shutting down; reconnect")
     deny_reasons = frozenset({"origin not allowed"})
     __slots__ = (
         "client_id", "app", "_refusal", "subscriptions", "user_id", "_user_channel", "_opened",
@@ -602,12 +603,6 @@ class PusherProtocol(DoorProtocol):
         elif now - self.last_seen >= factory.activity_timeout:
             self.pinged_at = now
             self.send_event("pusher:ping", {})
-
-    def close_for_shutdown(self) -> None:
-        if self.state == OPEN:
-            self.close_with(CLOSE_RECONNECT, "Server shutting down; reconnect")
-        elif self.state != CLOSED:
-            self.dropConnection(abort=True)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         self.closed()
