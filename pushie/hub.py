@@ -317,7 +317,7 @@ class Hub(Service):
     @property
     def engine_name(self) -> str:
         """The engine's short name for logs and C{/healthz}: C{memory}, C{redis://host:port/db}."""
-        return self._engine.name
+        return str(self._engine.name)
 
     @property
     def single_node(self) -> bool:

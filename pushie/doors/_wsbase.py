@@ -101,7 +101,7 @@ class DoorProtocol(WebSocketServerProtocol):
     A server connection of a door.  Subclasses set C{slow_close_code} and
     C{shutdown_close}, call L{guard_writes} and then L{shrink} once open, and
     L{closed} from onClose.
-    The factory must have C{hub} and C{throttle}.
+    The factory must have C{hub}, C{throttle}, C{clock} and C{metrics}.
     """
 
     __slots__ = ("_guard",)
