@@ -72,14 +72,16 @@ def main() -> None:
     from twisted.internet import reactor, task
     from twisted.internet.defer import ensureDeferred
 
-    from pushie.channels import PublishRequest, dumps
     from pushie.config import Settings
+    from pushie.records import PublishRequest
     from pushie.tap import PushieService
+    from pushie.wire import dumps
 
     if args.plain_write:
-        import pushie.websocket
+        import pushie.doors._wsbase
 
-        pushie.websocket.write_now = lambda transport, data: transport.write(data)
+        # The doors' frames leave through _wsbase's write_now (the socket-first path).
+        pushie.doors._wsbase.write_now = lambda transport, data: transport.write(data)
 
     settings = Settings.defaults().replace(
         listen=["tcp:0:interface=127.0.0.1"], ping_interval=0.0, max_connections=0, max_connections_per_ip=0

@@ -18,9 +18,9 @@ import tracemalloc
 
 from twisted.internet.task import Clock
 
-from pushie.channels import PublishRequest
 from pushie.config import _bytes
 from pushie.engines.memory import MemoryEngine
+from pushie.records import PublishRequest
 
 
 class Listener:

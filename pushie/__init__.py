@@ -9,7 +9,7 @@ the modules are:
   - L{pushie.config}: settings (defaults < TOML < environment < command line).
   - L{pushie.hub}: the L{Hub} service that owns channels and subscribers.
   - L{pushie.engines}: where offsets, epochs and cross-node fan-out come from.
-  - L{pushie.websocket}, L{pushie.sse}, L{pushie.api}: the front doors.
+  - L{pushie.doors.websocket}, L{pushie.doors.sse}, L{pushie.doors.api}: the front doors.
   - L{pushie.client}: a standard-library publisher and listener for apps and scripts;
     L{pushie.cli}: the C{pushie} command built on it.
 """

@@ -31,11 +31,12 @@ from typing import Any
 
 import attr
 import jwt
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
-from pushie.channels import InvalidJSON, is_guarded, is_presence, is_valid_channel, loads
+from pushie.channels import is_guarded, is_presence, is_valid_channel
 from pushie.errors import PushieError
+from pushie.wire import InvalidJSON, loads
 
 log = Logger()
 
@@ -296,6 +297,15 @@ class Guard:
 
     def expired(self, token: SubscriberToken) -> bool:
         return self.clock.seconds() > token.exp + self.leeway
+
+    def call_at_expiry(self, token: SubscriberToken, callback: Callable[[], None]) -> IDelayedCall:
+        """
+        Call C{callback} once C{token} has expired (its C{exp} plus the leeway,
+        and a hair more, so that L{expired} is true by then): every door ends
+        what only that token allowed in the same way.
+        """
+        delay = max(0.0, token.exp + self.leeway - self.clock.seconds()) + 0.01
+        return self.clock.callLater(delay, callback)
 
     def needs_token(self, channel: str) -> bool:
         """Whether subscribing to C{channel} needs a granting token."""

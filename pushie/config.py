@@ -175,7 +175,7 @@ def _subscriber_secrets(value: Any) -> list[str]:
 
 def _pusher_apps(value: Any) -> list[str]:
     from pushie.auth import split_list
-    from pushie.pusher.apps import parse_apps
+    from pushie.doors.pusher.apps import parse_apps
 
     items = split_list(value)
     parse_apps(items, "pusher_apps")
@@ -662,7 +662,7 @@ def pusher_apps(settings: Any) -> list[Any]:
     @raise ValueError: for an unreadable file or a bad entry.
     """
     from pushie.auth import read_secret_lines
-    from pushie.pusher.apps import parse_apps
+    from pushie.doors.pusher.apps import parse_apps
 
     get: Callable[[str], Any] = settings.get if isinstance(settings, dict) else lambda name: getattr(settings, name)
     path = get("pusher_apps_file")

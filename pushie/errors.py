@@ -1,8 +1,8 @@
 # -*- test-case-name: tests.test_publish -*-
 """
 Errors as values: each has a stable code, a message a user can act on and the
-HTTP status it maps to.  Front doors raise them; L{pushie.api} turns them into
-JSON answers and L{pushie.websocket} into C{error} frames, in one place each.
+HTTP status it maps to.  Front doors raise them; L{pushie.doors.api} turns them into
+JSON answers and L{pushie.doors.websocket} into C{error} frames, in one place each.
 """
 
 from __future__ import annotations

@@ -44,21 +44,12 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from pushie.channels import (
-    APP_SEPARATOR,
-    Burst,
-    ChannelState,
-    Member,
-    Position,
-    PresenceEvent,
-    Publication,
-    PublishRequest,
-    is_presence,
-)
+from pushie.channels import APP_SEPARATOR, Position, is_presence
 from pushie.engines import IEngine
 from pushie.errors import EngineUnavailable, PushieError
 from pushie.limits import ConnectionLimits
 from pushie.metrics import Metrics
+from pushie.records import Burst, ChannelState, History, Member, PresenceEvent, Publication, PublishRequest
 from pushie.webhooks import Webhooks
 
 
@@ -183,7 +174,8 @@ class Hub(Service):
     """
     Channels, their local subscribers, and the path of each publication.
 
-    @ivar engine: the L{IEngine} that assigns offsets and fans out to nodes.
+    @ivar _engine: the L{IEngine} that assigns offsets and fans out to nodes;
+        private: the Hub is the only code that talks to it.
     @ivar connections: every open client connection, for shutdown.
     """
 
@@ -214,11 +206,11 @@ class Hub(Service):
         # (subscribers, publications) in dispatch order, until flush().
         self._bursts: list[tuple[tuple[Subscriber, ...], list[Publication]]] = []
         self._flush_call: Any = None
-        self.engine = engine
+        self._engine = engine
         self.reactor = reactor
         self.shutdown_timeout = shutdown_timeout
         self.metrics = metrics or Metrics()
-        self.metrics.watch_hub(self)
+        self.metrics.watch_hub(self, engine)
         self.limits = limits or ConnectionLimits(0, 0)
         self.connections: dict[Connection, str] = {}
         self._channels: dict[str, _LocalChannel] = {}
@@ -229,7 +221,7 @@ class Hub(Service):
 
     def startService(self) -> Deferred[None]:  # type: ignore[override]
         super().startService()
-        return self.engine.start(self)
+        return self._engine.start(self)
 
     def stopService(self) -> Deferred[None]:  # type: ignore[override]
         """
@@ -246,7 +238,7 @@ class Hub(Service):
         # After the drain, so the vacated/removed events of the closing
         # connections are sent.
         d.addCallback(lambda _: self.webhooks.stop() if self.webhooks is not None else None)
-        d.addCallback(lambda _: self.engine.stop())
+        d.addCallback(lambda _: self._engine.stop())
         return d
 
     def _drain(self) -> Deferred[None]:
@@ -315,7 +307,42 @@ class Hub(Service):
         @return: a Deferred firing with one L{Publication} per request once the
             engine has stored them and sent them to every node.
         """
-        return self.engine.append(requests)
+        return self._engine.append(requests)
+
+    # -- reading: the doors' narrow view of the engine ---------------------
+    #
+    # Doors never hold the engine (the design's one rule of layers, checked by
+    # tests/test_layers.py): what they may ask of it is here.
+
+    @property
+    def engine_name(self) -> str:
+        """The engine's short name for logs and C{/healthz}: C{memory}, C{redis://host:port/db}."""
+        return str(self._engine.name)
+
+    @property
+    def single_node(self) -> bool:
+        """Whether this daemon is the whole deployment (the memory engine), so its local counts are all there is."""
+        return self._engine.name == "memory"
+
+    def healthy(self) -> bool:
+        """Whether the engine can take publications and answer reads now."""
+        return self._engine.healthy()
+
+    def state(self, channel: str) -> Deferred[ChannelState]:
+        """A Deferred firing with C{channel}'s current offset and epoch."""
+        return self._engine.state(channel)
+
+    def history(self, channel: str, since: int, limit: int | None) -> Deferred[History]:
+        """A Deferred firing with what is kept of C{channel} after offset C{since} (at most C{limit})."""
+        return self._engine.history(channel, since, limit)
+
+    def members(self, channel: str) -> Deferred[list[Member]]:
+        """A Deferred firing with the members present on C{channel}, across every node."""
+        return self._engine.presence(channel)
+
+    def occupied(self, prefix: str) -> Deferred[list[str]]:
+        """A Deferred firing with the channels starting with C{prefix} that have subscribers on any node."""
+        return self._engine.occupied(prefix)
 
     def dispatch(self, publication: Publication) -> None:
         """
@@ -449,7 +476,7 @@ class Hub(Service):
             channel = self._channels[name] = _LocalChannel()
             if self.webhooks is not None and in_native_space(name):
                 self.webhooks.channel_occupied(name)
-            self.engine.watch(name).addBoth(channel.watch_done)
+            self._engine.watch(name).addBoth(channel.watch_done)
         channel.pending[subscriber] = []
         return Deferred.fromCoroutine(self._subscribe(name, channel, subscriber, since, member))
 
@@ -468,11 +495,11 @@ class Hub(Service):
                 joined = await self._join(name, channel, subscriber, member)
             history = None
             if since is not None:
-                history = await self.engine.history(name, since.offset, None)
+                history = await self._engine.history(name, since.offset, None)
                 state = history.state
             else:
-                state = await self.engine.state(name)
-            members = await self.engine.presence(name) if is_presence(name) else None
+                state = await self._engine.state(name)
+            members = await self._engine.presence(name) if is_presence(name) else None
             cap = self.presence_max_members
             if joined and cap and members is not None and len(members) > cap:
                 # Another join (maybe on another node) raced this one past
@@ -536,13 +563,13 @@ class Hub(Service):
         cap = self.presence_max_members
         new = True
         if cap:
-            present = await self.engine.presence(name)
+            present = await self._engine.presence(name)
             new = all(m.id != member.id for m in present)
             if new and len(present) >= cap:
                 self.metrics.reject("presence_full")
                 raise _presence_full(cap)
         channel.members[subscriber] = member
-        await self.engine.presence_add(name, member, subscriber.client_id)
+        await self._engine.presence_add(name, member, subscriber.client_id)
         return new
 
     def unsubscribe(self, name: str, subscriber: Subscriber) -> None:
@@ -559,13 +586,13 @@ class Hub(Service):
         channel.snapshot = None
         member = channel.members.pop(subscriber, None)
         if member is not None:
-            d = self.engine.presence_remove(name, member, subscriber.client_id)
+            d = self._engine.presence_remove(name, member, subscriber.client_id)
             d.addErrback(lambda f: self.log.failure("Removing a presence member failed", f))
         if not channel.subscribers and not channel.pending:
             del self._channels[name]
             if self.webhooks is not None and in_native_space(name):
                 self.webhooks.channel_vacated(name)
-            self.engine.unwatch(name)
+            self._engine.unwatch(name)
 
     def unsubscribe_all(self, names: Iterable[str], subscriber: Subscriber) -> None:
         for name in names:

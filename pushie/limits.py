@@ -2,7 +2,7 @@
 """
 Limits that protect a daemon from floods: publish rates per publisher key,
 connections in all and per client address.  Sizes live with the doors
-(L{pushie.web.PushieRequest}, Autobahn's frame limits).
+(L{pushie.doors._http.PushieRequest}, Autobahn's frame limits).
 
 Every limit is a setting; 0 switches it off.
 """

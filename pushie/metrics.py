@@ -54,12 +54,12 @@ class Metrics:
             "pushie_webhook_failures", "Webhook deliveries given up after their retries.", registry=r
         )
 
-    def watch_hub(self, hub: Any) -> None:
-        """Read the gauges from the Hub when scraped, never on the hot path."""
+    def watch_hub(self, hub: Any, engine: Any) -> None:
+        """Read the gauges from the Hub (and its engine's bounds) when scraped, never on the hot path."""
         self.connections.set_function(lambda: len(hub.connections))
         self.channels.set_function(lambda: len(hub.channel_names()))
         self.subscriptions.set_function(lambda: sum(hub.subscriber_count(c) for c in hub.channel_names()))
-        self.registry.register(_BoundsCollector(hub))
+        self.registry.register(_BoundsCollector(hub, engine))
 
     def reject(self, reason: str) -> None:
         self.rejected.labels(reason=reason).inc()
@@ -74,14 +74,15 @@ class _BoundsCollector:
     they are attached after it is built.
     """
 
-    def __init__(self, hub: Any) -> None:
+    def __init__(self, hub: Any, engine: Any) -> None:
         self.hub = hub
+        self.engine = engine
 
     def describe(self) -> list[Metric]:
         return []  # the families depend on the engine and on webhooks being on
 
     def collect(self) -> Iterator[Metric]:
-        engine = self.hub.engine
+        engine = self.engine
         if hasattr(engine, "evicted"):
             yield CounterMetricFamily(
                 "pushie_history_evicted",

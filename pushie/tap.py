@@ -27,15 +27,17 @@ from twisted.python.failure import Failure
 from pushie import __version__
 from pushie.auth import guard_from_settings
 from pushie.config import SETTINGS, ConfigError, Settings, load_settings, pusher_apps
+from pushie.doors._http import PushieSite
+from pushie.doors.pusher.apps import Apps
+from pushie.doors.pusher.door import PusherDoor, PusherFactory
+from pushie.doors.tree import build_metrics_site, build_site
+from pushie.doors.websocket import PushieServerFactory
 from pushie.engines import engine_from_setting
 from pushie.hub import Hub
 from pushie.limits import ConnectionLimits, RateLimiter
 from pushie.logs import Throttle
-from pushie.pusher.apps import Apps
-from pushie.pusher.door import PusherDoor, PusherFactory
-from pushie.web import PushieSite, build_metrics_site, build_site
+from pushie.metrics import Metrics
 from pushie.webhooks import Webhooks
-from pushie.websocket import PushieServerFactory
 
 log = Logger(namespace="pushie")
 
@@ -182,11 +184,15 @@ class PushieService(MultiService):
         self.settings = settings
         self.exit_on_failure = exit_on_failure
         self.engine = engine_from_setting(settings.engine, settings, reactor)
+        # Every part gets its clock (the reactor), metrics and limits from here.
+        metrics = Metrics()
+        limits = ConnectionLimits(settings.max_connections, settings.max_connections_per_ip)
         self.hub = Hub(
             self.engine,
             reactor,
             shutdown_timeout=settings.shutdown_timeout,
-            limits=ConnectionLimits(settings.max_connections, settings.max_connections_per_ip),
+            metrics=metrics,
+            limits=limits,
             presence_max_members=settings.presence_max_members,
         )
         self.hub.setServiceParent(self)
@@ -200,13 +206,15 @@ class PushieService(MultiService):
                 retry_for=settings.webhook_retry_for,
                 timeout=settings.webhook_timeout,
                 max_queue=settings.webhook_max_queue,
-                on_failure=lambda count: self.hub.metrics.webhooks_failed.inc(),
+                on_failure=lambda count: metrics.webhooks_failed.inc(),
             )
         self.guard = guard_from_settings(settings, reactor)
-        throttle = Throttle(Logger(namespace="pushie.api"), reactor)
+        throttle = Throttle(Logger(namespace="pushie.doors.api"), reactor)
         self.websocket_factory = PushieServerFactory(
             self.hub,
             self.guard,
+            reactor,
+            metrics,
             max_message_size=settings.max_message_size,
             ping_interval=settings.ping_interval,
             ping_timeout=settings.ping_timeout,
@@ -219,7 +227,9 @@ class PushieService(MultiService):
         self.pusher_factory: PusherFactory | None = None
         apps = Apps(pusher_apps(settings))
         if apps:
-            self.pusher_factory = PusherFactory(self.hub, apps, settings, self.websocket_factory.origin_allowed)
+            self.pusher_factory = PusherFactory(
+                self.hub, apps, settings, self.websocket_factory.origin_allowed, reactor, metrics
+            )
             PusherDoor(self.pusher_factory).setServiceParent(self)
         self.site: PushieSite = build_site(
             self.hub,
@@ -229,13 +239,19 @@ class PushieService(MultiService):
             settings,
             rate_limiter,
             serve_metrics=settings.metrics_listen is None,
+            clock=reactor,
+            metrics=metrics,
+            limits=limits,
             pusher_factory=self.pusher_factory,
         )
         self.listeners = [ListeningService(d, self.site, reactor, settings.listen_backlog) for d in settings.listen]
         if settings.metrics_listen is not None:
             self.listeners.append(
                 ListeningService(
-                    settings.metrics_listen, build_metrics_site(self.hub, settings), reactor, settings.listen_backlog
+                    settings.metrics_listen,
+                    build_metrics_site(metrics, settings, reactor),
+                    reactor,
+                    settings.listen_backlog,
                 )
             )
         for listener in self.listeners:

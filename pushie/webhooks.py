@@ -90,8 +90,8 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.iweb import IResponse
 
 from pushie import __version__
-from pushie.channels import dumps
 from pushie.logs import Throttle
+from pushie.wire import dumps
 
 __all__ = [
     "CHANNEL_OCCUPIED",

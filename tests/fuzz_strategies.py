@@ -282,7 +282,7 @@ def chunked(body: bytes, sizes: list[int]) -> bytes:
 def publish_requests(draw: Any) -> dict[str, Any]:
     """
     One C{POST /publish} as raw bytes, with its framing chosen to hit both
-    the short path in pushie/web.py and twisted.web's (chunked bodies, odd
+    the short path in pushie/doors/_http.py and twisted.web's (chunked bodies, odd
     headers), and sometimes a lie in its length.
 
     @return: C{{"raw": bytes, "framing": str, "body": bytes}}; C{framing} is

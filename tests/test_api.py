@@ -88,7 +88,7 @@ async def test_server_api_needs_the_publisher_key(make_daemon):
 @pytest_twisted.ensureDeferred
 async def test_healthz_reports_draining(daemon):
     status, body = await get_json(daemon, "/healthz")
-    assert (status, body["status"], body["engine"]) == (200, "ok", daemon.hub.engine.name)
+    assert (status, body["status"], body["engine"]) == (200, "ok", daemon.engine.name)
     daemon.hub.draining = True
     try:
         status, body = await get_json(daemon, "/healthz")

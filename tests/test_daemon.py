@@ -179,6 +179,10 @@ def test_wheel_installs_the_plugin_outside_the_checkout(tmp_path):
     assert "twisted/__init__.py" not in names and "twisted/plugins/__init__.py" not in names
     assert "pushie/static/index.html" in names and "pushie/py.typed" in names
     assert not any(n.startswith("tests/") for n in names)
+    # pyproject's `packages` list is explicit: a new subpackage must be added there.
+    shipped = {n for n in names if n.startswith("pushie/") and n.endswith(".py")}
+    checkout = {p.relative_to(ROOT).as_posix() for p in (ROOT / "pushie").rglob("*.py")}
+    assert shipped == checkout, sorted(shipped ^ checkout)
 
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
@@ -193,7 +197,7 @@ def test_wheel_installs_the_plugin_outside_the_checkout(tmp_path):
         [
             str(venv / "bin" / "python"),
             "-c",
-            "import pushie, twisted.plugins.pushie_plugin as p; print(pushie.__file__); print(p.__file__)",
+            "import pushie, pushie.tap, twisted.plugins.pushie_plugin as p; print(pushie.__file__); print(p.__file__)",
         ],
         capture_output=True,
         text=True,

@@ -31,7 +31,7 @@ _CLOSE_CODE_PATTERNS = (
     re.compile(r"\bslow_close_code\s*=\s*(\d{4})\b"),
     re.compile(r"\bQUIET_CLOSE_CODES\s*=\s*frozenset\(\{([\d,\s]+)\}\)"),
 )
-# Sent for the doors by Autobahn, as configured in pushie.wsbase (failByDrop
+# Sent for the doors by Autobahn, as configured in pushie.doors._wsbase (failByDrop
 # off, so protocol errors get a close frame): the reply to a client's close,
 # protocol errors, invalid UTF-8, oversize frames.
 AUTOBAHN_CLOSE_CODES = {1000, 1002, 1007, 1009}

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from twisted.internet.task import Clock
 
-from pushie.channels import Member, Publication, PublishRequest
 from pushie.engines.memory import CHANNEL_COST, IDEMPOTENCY_WINDOW, MemoryEngine, entry_cost
+from pushie.records import Member, Publication, PublishRequest
 
 
 class Recorder:

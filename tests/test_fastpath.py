@@ -100,14 +100,14 @@ async def test_closing_connection_gets_nothing_after_its_close_frame(daemon):
     assert after_close == []
     before = messages(frames)
     assert [m["data"] for m in before] == [m["data"] for m in got[: len(before)]]
-    if daemon.hub.engine.name == "memory":  # dispatched at once: all three were out before the close
+    if daemon.engine.name == "memory":  # dispatched at once: all three were out before the close
         assert [m["data"] for m in before] == [0, 1, 2]
     client.transport.loseConnection()
     await client.lost
 
 
 def daemon_request(channel: str, data: int):
-    from pushie.channels import PublishRequest
+    from pushie.records import PublishRequest
 
     return PublishRequest(channel, json.dumps(data).encode())
 

@@ -3,7 +3,7 @@ Fuzzing every input surface of a running daemon (ISSUE12 B1).
 
 Hypothesis generates hostile and random input (tests/fuzz_strategies.py) and
 each property sends it over real sockets to an in-process daemon on port 0:
-C{POST /publish} as raw bytes (the short path in pushie/web.py and
+C{POST /publish} as raw bytes (the short path in pushie/doors/_http.py and
 twisted.web's, lying lengths, chunking, pipelining), native WebSocket
 frames, subscriber tokens, SSE queries and C{Last-Event-ID}, Pusher
 WebSocket frames and the signed Pusher HTTP API.  For every example:
@@ -44,7 +44,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint
 
 from pushie.channels import is_valid_channel
-from pushie.pusher.apps import api_string_to_sign, channel_auth_string, signin_string
+from pushie.doors.pusher.apps import api_string_to_sign, channel_auth_string, signin_string
 from tests import fuzz_strategies as fs
 from tests.helpers import (
     HANDSHAKE,

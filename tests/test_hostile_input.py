@@ -248,7 +248,7 @@ async def test_refusals_are_logged_at_a_bounded_rate(daemon, log_events):
     ],
 )
 def test_loads_refuses(raw):
-    from pushie.channels import InvalidJSON, loads
+    from pushie.wire import InvalidJSON, loads
 
     with pytest.raises(InvalidJSON):
         loads(raw)
@@ -266,7 +266,7 @@ def test_loads_refuses(raw):
     ],
 )
 def test_loads_accepts(raw, value):
-    from pushie.channels import loads
+    from pushie.wire import loads
 
     assert loads(raw) == value
 

@@ -45,7 +45,7 @@ async def test_evicted_history_is_not_recovered_and_is_counted():
             ]
             status, _, _ = await daemon.publish(body)
             assert status == 200
-        engine = daemon.hub.engine
+        engine = daemon.engine
         assert engine.used <= 20_000 and engine.evicted > 900
         assert len(engine._idempotency) == 50
         assert engine.channel_count() < 100  # evicted channels nobody follows were forgotten

@@ -274,7 +274,7 @@ async def test_an_answer_that_cannot_be_settled_is_outcome_unknown(redis):
         assert [e["data"] for e in stored(redis, "outcome")] == ["lost-reply"]
 
         proxy.set_down(False)
-        await wait_for(daemon.hub.engine.healthy, timeout=15)
+        await wait_for(daemon.engine.healthy, timeout=15)
         status, body, _ = await daemon.publish(publication)
         assert (status, body["offset"]) == (200, 1)  # the retry the message advises: not published again
         assert [e["data"] for e in stored(redis, "outcome")] == ["lost-reply"]
@@ -290,7 +290,7 @@ async def test_a_publish_never_sent_is_engine_unavailable_and_nothing_appears(re
     proxy, daemon = await setup(redis)
     try:
         client = await subscribed(daemon, "outcome")
-        engine = daemon.hub.engine
+        engine = daemon.engine
         proxy.set_down(True)
         await wait_for(lambda: not engine.healthy() and not engine._commands.size, timeout=5)
         status, body, response = await daemon.publish({"channel": "outcome", "data": "refused"})
@@ -333,7 +333,7 @@ async def test_pusher_triggers_answer_the_same_way(redis):
         assert (status, body["error"]) == (503, "outcome_unknown"), body
         assert "may or may not have been triggered" in body["message"]
         proxy.set_down(False)
-        await wait_for(daemon.hub.engine.healthy, timeout=15)
+        await wait_for(daemon.engine.healthy, timeout=15)
         assert [e["data"] for e in stored(redis, "pc")] == ["lost-one", "lost-two"]
     finally:
         await teardown(proxy, daemon)
@@ -357,7 +357,7 @@ async def test_pusher_trigger_answers_200_when_only_its_info_read_fails(redis):
         assert (status, body) == (200, {})
         assert [e["data"] for e in stored(redis, "presence-room")] == ["shown"]
         proxy.set_down(False)
-        await wait_for(daemon.hub.engine.healthy, timeout=15)
+        await wait_for(daemon.engine.healthy, timeout=15)
     finally:
         await teardown(proxy, daemon)
 
@@ -371,7 +371,7 @@ async def test_connections_dropped_during_their_handshake_do_not_stop_reconnecti
     """
     proxy, daemon = await setup(redis)
     try:
-        engine = daemon.hub.engine
+        engine = daemon.engine
         proxy.set_down(True)
         await wait_for(lambda: not engine.healthy(), timeout=5)
         await sleep(1.5)  # several reconnections refused

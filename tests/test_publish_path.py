@@ -1,5 +1,5 @@
 """
-The short path for C{POST /publish} (L{pushie.web.PushieHTTPChannel}): the
+The short path for C{POST /publish} (L{pushie.doors._http.PushieHTTPChannel}): the
 same conversations, byte for byte, with and without it.  Raw clients, so
 that every byte the server sends is compared (the C{Date} header and the
 random epochs aside), on both engines.
@@ -11,7 +11,7 @@ import re
 
 import pytest_twisted
 
-from pushie.web import PushieHTTPChannel
+from pushie.doors._http import PushieHTTPChannel
 from tests.helpers import raw_connect, sleep, wait_for
 
 KEY = "k" * 32

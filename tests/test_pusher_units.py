@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from pushie.pusher.apps import (
+from pushie.doors.pusher.apps import (
     App,
     Apps,
     api_string_to_sign,

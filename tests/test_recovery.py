@@ -16,9 +16,10 @@ from hypothesis import strategies as st
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
-from pushie.channels import Position, Publication, PublishRequest
+from pushie.channels import Position
 from pushie.engines.memory import MemoryEngine
 from pushie.hub import Hub
+from pushie.records import Publication, PublishRequest
 from tests.helpers import wait_for
 
 

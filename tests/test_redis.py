@@ -199,7 +199,7 @@ async def test_redis_restart_answers_503_then_recovers(own_redis):
         assert [m["offset"] for m in got] == accepted  # everything accepted, once, in order
 
         own_redis.stop()
-        await wait_for(lambda: not daemon.hub.engine.healthy(), timeout=5)
+        await wait_for(lambda: not daemon.engine.healthy(), timeout=5)
         for _ in range(3):
             status, body, response = await daemon.publish({"channel": "c", "data": "lost?"})
             assert (status, body["error"]) == (503, "engine_unavailable")
@@ -209,7 +209,7 @@ async def test_redis_restart_answers_503_then_recovers(own_redis):
         assert not client.closed.called  # WebSocket clients stay connected
 
         own_redis.start()  # same port, empty: the channels' history is gone
-        await wait_for(daemon.hub.engine.healthy, timeout=15)
+        await wait_for(daemon.engine.healthy, timeout=15)
         # The node cannot tell whether another node published before Redis
         # died: its subscribers are closed (4002) to recover, and learn
         # that history was lost.
@@ -244,7 +244,7 @@ async def test_killed_pubsub_connection_resubscribes_and_fills_the_gap(own_redis
         own_redis.cli("CLIENT", "KILL", "TYPE", "pubsub")
         for i in range(1, 4):
             await other.publish({"channel": "c", "data": i})
-        await wait_for(daemon.hub.engine.healthy, timeout=15)
+        await wait_for(daemon.engine.healthy, timeout=15)
         await other.publish({"channel": "c", "data": 4})
         got = [await client.next_of("message", timeout=15) for _ in range(4)]
         assert [m["offset"] for m in got] == [2, 3, 4, 5]
@@ -303,7 +303,7 @@ async def test_a_new_subscriber_never_costs_older_ones_what_is_on_its_way(own_re
         await first.next_of("welcome")
         await first.next_of("subscribed")
         own_redis.cli("CLIENT", "KILL", "TYPE", "pubsub")
-        await wait_for(lambda: not daemon.hub.engine.healthy(), timeout=5)
+        await wait_for(lambda: not daemon.engine.healthy(), timeout=5)
         for i in range(1, 4):
             status, body, _ = await other.publish({"channel": "c", "data": i})
             assert (status, body["offset"]) == (200, i)
@@ -311,10 +311,10 @@ async def test_a_new_subscriber_never_costs_older_ones_what_is_on_its_way(own_re
         await second.next_of("welcome")
         second.send({"type": "subscribe", "channel": "c"})
         await sleep(0.1)
-        assert not daemon.hub.engine.healthy(), "the node reconnected too soon for this test to mean anything"
+        assert not daemon.engine.healthy(), "the node reconnected too soon for this test to mean anything"
         answer = await second.next_of("subscribed", timeout=15)
         assert answer["offset"] == 3
-        await wait_for(daemon.hub.engine.healthy, timeout=15)
+        await wait_for(daemon.engine.healthy, timeout=15)
         await other.publish({"channel": "c", "data": 4})
         assert [(await first.next_of("message", timeout=15))["offset"] for _ in range(4)] == [1, 2, 3, 4]
         assert (await second.next_of("message", timeout=15))["offset"] == 4

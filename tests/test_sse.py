@@ -10,8 +10,8 @@ import treq
 from twisted.internet.defer import Deferred, DeferredQueue
 from twisted.python.failure import Failure
 
+from pushie.doors.sse import parse_event_id
 from pushie.errors import PushieError
-from pushie.sse import parse_event_id
 from tests.helpers import sleep, wait_for
 from tests.test_auth import SECRET_1, token
 

@@ -11,10 +11,11 @@ from hypothesis import strategies as st
 from twisted.internet.task import Clock
 from twisted.logger import Logger, LogLevel, formatEvent
 
-from pushie.api import is_json_content_type, parse_publish_body
-from pushie.channels import Publication, is_valid_channel
+from pushie.channels import is_valid_channel
+from pushie.doors.api import is_json_content_type, parse_publish_body
 from pushie.errors import PushieError
 from pushie.logs import Throttle
+from pushie.records import Publication
 
 
 @pytest.mark.parametrize("name", ["a", "bunno", "A-Z_0-9=@,.;:", "x" * 164, "private-chat", "presence-room:1"])
@@ -130,7 +131,7 @@ def test_throttle_logs_the_first_and_counts_the_rest():
 def test_text_frame_equals_autobahns_prepared_frame(size):
     from autobahn.websocket.protocol import PreparedMessage
 
-    from pushie.channels import text_frame
+    from pushie.wire import text_frame
 
     payload = b"x" * size
     expected = PreparedMessage(payload, isBinary=False, applyMask=False, doNotCompress=True).payloadHybi
@@ -139,15 +140,15 @@ def test_text_frame_equals_autobahns_prepared_frame(size):
 
 @given(st.text(max_size=50) | st.sampled_from(["message", "c-1_2=@,.;:", "a b", 'q"', "back\\slash", "é", "\x00"]))
 def test_json_string_equals_dumps(text):
-    from pushie.channels import dumps, json_string
+    from pushie.wire import dumps, json_string
 
     assert json_string(text) == dumps(text) == json.dumps(text, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 @given(st.text(max_size=20), st.integers(0, 2**63), st.text(max_size=20), st.text(min_size=1, max_size=20))
 def test_hand_built_envelope_and_answer_equal_dumps(channel, offset, epoch, event):
-    from pushie.api import result_json, result_of
-    from pushie.channels import dumps
+    from pushie.doors.api import result_json, result_of
+    from pushie.wire import dumps
 
     publication = Publication(channel, offset, epoch, b"[1]", event)
     assert result_json(publication) == dumps(result_of(publication))
@@ -157,6 +158,6 @@ def test_hand_built_envelope_and_answer_equal_dumps(channel, offset, epoch, even
 
 @given(JSON_VALUES)
 def test_dumps_equals_json_dumps(value):
-    from pushie.channels import dumps
+    from pushie.wire import dumps
 
     assert dumps(value) == json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()

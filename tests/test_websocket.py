@@ -277,7 +277,7 @@ async def test_shutdown_aborts_a_peer_that_never_closes(make_daemon):
     assert b"\x88\x02\x03\xe9" in peer.received or b"\x88" in peer.received  # close frame 1001 was sent
 
 
-# -- the short way of opening handshakes (pushie.web.PushieHTTPChannel) -----
+# -- the short way of opening handshakes (pushie.doors._http.PushieHTTPChannel) -----
 
 
 def masked_text(payload: bytes) -> bytes:

@@ -19,7 +19,7 @@ import jwt
 import pytest
 import pytest_twisted
 
-from pushie.channels import Member
+from pushie.records import Member
 from tests.helpers import HANDSHAKE, raw_connect, raw_handshake, sleep, wait_for
 from tests.test_fastpath import OP_CLOSE, OP_TEXT, server_frames
 from tests.test_hostile_input import assert_no_traceback
@@ -39,13 +39,13 @@ def token(sub: str, channel: str, info: object = None) -> str:
 
 async def add_members(daemon, channel: str, count: int, info: object) -> None:
     """Members that joined from elsewhere (another node, say), through the engine's presence API."""
-    engine = daemon.hub.engine
+    engine = daemon.engine
     for i in range(count):
         await engine.presence_add(channel, Member(f"m{i:05}", info), f"elsewhere{i}")
 
 
 async def member_count(daemon, channel: str) -> int:
-    return len(await daemon.hub.engine.presence(channel))
+    return len(await daemon.engine.presence(channel))
 
 
 async def next_message(client) -> dict:
@@ -83,7 +83,7 @@ def server_side(daemon, client):
 def big_count(daemon) -> int:
     # The Redis engine's join scans the channel's hash: 10,000 joins one by
     # one are quadratic there, so it proves the size with fewer, larger ones.
-    return 10_000 if daemon.hub.engine.name == "memory" else 1_500
+    return 10_000 if daemon.engine.name == "memory" else 1_500
 
 
 @pytest_twisted.ensureDeferred

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
 
-from pushie.channels import ChannelState, History, Member, PresenceEvent, Publication, PublishRequest
+from pushie.records import ChannelState, History, Member, PresenceEvent, Publication, PublishRequest
 
 
 class EngineListener(Protocol):

@@ -38,9 +38,9 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from pushie.channels import ChannelState, History, Member, PresenceEvent, Publication, PublishRequest
 from pushie.engines import EngineListener, IEngine
 from pushie.logs import Throttle
+from pushie.records import ChannelState, History, Member, PresenceEvent, Publication, PublishRequest
 
 IDEMPOTENCY_WINDOW = 300.0
 SWEEP_INTERVAL = 1.0

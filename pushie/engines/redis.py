@@ -73,20 +73,13 @@ from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from pushie.channels import (
-    ChannelState,
-    History,
-    Member,
-    PresenceEvent,
-    Publication,
-    PublishRequest,
-    dumps,
-    is_presence,
-)
+from pushie.channels import is_presence
 from pushie.engines import EngineListener, IEngine
 from pushie.engines.memory import IDEMPOTENCY_WINDOW, new_epoch
 from pushie.errors import EngineUnavailable, OutcomeUnknown
 from pushie.logs import Throttle
+from pushie.records import ChannelState, History, Member, PresenceEvent, Publication, PublishRequest
+from pushie.wire import dumps
 
 log = Logger()
 

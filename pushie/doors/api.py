@@ -12,27 +12,21 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.defer import succeed
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from pushie.auth import Guard
-from pushie.channels import (
-    MAX_OFFSET,
-    InvalidJSON,
-    Publication,
-    PublishRequest,
-    check_channel,
-    dumps,
-    json_string,
-    loads,
-    parse_offset,
-)
+from pushie.channels import MAX_OFFSET, check_channel, parse_offset
 from pushie.errors import ENGINE_FAILURES, EngineUnavailable, PushieError, bad_request
 from pushie.hub import Hub, in_native_space
 from pushie.limits import RateLimiter, address_of
 from pushie.logs import Throttle
+from pushie.metrics import Metrics
+from pushie.records import Publication, PublishRequest
+from pushie.wire import InvalidJSON, dumps, json_string, loads
 
 MAX_BATCH = 100
 MAX_EVENT_LENGTH = 128
@@ -59,6 +53,26 @@ def write_json(request: Request, status: int, body: bytes, headers: dict[str, st
 def write_error(request: Request, error: PushieError) -> None:
     """The one mapping of a L{PushieError} to an HTTP answer."""
     write_json(request, error.status, error.to_json(), error.headers)
+
+
+def error_of(
+    failure: Failure, logger: Logger, what: str, metrics: Metrics | None = None, message: str | None = None
+) -> PushieError:
+    """
+    The one mapping of an HTTP door's failed Deferred to the error it answers
+    with: the L{PushieError} it carries, or, for anything else (a bug, logged
+    with its traceback as C{what} under C{logger}), a 503
+    C{engine_unavailable} (with C{message} when given).  With C{metrics},
+    errors the engine caused are counted in C{pushie_engine_errors_total}.
+    """
+    if isinstance(failure.value, PushieError):
+        error = failure.value
+    else:
+        logger.failure(what, failure)
+        error = EngineUnavailable() if message is None else EngineUnavailable(message)
+    if metrics is not None and error.code in ENGINE_FAILURES:
+        metrics.engine_errors.inc()
+    return error
 
 
 class ErrorResource(Resource):
@@ -222,19 +236,29 @@ class PublishResource(JSONResource):
 
     allowed_methods = (b"POST",)
 
-    def __init__(self, hub: Hub, guard: Guard, throttle: Throttle, rate_limiter: RateLimiter | None = None) -> None:
+    def __init__(
+        self,
+        hub: Hub,
+        guard: Guard,
+        throttle: Throttle,
+        clock: IReactorTime,
+        metrics: Metrics,
+        rate_limiter: RateLimiter | None = None,
+    ) -> None:
         super().__init__()
         self.hub = hub
+        self.clock = clock
+        self.metrics = metrics
         self.guard = guard
         self.throttle = throttle
         self.rate_limiter = rate_limiter
 
     def render_POST(self, request: Request) -> int:
-        started = self.hub.reactor.seconds()
+        started = self.clock.seconds()
         try:
             requests, single = self._validate(request)
         except PushieError as e:
-            self.hub.metrics.reject(e.code)
+            self.metrics.reject(e.code)
             self.throttle.warn(
                 "publish_" + e.code,
                 "Refused a publish from {peer}: {status} {code}",
@@ -274,19 +298,13 @@ class PublishResource(JSONResource):
         else:
             body = b'{"results":[' + b",".join([result_json(p) for p in publications]) + b"]}"
         write_json(request, 200, body)
-        metrics = self.hub.metrics
+        metrics = self.metrics
         metrics.publications.inc(len(publications))
-        metrics.publish_seconds.observe(self.hub.reactor.seconds() - started)
+        metrics.publish_seconds.observe(self.clock.seconds() - started)
 
     def _failed(self, request: Request, failure: Failure) -> None:
-        if isinstance(failure.value, PushieError):
-            error = failure.value
-        else:
-            log.failure("Publishing failed", failure)
-            error = EngineUnavailable()
-        if error.code in ENGINE_FAILURES:
-            self.hub.metrics.engine_errors.inc()
-        self.hub.metrics.reject(error.code)
+        error = error_of(failure, log, "Publishing failed", self.metrics)
+        self.metrics.reject(error.code)
         write_error(request, error)
 
 
@@ -343,7 +361,7 @@ class ChannelsResource(JSONResource):
         name = check_channel(path[0])
         rest = [p for p in path[1:] if p]
         if not rest:
-            return self.hub.engine.state(name).addCallback(
+            return self.hub.state(name).addCallback(
                 lambda state: dumps(
                     {
                         "name": name,
@@ -356,7 +374,7 @@ class ChannelsResource(JSONResource):
         if rest == ["history"]:
             since = _query_int(request, "since", 0) or 0
             limit = _query_int(request, "limit", 1)
-            return self.hub.engine.history(name, since, limit).addCallback(
+            return self.hub.history(name, since, limit).addCallback(
                 lambda history: b"".join(
                     (
                         b'{"channel":',
@@ -373,7 +391,7 @@ class ChannelsResource(JSONResource):
         if rest == ["presence"]:
             if not name.startswith("presence-"):
                 raise bad_request("not_presence_channel", "members are kept for presence-* channels only")
-            return self.hub.engine.presence(name).addCallback(
+            return self.hub.members(name).addCallback(
                 lambda members: dumps({"channel": name, "members": [m.to_json() for m in members]})
             )
         raise PushieError(
@@ -381,11 +399,10 @@ class ChannelsResource(JSONResource):
         )
 
     def _failed(self, request: Request, failure: Failure) -> None:
-        if isinstance(failure.value, PushieError):
-            write_error(request, failure.value)
-            return
-        log.failure("Server API request failed", failure)
-        write_error(request, EngineUnavailable("the engine did not answer; retry later"))
+        write_error(
+            request,
+            error_of(failure, log, "Server API request failed", message="the engine did not answer; retry later"),
+        )
 
 
 class HealthResource(JSONResource):
@@ -398,11 +415,11 @@ class HealthResource(JSONResource):
         self.hub = hub
 
     def render_GET(self, request: Request) -> int:
-        engine_ok = self.hub.engine.healthy()
+        engine_ok = self.hub.healthy()
         status = "draining" if self.hub.draining else ("ok" if engine_ok else "engine_unavailable")
         body = {
             "status": status,
-            "engine": self.hub.engine.name,
+            "engine": self.hub.engine_name,
             "connections": len(self.hub.connections),
             "channels": len(self.hub.channel_names()),
         }

@@ -20,30 +20,21 @@ from autobahn.twisted.websocket import WebSocketServerFactory
 from autobahn.util import wildcards2patterns
 from autobahn.websocket.protocol import WebSocketProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from pushie.auth import CLOSE_TOKEN_EXPIRED, Guard, SubscriberToken
-from pushie.channels import (
-    Burst,
-    InvalidJSON,
-    Member,
-    Position,
-    PresenceEvent,
-    Publication,
-    check_channel,
-    check_since,
-    dumps,
-    is_presence,
-    loads,
-)
+from pushie.channels import Position, check_channel, check_since, is_presence
+from pushie.doors._wsbase import DoorProtocol, configure_factory
 from pushie.errors import PushieError, bad_request
 from pushie.hub import Hub, Subscribed
 from pushie.logs import Throttle
-from pushie.wsbase import DoorProtocol, configure_factory
+from pushie.metrics import Metrics
+from pushie.records import Burst, Member, PresenceEvent, Publication
+from pushie.wire import InvalidJSON, dumps, loads
 
 _OPEN = WebSocketProtocol.STATE_OPEN
-_CLOSED = WebSocketProtocol.STATE_CLOSED
 
 CLOSE_GOING_AWAY = 1001
 CLOSE_UNSUPPORTED_DATA = 1003
@@ -61,6 +52,7 @@ class PushieServerProtocol(DoorProtocol):
 
     __slots__ = ("client_id", "token", "_expiry", "subscriptions", "_initial_channels", "_opened")
     slow_close_code = CLOSE_TRY_AGAIN_LATER
+    shutdown_close = (CLOSE_GOING_AWAY, "server shutting down")
     deny_reasons = frozenset({"server shutting down", "refused"})  # and _DENY_REASONS, below
 
     def __init__(self) -> None:
@@ -96,7 +88,7 @@ class PushieServerProtocol(DoorProtocol):
             if factory.max_subscriptions and len(channels) > factory.max_subscriptions:
                 raise bad_request("too_many_subscriptions", "too many channels")
         except PushieError as e:
-            factory.hub.metrics.reject(e.code)
+            factory.metrics.reject(e.code)
             factory.throttle.warn(
                 "handshake_" + e.code,
                 "Refused a WebSocket handshake from {peer}: {code}",
@@ -112,7 +104,7 @@ class PushieServerProtocol(DoorProtocol):
         self._opened = True
         factory = self.factory
         factory.hub.connection_opened(self, self.peer_address())
-        self.guard_writes(factory.hub, factory.slow_consumer_buffer, factory.slow_consumer_grace)
+        self.guard_writes(factory.clock, factory.slow_consumer_buffer, factory.slow_consumer_grace)
         self.send_json({"type": "welcome", "client": self.client_id})
         for name in self._initial_channels:
             self._subscribe(name)
@@ -163,7 +155,7 @@ class PushieServerProtocol(DoorProtocol):
         try:
             self._handle(payload)
         except PushieError as e:
-            self.factory.hub.metrics.reject(e.code)
+            self.factory.metrics.reject(e.code)
             self.send_json(e.to_frame())
 
     def _handle(self, payload: bytes) -> None:
@@ -227,7 +219,7 @@ class PushieServerProtocol(DoorProtocol):
             raise bad_request(
                 "not_subscribed", "ask for the members of a presence-* channel you are subscribed to", channel=name
             )
-        d = self.factory.hub.engine.presence(name)
+        d = self.factory.hub.members(name)
         d.addCallback(
             lambda members: self.send_json(
                 {"type": "presence", "channel": name, "members": [m.to_json() for m in members]}
@@ -298,9 +290,7 @@ class PushieServerProtocol(DoorProtocol):
         self._disarm_expiry()
         if self.token is None or self.state != _OPEN or not self._holds_guarded():
             return
-        clock = self.factory.hub.reactor
-        delay = max(0.0, self.token.exp + self.factory.guard.leeway - clock.seconds()) + 0.01
-        self._expiry = clock.callLater(delay, self._token_expired)
+        self._expiry = self.factory.guard.call_at_expiry(self.token, self._token_expired)
 
     def _token_expired(self) -> None:
         self._expiry = None
@@ -354,12 +344,6 @@ class PushieServerProtocol(DoorProtocol):
 
     # -- closing ---------------------------------------------------------
 
-    def close_for_shutdown(self) -> None:
-        if self.state == _OPEN:
-            self.close_with(CLOSE_GOING_AWAY, "server shutting down")
-        elif self.state != _CLOSED:
-            self.dropConnection(abort=True)
-
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         self._disarm_expiry()
         self.closed()
@@ -405,6 +389,8 @@ class PushieServerFactory(WebSocketServerFactory):
         self,
         hub: Hub,
         guard: Guard,
+        clock: IReactorTime,
+        metrics: Metrics,
         max_message_size: int,
         ping_interval: float,
         ping_timeout: float,
@@ -416,13 +402,15 @@ class PushieServerFactory(WebSocketServerFactory):
     ) -> None:
         super().__init__()
         self.hub = hub
+        self.clock = clock
+        self.metrics = metrics
         self.max_subscriptions = max_subscriptions
         self.slow_consumer_buffer = slow_consumer_buffer
         self.slow_consumer_grace = slow_consumer_grace
         self.guard = guard
         self.allowed_origins = list(allowed_origins or [])
         self._origin_patterns = wildcards2patterns(self.allowed_origins)
-        self.throttle = Throttle(self.log, hub.reactor)
+        self.throttle = Throttle(self.log, clock)
         configure_factory(self, max_message_size, ping_interval, ping_timeout, close_timeout)
 
     def origin_allowed(self, origin: str | None) -> bool:

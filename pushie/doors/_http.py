@@ -1,12 +1,22 @@
 # -*- test-case-name: tests.test_publish -*-
 """
-The resource tree and the HTTP site, built in one readable place.
+The hand-written HTTP channel: request parsing and answers for the short
+paths (C{POST /publish}, WebSocket opening handshakes) and the site that
+uses it.  The resource tree is built in L{pushie.doors.tree}.
 
-  /            the demo page (static/index.html)
-  /publish     L{pushie.api.PublishResource}
-  /websocket   the WebSocket door (Autobahn's WebSocketResource)
-  /app/<key>   the Pusher WebSocket door (L{pushie.pusher.door})
-  /apps/<id>/  the Pusher HTTP API (L{pushie.pusher.http})
+Private internals used (checked against Twisted 26.10.0, the version the test
+suite runs on; pyproject.toml allows Twisted>=24.7,<27):
+  - C{twisted.web.http._GenericHTTPChannelProtocol} (the site's protocol
+    factory wraps L{PushieHTTPChannel} in it, as twisted.web's own does);
+  - C{twisted.web.http_headers._nameEncoder} (header name canonicalisation);
+  - C{HTTPChannel} state: C{_buffer} (LineReceiver), C{_dataBuffer},
+    C{_handlingRequest}, C{_waitingForTransport}, C{_networkProducer},
+    C{_savedTimeOut}, C{_abortingCall}, the name-mangled
+    C{_HTTPChannel__first_line}, and the hooks C{_maybeChooseTransferDecoder},
+    C{_failChooseTransferDecoder}, C{_respondToBadRequestAndDisconnect};
+  - C{Request._disconnected} (mirrored by L{FastPublishRequest}).
+tests/test_publish_path.py compares the short paths byte for byte with
+twisted.web's own answers; tests/test_hostile_input.py sends them bad input.
 
 L{PushieRequest} enforces the body size limit while the body arrives:
 twisted.web would otherwise buffer any body whole before a resource runs.
@@ -17,29 +27,23 @@ from __future__ import annotations
 import io
 import re
 import time
-from importlib.resources import files
 from typing import Any
 
-from autobahn.twisted.resource import WebSocketResource
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper
 from twisted.python.failure import Failure
 from twisted.web.http import RESPONSES, HTTPChannel, _GenericHTTPChannelProtocol, datetimeToString
 from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Request, Site
+from twisted.web.server import Request, Site
 
-from pushie.api import ChannelsResource, ErrorResource, HealthResource, PublishResource, write_error
+from pushie._fastwrite import write_now
+from pushie.doors._wsbase import SERVER_NAME
+from pushie.doors.api import write_error
 from pushie.errors import PushieError
-from pushie.fastwrite import write_now
-from pushie.limits import ConnectionLimits, RateLimiter, address_of
+from pushie.limits import ConnectionLimits, address_of
 from pushie.logs import Throttle
-from pushie.metrics import MetricsResource
-from pushie.pusher.http import PusherAPIResource
-from pushie.sse import EventsResource
-from pushie.wsbase import SERVER_NAME
-
-STATIC = files("pushie") / "static"
+from pushie.metrics import Metrics
 
 SERVER_HEADER = SERVER_NAME.encode("ascii")
 """Every HTTP answer's C{Server}: not twisted.web's C{TwistedWeb/<version>} (a version only helps an attacker)."""
@@ -155,7 +159,7 @@ def _header_name(name: bytes) -> bytes:
 class FastPublishRequest:
     """
     The part of L{twisted.web.server.Request} that C{PublishResource.render_POST}
-    and L{pushie.api.write_json} use, for a C{POST /publish} taken by
+    and L{pushie.doors.api.write_json} use, for a C{POST /publish} taken by
     L{PushieHTTPChannel}'s short path.  The answer is the bytes twisted.web
     would write (status line, C{Server}, C{Date}, then the headers in the order
     they were set), written at once in one piece.
@@ -646,10 +650,10 @@ class PushieSite(Site):
         self.max_body_size = max_body_size
         self.websocket_factory = websocket_factory
         self.publish_resource: Any = None
-        # Set by build_site: connections are counted (pending until their
+        # Set by pushie.doors.tree.build_site: connections are counted (pending until their
         # request is whole) and refused at accept past the limits.
         self.limits: ConnectionLimits | None = None
-        self.hub: Any = None
+        self.metrics: Metrics | None = None
         self.throttle: Throttle | None = None
 
     def log(self, request: object) -> None:
@@ -657,8 +661,8 @@ class PushieSite(Site):
 
     def refused(self, error: PushieError, peer: Any) -> None:
         """Count and (throttled) log a connection refused before it had a request."""
-        if self.hub is not None:
-            self.hub.metrics.reject(error.code)
+        if self.metrics is not None:
+            self.metrics.reject(error.code)
         if self.throttle is not None:
             self.throttle.warn(
                 "connection_" + error.code,
@@ -667,94 +671,3 @@ class PushieSite(Site):
                 status=error.status,
                 code=error.code,
             )
-
-
-class StaticFile(Resource):
-    """One packaged file, served from memory with a fixed content type."""
-
-    isLeaf = True
-
-    def __init__(self, name: str, content_type: bytes) -> None:
-        super().__init__()
-        self.body = (STATIC / name).read_bytes()
-        self.content_type = content_type
-
-    def render_GET(self, request: Request) -> bytes:
-        request.setHeader(b"content-type", self.content_type)
-        request.setHeader(b"cache-control", b"no-cache")
-        return self.body
-
-    def render_HEAD(self, request: Request) -> bytes:
-        return self.render_GET(request)
-
-
-class Root(Resource):
-    """The top of the tree: known children, the demo page at /, JSON 404 elsewhere."""
-
-    def __init__(self, index: Resource) -> None:
-        super().__init__()
-        self.index = index
-
-    def getChild(self, path: bytes, request: Request) -> Resource:
-        if path == b"" and not request.postpath:
-            return self.index
-        return ErrorResource(PushieError(404, "not_found", "no such path; see the README for the endpoints"))
-
-    def render(self, request: Request) -> Any:
-        write_error(request, PushieError(404, "not_found", "no such path"))
-        return NOT_DONE_YET
-
-
-def build_site(
-    hub: Any,
-    guard: Any,
-    websocket_factory: Any,
-    throttle: Any,
-    settings: Any,
-    rate_limiter: RateLimiter,
-    serve_metrics: bool,
-    pusher_factory: Any = None,
-) -> PushieSite:
-    """Assemble the resource tree for one daemon."""
-    root = Root(StaticFile("index.html", b"text/html; charset=utf-8"))
-    root.putChild(b"pushie.js", StaticFile("pushie.js", b"application/javascript; charset=utf-8"))
-    publish = PublishResource(hub, guard, throttle, rate_limiter)
-    root.putChild(b"publish", publish)
-    root.putChild(b"websocket", WebSocketResource(websocket_factory))
-    root.putChild(b"channels", ChannelsResource(hub, guard))
-    root.putChild(b"healthz", HealthResource(hub))
-    events = EventsResource(
-        hub,
-        guard,
-        throttle,
-        settings.sse_keepalive,
-        settings.max_subscriptions,
-        settings.slow_consumer_buffer,
-        settings.slow_consumer_grace,
-    )
-    root.putChild(b"events", events)
-    if serve_metrics:
-        root.putChild(b"metrics", MetricsResource(hub.metrics))
-    if pusher_factory is not None:
-        # /app/<key>: the key is read from the path by the protocol.
-        root.putChild(b"app", WebSocketResource(pusher_factory))
-        for path, users_root in ((b"apps", False), (b"users", True)):
-            api = PusherAPIResource(
-                hub, pusher_factory.apps, settings.pusher_max_data_size, throttle, rate_limiter, users_root
-            )
-            root.putChild(path, api)
-    site = PushieSite(
-        root, settings.max_message_size, settings.handshake_timeout, hub.reactor, websocket_factory=websocket_factory
-    )
-    site.publish_resource = publish  # POST /publish: PushieHTTPChannel's short path
-    site.limits = hub.limits
-    site.hub = hub
-    site.throttle = throttle
-    return site
-
-
-def build_metrics_site(hub: Any, settings: Any) -> PushieSite:
-    """A site that serves only C{/metrics}, for C{--metrics-listen}."""
-    root = Root(ErrorResource(PushieError(404, "not_found", "this endpoint serves /metrics only")))
-    root.putChild(b"metrics", MetricsResource(hub.metrics))
-    return PushieSite(root, 0, settings.handshake_timeout, hub.reactor)

@@ -18,27 +18,20 @@ from __future__ import annotations
 import secrets
 from typing import Any
 
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.web.server import NOT_DONE_YET, Request
 
-from pushie.api import JSONResource, write_error
 from pushie.auth import Guard, SubscriberToken
-from pushie.channels import (
-    Burst,
-    Member,
-    Position,
-    PresenceEvent,
-    Publication,
-    check_channel,
-    dumps,
-    is_presence,
-    parse_offset,
-)
+from pushie.channels import Position, check_channel, is_presence, parse_offset
+from pushie.doors.api import JSONResource, write_error
 from pushie.errors import EngineUnavailable, PushieError, bad_request
 from pushie.hub import Hub, Subscribed
 from pushie.limits import SlowConsumerGuard, address_of
 from pushie.logs import Throttle
+from pushie.metrics import Metrics
+from pushie.records import Burst, Member, PresenceEvent, Publication
+from pushie.wire import dumps
 
 log = Logger()
 
@@ -73,6 +66,8 @@ class EventStream:
         request: Request,
         hub: Hub,
         guard: Guard,
+        clock: IReactorTime,
+        metrics: Metrics,
         token: SubscriberToken | None,
         keepalive: float,
         slow_buffer: int = 1 << 20,
@@ -80,6 +75,8 @@ class EventStream:
     ):
         self.request = request
         self.hub = hub
+        self.clock = clock
+        self.metrics = metrics
         self.guard = guard
         self.token = token
         self.client_id = secrets.token_urlsafe(12)
@@ -87,7 +84,6 @@ class EventStream:
         self.positions: dict[str, tuple[int, str]] = {}
         self._event_id: bytes | None = None
         self.finished = False
-        clock = hub.reactor
         self._keepalive = clock.callLater(keepalive, self._keep_alive, keepalive) if keepalive > 0 else None
         self._expiry: IDelayedCall | None = None
         self.backpressure = SlowConsumerGuard(clock, slow_buffer, slow_grace, self._slow_consumer)
@@ -103,7 +99,7 @@ class EventStream:
                 self.backpressure.wrote(len(data))
 
     def _slow_consumer(self) -> None:
-        self.hub.metrics.slow_consumers.inc()
+        self.metrics.slow_consumers.inc()
         self.abort()
 
     def _event(self, name: str, payload: dict[str, Any] | bytes) -> None:
@@ -135,7 +131,7 @@ class EventStream:
 
     def _keep_alive(self, interval: float) -> None:
         self._write(b": keep-alive\n\n")
-        self._keepalive = self.hub.reactor.callLater(interval, self._keep_alive, interval)
+        self._keepalive = self.clock.callLater(interval, self._keep_alive, interval)
 
     # -- subscribing -----------------------------------------------------
 
@@ -187,9 +183,7 @@ class EventStream:
     def _arm_expiry(self) -> None:
         if self.token is None or not any(self.guard.needs_token(c) for c in self.channels):
             return
-        clock = self.hub.reactor
-        delay = max(0.0, self.token.exp + self.guard.leeway - clock.seconds()) + 0.01
-        self._expiry = clock.callLater(delay, self._token_expired)
+        self._expiry = self.guard.call_at_expiry(self.token, self._token_expired)
 
     def _token_expired(self) -> None:
         self._expiry = None
@@ -241,6 +235,8 @@ class EventsResource(JSONResource):
         hub: Hub,
         guard: Guard,
         throttle: Throttle,
+        clock: IReactorTime,
+        metrics: Metrics,
         keepalive: float,
         max_subscriptions: int = 0,
         slow_buffer: int = 1 << 20,
@@ -253,13 +249,15 @@ class EventsResource(JSONResource):
         self.hub = hub
         self.guard = guard
         self.throttle = throttle
+        self.clock = clock
+        self.metrics = metrics
         self.keepalive = keepalive
 
     def render_GET(self, request: Request) -> Any:
         try:
             channels, token, since = self._validate(request)
         except PushieError as e:
-            self.hub.metrics.reject(e.code)
+            self.metrics.reject(e.code)
             self.throttle.warn(
                 "sse_" + e.code,
                 "Refused an event stream from {peer}: {code}",
@@ -274,7 +272,17 @@ class EventsResource(JSONResource):
         # The site's idle timeout protects request reading; a stream is
         # kept alive by its own comments instead.
         request.channel.setTimeout(None)
-        stream = EventStream(request, self.hub, self.guard, token, self.keepalive, self.slow_buffer, self.slow_grace)
+        stream = EventStream(
+            request,
+            self.hub,
+            self.guard,
+            self.clock,
+            self.metrics,
+            token,
+            self.keepalive,
+            self.slow_buffer,
+            self.slow_grace,
+        )
         stream.start(channels, since, address_of(request.getClientAddress()))
         return NOT_DONE_YET
 

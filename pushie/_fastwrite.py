@@ -12,10 +12,11 @@ queued), back-pressure (the rest goes through C{write}, which pauses
 producers) and error handling (errors fall back to C{write}, which lets the
 reactor notice the broken connection as usual).
 
-This relies on the attributes of L{twisted.internet.tcp.Connection}
-(C{socket}, C{dataBuffer}, C{_tempDataLen}, C{_writeDisconnected}); any other
-transport (TLS, tests' string transports) takes the plain path.  The test
-suite covers both paths, and pyproject.toml pins the Twisted range.
+Private internals used (checked against Twisted 26.10.0, the version the
+test suite runs on; pyproject.toml allows Twisted>=24.7,<27): the attributes
+of L{twisted.internet.tcp.Connection} (C{socket}, C{dataBuffer},
+C{_tempDataLen}, C{_writeDisconnected}); any other transport (TLS, tests'
+string transports) takes the plain path.  The test suite covers both paths.
 """
 
 from __future__ import annotations

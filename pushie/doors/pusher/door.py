@@ -30,27 +30,14 @@ import attr
 from autobahn.twisted.websocket import WebSocketServerFactory
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.application.service import Service
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from pushie.channels import (
-    Burst,
-    InvalidJSON,
-    Member,
-    Position,
-    PresenceEvent,
-    Publication,
-    PublishRequest,
-    dumps,
-    json_string,
-    loads,
-    text_frame,
-)
-from pushie.errors import PushieError
-from pushie.hub import Hub, Subscribed
-from pushie.logs import Throttle
-from pushie.pusher.apps import (
+from pushie.channels import Position
+from pushie.doors._wsbase import OPEN, DoorProtocol, configure_factory
+from pushie.doors.pusher.apps import (
     USER_CHANNEL_PREFIX,
     App,
     Apps,
@@ -63,7 +50,12 @@ from pushie.pusher.apps import (
     is_valid_user_id,
     signin_string,
 )
-from pushie.wsbase import CLOSED, OPEN, DoorProtocol, configure_factory
+from pushie.errors import PushieError
+from pushie.hub import Hub, Subscribed
+from pushie.logs import Throttle
+from pushie.metrics import Metrics
+from pushie.records import Burst, Member, PresenceEvent, Publication, PublishRequest
+from pushie.wire import InvalidJSON, dumps, json_string, loads, text_frame
 
 CLOSE_UNKNOWN_APP = 4001
 CLOSE_UNSUPPORTED_PROTOCOL = 4007
@@ -177,6 +169,7 @@ class PusherProtocol(DoorProtocol):
 
     factory: PusherFactory
     slow_close_code = CLOSE_OVER_CAPACITY
+    shutdown_close = (CLOSE_RECONNECT, "Server shutting down; reconnect")
     deny_reasons = frozenset({"origin not allowed"})
     __slots__ = (
         "client_id", "app", "_refusal", "subscriptions", "user_id", "_user_channel", "_opened",
@@ -207,7 +200,7 @@ class PusherProtocol(DoorProtocol):
     def onConnect(self, request: ConnectionRequest) -> None:
         factory = self.factory
         if not factory.origin_allowed(request.origin):
-            factory.hub.metrics.reject("origin_not_allowed")
+            factory.metrics.reject("origin_not_allowed")
             raise ConnectionDeny(403, "origin not allowed")
         key = self.http_request_path.rstrip("/").rpartition("/")[2]
         params = parse_qs(urlsplit(self.http_request_uri).query, keep_blank_values=True)
@@ -227,7 +220,7 @@ class PusherProtocol(DoorProtocol):
             except PushieError as e:
                 self._refusal = (CLOSE_OVER_CAPACITY, f"Over capacity ({e.code}); reconnect later")
         if self._refusal is not None:
-            factory.hub.metrics.reject(f"pusher_close_{self._refusal[0]}")
+            factory.metrics.reject(f"pusher_close_{self._refusal[0]}")
             factory.throttle.warn(
                 f"pusher_refused_{self._refusal[0]}",
                 "Refused a Pusher connection from {peer}: {reason}",
@@ -245,8 +238,8 @@ class PusherProtocol(DoorProtocol):
         factory = self.factory
         factory.hub.connection_opened(self, self.peer_address())
         factory.connections[self] = None
-        self.guard_writes(factory.hub, factory.slow_consumer_buffer, factory.slow_consumer_grace)
-        self.last_seen = factory.hub.reactor.seconds()
+        self.guard_writes(factory.clock, factory.slow_consumer_buffer, factory.slow_consumer_grace)
+        self.last_seen = factory.clock.seconds()
         self.send_event(
             "pusher:connection_established",
             {"socket_id": self.socket_id, "activity_timeout": max(1, round(factory.activity_timeout))},
@@ -318,7 +311,7 @@ class PusherProtocol(DoorProtocol):
         self.close_with(CLOSE_TERMINATED, "terminated")
 
     def _error(self, error: PusherError) -> None:
-        self.factory.hub.metrics.reject("pusher_error")
+        self.factory.metrics.reject("pusher_error")
         self.send_event("pusher:error", {"code": error.code, "message": error.message})
         if error.channel is not None:
             self.send_event(
@@ -339,7 +332,7 @@ class PusherProtocol(DoorProtocol):
             return
         if not self._opened:
             return
-        self.last_seen = self.factory.hub.reactor.seconds()
+        self.last_seen = self.factory.clock.seconds()
         self.pinged_at = None
         try:
             self._handle(payload)
@@ -415,7 +408,7 @@ class PusherProtocol(DoorProtocol):
             )
         self.subscriptions[channel] = _Subscription(member)
         if is_cache(channel):
-            d = self.factory.hub.engine.state(self.app.hub_name(channel))
+            d = self.factory.hub.state(self.app.hub_name(channel))
             d.addCallback(lambda state: self._subscribe(channel, member, state))
             d.addErrback(lambda failure: self._subscribe_failed(channel, failure))
         else:
@@ -454,7 +447,7 @@ class PusherProtocol(DoorProtocol):
         if not is_presence(channel):
             self.send_event("pusher_internal:subscription_succeeded", {}, channel)
             return
-        d = self.factory.hub.engine.presence(self.app.hub_name(channel))
+        d = self.factory.hub.members(self.app.hub_name(channel))
         d.addCallback(
             lambda members: self.send_event("pusher_internal:subscription_succeeded", _succeeded_data(members), channel)
         )
@@ -550,13 +543,13 @@ class PusherProtocol(DoorProtocol):
             raise PusherError("Client events are allowed on private- and presence- channels only (not encrypted)")
         if len(event) > 200:
             raise PusherError("Event names are at most 200 characters")
-        now = factory.hub.reactor.seconds()
+        now = factory.clock.seconds()
         if now - self._event_window >= 1.0:
             self._event_window = now
             self._event_count = 0
         self._event_count += 1
         if self._event_count > factory.client_event_rate:
-            factory.hub.metrics.reject("pusher_client_event_rate")
+            factory.metrics.reject("pusher_client_event_rate")
             raise PusherError(
                 f"Client event rejected - only {factory.client_event_rate:g} accepted per second",
                 code=ERROR_CLIENT_EVENT_RATE,
@@ -580,7 +573,7 @@ class PusherProtocol(DoorProtocol):
         """
         hub = self.factory.hub
         d = hub.publish(requests)
-        d.addCallback(lambda publications: hub.metrics.publications.inc(len(publications)))
+        d.addCallback(lambda publications: self.factory.metrics.publications.inc(len(publications)))
         d.addErrback(lambda failure: self._error(PusherError("The client event could not be sent; retry later")))
 
         def next_batch(_: object) -> None:
@@ -611,12 +604,6 @@ class PusherProtocol(DoorProtocol):
         elif now - self.last_seen >= factory.activity_timeout:
             self.pinged_at = now
             self.send_event("pusher:ping", {})
-
-    def close_for_shutdown(self) -> None:
-        if self.state == OPEN:
-            self.close_with(CLOSE_RECONNECT, "Server shutting down; reconnect")
-        elif self.state != CLOSED:
-            self.dropConnection(abort=True)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         self.closed()
@@ -670,9 +657,13 @@ class PusherFactory(WebSocketServerFactory):
         apps: Apps,
         settings: Any,
         origin_allowed: Callable[[str | None], bool],
+        clock: IReactorTime,
+        metrics: Metrics,
     ) -> None:
         super().__init__()
         self.hub = hub
+        self.clock = clock
+        self.metrics = metrics
         self.apps = apps
         self.origin_allowed = origin_allowed
         self.activity_timeout = settings.pusher_activity_timeout
@@ -684,7 +675,7 @@ class PusherFactory(WebSocketServerFactory):
         self.slow_consumer_buffer = settings.slow_consumer_buffer
         self.slow_consumer_grace = settings.slow_consumer_grace
         self.connections: dict[PusherProtocol, None] = {}
-        self.throttle = Throttle(self.log, hub.reactor)
+        self.throttle = Throttle(self.log, clock)
         # Pusher clients keep connections alive with pusher:ping/pong (see
         # PusherDoor), not with WebSocket pings.
         configure_factory(
@@ -692,7 +683,7 @@ class PusherFactory(WebSocketServerFactory):
         )
 
     def check_activity(self) -> None:
-        now = self.hub.reactor.seconds()
+        now = self.clock.seconds()
         for protocol in list(self.connections):
             protocol.check_activity(now)
 
@@ -711,7 +702,7 @@ class PusherDoor(Service):
         factory = self.factory
         interval = max(0.05, min(factory.activity_timeout, factory.pong_timeout) / 4)
         self._sweep = LoopingCall(factory.check_activity)
-        self._sweep.clock = factory.hub.reactor
+        self._sweep.clock = factory.clock
         self._sweep.start(interval, now=False)
 
     def stopService(self) -> None:

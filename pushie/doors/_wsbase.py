@@ -4,6 +4,20 @@ What every WebSocket door (Pushie's own, the Pusher door) shares: Autobahn's
 options set on purpose, the fan-out write path, the slow-consumer guard,
 closes with any code, a quiet Autobahn log, and the per-connection memory
 savings.
+
+Private internals used (checked against Autobahn 26.11.1 and Twisted 26.10.0,
+the versions the test suite runs on; pyproject.toml allows autobahn>=24.4,<27):
+  - Autobahn's protocol state: C{send_state}, C{send_queue}, C{triggered},
+    C{_perMessageCompress}, C{trackedTimings}, C{current_frame} and the ~30
+    other per-connection attributes listed in C{_IDLE_DEFAULTS}, which are
+    taken out of each instance's C{__dict__} and read from class attributes
+    while they keep their idle values;
+  - its options, read from a per-factory subclass (L{configure_factory})
+    instead of being copied onto every protocol;
+  - the write path of L{pushie._fastwrite} (twisted.internet.tcp internals).
+tests/test_fastpath.py, tests/test_wsframes.py and the Autobahn|Testsuite run
+(tests/test_conformance.py) check the doors' frames and closes against
+Autobahn's own.
 """
 
 from __future__ import annotations
@@ -19,9 +33,9 @@ from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 from twisted.web.http import RESPONSES
 
-from pushie.channels import text_frame
-from pushie.fastwrite import write_now
+from pushie._fastwrite import write_now
 from pushie.limits import SlowConsumerGuard, address_of
+from pushie.wire import text_frame
 
 OPEN = WebSocketProtocol.STATE_OPEN
 CLOSING = WebSocketProtocol.STATE_CLOSING
@@ -87,13 +101,16 @@ class _QuietLog:
 
 class DoorProtocol(WebSocketServerProtocol):
     """
-    A server connection of a door.  Subclasses set C{slow_close_code}, call
-    L{guard_writes} and then L{shrink} once open, and L{closed} from onClose.
-    The factory must have C{hub} and C{throttle}.
+    A server connection of a door.  Subclasses set C{slow_close_code} and
+    C{shutdown_close}, call L{guard_writes} and then L{shrink} once open, and
+    L{closed} from onClose.
+    The factory must have C{hub}, C{throttle}, C{clock} and C{metrics}.
     """
 
     __slots__ = ("_guard",)
     slow_close_code = 1013
+    shutdown_close: tuple[int, str] = (1001, "server shutting down")
+    """The close code and reason a connection gets when the daemon stops."""
     deny_reasons: frozenset[str] = frozenset()
     """The fixed texts a door's onConnect refuses with; any other refusal gets the status's standard phrase."""
     _drain_call: Any = None
@@ -107,9 +124,9 @@ class DoorProtocol(WebSocketServerProtocol):
         assert self.transport is not None  # asked only while connected
         return address_of(self.transport.getPeer())
 
-    def guard_writes(self, hub: Any, limit: int, grace: float) -> None:
+    def guard_writes(self, clock: Any, limit: int, grace: float) -> None:
         """Watch the outgoing buffer: a client that stops reading is dropped, nobody else waits."""
-        self._guard = SlowConsumerGuard(hub.reactor, limit, grace, self._slow_consumer)
+        self._guard = SlowConsumerGuard(clock, limit, grace, self._slow_consumer)
         transport = cast(IConsumer, self.transport)  # tcp.Server or TLS: both are consumers
         # Behind WebSocketResource the HTTP channel is still the transport's
         # producer: we take its place to learn when the buffer is full.
@@ -194,7 +211,7 @@ class DoorProtocol(WebSocketServerProtocol):
 
     def _slow_consumer(self) -> None:
         """Too much is waiting for this client: close and drop it."""
-        self.factory.hub.metrics.slow_consumers.inc()
+        self.factory.metrics.slow_consumers.inc()
         self.factory.throttle.warn(
             "slow_consumer", "Dropped a slow consumer at {peer} ({code})", peer=self.peer, code=self.slow_close_code
         )
@@ -221,6 +238,13 @@ class DoorProtocol(WebSocketServerProtocol):
         if self.state == OPEN:
             self.sendCloseFrame(code=code, reasonUtf8=reason.encode("utf-8")[:123], isReply=False)
 
+    def close_for_shutdown(self) -> None:
+        """Close with C{shutdown_close} (the Hub drains the doors on stop); a connection not yet open is dropped."""
+        if self.state == OPEN:
+            self.close_with(*self.shutdown_close)
+        elif self.state != CLOSED:
+            self.dropConnection(abort=True)
+
     def abort(self) -> None:
         if self.transport is not None:
             self.transport.abortConnection()  # type: ignore[attr-defined]  # ITCPTransport's; TLS has it too
@@ -240,7 +264,7 @@ class DoorProtocol(WebSocketServerProtocol):
             super().dropConnection(abort=False)
             if self.transport is not None and self.transport.connected:  # type: ignore[attr-defined]  # tcp's
                 delay = self.closeHandshakeTimeout or 5.0
-                self._drain_call = self.factory.hub.reactor.callLater(delay, self.abort)
+                self._drain_call = self.factory.clock.callLater(delay, self.abort)
             return
         super().dropConnection(abort)
 
@@ -262,7 +286,7 @@ class DoorProtocol(WebSocketServerProtocol):
         if self._guard is not None:
             self._guard.cancel()
         if self.failedByMe and self.localCloseCode in QUIET_CLOSE_CODES:
-            self.factory.hub.metrics.reject(f"websocket_close_{self.localCloseCode}")
+            self.factory.metrics.reject(f"websocket_close_{self.localCloseCode}")
             self.factory.throttle.warn(
                 "ws_protocol_error",
                 "Closed a WebSocket connection from {peer} with {code}: {reason}",

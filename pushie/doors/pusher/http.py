@@ -9,7 +9,7 @@ The Pusher HTTP API under C{/apps/<app_id>/}, as the Pusher server SDKs call it:
 Every request is signed: C{auth_key} must be the app's key, C{auth_timestamp}
 within 600 seconds of the server's clock, C{auth_version} C{1.0}, C{body_md5}
 the MD5 of a non-empty body, and C{auth_signature} the HMAC of
-L{pushie.pusher.apps.api_string_to_sign}, compared in constant time.  A
+L{pushie.doors.pusher.apps.api_string_to_sign}, compared in constant time.  A
 request is checked whole before anything is published.
 """
 
@@ -21,17 +21,13 @@ from typing import Any
 from urllib.parse import unquote
 
 from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.server import NOT_DONE_YET, Request
 
-from pushie.api import JSONResource, write_error, write_json
-from pushie.channels import InvalidJSON, PublishRequest, dumps, loads
-from pushie.errors import ENGINE_FAILURES, EngineUnavailable, OutcomeUnknown, PushieError, bad_request
-from pushie.hub import Hub
-from pushie.limits import RateLimiter
-from pushie.logs import Throttle
-from pushie.pusher.apps import (
+from pushie.doors.api import JSONResource, error_of, write_error, write_json
+from pushie.doors.pusher.apps import (
     USER_CHANNEL_PREFIX,
     App,
     Apps,
@@ -43,7 +39,14 @@ from pushie.pusher.apps import (
     is_valid_socket_id,
     is_valid_user_id,
 )
-from pushie.pusher.door import TERMINATE_EVENT
+from pushie.doors.pusher.door import TERMINATE_EVENT
+from pushie.errors import OutcomeUnknown, PushieError, bad_request
+from pushie.hub import Hub
+from pushie.limits import RateLimiter
+from pushie.logs import Throttle
+from pushie.metrics import Metrics
+from pushie.records import PublishRequest
+from pushie.wire import InvalidJSON, dumps, loads
 
 log = Logger()
 
@@ -76,10 +79,14 @@ class PusherAPIResource(JSONResource):
         max_data_size: int,
         throttle: Throttle,
         rate_limiter: RateLimiter,
+        clock: IReactorTime,
+        metrics: Metrics,
         users_root: bool = False,
     ) -> None:
         super().__init__()
         self.hub = hub
+        self.clock = clock
+        self.metrics = metrics
         self.apps = apps
         self.max_data_size = max_data_size
         self.throttle = throttle
@@ -103,7 +110,7 @@ class PusherAPIResource(JSONResource):
         return NOT_DONE_YET
 
     def _refuse(self, request: Request, error: PushieError) -> None:
-        self.hub.metrics.reject("pusher_api_" + error.code)
+        self.metrics.reject("pusher_api_" + error.code)
         self.throttle.warn(
             "pusher_api_" + error.code,
             "Refused a Pusher API request from {peer}: {status} {message}",
@@ -114,19 +121,13 @@ class PusherAPIResource(JSONResource):
         write_error(request, error)
 
     def _failed(self, request: Request, failure: Failure) -> None:
-        if isinstance(failure.value, PushieError):
-            error = failure.value
-        else:
-            log.failure("Pusher API request failed", failure)
-            error = EngineUnavailable()
+        error = error_of(failure, log, "Pusher API request failed", self.metrics)
         if isinstance(error, OutcomeUnknown):
             # Pusher triggers carry no idempotency key: say so rather than suggest one.
             error = OutcomeUnknown(
                 "the event may or may not have been triggered (the engine's answer was lost); "
                 "a retry may deliver it twice"
             )
-        if error.code in ENGINE_FAILURES:
-            self.hub.metrics.engine_errors.inc()
         self._refuse(request, error)
 
     # -- signing ---------------------------------------------------------
@@ -148,7 +149,7 @@ class PusherAPIResource(JSONResource):
             timestamp = int(params.get("auth_timestamp", ""))
         except ValueError:
             raise unauthorized("auth_timestamp must be the Unix time of the request") from None
-        if abs(self.hub.reactor.seconds() - timestamp) > TIMESTAMP_WINDOW:
+        if abs(self.clock.seconds() - timestamp) > TIMESTAMP_WINDOW:
             raise unauthorized(
                 f"auth_timestamp is more than {TIMESTAMP_WINDOW} seconds from the server's time; check the clock"
             )
@@ -231,7 +232,7 @@ class PusherAPIResource(JSONResource):
         d = self.hub.publish(requests)
 
         def answer(publications: Any) -> Deferred[Any]:
-            self.hub.metrics.publications.inc(len(publications))
+            self.metrics.publications.inc(len(publications))
             if not any(info for _, info in infos):
                 return succeed({})
             d: Deferred[dict[str, Any]]
@@ -308,7 +309,7 @@ class PusherAPIResource(JSONResource):
             )
 
     def _counts_subscriptions(self) -> bool:
-        return self.hub.engine.name == "memory"
+        return self.hub.single_node
 
     def _info(self, app: App, channel: str, info: set[str]) -> Deferred[dict[str, Any]]:
         """The asked attributes of a channel (checked by the caller with L{_check_counting})."""
@@ -317,9 +318,7 @@ class PusherAPIResource(JSONResource):
         if "subscription_count" in info:
             result["subscription_count"] = self.hub.subscriber_count(hub_name)
         if "user_count" in info:
-            return self.hub.engine.presence(hub_name).addCallback(
-                lambda members: {**result, "user_count": len(members)}
-            )
+            return self.hub.members(hub_name).addCallback(lambda members: {**result, "user_count": len(members)})
         return succeed(result)
 
     def _channels(self, app: App, params: dict[str, str]) -> Deferred[Any]:
@@ -328,7 +327,7 @@ class PusherAPIResource(JSONResource):
         if "user_count" in info and not prefix.startswith("presence-"):
             raise bad_request("invalid_info", "info=user_count needs filter_by_prefix=presence-")
         self._check_counting(info)
-        d = self.hub.engine.occupied(app.hub_prefix + prefix)
+        d = self.hub.occupied(app.hub_prefix + prefix)
 
         def listed(names: list[str]) -> Deferred[Any]:
             channels = [app.channel_name(n) for n in names if app.owns(n) and is_valid_channel(app.channel_name(n))]
@@ -346,7 +345,7 @@ class PusherAPIResource(JSONResource):
             raise bad_request("invalid_info", "user_count is available for presence- channels only")
         self._check_counting(info)
         hub_name = app.hub_name(channel)
-        d = self.hub.engine.occupied(hub_name)
+        d = self.hub.occupied(hub_name)
 
         def answer(names: list[str]) -> Deferred[Any]:
             occupied = hub_name in names
@@ -357,7 +356,7 @@ class PusherAPIResource(JSONResource):
     def _users(self, app: App, channel: str) -> Deferred[Any]:
         if not is_valid_channel(channel) or not is_presence(channel):
             raise bad_request("not_presence_channel", "users are listed for presence- channels only")
-        return self.hub.engine.presence(app.hub_name(channel)).addCallback(
+        return self.hub.members(app.hub_name(channel)).addCallback(
             lambda members: {"users": [{"id": m.id} for m in members]}
         )
 

@@ -1,0 +1,180 @@
+# -*- test-case-name: tests.test_units -*-
+"""
+The wire format: how Pushie's JSON is read and written, the message
+envelope, and WebSocket text frames.
+
+Every door decodes what clients send with L{loads} (strict: RFC 8259 only)
+and encodes with L{dumps}; a message's envelope is built by
+L{message_envelope} only, and framed by L{text_frame}.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from pushie._json import ENCODER, dumps
+
+__all__ = [
+    "MAX_JSON_DEPTH",
+    "InvalidJSON",
+    "dumps",
+    "json_string",
+    "loads",
+    "message_envelope",
+    "text_frame",
+]
+
+# Strings made of these characters need no escaping in JSON (channel names,
+# the engines' epochs, most event names).
+_PLAIN_RE = re.compile(r"[A-Za-z0-9_\-=@,.;: ]*\Z")
+
+
+MAX_JSON_DEPTH = 64
+"""
+How deeply arrays and objects may nest in JSON a client sends.  Deeper
+input is refused at decode: Python's decoder and encoder recurse, and a body
+of 30,000 brackets would otherwise end in a RecursionError (a traceback and
+a dropped request) instead of a 400.
+"""
+
+
+class InvalidJSON(ValueError):
+    """Input that L{loads} refuses; C{str()} says why, in words a client can act on."""
+
+
+def _finite_float(text: str) -> float:
+    number = float(text)
+    if number - number != 0.0:  # inf - inf and nan - nan are NaN: cheaper than math.isfinite's call
+        raise InvalidJSON(f"the number {text[:32]} is too large for a 64-bit float (RFC 8259 interoperability)")
+    return number
+
+
+def _no_constant(name: str) -> Any:
+    raise InvalidJSON(f"{name} is not JSON (RFC 8259 has no NaN or Infinity)")
+
+
+# json.loads builds a new decoder for every call with options; these are built once.
+_DECODER = json.JSONDecoder(parse_constant=_no_constant)
+# Checking every float costs a Python call each: that decoder is only for
+# text that may hold one that overflows, found by L{_may_overflow}.
+_DECODER_CHECKING_FLOATS = json.JSONDecoder(parse_float=_finite_float, parse_constant=_no_constant)
+_NUMBER_SHAPE = bytes.maketrans(b"123456789E", b"000000000e")
+_MANY_DIGITS = b"0" * 309
+# A lone surrogate can only come from a \uD800-\uDFFF escape once the bytes are
+# strict UTF-8; text without one needs no walk for it.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89abcdefABCDEF]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _may_overflow(raw: bytes) -> bool:
+    """
+    Whether C{raw} may hold a float that overflows to infinity: one with an
+    exponent of three digits or more, or 309 digits in a row.  (Two C scans
+    of the bytes; a regular expression with a character class costs ten
+    times more, and a Python call per float more still.)
+    """
+    shape = raw.translate(_NUMBER_SHAPE, b"+")
+    return b"e000" in shape or _MANY_DIGITS in shape
+
+
+def loads(raw: bytes | str) -> Any:
+    """
+    Decode JSON that a client sent, strictly: the one decoder of every door.
+
+    Refused, with L{InvalidJSON} (a C{ValueError}): what is not JSON, the
+    constants C{NaN}, C{Infinity} and C{-Infinity} that Python's decoder
+    accepts, numbers that overflow a float (C{1e999} would come back as
+    C{Infinity}), invalid UTF-8 (UTF-16 and UTF-32 bodies are read as RFC
+    8259 allows), strings holding a lone surrogate (C{"\\ud800"}: it cannot
+    be encoded as UTF-8 when the data is sent on), and nesting deeper than
+    L{MAX_JSON_DEPTH}.  Whatever this returns, L{dumps} encodes as valid JSON.
+    """
+    if isinstance(raw, bytes):
+        encoding = json.detect_encoding(raw)
+        try:
+            text = raw.decode(encoding)
+        except UnicodeDecodeError:
+            raise InvalidJSON(f"the text is not valid {encoding.upper()}") from None
+        utf8 = raw if encoding == "utf-8" else text.encode("utf-8")
+        surrogates = False
+    else:
+        text = raw
+        utf8 = raw.encode("utf-8", "surrogatepass")
+        surrogates = _SURROGATE.search(raw) is not None
+    huge = _may_overflow(utf8)
+    surrogates = surrogates or _SURROGATE_ESCAPE.search(utf8) is not None
+    brackets = utf8.count(b"[") + utf8.count(b"{")
+    try:
+        value = (_DECODER_CHECKING_FLOATS if huge else _DECODER).decode(text)
+    except RecursionError:
+        raise InvalidJSON(f"arrays and objects nest deeper than {MAX_JSON_DEPTH} levels") from None
+    except InvalidJSON:
+        raise
+    except json.JSONDecodeError as e:
+        raise InvalidJSON(f"{e.msg} at character {e.pos}") from None
+    except ValueError:  # an integer over Python's 4300-digit conversion limit
+        raise InvalidJSON("a number has more digits than this server reads") from None
+    if surrogates or brackets > MAX_JSON_DEPTH:
+        _check_decoded(value)
+    return value
+
+
+def _check_decoded(value: Any) -> None:
+    """Walk a decoded value (without recursion): its depth, and no lone surrogate in any string."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, str):
+            if _SURROGATE.search(item) is not None:
+                raise InvalidJSON("a string holds a lone UTF-16 surrogate (such as \\ud800); it is not Unicode text")
+            continue
+        if isinstance(item, (list, dict)):
+            if depth > MAX_JSON_DEPTH:
+                raise InvalidJSON(f"arrays and objects nest deeper than {MAX_JSON_DEPTH} levels")
+            if isinstance(item, dict):
+                stack.extend((key, depth) for key in item)
+                stack.extend((child, depth + 1) for child in item.values())
+            else:
+                stack.extend((child, depth + 1) for child in item)
+
+
+def json_string(text: str) -> bytes:
+    """C{dumps(text)} for a string, without the encoder for the common plain strings."""
+    if _PLAIN_RE.match(text) is not None:
+        return b'"' + text.encode("ascii") + b'"'
+    return ENCODER.encode(text).encode("utf-8")
+
+
+def text_frame(payload: bytes) -> bytes:
+    """One unmasked, unfragmented WebSocket text frame (RFC 6455 5.2) carrying C{payload}."""
+    size = len(payload)
+    if size < 126:
+        return b"\x81" + bytes((size,)) + payload
+    if size < 65536:
+        return b"\x81\x7e" + size.to_bytes(2, "big") + payload
+    return b"\x81\x7f" + size.to_bytes(8, "big") + payload
+
+
+def message_envelope(
+    channel: str, event: str, offset: int, epoch: str, data: bytes, user_id: str | None = None
+) -> bytes:
+    """
+    The JSON envelope of one message as subscribers receive it (PROTOCOL.md,
+    "message"): the one place its fields and their order are written.
+    C{data} is already compact JSON.
+    """
+    return b"".join(
+        (
+            b'{"type":"message","channel":',
+            json_string(channel),
+            b',"event":',
+            b'"message"' if event == "message" else json_string(event),
+            b',"offset":%d,"epoch":' % offset,
+            json_string(epoch),
+            b',"data":',
+            data,
+            b"}" if user_id is None else b',"user_id":' + dumps(user_id) + b"}",
+        )
+    )
