@@ -30,6 +30,8 @@ from pushie.tap import PushieService
 WS_KEY = b"dGhlIHNhbXBsZSBub25jZQ=="
 WS_ACCEPT = b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
 """RFC 6455 section 1.3's example key and the Sec-WebSocket-Accept it must get."""
+START = 1_800_000_000.0
+"""Where a L{Node}'s clock starts: a plausible time, so that token times make sense."""
 
 
 class Node:
@@ -43,6 +45,7 @@ class Node:
         overrides.setdefault("engine", "memory")
         overrides.setdefault("ping_interval", 0)
         self.clock = MemoryReactorClock()
+        self.clock.advance(START)
         self.settings = Settings.defaults().replace(**overrides)
         self.service = PushieService(self.settings, self.clock)
         started = self.service.startService()
@@ -50,6 +53,7 @@ class Node:
         started.addBoth(outcome.append)
         assert outcome and not isinstance(outcome[0], Failure), outcome
         self._peers = 0
+        self.pumps: list[IOPump] = []
 
     @property
     def hub(self) -> Any:
@@ -76,18 +80,42 @@ class Node:
         )
         client_transport = FakeTransport(client, isServer=False)
         pump = connect(server, server_transport, client, client_transport, clock=self.clock)
+        self.pumps.append(pump)
         return server, client, pump  # type: ignore[return-value]
 
+    def flush(self) -> None:
+        """Move every connection's bytes (and closes) until none move."""
+        for pump in self.pumps:
+            pump.flush()
+
     def stop(self) -> None:
-        """Stop the daemon, moving the fake clock on until the Hub's drain is done."""
+        """
+        Stop the daemon, moving the fake clock on (and the bytes: clients
+        that do not answer the closes are dropped) until the Hub's drain is
+        done and every connection is gone.
+        """
         stopped = self.service.stopService()
         outcome: list[Any] = []
         stopped.addBoth(outcome.append)
-        for _ in range(100):
+        for _ in range(200):
+            self.flush()
             if outcome:
                 break
             self.clock.advance(0.1)
         assert outcome and not isinstance(outcome[0], Failure), outcome
+
+
+def publish_request(node: Node, body: bytes) -> bytes:
+    """C{POST /publish} C{body} on a connection of its own; the answer's bytes."""
+    _, client, pump = node.connect()
+    client.send(
+        b"POST /publish HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+        % (len(body), body)
+    )
+    pump.flush()
+    answer = client.take()
+    assert answer.startswith(b"HTTP/1.1 200 "), answer
+    return answer
 
 
 class RawClient(Protocol):
@@ -185,6 +213,10 @@ class WSClient:
     def messages(self) -> list[Any]:
         """The JSON text messages received since the last call (other frames are dropped)."""
         return [json.loads(payload) for opcode, payload in self.frames() if opcode == 0x1]
+
+    def close(self, code: int = 1000) -> None:
+        """Send a close frame (the reply to the server's, or the first)."""
+        self.send(client_frame(0x8, code.to_bytes(2, "big")))
 
     @property
     def closed(self) -> bool:
