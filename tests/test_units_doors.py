@@ -7,6 +7,9 @@ server's frames read byte for byte) through L{twisted.test.iosim}.  Token
 expiry and Pusher's activity timeout fire because a test moved the fake
 clock.
 
+The contract: docs/PROTOCOL.md §5.3 and docs/PROTOCOL.md §5.4 (frames),
+docs/PROTOCOL.md §5.5 (error frames), docs/PROTOCOL.md §5.6 (close codes),
+docs/PROTOCOL.md §8.8 (token expiry), docs/PROTOCOL.md §13 (the Pusher door).
 The same behaviours cross real sockets in tests/test_websocket.py and
 tests/test_pusher.py.
 """

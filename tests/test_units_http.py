@@ -4,8 +4,10 @@ no sockets: the daemon is wired as twistd wires it on a L{MemoryReactorClock},
 clients talk to its site through L{twisted.test.iosim}, and every deadline
 fires because a test moved the fake clock, never because real time passed.
 
-The same behaviours cross real sockets in tests/test_publish_path.py and
-tests/test_hostile_input.py.
+The contract is docs/PROTOCOL.md §3.1 (the request) and docs/PROTOCOL.md §12
+(the limits of the request line, headers, Content-Length and the whole-request
+deadline).  The same behaviours cross real sockets in
+tests/test_publish_path.py and tests/test_hostile_input.py.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import re
 from typing import Any
 
 import pytest
+from twisted.internet import reactor
 
 from pushie.doors._http import MAX_CONTENT_LENGTH_DIGITS, PushieRequest
 from tests.helpers import LogWatcher, parse_http_answers
@@ -47,6 +50,8 @@ class CountingRequest(PushieRequest):
 
 @pytest.fixture
 def node():
+    """A daemon on a fake clock whose twisted.web requests are counted; it must log no traceback."""
+    before = set(reactor.getDelayedCalls())
     node = Node(handshake_timeout=TIMEOUT, max_message_size=1024)
     CountingRequest.made = 0
     node.service.site.requestFactory = CountingRequest
@@ -55,6 +60,8 @@ def node():
     watcher.stop()
     watcher.check()
     node.stop()
+    left = [call for call in reactor.getDelayedCalls() if call.active() and call not in before]
+    assert not left, f"timers left on the real reactor: {left}"
 
 
 def without_date(answer: bytes) -> bytes:
