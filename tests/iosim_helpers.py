@@ -9,8 +9,10 @@ Unit tests of the hand-written HTTP channel and of the door protocols use it
 beside them (tests/helpers.py) cross real sockets.
 
 Autobahn schedules its own timers (closing handshakes, pings) on txaio's
-reactor, the global one: the doors here run with C{ping_interval=0}, and the
-tests finish every closing handshake they start.
+reactor, the global one: the doors here run with C{ping_interval=0}, tests
+finish the closing handshakes they start, L{Node.stop} moves bytes until every
+connection is gone, and the tests' fixtures check that no timer is left on the
+real reactor.
 """
 
 from __future__ import annotations
