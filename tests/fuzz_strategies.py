@@ -620,6 +620,7 @@ KNOWN_TOKEN_CLAIMS = [
     {"sub": "u", "exp": float("nan"), "channels": ["*"]},  # A10
     {"sub": "u", "exp": float("inf"), "channels": ["*"]},  # A10
     {"sub": "\ud800", "exp": 4102444800, "channels": ["*"]},  # a lone surrogate in a claim
+    {"sub": "u", "exp": 10**400, "channels": ["*"]},  # past a double: overflowed math.isfinite (a 500)
 ]
 
 

@@ -54,6 +54,7 @@ from tests.helpers import (
     daemon_counts,
     raw_connect,
     raw_exchange,
+    raw_handshake,
     start_daemon,
     strict_json,
     wait_for,
@@ -426,12 +427,43 @@ async def token_example(daemon: Daemon, token: Any, channel: str) -> None:
 @example(token=fs.known_token(fs.KNOWN_TOKEN_CLAIMS[0], SECRET), channel="private-fz")
 @example(token=fs.known_token(fs.KNOWN_TOKEN_CLAIMS[1], SECRET), channel="private-fz")
 @example(token=fs.known_token(fs.KNOWN_TOKEN_CLAIMS[2], SECRET), channel="private-fz")
+@example(token=fs.known_token(fs.KNOWN_TOKEN_CLAIMS[3], SECRET), channel="private-fz")
 @pytest_twisted.ensureDeferred
 async def test_token_fuzz(fuzzed_memory, watcher, token, channel):
     begin(watcher)
     await token_example(fuzzed_memory, token, channel)
     watcher.check("a token")
     await settled(fuzzed_memory, fuzzed_memory.baseline)
+
+
+@pytest.mark.parametrize("claim", ["exp", "nbf", "iat"])
+@pytest_twisted.ensureDeferred
+async def test_token_time_claim_past_a_double_is_refused(fuzzed_memory, watcher, claim):
+    """
+    Found by test_token_fuzz: a signed token whose C{exp} (or C{nbf},
+    C{iat}) is an integer of more than 308 digits (valid JSON) overflowed
+    C{math.isfinite}: a 500 to the WebSocket handshake and a traceback.  It
+    is a 401 C{unauthorized} like any other bad time claim, on every door.
+    """
+    claims = {"sub": "u", "exp": NOW + 600, "channels": ["*"], claim: 10**400}
+    token = fs.known_token(claims, SECRET)
+    status, client = await raw_handshake(fuzzed_memory.port, f"/websocket?channel=private-fz&token={token}")
+    assert status == 401, client.received[:300]
+    client.transport.abortConnection()
+    await client.lost
+    answers, _, received = await raw_exchange(
+        fuzzed_memory.port, [f"GET /events?channel=private-fz&token={token} HTTP/1.1\r\nHost: x\r\n\r\n".encode()]
+    )
+    assert answers and answers[0].status == 401, received[:300]
+    assert strict_json(answers[0].body)["error"] == "unauthorized"
+    protocol, recorder = await record_ws(fuzzed_memory.port, "/websocket")
+    protocol.sendMessage(json.dumps({"type": "auth", "token": token}).encode())
+    await wait_for(lambda: recorder["frames"][1:] or recorder["closed"].called)
+    assert not recorder["closed"].called, recorder["code"]
+    frame = strict_json(recorder["frames"][1])
+    assert frame["type"] == "error" and frame["code"] == "unauthorized", frame
+    watcher.check()
+    await close_ws(protocol, recorder)
 
 
 # -- Server-Sent Events -------------------------------------------------------
