@@ -683,13 +683,21 @@ async def test_over_long_line_is_answered(fuzzed_memory, watcher, request_head):
 @pytest_twisted.ensureDeferred
 async def test_pusher_auth_with_lone_surrogates_is_refused(fuzzed_memory, watcher):
     """
-    Found by test_pusher_websocket_fuzz: a lone surrogate (valid JSON:
-    C{"\\ud800"}) in a C{pusher:signin} or C{pusher:subscribe} auth, user_data
-    or channel_data raised UnicodeEncodeError while checking the signature:
-    a traceback, and the connection dropped without a close frame.  Each now
-    gets a C{pusher:error} and the connection stays open.
+    Found by test_pusher_websocket_fuzz: a lone surrogate (valid JSON to
+    Python: C{"\\ud800"}) in a C{pusher:signin} or C{pusher:subscribe} auth,
+    user_data or channel_data raised UnicodeEncodeError while checking the
+    signature: a traceback, and the connection dropped without a close frame.
+
+    Since the strict decoder (ISSUE12 A7, README Limits: client JSON) such a
+    frame is refused whole, before any signature is checked: one
+    C{pusher:error} each (no C{pusher:subscription_error}: no channel was
+    read).  The escape can still reach the signature and the inner JSON as
+    text (C{\\\\ud800} in user_data or channel_data, correctly signed): the
+    inner JSON is refused as well.  The connection stays open throughout.
     """
     protocol, recorder = await record_ws(fuzzed_memory.port, f"/app/{KEY}?protocol=7&client=js&version=8.4.0")
+    await wait_for(lambda: recorder["frames"] or recorder["closed"].called)
+    socket_id = json.loads(json.loads(recorder["frames"][0])["data"])["socket_id"]
     frames = [
         {"event": "pusher:signin", "data": {"user_data": '{"id": "u1"}', "auth": "\ud800"}},
         {"event": "pusher:signin", "data": {"user_data": '{"id": "\ud800"}', "auth": f"{KEY}:00"}},
@@ -698,10 +706,36 @@ async def test_pusher_auth_with_lone_surrogates_is_refused(fuzzed_memory, watche
     ]
     for frame in frames:
         protocol.sendMessage(json.dumps(frame).encode())  # ensure_ascii: the surrogates travel as \\u escapes
-    await wait_for(lambda: len(recorder["frames"]) >= 1 + 4 + 2 or recorder["closed"].called)
+    await wait_for(lambda: len(recorder["frames"]) >= 1 + 4 or recorder["closed"].called)
     assert not recorder["closed"].called, recorder["code"]
-    errors = [json.loads(f)["event"] for f in recorder["frames"][1:]]
-    assert errors.count("pusher:error") == 4, recorder["frames"]
+    refusals = [json.loads(json.loads(f)["data"])["message"] for f in recorder["frames"][1:]]
+    assert [json.loads(f)["event"] for f in recorder["frames"][1:]] == ["pusher:error"] * 4, recorder["frames"]
+    assert all("surrogate" in message for message in refusals), refusals
+    # The escape as text inside the signed strings: past the outer decoder, refused by the inner one.
+    user_data = '{"id": "\\ud800"}'
+    channel_data = '{"user_id": "u1", "user_info": "\\ud800"}'
+    signed = [
+        {
+            "event": "pusher:signin",
+            "data": {"user_data": user_data, "auth": f"{KEY}:" + sign(APP_SECRET, signin_string(socket_id, user_data))},
+        },
+        {
+            "event": "pusher:subscribe",
+            "data": {
+                "channel": "presence-fz",
+                "auth": f"{KEY}:" + sign(APP_SECRET, channel_auth_string(socket_id, "presence-fz", channel_data)),
+                "channel_data": channel_data,
+            },
+        },
+    ]
+    for frame in signed:
+        protocol.sendMessage(json.dumps(frame).encode())
+    await wait_for(lambda: len(recorder["frames"]) >= 1 + 4 + 3 or recorder["closed"].called)
+    assert not recorder["closed"].called, recorder["code"]
+    events = [json.loads(f)["event"] for f in recorder["frames"][5:]]
+    assert events == ["pusher:error", "pusher:error", "pusher:subscription_error"], recorder["frames"][5:]
+    messages = [json.loads(json.loads(f)["data"])["message"] for f in recorder["frames"][5:7]]
+    assert "user_data must be" in messages[0] and "channel_data must be" in messages[1], messages  # signatures held
     check_pusher_frames(recorder["frames"])
     watcher.check()
     await close_ws(protocol, recorder)
