@@ -17,6 +17,7 @@ waiting: the expiry is what is under test, not the wall clock.
 from __future__ import annotations
 
 import gc
+import json
 import socket
 import tracemalloc
 from collections import Counter
@@ -36,6 +37,7 @@ from tests.helpers import (
     connect_ws,
     daemon_counts,
     open_fds,
+    parse_http_answers,
     raw_connect,
     raw_exchange,
     raw_websocket,
@@ -228,8 +230,9 @@ SLOW_REQUESTS = {
 async def test_slowloris_on_every_path(abused):
     """
     A client that trickles its request (one byte every 0.2 s, never
-    finishing) is closed within a few times C{handshake_timeout} on every
-    path: the timeout is for the whole request (ISSUE12 A9), not for silence.
+    finishing) is answered C{408 request_timeout} and closed within a few
+    times C{handshake_timeout} on every path: the timeout is for the whole
+    request (ISSUE12 A9), not for silence.
     """
     daemon = await abused(handshake_timeout=1.0)
     footprint = Footprint(daemon)
@@ -248,12 +251,16 @@ async def test_slowloris_on_every_path(abused):
         position += 1
         await sleep(0.2)
     still_open = [name for name, (client, _) in clients.items() if not client.lost.called]
+    answered = {name: parse_http_answers(client.received) for name, (client, _) in clients.items()}
     for client, _ in clients.values():
         if not client.lost.called:
             client.transport.abortConnection()
         await client.lost
     clients.clear()
     assert not still_open, f"trickled requests still open after 5x handshake_timeout: {still_open}"
+    for name, answers in answered.items():  # README Limits: 408 request_timeout (JSON), then the close
+        assert [a.status for a in answers] == [408], (name, answers)
+        assert json.loads(answers[0].body)["error"] == "request_timeout", (name, answers[0].body)
     await footprint.check()
 
 
