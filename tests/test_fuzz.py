@@ -739,3 +739,19 @@ async def test_pusher_auth_with_lone_surrogates_is_refused(fuzzed_memory, watche
     check_pusher_frames(recorder["frames"])
     watcher.check()
     await close_ws(protocol, recorder)
+
+
+@pytest.mark.parametrize("timestamp", ["1" + "0" * 400, "-" + "9" * 400], ids=["huge", "huge-negative"])
+@pytest_twisted.ensureDeferred
+async def test_pusher_api_timestamp_past_a_double_is_refused(fuzzed_memory, watcher, timestamp):
+    """
+    Found by reading the code after test_token_fuzz's overflow: an
+    C{auth_timestamp} of hundreds of digits (an int, under Python's 4300-digit
+    limit) overflowed the float subtraction from the server's clock: a 500 and
+    a traceback.  It is a 401 C{unauthorized} like any other stale timestamp.
+    """
+    raw = signed_request("GET", f"/apps/{APP_ID}/channels", b"", {"auth_timestamp": timestamp})
+    answers, _, received = await raw_exchange(fuzzed_memory.port, [raw])
+    assert answers and answers[0].status == 401, received[:300]
+    assert strict_json(answers[0].body)["error"] == "unauthorized", answers[0].body
+    watcher.check()
