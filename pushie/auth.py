@@ -360,7 +360,9 @@ def _numeric_date(claims: dict[str, Any], name: str, channel: str | None) -> flo
     A time claim (RFC 7519 NumericDate) as a float, or C{None} when absent.
 
     Fractions are allowed, as the RFC allows them; C{NaN}, infinities,
-    booleans, strings and dates outside 1970-9999 are refused.
+    booleans, strings and dates outside 1970-9999 are refused.  The range is
+    checked first: C{math.isfinite} converts to a float, which overflows on
+    an integer of more than 308 digits (valid JSON).
     """
     if name not in claims:
         return None
@@ -368,8 +370,8 @@ def _numeric_date(claims: dict[str, Any], name: str, channel: str | None) -> flo
     if (
         isinstance(value, bool)
         or not isinstance(value, (int, float))
-        or not math.isfinite(value)
         or not 0 <= value <= MAX_NUMERIC_DATE
+        or not math.isfinite(value)
     ):
         raise unauthorized(
             f"the token's '{name}' must be a number of seconds since the epoch (finite, 0 to {MAX_NUMERIC_DATE})",

@@ -581,6 +581,14 @@ def pusher_api_calls(draw: Any) -> tuple[str, str, bytes, dict[str, str]]:
         extra["info"] = draw(st.one_of(st.sampled_from(["user_count", "subscription_count", "x"]), st.text(max_size=8)))
     if draw(st.booleans()):
         extra["filter_by_prefix"] = draw(st.one_of(st.sampled_from(["presence-", "fz"]), st.text(max_size=8)))
+    if draw(st.integers(0, 9)) == 0:  # a hostile timestamp, still signed: the check before the signature's
+        extra["auth_timestamp"] = draw(
+            st.one_of(
+                st.sampled_from(["1" + "0" * 400, "-" + "9" * 400, "9" * 5000, "1e3", " 1", "\u0663", "nan"]),
+                st.integers().map(str),
+                st.text(max_size=8),
+            )
+        )
     method = "POST" if path.endswith("terminate_connections") else "GET"
     return method, path, b"", extra
 
@@ -620,6 +628,7 @@ KNOWN_TOKEN_CLAIMS = [
     {"sub": "u", "exp": float("nan"), "channels": ["*"]},  # A10
     {"sub": "u", "exp": float("inf"), "channels": ["*"]},  # A10
     {"sub": "\ud800", "exp": 4102444800, "channels": ["*"]},  # a lone surrogate in a claim
+    {"sub": "u", "exp": 10**400, "channels": ["*"]},  # past a double: overflowed math.isfinite (a 500)
 ]
 
 

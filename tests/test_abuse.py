@@ -17,6 +17,7 @@ waiting: the expiry is what is under test, not the wall clock.
 from __future__ import annotations
 
 import gc
+import json
 import socket
 import tracemalloc
 from collections import Counter
@@ -36,6 +37,7 @@ from tests.helpers import (
     connect_ws,
     daemon_counts,
     open_fds,
+    parse_http_answers,
     raw_connect,
     raw_exchange,
     raw_websocket,
@@ -78,10 +80,20 @@ _SERVER_TYPES = frozenset({"Server", "Request", "HTTPChannel", "_GenericHTTPChan
 
 
 def engine_sizes(daemon: Daemon) -> dict[str, int]:
-    """What the memory engine keeps per channel, key and publication (see pushie.engines.memory)."""
+    """
+    What the memory engine keeps per channel, key and publication (see
+    pushie.engines.memory): its public counts (channels, the bytes of
+    history it is accounted for), and the lengths of the key and kept
+    publication indexes, which it has no public count for.
+    """
     engine = daemon.hub.engine
     engine.sweep()
-    return {name: len(getattr(engine, name)) for name in ("_channels", "_idempotency", "_expiries")}
+    return {
+        "channels": engine.channel_count(),
+        "history_bytes": engine.used,
+        "idempotency_keys": len(engine._idempotency),
+        "kept_publications": len(engine._kept),
+    }
 
 
 class Footprint:
@@ -218,8 +230,9 @@ SLOW_REQUESTS = {
 async def test_slowloris_on_every_path(abused):
     """
     A client that trickles its request (one byte every 0.2 s, never
-    finishing) is closed within a few times C{handshake_timeout} on every
-    path: the timeout is for the whole request (ISSUE12 A9), not for silence.
+    finishing) is answered C{408 request_timeout} and closed within a few
+    times C{handshake_timeout} on every path: the timeout is for the whole
+    request (ISSUE12 A9), not for silence.
     """
     daemon = await abused(handshake_timeout=1.0)
     footprint = Footprint(daemon)
@@ -238,12 +251,16 @@ async def test_slowloris_on_every_path(abused):
         position += 1
         await sleep(0.2)
     still_open = [name for name, (client, _) in clients.items() if not client.lost.called]
+    answered = {name: parse_http_answers(client.received) for name, (client, _) in clients.items()}
     for client, _ in clients.values():
         if not client.lost.called:
             client.transport.abortConnection()
         await client.lost
     clients.clear()
     assert not still_open, f"trickled requests still open after 5x handshake_timeout: {still_open}"
+    for name, answers in answered.items():  # README Limits: 408 request_timeout (JSON), then the close
+        assert [a.status for a in answers] == [408], (name, answers)
+        assert json.loads(answers[0].body)["error"] == "request_timeout", (name, answers[0].body)
     await footprint.check()
 
 
@@ -432,15 +449,26 @@ async def test_many_channel_names(abused):
     await footprint.check()
 
 
-@pytest.mark.parametrize("members, info_size", [(300, 50), (100, 1024)], ids=["300-small", "100-wide"])
+@pytest.mark.parametrize(
+    "members, info_size, limit",
+    [(300, 50, None), (200, 50, 200), (100, 1024, None)],
+    ids=["300-past-the-default-limit", "200-limit-raised", "100-wide"],
+)
 @pytest_twisted.ensureDeferred
-async def test_many_presence_members(abused, members, info_size):
+async def test_many_presence_members(abused, members, info_size, limit):
     """
-    Hundreds of members in one presence channel: each joiner gets its
+    Hundreds of joiners in one presence channel: each admitted one gets its
     C{subscribed} frame with the member list (ISSUE12 A3: not past 64 KiB
-    of members), and once all leave the channel and its members are gone.
+    of members), each past C{presence_max_members} (100 by default, README
+    Limits) an error C{presence_full} and is neither member nor subscriber,
+    its connection left open; once all leave the channel and its members
+    are gone.
     """
-    daemon = await abused(max_message_size=65536)
+    settings: dict[str, Any] = {"max_message_size": 65536}
+    if limit is not None:
+        settings["presence_max_members"] = limit
+    daemon = await abused(**settings)
+    admitted = min(members, limit or 100)
     footprint = Footprint(daemon)
     footprint.start()
     clients = []
@@ -450,8 +478,16 @@ async def test_many_presence_members(abused, members, info_size):
         clients.append(client)
         await client.next_of("welcome")
         frame = await client.next(timeout=5)
-        assert frame["type"] == "subscribed" and len(frame["members"]) == i + 1, (i, str(frame)[:200])
-    assert len(await daemon.hub.engine.presence("presence-room")) == members
+        if i < admitted:
+            assert frame["type"] == "subscribed" and len(frame["members"]) == i + 1, (i, str(frame)[:200])
+        else:
+            assert frame["type"] == "error" and frame["code"] == "presence_full", (i, str(frame)[:200])
+            assert frame["channel"] == "presence-room", frame
+    assert len(await daemon.hub.engine.presence("presence-room")) == admitted
+    assert daemon.hub.subscriber_count("presence-room") == admitted
+    client = clients[-1]
+    client.send({"type": "ping"})
+    assert (await client.next(timeout=5))["type"] == "pong"  # still open (admitted or refused)
     for client in clients:
         client.close()
     for client in clients:

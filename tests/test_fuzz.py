@@ -54,6 +54,7 @@ from tests.helpers import (
     daemon_counts,
     raw_connect,
     raw_exchange,
+    raw_handshake,
     start_daemon,
     strict_json,
     wait_for,
@@ -426,12 +427,43 @@ async def token_example(daemon: Daemon, token: Any, channel: str) -> None:
 @example(token=fs.known_token(fs.KNOWN_TOKEN_CLAIMS[0], SECRET), channel="private-fz")
 @example(token=fs.known_token(fs.KNOWN_TOKEN_CLAIMS[1], SECRET), channel="private-fz")
 @example(token=fs.known_token(fs.KNOWN_TOKEN_CLAIMS[2], SECRET), channel="private-fz")
+@example(token=fs.known_token(fs.KNOWN_TOKEN_CLAIMS[3], SECRET), channel="private-fz")
 @pytest_twisted.ensureDeferred
 async def test_token_fuzz(fuzzed_memory, watcher, token, channel):
     begin(watcher)
     await token_example(fuzzed_memory, token, channel)
     watcher.check("a token")
     await settled(fuzzed_memory, fuzzed_memory.baseline)
+
+
+@pytest.mark.parametrize("claim", ["exp", "nbf", "iat"])
+@pytest_twisted.ensureDeferred
+async def test_token_time_claim_past_a_double_is_refused(fuzzed_memory, watcher, claim):
+    """
+    Found by test_token_fuzz: a signed token whose C{exp} (or C{nbf},
+    C{iat}) is an integer of more than 308 digits (valid JSON) overflowed
+    C{math.isfinite}: a 500 to the WebSocket handshake and a traceback.  It
+    is a 401 C{unauthorized} like any other bad time claim, on every door.
+    """
+    claims = {"sub": "u", "exp": NOW + 600, "channels": ["*"], claim: 10**400}
+    token = fs.known_token(claims, SECRET)
+    status, client = await raw_handshake(fuzzed_memory.port, f"/websocket?channel=private-fz&token={token}")
+    assert status == 401, client.received[:300]
+    client.transport.abortConnection()
+    await client.lost
+    answers, _, received = await raw_exchange(
+        fuzzed_memory.port, [f"GET /events?channel=private-fz&token={token} HTTP/1.1\r\nHost: x\r\n\r\n".encode()]
+    )
+    assert answers and answers[0].status == 401, received[:300]
+    assert strict_json(answers[0].body)["error"] == "unauthorized"
+    protocol, recorder = await record_ws(fuzzed_memory.port, "/websocket")
+    protocol.sendMessage(json.dumps({"type": "auth", "token": token}).encode())
+    await wait_for(lambda: recorder["frames"][1:] or recorder["closed"].called)
+    assert not recorder["closed"].called, recorder["code"]
+    frame = strict_json(recorder["frames"][1])
+    assert frame["type"] == "error" and frame["code"] == "unauthorized", frame
+    watcher.check()
+    await close_ws(protocol, recorder)
 
 
 # -- Server-Sent Events -------------------------------------------------------
@@ -651,13 +683,21 @@ async def test_over_long_line_is_answered(fuzzed_memory, watcher, request_head):
 @pytest_twisted.ensureDeferred
 async def test_pusher_auth_with_lone_surrogates_is_refused(fuzzed_memory, watcher):
     """
-    Found by test_pusher_websocket_fuzz: a lone surrogate (valid JSON:
-    C{"\\ud800"}) in a C{pusher:signin} or C{pusher:subscribe} auth, user_data
-    or channel_data raised UnicodeEncodeError while checking the signature:
-    a traceback, and the connection dropped without a close frame.  Each now
-    gets a C{pusher:error} and the connection stays open.
+    Found by test_pusher_websocket_fuzz: a lone surrogate (valid JSON to
+    Python: C{"\\ud800"}) in a C{pusher:signin} or C{pusher:subscribe} auth,
+    user_data or channel_data raised UnicodeEncodeError while checking the
+    signature: a traceback, and the connection dropped without a close frame.
+
+    Since the strict decoder (ISSUE12 A7, README Limits: client JSON) such a
+    frame is refused whole, before any signature is checked: one
+    C{pusher:error} each (no C{pusher:subscription_error}: no channel was
+    read).  The escape can still reach the signature and the inner JSON as
+    text (C{\\\\ud800} in user_data or channel_data, correctly signed): the
+    inner JSON is refused as well.  The connection stays open throughout.
     """
     protocol, recorder = await record_ws(fuzzed_memory.port, f"/app/{KEY}?protocol=7&client=js&version=8.4.0")
+    await wait_for(lambda: recorder["frames"] or recorder["closed"].called)
+    socket_id = json.loads(json.loads(recorder["frames"][0])["data"])["socket_id"]
     frames = [
         {"event": "pusher:signin", "data": {"user_data": '{"id": "u1"}', "auth": "\ud800"}},
         {"event": "pusher:signin", "data": {"user_data": '{"id": "\ud800"}', "auth": f"{KEY}:00"}},
@@ -666,10 +706,52 @@ async def test_pusher_auth_with_lone_surrogates_is_refused(fuzzed_memory, watche
     ]
     for frame in frames:
         protocol.sendMessage(json.dumps(frame).encode())  # ensure_ascii: the surrogates travel as \\u escapes
-    await wait_for(lambda: len(recorder["frames"]) >= 1 + 4 + 2 or recorder["closed"].called)
+    await wait_for(lambda: len(recorder["frames"]) >= 1 + 4 or recorder["closed"].called)
     assert not recorder["closed"].called, recorder["code"]
-    errors = [json.loads(f)["event"] for f in recorder["frames"][1:]]
-    assert errors.count("pusher:error") == 4, recorder["frames"]
+    refusals = [json.loads(json.loads(f)["data"])["message"] for f in recorder["frames"][1:]]
+    assert [json.loads(f)["event"] for f in recorder["frames"][1:]] == ["pusher:error"] * 4, recorder["frames"]
+    assert all("surrogate" in message for message in refusals), refusals
+    # The escape as text inside the signed strings: past the outer decoder, refused by the inner one.
+    user_data = '{"id": "\\ud800"}'
+    channel_data = '{"user_id": "u1", "user_info": "\\ud800"}'
+    signed = [
+        {
+            "event": "pusher:signin",
+            "data": {"user_data": user_data, "auth": f"{KEY}:" + sign(APP_SECRET, signin_string(socket_id, user_data))},
+        },
+        {
+            "event": "pusher:subscribe",
+            "data": {
+                "channel": "presence-fz",
+                "auth": f"{KEY}:" + sign(APP_SECRET, channel_auth_string(socket_id, "presence-fz", channel_data)),
+                "channel_data": channel_data,
+            },
+        },
+    ]
+    for frame in signed:
+        protocol.sendMessage(json.dumps(frame).encode())
+    await wait_for(lambda: len(recorder["frames"]) >= 1 + 4 + 3 or recorder["closed"].called)
+    assert not recorder["closed"].called, recorder["code"]
+    events = [json.loads(f)["event"] for f in recorder["frames"][5:]]
+    assert events == ["pusher:error", "pusher:error", "pusher:subscription_error"], recorder["frames"][5:]
+    messages = [json.loads(json.loads(f)["data"])["message"] for f in recorder["frames"][5:7]]
+    assert "user_data must be" in messages[0] and "channel_data must be" in messages[1], messages  # signatures held
     check_pusher_frames(recorder["frames"])
     watcher.check()
     await close_ws(protocol, recorder)
+
+
+@pytest.mark.parametrize("timestamp", ["1" + "0" * 400, "-" + "9" * 400], ids=["huge", "huge-negative"])
+@pytest_twisted.ensureDeferred
+async def test_pusher_api_timestamp_past_a_double_is_refused(fuzzed_memory, watcher, timestamp):
+    """
+    Found by reading the code after test_token_fuzz's overflow: an
+    C{auth_timestamp} of hundreds of digits (an int, under Python's 4300-digit
+    limit) overflowed the float subtraction from the server's clock: a 500 and
+    a traceback.  It is a 401 C{unauthorized} like any other stale timestamp.
+    """
+    raw = signed_request("GET", f"/apps/{APP_ID}/channels", b"", {"auth_timestamp": timestamp})
+    answers, _, received = await raw_exchange(fuzzed_memory.port, [raw])
+    assert answers and answers[0].status == 401, received[:300]
+    assert strict_json(answers[0].body)["error"] == "unauthorized", answers[0].body
+    watcher.check()

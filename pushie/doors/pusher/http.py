@@ -149,7 +149,8 @@ class PusherAPIResource(JSONResource):
             timestamp = int(params.get("auth_timestamp", ""))
         except ValueError:
             raise unauthorized("auth_timestamp must be the Unix time of the request") from None
-        if abs(self.clock.seconds() - timestamp) > TIMESTAMP_WINDOW:
+        # In integers: a float minus an int of hundreds of digits overflows (a 500, not a 401).
+        if abs(int(self.clock.seconds()) - timestamp) > TIMESTAMP_WINDOW:
             raise unauthorized(
                 f"auth_timestamp is more than {TIMESTAMP_WINDOW} seconds from the server's time; check the clock"
             )
