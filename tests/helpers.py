@@ -450,7 +450,7 @@ def daemon_counts(daemon: Daemon) -> dict[str, int]:
         "subscribers": sum(hub.subscriber_count(n) for n in hub.channel_names()),
         "limits_total": hub.limits.total,
     }
-    engine = hub.engine
+    engine = daemon.engine
     if hasattr(engine, "channel_count"):
         engine.sweep()
         counts["engine_channels"] = engine.channel_count()

@@ -86,7 +86,7 @@ def engine_sizes(daemon: Daemon) -> dict[str, int]:
     history it is accounted for), and the lengths of the key and kept
     publication indexes, which it has no public count for.
     """
-    engine = daemon.hub.engine
+    engine = daemon.engine
     engine.sweep()
     return {
         "channels": engine.channel_count(),
@@ -424,7 +424,7 @@ async def test_many_channel_names(abused):
     clients close and the history expires, the daemon holds none of them.
     """
     daemon = await abused()
-    clock = daemon.hub.engine.clock = SkewedClock()
+    clock = daemon.engine.clock = SkewedClock()
     footprint = Footprint(daemon)
     footprint.start()
     for start in range(0, 10_000, 100):
@@ -483,7 +483,7 @@ async def test_many_presence_members(abused, members, info_size, limit):
         else:
             assert frame["type"] == "error" and frame["code"] == "presence_full", (i, str(frame)[:200])
             assert frame["channel"] == "presence-room", frame
-    assert len(await daemon.hub.engine.presence("presence-room")) == admitted
+    assert len(await daemon.engine.presence("presence-room")) == admitted
     assert daemon.hub.subscriber_count("presence-room") == admitted
     client = clients[-1]
     client.send({"type": "ping"})
@@ -494,7 +494,7 @@ async def test_many_presence_members(abused, members, info_size, limit):
         await client.closed
     clients.clear()
     daemon.clients.clear()
-    assert await daemon.hub.engine.presence("presence-room") == []
+    assert await daemon.engine.presence("presence-room") == []
     await footprint.check()
 
 
@@ -506,7 +506,7 @@ async def test_many_idempotency_keys(abused):
     nothing of them is held.
     """
     daemon = await abused()
-    clock = daemon.hub.engine.clock = SkewedClock()
+    clock = daemon.engine.clock = SkewedClock()
     footprint = Footprint(daemon)
     footprint.start()
     for start in range(0, 20_000, 100):
@@ -516,5 +516,5 @@ async def test_many_idempotency_keys(abused):
     status, answer, _ = await daemon.publish({"channel": "keys", "data": None, "idempotency_key": "k5"})
     assert status == 200 and answer["offset"] == 6, answer  # a repeat: the first offset again
     clock.skew = IDEMPOTENCY_WINDOW + 301.0
-    daemon.hub.engine.sweep()
+    daemon.engine.sweep()
     await footprint.check()

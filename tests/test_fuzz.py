@@ -157,7 +157,7 @@ def check_http_answer(answer: Any, statuses: set[int], closed: bool, where: str)
 async def offsets(daemon: Daemon, names: list[str]) -> dict[str, tuple[int, str]]:
     result = {}
     for name in names:
-        state = await daemon.hub.engine.state(name)
+        state = await daemon.engine.state(name)
         result[name] = state.offset
     return result
 
@@ -165,7 +165,7 @@ async def offsets(daemon: Daemon, names: list[str]) -> dict[str, tuple[int, str]
 async def check_history_is_json(daemon: Daemon, names: list[str]) -> None:
     """Every envelope a channel keeps is RFC 8259 JSON (ISSUE12 A7: 1e999, NaN)."""
     for name in names:
-        history = await daemon.hub.engine.history(name, 0, None)
+        history = await daemon.engine.history(name, 0, None)
         for publication in history.publications:
             try:
                 strict_json(publication.envelope)
