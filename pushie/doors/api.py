@@ -12,18 +12,16 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.defer import succeed
-from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from pushie.auth import Guard
 from pushie.channels import MAX_OFFSET, check_channel, parse_offset
+from pushie.doors.context import DoorContext
 from pushie.errors import ENGINE_FAILURES, EngineUnavailable, PushieError, bad_request
-from pushie.hub import Hub, in_native_space
+from pushie.hub import in_native_space
 from pushie.limits import RateLimiter, address_of
-from pushie.logs import Throttle
 from pushie.metrics import Metrics
 from pushie.records import Publication, PublishRequest
 from pushie.wire import InvalidJSON, dumps, json_string, loads
@@ -236,21 +234,13 @@ class PublishResource(JSONResource):
 
     allowed_methods = (b"POST",)
 
-    def __init__(
-        self,
-        hub: Hub,
-        guard: Guard,
-        throttle: Throttle,
-        clock: IReactorTime,
-        metrics: Metrics,
-        rate_limiter: RateLimiter | None = None,
-    ) -> None:
+    def __init__(self, context: DoorContext, rate_limiter: RateLimiter | None = None) -> None:
         super().__init__()
-        self.hub = hub
-        self.clock = clock
-        self.metrics = metrics
-        self.guard = guard
-        self.throttle = throttle
+        self.hub = context.hub
+        self.clock = context.clock
+        self.metrics = context.metrics
+        self.guard = context.guard
+        self.throttle = context.throttle
         self.rate_limiter = rate_limiter
 
     def render_POST(self, request: Request) -> int:
@@ -333,10 +323,10 @@ class ChannelsResource(JSONResource):
 
     allowed_methods = (b"GET",)
 
-    def __init__(self, hub: Hub, guard: Guard) -> None:
+    def __init__(self, context: DoorContext) -> None:
         super().__init__()
-        self.hub = hub
-        self.guard = guard
+        self.hub = context.hub
+        self.guard = context.guard
 
     def render_GET(self, request: Request) -> int:
         assert request.postpath is not None  # set by the Site before any render
@@ -410,9 +400,9 @@ class HealthResource(JSONResource):
 
     allowed_methods = (b"GET",)
 
-    def __init__(self, hub: Hub) -> None:
+    def __init__(self, context: DoorContext) -> None:
         super().__init__()
-        self.hub = hub
+        self.hub = context.hub
 
     def render_GET(self, request: Request) -> int:
         engine_ok = self.hub.healthy()
