@@ -39,3 +39,26 @@ class DoorContext:
     clock: IReactorTime
     metrics: Metrics
     throttle: Throttle
+
+
+class Door:
+    """
+    A mixin for a door's resource or factory: L{take} keeps the parts of its
+    L{DoorContext} as its own attributes, where requests and protocols read
+    them with one lookup (and where they always were).
+    """
+
+    context: DoorContext
+    hub: Hub
+    guard: Guard
+    clock: IReactorTime
+    metrics: Metrics
+    throttle: Throttle
+
+    def take(self, context: DoorContext) -> None:
+        self.context = context
+        self.hub = context.hub
+        self.guard = context.guard
+        self.clock = context.clock
+        self.metrics = context.metrics
+        self.throttle = context.throttle

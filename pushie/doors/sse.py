@@ -26,7 +26,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from pushie.auth import SubscriberToken
 from pushie.channels import Position, check_channel, is_presence, parse_offset
 from pushie.doors.api import JSONResource, write_error
-from pushie.doors.context import DoorContext
+from pushie.doors.context import Door, DoorContext
 from pushie.errors import EngineUnavailable, PushieError, bad_request
 from pushie.hub import Subscribed
 from pushie.limits import SlowConsumerGuard, address_of
@@ -236,20 +236,16 @@ class EventStream:
         self.hub.connection_closed(self)
 
 
-class EventsResource(JSONResource):
+class EventsResource(JSONResource, Door):
     """C{GET /events?channel=a&channel=b&token=...}: a Server-Sent Events stream."""
 
     allowed_methods = (b"GET",)
 
     def __init__(self, context: DoorContext, settings: SSESettings) -> None:
         super().__init__()
-        self.context = context
+        self.take(context)
         self.settings = settings
         self.max_subscriptions = settings.max_subscriptions
-        self.hub = context.hub
-        self.guard = context.guard
-        self.throttle = context.throttle
-        self.metrics = context.metrics
 
     def render_GET(self, request: Request) -> Any:
         try:

@@ -27,7 +27,7 @@ from twisted.python.failure import Failure
 from pushie.auth import CLOSE_TOKEN_EXPIRED, SubscriberToken
 from pushie.channels import Position, check_channel, check_since, is_presence
 from pushie.doors._wsbase import DoorProtocol, configure_factory
-from pushie.doors.context import DoorContext
+from pushie.doors.context import Door, DoorContext
 from pushie.errors import PushieError, bad_request
 from pushie.hub import Subscribed
 from pushie.logs import Throttle
@@ -404,7 +404,7 @@ class WebSocketDoorSettings:
     slow_consumer_grace: float = 10.0
 
 
-class PushieServerFactory(WebSocketServerFactory):
+class PushieServerFactory(WebSocketServerFactory, Door):
     """Builds L{PushieServerProtocol}s that share one L{Hub} and one L{Guard}."""
 
     protocol = PushieServerProtocol  # type: ignore[assignment]  # Factory's generic protocol type, left unbound by Autobahn's factory
@@ -412,10 +412,7 @@ class PushieServerFactory(WebSocketServerFactory):
 
     def __init__(self, context: DoorContext, settings: WebSocketDoorSettings) -> None:
         super().__init__()
-        self.hub = context.hub
-        self.clock = context.clock
-        self.metrics = context.metrics
-        self.guard = context.guard
+        self.take(context)
         self.max_subscriptions = settings.max_subscriptions
         self.slow_consumer_buffer = settings.slow_consumer_buffer
         self.slow_consumer_grace = settings.slow_consumer_grace

@@ -36,7 +36,7 @@ from twisted.python.failure import Failure
 
 from pushie.channels import Position
 from pushie.doors._wsbase import OPEN, DoorProtocol, configure_factory
-from pushie.doors.context import DoorContext
+from pushie.doors.context import Door, DoorContext
 from pushie.doors.pusher.apps import (
     USER_CHANNEL_PREFIX,
     App,
@@ -673,7 +673,7 @@ class PusherDoorSettings:
     slow_consumer_grace: float = 10.0
 
 
-class PusherFactory(WebSocketServerFactory):
+class PusherFactory(WebSocketServerFactory, Door):
     """Builds L{PusherProtocol}s; one for every app (the key in the path picks the app)."""
 
     protocol = PusherProtocol  # type: ignore[assignment]  # Factory's generic protocol type, left unbound by Autobahn's factory
@@ -687,9 +687,7 @@ class PusherFactory(WebSocketServerFactory):
         origin_allowed: Callable[[str | None], bool],
     ) -> None:
         super().__init__()
-        self.hub = context.hub
-        self.clock = context.clock
-        self.metrics = context.metrics
+        self.take(context)
         self.apps = apps
         self.settings = settings
         self.origin_allowed = origin_allowed

@@ -26,7 +26,7 @@ from twisted.python.failure import Failure
 from twisted.web.server import NOT_DONE_YET, Request
 
 from pushie.doors.api import JSONResource, error_of, write_error, write_json
-from pushie.doors.context import DoorContext
+from pushie.doors.context import Door, DoorContext
 from pushie.doors.pusher.apps import (
     USER_CHANNEL_PREFIX,
     App,
@@ -61,7 +61,7 @@ def unauthorized(message: str) -> PushieError:
     return PushieError(401, "unauthorized", message)
 
 
-class PusherAPIResource(JSONResource):
+class PusherAPIResource(JSONResource, Door):
     """
     C{/apps/...}: the Pusher HTTP API of every configured app; with
     C{users_root}, C{/users/...} (the app named by the signed C{auth_key}).
@@ -78,10 +78,7 @@ class PusherAPIResource(JSONResource):
         users_root: bool = False,
     ) -> None:
         super().__init__()
-        self.hub = context.hub
-        self.clock = context.clock
-        self.metrics = context.metrics
-        self.throttle = context.throttle
+        self.take(context)
         self.apps = apps
         self.max_data_size = settings.max_data_size
         self.rate_limiter = rate_limiter
