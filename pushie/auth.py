@@ -165,6 +165,11 @@ def unauthorized(message: str, channel: str | None = None) -> PushieError:
     return PushieError(401, "unauthorized", message, channel=channel)
 
 
+def _strings(values: Iterable[str]) -> tuple[str, ...]:
+    """A converter of attrs records: any iterable of strings, kept as an immutable tuple."""
+    return tuple(values)
+
+
 @attr.s(auto_attribs=True)
 class Guard:
     """
@@ -186,7 +191,7 @@ class Guard:
     subscriber_secrets: ReloadableList | None = None
     require_token: bool = False
     leeway: float = 5.0
-    audience: tuple[str, ...] = attr.ib(default=(), converter=tuple)
+    audience: tuple[str, ...] = attr.ib(default=(), converter=_strings)
 
     # -- publishers ------------------------------------------------------
 
@@ -389,13 +394,37 @@ _AUDIENCE_UNEXPECTED = (
 )
 
 
-def guard_from_settings(settings: Any, clock: IReactorTime) -> Guard:
-    """Build the daemon's L{Guard} from its settings (files already checked by the config)."""
+@attr.s(frozen=True, auto_attribs=True)
+class GuardSettings:
+    """
+    What the L{Guard} needs from the daemon's settings (built by C{pushie.tap};
+    the files were already checked by the config).
+
+    @ivar publisher_keys: the listed publisher keys (C{publisher_keys}).
+    @ivar publisher_keys_file: a file of more, re-read when it changes.
+    @ivar subscriber_secrets: the listed subscriber-token secrets (C{subscriber_secrets}).
+    @ivar subscriber_secrets_file: a file of more, re-read when it changes.
+    @ivar require_token: whether every channel needs a granting token.
+    @ivar token_leeway: seconds of clock skew allowed on C{exp}, C{nbf}, C{iat}.
+    @ivar token_audience: the C{aud} values a token may name.
+    """
+
+    publisher_keys: tuple[str, ...] = attr.ib(default=(), converter=_strings)
+    publisher_keys_file: str | None = None
+    subscriber_secrets: tuple[str, ...] = attr.ib(default=(), converter=_strings)
+    subscriber_secrets_file: str | None = None
+    require_token: bool = False
+    token_leeway: float = 5.0
+    token_audience: tuple[str, ...] = attr.ib(default=(), converter=_strings)
+
+
+def guard_from_settings(settings: GuardSettings, clock: IReactorTime) -> Guard:
+    """Build the daemon's L{Guard} from its settings."""
     keys = ReloadableList(
-        settings.publisher_keys, settings.publisher_keys_file, clock, check_publisher_keys, "publisher keys"
+        list(settings.publisher_keys), settings.publisher_keys_file, clock, check_publisher_keys, "publisher keys"
     )
     secrets = ReloadableList(
-        settings.subscriber_secrets,
+        list(settings.subscriber_secrets),
         settings.subscriber_secrets_file,
         clock,
         check_subscriber_secrets,
@@ -411,11 +440,11 @@ def guard_from_settings(settings: Any, clock: IReactorTime) -> Guard:
     )
 
 
-def first_secret(settings: Any) -> str | None:
-    """The secret that signs tokens: the first line of the secrets file, else the first listed one."""
-    from_file = read_secret_lines(settings.subscriber_secrets_file) if settings.subscriber_secrets_file else []
-    secrets = from_file + list(settings.subscriber_secrets)
-    return secrets[0] if secrets else None
+def first_secret(secrets: Sequence[str], secrets_file: str | None) -> str | None:
+    """The secret that signs tokens: the first line of C{secrets_file}, else the first of C{secrets}."""
+    from_file = read_secret_lines(secrets_file) if secrets_file else []
+    listed = from_file + list(secrets)
+    return listed[0] if listed else None
 
 
 def mint_token(secret: str, sub: str, channels: Sequence[str], ttl: float, now: float, info: Any = None) -> str:

@@ -237,7 +237,7 @@ def _token(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"pushie token: {e}", file=sys.stderr)
         return 2
-    secret = first_secret(settings)
+    secret = first_secret(settings.subscriber_secrets, settings.subscriber_secrets_file)
     if secret is None:
         print(
             "pushie token: no subscriber secret configured: set PUSHIE_SUBSCRIBER_SECRETS or "

@@ -655,7 +655,7 @@ def load_settings(
     return Settings(**values)
 
 
-def pusher_apps(settings: Any) -> list[Any]:
+def pusher_apps(settings: Settings | Mapping[str, Any]) -> list[Any]:
     """
     The configured Pusher apps: the file's lines, then C{pusher_apps}.
 
@@ -664,7 +664,7 @@ def pusher_apps(settings: Any) -> list[Any]:
     from pushie.auth import read_secret_lines
     from pushie.doors.pusher.apps import parse_apps
 
-    get: Callable[[str], Any] = settings.get if isinstance(settings, dict) else lambda name: getattr(settings, name)
+    get: Callable[[str], Any] = settings.get if isinstance(settings, Mapping) else lambda name: getattr(settings, name)
     path = get("pusher_apps_file")
     lines: list[str] = []
     if path:

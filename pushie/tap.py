@@ -25,14 +25,16 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 
 from pushie import __version__
-from pushie.auth import guard_from_settings
+from pushie.auth import GuardSettings, guard_from_settings
 from pushie.config import SETTINGS, ConfigError, Settings, load_settings, pusher_apps
 from pushie.doors._http import PushieSite
+from pushie.doors.context import DoorContext
 from pushie.doors.pusher.apps import Apps
-from pushie.doors.pusher.door import PusherDoor, PusherFactory
-from pushie.doors.tree import build_metrics_site, build_site
-from pushie.doors.websocket import PushieServerFactory
-from pushie.engines import engine_from_setting
+from pushie.doors.pusher.door import PusherDoor, PusherDoorSettings, PusherFactory
+from pushie.doors.sse import SSESettings
+from pushie.doors.tree import SiteSettings, build_metrics_site, build_site
+from pushie.doors.websocket import PushieServerFactory, WebSocketDoorSettings
+from pushie.engines import EngineSettings, engine_from_settings
 from pushie.hub import Hub
 from pushie.limits import ConnectionLimits, RateLimiter
 from pushie.logs import Throttle
@@ -166,6 +168,77 @@ def describe(port: IListeningPort) -> str:
     return str(getattr(host, "name", host))
 
 
+# -- each part's settings ----------------------------------------------------
+# The wiring is the only reader of the whole L{Settings}: each part gets a
+# small record of what it uses, defined beside the part.
+
+
+def engine_settings(settings: Settings) -> EngineSettings:
+    return EngineSettings(
+        engine=settings.engine,
+        history_size=settings.history_size,
+        history_ttl=settings.history_ttl,
+        memory_budget=settings.memory_budget,
+        idempotency_max_keys=settings.idempotency_max_keys,
+        redis_timeout=settings.redis_timeout,
+    )
+
+
+def guard_settings(settings: Settings) -> GuardSettings:
+    return GuardSettings(
+        publisher_keys=settings.publisher_keys,
+        publisher_keys_file=settings.publisher_keys_file,
+        subscriber_secrets=settings.subscriber_secrets,
+        subscriber_secrets_file=settings.subscriber_secrets_file,
+        require_token=settings.require_token,
+        token_leeway=settings.token_leeway,
+        token_audience=settings.token_audience,
+    )
+
+
+def websocket_door_settings(settings: Settings) -> WebSocketDoorSettings:
+    return WebSocketDoorSettings(
+        max_message_size=settings.max_message_size,
+        ping_interval=settings.ping_interval,
+        ping_timeout=settings.ping_timeout,
+        allowed_origins=tuple(settings.allowed_origin),
+        max_subscriptions=settings.max_subscriptions,
+        slow_consumer_buffer=settings.slow_consumer_buffer,
+        slow_consumer_grace=settings.slow_consumer_grace,
+    )
+
+
+def sse_settings(settings: Settings) -> SSESettings:
+    return SSESettings(
+        keepalive=settings.sse_keepalive,
+        max_subscriptions=settings.max_subscriptions,
+        slow_consumer_buffer=settings.slow_consumer_buffer,
+        slow_consumer_grace=settings.slow_consumer_grace,
+    )
+
+
+def pusher_door_settings(settings: Settings) -> PusherDoorSettings:
+    return PusherDoorSettings(
+        activity_timeout=settings.pusher_activity_timeout,
+        pong_timeout=settings.pusher_pong_timeout,
+        client_event_rate=settings.pusher_client_event_rate,
+        max_data_size=settings.pusher_max_data_size,
+        max_message_size=settings.max_message_size,
+        max_subscriptions=settings.max_subscriptions,
+        require_token=settings.require_token,
+        slow_consumer_buffer=settings.slow_consumer_buffer,
+        slow_consumer_grace=settings.slow_consumer_grace,
+    )
+
+
+def site_settings(settings: Settings) -> SiteSettings:
+    return SiteSettings(
+        max_body_size=settings.max_message_size,
+        handshake_timeout=settings.handshake_timeout,
+        serve_metrics=settings.metrics_listen is None,
+    )
+
+
 class PushieService(MultiService):
     """
     The whole daemon: the Hub, then one L{ListeningService} per endpoint.
@@ -183,7 +256,7 @@ class PushieService(MultiService):
         super().__init__()
         self.settings = settings
         self.exit_on_failure = exit_on_failure
-        self.engine = engine_from_setting(settings.engine, settings, reactor)
+        self.engine = engine_from_settings(engine_settings(settings), reactor)
         # Every part gets its clock (the reactor), metrics and limits from here.
         metrics = Metrics()
         limits = ConnectionLimits(settings.max_connections, settings.max_connections_per_ip)
@@ -208,48 +281,38 @@ class PushieService(MultiService):
                 max_queue=settings.webhook_max_queue,
                 on_failure=lambda count: metrics.webhooks_failed.inc(),
             )
-        self.guard = guard_from_settings(settings, reactor)
-        throttle = Throttle(Logger(namespace="pushie.doors.api"), reactor)
-        self.websocket_factory = PushieServerFactory(
-            self.hub,
-            self.guard,
-            reactor,
-            metrics,
-            max_message_size=settings.max_message_size,
-            ping_interval=settings.ping_interval,
-            ping_timeout=settings.ping_timeout,
-            allowed_origins=settings.allowed_origin,
-            max_subscriptions=settings.max_subscriptions,
-            slow_consumer_buffer=settings.slow_consumer_buffer,
-            slow_consumer_grace=settings.slow_consumer_grace,
+        self.guard = guard_from_settings(guard_settings(settings), reactor)
+        context = DoorContext(
+            hub=self.hub,
+            guard=self.guard,
+            clock=reactor,
+            metrics=metrics,
+            throttle=Throttle(Logger(namespace="pushie.doors.api"), reactor),
         )
+        self.websocket_factory = PushieServerFactory(context, websocket_door_settings(settings))
         rate_limiter = RateLimiter(settings.publish_rate, reactor)
         self.pusher_factory: PusherFactory | None = None
         apps = Apps(pusher_apps(settings))
         if apps:
             self.pusher_factory = PusherFactory(
-                self.hub, apps, settings, self.websocket_factory.origin_allowed, reactor, metrics
+                context, apps, pusher_door_settings(settings), self.websocket_factory.origin_allowed
             )
             PusherDoor(self.pusher_factory).setServiceParent(self)
         self.site: PushieSite = build_site(
-            self.hub,
-            self.guard,
+            context,
+            site_settings(settings),
+            sse_settings(settings),
             self.websocket_factory,
-            throttle,
-            settings,
             rate_limiter,
-            serve_metrics=settings.metrics_listen is None,
-            clock=reactor,
-            metrics=metrics,
-            limits=limits,
-            pusher_factory=self.pusher_factory,
+            limits,
+            self.pusher_factory,
         )
         self.listeners = [ListeningService(d, self.site, reactor, settings.listen_backlog) for d in settings.listen]
         if settings.metrics_listen is not None:
             self.listeners.append(
                 ListeningService(
                     settings.metrics_listen,
-                    build_metrics_site(metrics, settings, reactor),
+                    build_metrics_site(metrics, site_settings(settings), reactor),
                     reactor,
                     settings.listen_backlog,
                 )

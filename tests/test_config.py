@@ -86,3 +86,62 @@ def test_unknown_engine_is_refused_at_build_time():
 
     with pytest.raises(ValueError, match="unknown engine 'mongo'"):
         PushieService(Settings.defaults().replace(engine="mongo"), Clock())
+
+
+def test_each_part_gets_its_own_settings_from_the_wiring():
+    """
+    Only C{pushie.tap} reads the whole L{Settings}: each part gets a frozen
+    record of what it uses, and every value it needs arrives there.
+    """
+    import attr
+    from twisted.internet.task import Clock
+
+    from pushie.doors.pusher.door import PusherDoorSettings
+    from pushie.doors.sse import SSESettings
+    from pushie.tap import PushieService
+
+    settings = Settings.defaults().replace(
+        history_size=11,
+        max_message_size=4321,
+        handshake_timeout=6.5,
+        max_subscriptions=7,
+        slow_consumer_buffer=1234,
+        slow_consumer_grace=3.5,
+        sse_keepalive=9.0,
+        allowed_origin=["https://app.example:443"],
+        require_token=True,
+        token_leeway=2.0,
+        token_audience=["aud-1"],
+        pusher_apps=["3:key3:secret3-secret3-secret3-secret3"],
+        pusher_activity_timeout=40.0,
+        pusher_pong_timeout=20.0,
+        pusher_client_event_rate=3.0,
+        pusher_max_data_size=555,
+    )
+    service = PushieService(settings, Clock())
+    assert service.engine.history_size == 11
+    guard = service.guard
+    assert (guard.require_token, guard.leeway, guard.audience) == (True, 2.0, ("aud-1",))
+    ws = service.websocket_factory
+    assert (ws.max_subscriptions, ws.slow_consumer_buffer, ws.slow_consumer_grace) == (7, 1234, 3.5)
+    assert ws.allowed_origins == ["https://app.example:443"] and ws.maxMessagePayloadSize == 4321
+    assert service.pusher_factory is not None
+    assert service.pusher_factory.settings == PusherDoorSettings(
+        activity_timeout=40.0,
+        pong_timeout=20.0,
+        client_event_rate=3.0,
+        max_data_size=555,
+        max_message_size=4321,
+        max_subscriptions=7,
+        require_token=True,
+        slow_consumer_buffer=1234,
+        slow_consumer_grace=3.5,
+    )
+    events = service.site.resource.children[b"events"]
+    assert events.settings == SSESettings(
+        keepalive=9.0, max_subscriptions=7, slow_consumer_buffer=1234, slow_consumer_grace=3.5
+    )
+    assert service.site.resource.children[b"apps"].max_data_size == 555
+    assert (service.site.max_body_size, service.site.timeOut) == (4321, 6.5)
+    with pytest.raises(attr.exceptions.FrozenInstanceError):
+        events.settings.keepalive = 0  # type: ignore[misc]

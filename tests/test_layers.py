@@ -54,6 +54,40 @@ def test_the_check_sees_reach_through():
     assert _reach_through("self.hub.state(name)\nself._engine_name = 1\n{'engine': hub.engine_name}\n") == []
 
 
+PUSHIE = DOORS.parent
+WIRING = {"tap.py", "config.py", "cli.py"}
+
+
+def _untyped_settings(source: str) -> list[str]:
+    """The parameters in C{source} named C{settings} that are not annotated, or annotated C{Any} or C{Settings}."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            for arg in node.args.args + node.args.kwonlyargs:
+                annotation = ast.unparse(arg.annotation) if arg.annotation is not None else None
+                if (arg.arg == "settings" and annotation in (None, "Any")) or annotation == "Settings":
+                    found.append(f"line {node.lineno}: {node.name}({arg.arg}: {annotation})")
+    return found
+
+
+def test_only_the_wiring_reads_the_whole_settings():
+    """
+    Below C{pushie.tap} no part takes the whole L{pushie.config.Settings} or
+    an C{Any} C{settings}: each gets a typed record of its own.
+    """
+    modules = sorted(p for p in PUSHIE.rglob("*.py") if str(p.relative_to(PUSHIE)) not in WIRING)
+    assert len(modules) >= 25
+    found = {str(path.relative_to(PUSHIE)): _untyped_settings(path.read_text()) for path in modules}
+    assert {name: places for name, places in found.items() if places} == {}
+
+
+def test_the_settings_check_sees_untyped_settings():
+    """The check above is not vacuous."""
+    source = "def a(settings): pass\ndef b(x, settings: Any): pass\ndef c(s: Settings): pass\n"
+    assert len(_untyped_settings(source)) == 3
+    assert _untyped_settings("def d(settings: SSESettings): pass\n") == []
+
+
 class _Guarded:
     """The Hub's engine, noting every module other than the Hub that touches it."""
 

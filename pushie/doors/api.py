@@ -12,18 +12,16 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.defer import succeed
-from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from pushie.auth import Guard
 from pushie.channels import MAX_OFFSET, check_channel, parse_offset
+from pushie.doors.context import Door, DoorContext
 from pushie.errors import ENGINE_FAILURES, EngineUnavailable, PushieError, bad_request
-from pushie.hub import Hub, in_native_space
+from pushie.hub import in_native_space
 from pushie.limits import RateLimiter, address_of
-from pushie.logs import Throttle
 from pushie.metrics import Metrics
 from pushie.records import Publication, PublishRequest
 from pushie.wire import InvalidJSON, dumps, json_string, loads
@@ -231,26 +229,14 @@ class JSONResource(Resource):
         return super().render(request)
 
 
-class PublishResource(JSONResource):
+class PublishResource(JSONResource, Door):
     """C{POST /publish}: validate, authorise, publish, answer with offsets."""
 
     allowed_methods = (b"POST",)
 
-    def __init__(
-        self,
-        hub: Hub,
-        guard: Guard,
-        throttle: Throttle,
-        clock: IReactorTime,
-        metrics: Metrics,
-        rate_limiter: RateLimiter | None = None,
-    ) -> None:
+    def __init__(self, context: DoorContext, rate_limiter: RateLimiter | None = None) -> None:
         super().__init__()
-        self.hub = hub
-        self.clock = clock
-        self.metrics = metrics
-        self.guard = guard
-        self.throttle = throttle
+        self.take(context)
         self.rate_limiter = rate_limiter
 
     def render_POST(self, request: Request) -> int:
@@ -321,7 +307,7 @@ def _query_int(request: Request, name: str, minimum: int) -> int | None:
     return number
 
 
-class ChannelsResource(JSONResource):
+class ChannelsResource(JSONResource, Door):
     """
     The server API under C{/channels}, read-only, behind the publisher key:
 
@@ -333,10 +319,9 @@ class ChannelsResource(JSONResource):
 
     allowed_methods = (b"GET",)
 
-    def __init__(self, hub: Hub, guard: Guard) -> None:
+    def __init__(self, context: DoorContext) -> None:
         super().__init__()
-        self.hub = hub
-        self.guard = guard
+        self.take(context)
 
     def render_GET(self, request: Request) -> int:
         assert request.postpath is not None  # set by the Site before any render
@@ -405,14 +390,14 @@ class ChannelsResource(JSONResource):
         )
 
 
-class HealthResource(JSONResource):
+class HealthResource(JSONResource, Door):
     """C{GET /healthz}: 200 while the engine accepts publishes, 503 when it does not or while draining."""
 
     allowed_methods = (b"GET",)
 
-    def __init__(self, hub: Hub) -> None:
+    def __init__(self, context: DoorContext) -> None:
         super().__init__()
-        self.hub = hub
+        self.take(context)
 
     def render_GET(self, request: Request) -> int:
         engine_ok = self.hub.healthy()

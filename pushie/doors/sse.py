@@ -18,18 +18,18 @@ from __future__ import annotations
 import secrets
 from typing import Any
 
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+import attr
+from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.web.server import NOT_DONE_YET, Request
 
-from pushie.auth import Guard, SubscriberToken
+from pushie.auth import SubscriberToken
 from pushie.channels import Position, check_channel, is_presence, parse_offset
 from pushie.doors.api import JSONResource, write_error
+from pushie.doors.context import Door, DoorContext
 from pushie.errors import EngineUnavailable, PushieError, bad_request
-from pushie.hub import Hub, Subscribed
+from pushie.hub import Subscribed
 from pushie.limits import SlowConsumerGuard, address_of
-from pushie.logs import Throttle
-from pushie.metrics import Metrics
 from pushie.records import Burst, Member, PresenceEvent, Publication
 from pushie.wire import dumps
 
@@ -58,27 +58,36 @@ def parse_event_id(value: str) -> dict[str, Position]:
     return positions
 
 
+@attr.s(frozen=True, auto_attribs=True)
+class SSESettings:
+    """
+    What the SSE door needs from the daemon's settings (built by C{pushie.tap}).
+
+    @ivar keepalive: seconds between comment lines on an idle stream (C{sse_keepalive}); 0: none.
+    @ivar max_subscriptions: channels one stream may follow (C{max_subscriptions}); 0: no limit.
+    @ivar slow_consumer_buffer: bytes a stream may have waiting before it counts as slow.
+    @ivar slow_consumer_grace: seconds a slow stream may stay slow before it is closed.
+    """
+
+    keepalive: float
+    max_subscriptions: int = 0
+    slow_consumer_buffer: int = 1 << 20
+    slow_consumer_grace: float = 10.0
+
+
 class EventStream:
     """One SSE response: a subscriber of its channels and a connection of the Hub."""
 
     def __init__(
-        self,
-        request: Request,
-        hub: Hub,
-        guard: Guard,
-        clock: IReactorTime,
-        metrics: Metrics,
-        token: SubscriberToken | None,
-        keepalive: float,
-        slow_buffer: int = 1 << 20,
-        slow_grace: float = 10.0,
-    ):
+        self, request: Request, context: DoorContext, settings: SSESettings, token: SubscriberToken | None
+    ) -> None:
         self.request = request
-        self.hub = hub
-        self.clock = clock
-        self.metrics = metrics
-        self.guard = guard
+        self.hub = context.hub
+        self.clock = clock = context.clock
+        self.metrics = context.metrics
+        self.guard = context.guard
         self.token = token
+        keepalive = settings.keepalive
         self.client_id = secrets.token_urlsafe(12)
         self.channels: list[str] = []
         self.positions: dict[str, tuple[int, str]] = {}
@@ -86,7 +95,9 @@ class EventStream:
         self.finished = False
         self._keepalive = clock.callLater(keepalive, self._keep_alive, keepalive) if keepalive > 0 else None
         self._expiry: IDelayedCall | None = None
-        self.backpressure = SlowConsumerGuard(clock, slow_buffer, slow_grace, self._slow_consumer)
+        self.backpressure = SlowConsumerGuard(
+            clock, settings.slow_consumer_buffer, settings.slow_consumer_grace, self._slow_consumer
+        )
 
     # -- output ----------------------------------------------------------
 
@@ -225,33 +236,16 @@ class EventStream:
         self.hub.connection_closed(self)
 
 
-class EventsResource(JSONResource):
+class EventsResource(JSONResource, Door):
     """C{GET /events?channel=a&channel=b&token=...}: a Server-Sent Events stream."""
 
     allowed_methods = (b"GET",)
 
-    def __init__(
-        self,
-        hub: Hub,
-        guard: Guard,
-        throttle: Throttle,
-        clock: IReactorTime,
-        metrics: Metrics,
-        keepalive: float,
-        max_subscriptions: int = 0,
-        slow_buffer: int = 1 << 20,
-        slow_grace: float = 10.0,
-    ) -> None:
+    def __init__(self, context: DoorContext, settings: SSESettings) -> None:
         super().__init__()
-        self.slow_buffer = slow_buffer
-        self.slow_grace = slow_grace
-        self.max_subscriptions = max_subscriptions
-        self.hub = hub
-        self.guard = guard
-        self.throttle = throttle
-        self.clock = clock
-        self.metrics = metrics
-        self.keepalive = keepalive
+        self.take(context)
+        self.settings = settings
+        self.max_subscriptions = settings.max_subscriptions
 
     def render_GET(self, request: Request) -> Any:
         try:
@@ -272,17 +266,7 @@ class EventsResource(JSONResource):
         # The site's idle timeout protects request reading; a stream is
         # kept alive by its own comments instead.
         request.channel.setTimeout(None)
-        stream = EventStream(
-            request,
-            self.hub,
-            self.guard,
-            self.clock,
-            self.metrics,
-            token,
-            self.keepalive,
-            self.slow_buffer,
-            self.slow_grace,
-        )
+        stream = EventStream(request, self.context, self.settings, token)
         stream.start(channels, since, address_of(request.getClientAddress()))
         return NOT_DONE_YET
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 from importlib.resources import files
 from typing import Any
 
+import attr
 from autobahn.twisted.resource import WebSocketResource
 from twisted.internet.interfaces import IReactorTime
 from twisted.web.resource import Resource
@@ -28,8 +29,11 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from pushie.doors._http import PushieSite
 from pushie.doors.api import ChannelsResource, ErrorResource, HealthResource, PublishResource, write_error
+from pushie.doors.context import DoorContext
+from pushie.doors.pusher.door import PusherFactory
 from pushie.doors.pusher.http import PusherAPIResource
-from pushie.doors.sse import EventsResource
+from pushie.doors.sse import EventsResource, SSESettings
+from pushie.doors.websocket import PushieServerFactory
 from pushie.errors import PushieError
 from pushie.limits import ConnectionLimits, RateLimiter
 from pushie.metrics import Metrics, MetricsResource
@@ -73,67 +77,64 @@ class Root(Resource):
         return NOT_DONE_YET
 
 
+@attr.s(frozen=True, auto_attribs=True)
+class SiteSettings:
+    """
+    What the HTTP site needs from the daemon's settings (built by C{pushie.tap}).
+
+    @ivar max_body_size: largest request body, in bytes (C{max_message_size}).
+    @ivar handshake_timeout: seconds a connection may stay silent before its
+        request (or WebSocket handshake) is whole; idle keep-alive connections
+        are dropped after it too.
+    @ivar serve_metrics: whether C{/metrics} is on this site (no C{metrics_listen} of its own).
+    """
+
+    max_body_size: int
+    handshake_timeout: float
+    serve_metrics: bool = True
+
+
 def build_site(
-    hub: Any,
-    guard: Any,
-    websocket_factory: Any,
-    throttle: Any,
-    settings: Any,
+    context: DoorContext,
+    settings: SiteSettings,
+    sse: SSESettings,
+    websocket_factory: PushieServerFactory,
     rate_limiter: RateLimiter,
-    serve_metrics: bool,
-    clock: IReactorTime,
-    metrics: Metrics,
     limits: ConnectionLimits,
-    pusher_factory: Any = None,
+    pusher_factory: PusherFactory | None = None,
 ) -> PushieSite:
-    """Assemble the resource tree for one daemon; C{clock}, C{metrics} and C{limits} come from the wiring."""
+    """
+    Assemble the resource tree for one daemon.  Every door gets the same
+    C{context} (hub, guard, clock, metrics, throttle) from the wiring, and
+    its own settings.
+    """
     root = Root(StaticFile("index.html", b"text/html; charset=utf-8"))
     root.putChild(b"pushie.js", StaticFile("pushie.js", b"application/javascript; charset=utf-8"))
-    publish = PublishResource(hub, guard, throttle, clock, metrics, rate_limiter)
+    publish = PublishResource(context, rate_limiter)
     root.putChild(b"publish", publish)
     root.putChild(b"websocket", WebSocketResource(websocket_factory))
-    root.putChild(b"channels", ChannelsResource(hub, guard))
-    root.putChild(b"healthz", HealthResource(hub))
-    events = EventsResource(
-        hub,
-        guard,
-        throttle,
-        clock,
-        metrics,
-        settings.sse_keepalive,
-        settings.max_subscriptions,
-        settings.slow_consumer_buffer,
-        settings.slow_consumer_grace,
-    )
-    root.putChild(b"events", events)
-    if serve_metrics:
-        root.putChild(b"metrics", MetricsResource(metrics))
+    root.putChild(b"channels", ChannelsResource(context))
+    root.putChild(b"healthz", HealthResource(context))
+    root.putChild(b"events", EventsResource(context, sse))
+    if settings.serve_metrics:
+        root.putChild(b"metrics", MetricsResource(context.metrics))
     if pusher_factory is not None:
         # /app/<key>: the key is read from the path by the protocol.
         root.putChild(b"app", WebSocketResource(pusher_factory))
         for path, users_root in ((b"apps", False), (b"users", True)):
-            api = PusherAPIResource(
-                hub,
-                pusher_factory.apps,
-                settings.pusher_max_data_size,
-                throttle,
-                rate_limiter,
-                clock,
-                metrics,
-                users_root,
-            )
+            api = PusherAPIResource(context, pusher_factory.apps, pusher_factory.settings, rate_limiter, users_root)
             root.putChild(path, api)
     site = PushieSite(
-        root, settings.max_message_size, settings.handshake_timeout, clock, websocket_factory=websocket_factory
+        root, settings.max_body_size, settings.handshake_timeout, context.clock, websocket_factory=websocket_factory
     )
     site.publish_resource = publish  # POST /publish: PushieHTTPChannel's short path
     site.limits = limits
-    site.metrics = metrics
-    site.throttle = throttle
+    site.metrics = context.metrics
+    site.throttle = context.throttle
     return site
 
 
-def build_metrics_site(metrics: Metrics, settings: Any, clock: IReactorTime) -> PushieSite:
+def build_metrics_site(metrics: Metrics, settings: SiteSettings, clock: IReactorTime) -> PushieSite:
     """A site that serves only C{/metrics}, for C{--metrics-listen}."""
     root = Root(ErrorResource(PushieError(404, "not_found", "this endpoint serves /metrics only")))
     root.putChild(b"metrics", MetricsResource(metrics))

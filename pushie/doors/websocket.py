@@ -16,21 +16,21 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+import attr
 from autobahn.twisted.websocket import WebSocketServerFactory
 from autobahn.util import wildcards2patterns
 from autobahn.websocket.protocol import WebSocketProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
-from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from pushie.auth import CLOSE_TOKEN_EXPIRED, Guard, SubscriberToken
+from pushie.auth import CLOSE_TOKEN_EXPIRED, SubscriberToken
 from pushie.channels import Position, check_channel, check_since, is_presence
 from pushie.doors._wsbase import DoorProtocol, configure_factory
+from pushie.doors.context import Door, DoorContext
 from pushie.errors import PushieError, bad_request
-from pushie.hub import Hub, Subscribed
+from pushie.hub import Subscribed
 from pushie.logs import Throttle
-from pushie.metrics import Metrics
 from pushie.records import Burst, Member, PresenceEvent, Publication
 from pushie.wire import InvalidJSON, dumps, loads
 
@@ -379,39 +379,50 @@ _DENY_REASONS = {
 PushieServerProtocol.deny_reasons |= frozenset(_DENY_REASONS.values())
 
 
-class PushieServerFactory(WebSocketServerFactory):
+@attr.s(frozen=True, auto_attribs=True)
+class WebSocketDoorSettings:
+    """
+    What the native WebSocket door needs from the daemon's settings (built by C{pushie.tap}).
+
+    @ivar max_message_size: largest frame or message a client may send, in bytes.
+    @ivar ping_interval: seconds between the server's WebSocket pings; 0: none.
+    @ivar ping_timeout: seconds a ping may wait for its pong before the connection is dropped.
+    @ivar close_timeout: seconds the closing handshake may take.
+    @ivar allowed_origins: the origins a page may come from (C{allowed_origin}); empty: any.
+    @ivar max_subscriptions: channels one connection may follow; 0: no limit.
+    @ivar slow_consumer_buffer: bytes a connection may have waiting before it counts as slow.
+    @ivar slow_consumer_grace: seconds a slow connection may stay slow before it is closed.
+    """
+
+    max_message_size: int
+    ping_interval: float
+    ping_timeout: float
+    close_timeout: float = 5.0
+    allowed_origins: tuple[str, ...] = ()
+    max_subscriptions: int = 0
+    slow_consumer_buffer: int = 1 << 20
+    slow_consumer_grace: float = 10.0
+
+
+class PushieServerFactory(WebSocketServerFactory, Door):
     """Builds L{PushieServerProtocol}s that share one L{Hub} and one L{Guard}."""
 
     protocol = PushieServerProtocol  # type: ignore[assignment]  # Factory's generic protocol type, left unbound by Autobahn's factory
     log = Logger()
 
-    def __init__(
-        self,
-        hub: Hub,
-        guard: Guard,
-        clock: IReactorTime,
-        metrics: Metrics,
-        max_message_size: int,
-        ping_interval: float,
-        ping_timeout: float,
-        close_timeout: float = 5.0,
-        allowed_origins: list[str] | None = None,
-        max_subscriptions: int = 0,
-        slow_consumer_buffer: int = 1 << 20,
-        slow_consumer_grace: float = 10.0,
-    ) -> None:
+    def __init__(self, context: DoorContext, settings: WebSocketDoorSettings) -> None:
         super().__init__()
-        self.hub = hub
-        self.clock = clock
-        self.metrics = metrics
-        self.max_subscriptions = max_subscriptions
-        self.slow_consumer_buffer = slow_consumer_buffer
-        self.slow_consumer_grace = slow_consumer_grace
-        self.guard = guard
-        self.allowed_origins = list(allowed_origins or [])
+        self.take(context)
+        self.max_subscriptions = settings.max_subscriptions
+        self.slow_consumer_buffer = settings.slow_consumer_buffer
+        self.slow_consumer_grace = settings.slow_consumer_grace
+        self.allowed_origins = list(settings.allowed_origins)
         self._origin_patterns = wildcards2patterns(self.allowed_origins)
-        self.throttle = Throttle(self.log, clock)
-        configure_factory(self, max_message_size, ping_interval, ping_timeout, close_timeout)
+        # Its own throttle, in this door's log namespace (not the HTTP doors' one of the context).
+        self.throttle = Throttle(self.log, context.clock)
+        configure_factory(
+            self, settings.max_message_size, settings.ping_interval, settings.ping_timeout, settings.close_timeout
+        )
 
     def origin_allowed(self, origin: str | None) -> bool:
         """

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Protocol
 
+import attr
 from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
 
@@ -98,12 +99,34 @@ class IEngine(Interface):
         """Whether a publish would be accepted now."""
 
 
-def engine_from_setting(value: str, settings: Any, reactor: Any) -> IEngine:
+@attr.s(frozen=True, auto_attribs=True)
+class EngineSettings:
     """
-    Build the engine named by the C{--engine} setting.
+    What an engine needs from the daemon's settings (built by C{pushie.tap}).
+
+    @ivar engine: C{memory}, or a C{redis://} / C{rediss://} URL (the C{engine} setting).
+    @ivar history_size: publications kept per channel for recovery.
+    @ivar history_ttl: seconds a channel's history outlives its last publication.
+    @ivar memory_budget: bytes the memory engine's histories may hold in all.
+    @ivar idempotency_max_keys: idempotency keys the memory engine remembers.
+    @ivar redis_timeout: seconds a Redis command may take before it counts as failed.
+    """
+
+    engine: str
+    history_size: int
+    history_ttl: float
+    memory_budget: int
+    idempotency_max_keys: int
+    redis_timeout: float
+
+
+def engine_from_settings(settings: EngineSettings, reactor: Any) -> IEngine:
+    """
+    Build the engine named by the C{engine} setting.
 
     @raise ValueError: for an engine this build does not provide.
     """
+    value = settings.engine
     if value == "memory":
         from pushie.engines.memory import MemoryEngine
 

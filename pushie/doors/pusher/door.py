@@ -30,13 +30,13 @@ import attr
 from autobahn.twisted.websocket import WebSocketServerFactory
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.application.service import Service
-from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from pushie.channels import Position
 from pushie.doors._wsbase import OPEN, DoorProtocol, configure_factory
+from pushie.doors.context import Door, DoorContext
 from pushie.doors.pusher.apps import (
     USER_CHANNEL_PREFIX,
     App,
@@ -51,9 +51,8 @@ from pushie.doors.pusher.apps import (
     signin_string,
 )
 from pushie.errors import PushieError
-from pushie.hub import Hub, Subscribed
+from pushie.hub import Subscribed
 from pushie.logs import Throttle
-from pushie.metrics import Metrics
 from pushie.records import Burst, Member, PresenceEvent, Publication, PublishRequest
 from pushie.wire import InvalidJSON, dumps, json_string, loads, text_frame
 
@@ -645,7 +644,36 @@ def _succeeded_data(members: list[Member] | None) -> Any:
     }
 
 
-class PusherFactory(WebSocketServerFactory):
+@attr.s(frozen=True, auto_attribs=True)
+class PusherDoorSettings:
+    """
+    What the Pusher door (WebSocket and HTTP API) needs from the daemon's
+    settings (built by C{pushie.tap}).
+
+    @ivar activity_timeout: seconds of silence before the server sends C{pusher:ping}
+        (C{pusher_activity_timeout}; also told to the client).
+    @ivar pong_timeout: seconds a C{pusher:ping} may wait for its pong (C{pusher_pong_timeout}).
+    @ivar client_event_rate: client events a connection may send per second (C{pusher_client_event_rate}).
+    @ivar max_data_size: largest event data, in bytes (C{pusher_max_data_size}).
+    @ivar max_message_size: largest WebSocket message a client may send, in bytes.
+    @ivar max_subscriptions: channels one connection may follow; 0: no limit.
+    @ivar require_token: whether every channel needs authorisation (C{require_token}).
+    @ivar slow_consumer_buffer: bytes a connection may have waiting before it counts as slow.
+    @ivar slow_consumer_grace: seconds a slow connection may stay slow before it is closed.
+    """
+
+    activity_timeout: float
+    pong_timeout: float
+    client_event_rate: float
+    max_data_size: int
+    max_message_size: int
+    max_subscriptions: int = 0
+    require_token: bool = False
+    slow_consumer_buffer: int = 1 << 20
+    slow_consumer_grace: float = 10.0
+
+
+class PusherFactory(WebSocketServerFactory, Door):
     """Builds L{PusherProtocol}s; one for every app (the key in the path picks the app)."""
 
     protocol = PusherProtocol  # type: ignore[assignment]  # Factory's generic protocol type, left unbound by Autobahn's factory
@@ -653,29 +681,27 @@ class PusherFactory(WebSocketServerFactory):
 
     def __init__(
         self,
-        hub: Hub,
+        context: DoorContext,
         apps: Apps,
-        settings: Any,
+        settings: PusherDoorSettings,
         origin_allowed: Callable[[str | None], bool],
-        clock: IReactorTime,
-        metrics: Metrics,
     ) -> None:
         super().__init__()
-        self.hub = hub
-        self.clock = clock
-        self.metrics = metrics
+        self.take(context)
         self.apps = apps
+        self.settings = settings
         self.origin_allowed = origin_allowed
-        self.activity_timeout = settings.pusher_activity_timeout
-        self.pong_timeout = settings.pusher_pong_timeout
-        self.client_event_rate = settings.pusher_client_event_rate
-        self.max_data_size = settings.pusher_max_data_size
+        self.activity_timeout = settings.activity_timeout
+        self.pong_timeout = settings.pong_timeout
+        self.client_event_rate = settings.client_event_rate
+        self.max_data_size = settings.max_data_size
         self.max_subscriptions = settings.max_subscriptions
         self.require_token = settings.require_token
         self.slow_consumer_buffer = settings.slow_consumer_buffer
         self.slow_consumer_grace = settings.slow_consumer_grace
         self.connections: dict[PusherProtocol, None] = {}
-        self.throttle = Throttle(self.log, clock)
+        # Its own throttle, in this door's log namespace (not the HTTP doors' one of the context).
+        self.throttle = Throttle(self.log, context.clock)
         # Pusher clients keep connections alive with pusher:ping/pong (see
         # PusherDoor), not with WebSocket pings.
         configure_factory(

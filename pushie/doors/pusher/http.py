@@ -21,12 +21,12 @@ from typing import Any
 from urllib.parse import unquote
 
 from twisted.internet.defer import Deferred, DeferredList, succeed
-from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.server import NOT_DONE_YET, Request
 
 from pushie.doors.api import JSONResource, error_of, write_error, write_json
+from pushie.doors.context import Door, DoorContext
 from pushie.doors.pusher.apps import (
     USER_CHANNEL_PREFIX,
     App,
@@ -39,12 +39,9 @@ from pushie.doors.pusher.apps import (
     is_valid_socket_id,
     is_valid_user_id,
 )
-from pushie.doors.pusher.door import TERMINATE_EVENT
+from pushie.doors.pusher.door import TERMINATE_EVENT, PusherDoorSettings
 from pushie.errors import OutcomeUnknown, PushieError, bad_request
-from pushie.hub import Hub
 from pushie.limits import RateLimiter
-from pushie.logs import Throttle
-from pushie.metrics import Metrics
 from pushie.records import PublishRequest
 from pushie.wire import InvalidJSON, dumps, loads
 
@@ -64,7 +61,7 @@ def unauthorized(message: str) -> PushieError:
     return PushieError(401, "unauthorized", message)
 
 
-class PusherAPIResource(JSONResource):
+class PusherAPIResource(JSONResource, Door):
     """
     C{/apps/...}: the Pusher HTTP API of every configured app; with
     C{users_root}, C{/users/...} (the app named by the signed C{auth_key}).
@@ -74,22 +71,16 @@ class PusherAPIResource(JSONResource):
 
     def __init__(
         self,
-        hub: Hub,
+        context: DoorContext,
         apps: Apps,
-        max_data_size: int,
-        throttle: Throttle,
+        settings: PusherDoorSettings,
         rate_limiter: RateLimiter,
-        clock: IReactorTime,
-        metrics: Metrics,
         users_root: bool = False,
     ) -> None:
         super().__init__()
-        self.hub = hub
-        self.clock = clock
-        self.metrics = metrics
+        self.take(context)
         self.apps = apps
-        self.max_data_size = max_data_size
-        self.throttle = throttle
+        self.max_data_size = settings.max_data_size
         self.rate_limiter = rate_limiter
         self.users_root = users_root
 
