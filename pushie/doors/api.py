@@ -53,6 +53,24 @@ def write_error(request: Request, error: PushieError) -> None:
     write_json(request, error.status, error.to_json(), error.headers)
 
 
+def refuse(door: Door, request: Request, error: PushieError, what: str, metric_prefix: str = "") -> None:
+    """
+    The one way an HTTP door refuses a client's request: counted in
+    C{pushie_rejected_requests_total}, logged at most once per 10 s per kind
+    (C{what} is a fixed phrase such as C{"a publish"}, never client input), and
+    answered with the error's status and JSON body.
+    """
+    door.metrics.reject(metric_prefix + error.code)
+    door.throttle.warn(
+        f"{what}:{error.code}",
+        "Refused " + what + " from {peer}: {status} {code}",
+        peer=request.getClientAddress(),
+        status=error.status,
+        code=error.code,
+    )
+    write_error(request, error)
+
+
 def error_of(
     failure: Failure, logger: Logger, what: str, metrics: Metrics | None = None, message: str | None = None
 ) -> PushieError:
@@ -244,15 +262,7 @@ class PublishResource(JSONResource, Door):
         try:
             requests, single = self._validate(request)
         except PushieError as e:
-            self.metrics.reject(e.code)
-            self.throttle.warn(
-                "publish_" + e.code,
-                "Refused a publish from {peer}: {status} {code}",
-                peer=request.getClientAddress(),
-                status=e.status,
-                code=e.code,
-            )
-            write_error(request, e)
+            refuse(self, request, e, "a publish")
             return NOT_DONE_YET
         d = self.hub.publish(requests)
         d.addCallbacks(

@@ -25,7 +25,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from pushie.auth import SubscriberToken
 from pushie.channels import Position, check_channel, is_presence, parse_offset
-from pushie.doors.api import JSONResource, write_error
+from pushie.doors.api import JSONResource, refuse
 from pushie.doors.context import Door, DoorContext
 from pushie.errors import EngineUnavailable, PushieError, bad_request
 from pushie.hub import Subscribed
@@ -251,14 +251,7 @@ class EventsResource(JSONResource, Door):
         try:
             channels, token, since = self._validate(request)
         except PushieError as e:
-            self.metrics.reject(e.code)
-            self.throttle.warn(
-                "sse_" + e.code,
-                "Refused an event stream from {peer}: {code}",
-                peer=request.getClientAddress(),
-                code=e.code,
-            )
-            write_error(request, e)
+            refuse(self, request, e, "an event stream")
             return NOT_DONE_YET
         request.setHeader(b"content-type", b"text/event-stream; charset=utf-8")
         request.setHeader(b"cache-control", b"no-store")

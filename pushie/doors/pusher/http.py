@@ -25,7 +25,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.server import NOT_DONE_YET, Request
 
-from pushie.doors.api import JSONResource, error_of, write_error, write_json
+from pushie.doors.api import JSONResource, error_of, refuse, write_json
 from pushie.doors.context import Door, DoorContext
 from pushie.doors.pusher.apps import (
     USER_CHANNEL_PREFIX,
@@ -101,15 +101,7 @@ class PusherAPIResource(JSONResource, Door):
         return NOT_DONE_YET
 
     def _refuse(self, request: Request, error: PushieError) -> None:
-        self.metrics.reject("pusher_api_" + error.code)
-        self.throttle.warn(
-            "pusher_api_" + error.code,
-            "Refused a Pusher API request from {peer}: {status} {message}",
-            peer=request.getClientAddress(),
-            status=error.status,
-            message=error.message,
-        )
-        write_error(request, error)
+        refuse(self, request, error, "a Pusher API request", metric_prefix="pusher_api_")
 
     def _failed(self, request: Request, failure: Failure) -> None:
         error = error_of(failure, log, "Pusher API request failed", self.metrics)
