@@ -44,7 +44,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from pushie.channels import APP_SEPARATOR, Position, is_presence
+from pushie.channels import Position, is_presence, is_valid_channel
 from pushie.engines import IEngine
 from pushie.errors import EngineUnavailable, PushieError
 from pushie.limits import ConnectionLimits
@@ -59,15 +59,6 @@ def _presence_full(cap: int) -> PushieError:
         "presence_full",
         f"this presence channel has its {cap} members (presence_max_members); try again when one leaves",
     )
-
-
-def in_native_space(name: str) -> bool:
-    """
-    Whether a Hub channel is one the native doors can name: not in another
-    Pusher app's space, not a Pusher C{#server-to-user-*} channel.  Webhooks
-    and the server API tell about these only.
-    """
-    return APP_SEPARATOR not in name and not name.startswith("#")
 
 
 class Subscriber(Protocol):
@@ -199,6 +190,10 @@ class Hub(Service):
             false, every publication is sent to every subscriber at once.
         @param presence_max_members: distinct members a presence channel
             admits (0: no limit); see L{_join}.
+        @param webhooks: told about the channels that a native client can
+            name (L{is_valid_channel}); other doors' channels that the Hub
+            carries under names no native client can spell (another Pusher
+            app's, a Pusher user's) are not told about.
         """
         self.presence_max_members = presence_max_members
         self.webhooks = webhooks
@@ -414,7 +409,7 @@ class Hub(Service):
 
     def presence_changed(self, event: PresenceEvent) -> None:
         """Tell a channel's local subscribers that a member joined or left."""
-        if self.webhooks is not None and in_native_space(event.channel):
+        if self.webhooks is not None and is_valid_channel(event.channel):
             if event.kind == "join":
                 self.webhooks.member_added(event.channel, event.member.id)
             else:
@@ -474,7 +469,7 @@ class Hub(Service):
         channel = self._channels.get(name)
         if channel is None:
             channel = self._channels[name] = _LocalChannel()
-            if self.webhooks is not None and in_native_space(name):
+            if self.webhooks is not None and is_valid_channel(name):
                 self.webhooks.channel_occupied(name)
             self._engine.watch(name).addBoth(channel.watch_done)
         channel.pending[subscriber] = []
@@ -590,7 +585,7 @@ class Hub(Service):
             d.addErrback(lambda f: self.log.failure("Removing a presence member failed", f))
         if not channel.subscribers and not channel.pending:
             del self._channels[name]
-            if self.webhooks is not None and in_native_space(name):
+            if self.webhooks is not None and is_valid_channel(name):
                 self.webhooks.channel_vacated(name)
             self._engine.unwatch(name)
 

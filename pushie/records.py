@@ -13,11 +13,16 @@ time a subscriber needs them, so fan-out never encodes per subscriber.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any
 
 import attr
 
 from pushie.wire import dumps, message_envelope, text_frame
+
+NO_META: Mapping[str, str] = MappingProxyType({})
+"""The metadata of a publication that has none (shared: metadata is never changed)."""
 
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)
@@ -29,10 +34,15 @@ class PublishRequest:
     """The published data as compact JSON bytes."""
     event: str = "message"
     idempotency_key: str | None = None
-    exclude: str | None = None
-    """A Pusher socket id that must not receive it (the sender of a client event, C{socket_id})."""
     user_id: str | None = None
-    """Who sent it: the user of a Pusher client event on a presence channel."""
+    """Who sent it (a presence member's id), told to subscribers in the envelope's C{user_id}."""
+    meta: Mapping[str, str] = NO_META
+    """
+    What the door that published it tells the doors that deliver it, and
+    subscribers never see: the engines carry it to every node with the
+    publication, unread (not into history).  The Pusher door leaves out the
+    socket under C{exclude}.
+    """
 
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)
@@ -57,16 +67,15 @@ class Publication:
     epoch: str
     data: bytes
     event: str = "message"
-    exclude: str | None = None
     user_id: str | None = None
+    meta: Mapping[str, str] = NO_META
+    """The publish request's L{PublishRequest.meta}, for the doors."""
     _envelope: bytes | None = attr.ib(default=None, init=False, repr=False)
     _frame: bytes | None = attr.ib(default=None, init=False, repr=False)
     _sse: bytes | None = attr.ib(default=None, init=False, repr=False)
-    pusher_frame: tuple[bytes, bytes] | None = attr.ib(default=None, init=False, repr=False)
-    """The Pusher door's message and WebSocket frame for it, built there on first use."""
 
     @classmethod
-    def from_envelope(cls, envelope: bytes, exclude: str | None = None) -> Publication:
+    def from_envelope(cls, envelope: bytes, meta: Mapping[str, str] = NO_META) -> Publication:
         """A publication read back from its envelope (another node's, or history); the bytes are reused."""
         fields = json.loads(envelope)
         publication = cls(
@@ -75,8 +84,8 @@ class Publication:
             fields["epoch"],
             dumps(fields["data"]),
             fields["event"],
-            exclude,
             fields.get("user_id"),
+            meta,
         )
         publication._envelope = envelope
         return publication
@@ -84,7 +93,7 @@ class Publication:
     @classmethod
     def of(cls, request: PublishRequest, offset: int, epoch: str) -> Publication:
         """The publication of C{request} at C{offset} in C{epoch}."""
-        return cls(request.channel, offset, epoch, request.data, request.event, request.exclude, request.user_id)
+        return cls(request.channel, offset, epoch, request.data, request.event, request.user_id, request.meta)
 
     @property
     def envelope(self) -> bytes:
@@ -118,13 +127,11 @@ class Burst:
     their frames joined once for all of them.
     """
 
-    __slots__ = ("publications", "_frames", "pusher_frames")
+    __slots__ = ("publications", "_frames")
 
     def __init__(self, publications: list[Publication]) -> None:
         self.publications = publications
         self._frames: bytes | None = None
-        self.pusher_frames: bytes | None = None
-        """The Pusher door's frames of every publication, joined there on first use."""
 
     @property
     def websocket_frames(self) -> bytes:

@@ -4,8 +4,8 @@ The wire format: how Pushie's JSON is read and written, the message
 envelope, and WebSocket text frames.
 
 Every door decodes what clients send with L{loads} (strict: RFC 8259 only)
-and encodes with L{dumps}; a message's envelope is built by
-L{message_envelope} only, and framed by L{text_frame}.
+and encodes with L{dumps}; a message's envelope is written by
+L{envelope_parts} only (L{message_envelope} fills it in), and framed by L{text_frame}.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ __all__ = [
     "MAX_JSON_DEPTH",
     "InvalidJSON",
     "dumps",
+    "envelope_parts",
     "json_string",
     "loads",
     "message_envelope",
@@ -157,24 +158,27 @@ def text_frame(payload: bytes) -> bytes:
     return b"\x81\x7f" + size.to_bytes(8, "big") + payload
 
 
+def envelope_parts(channel: str, event: str, data: bytes, user_id: str | None = None) -> tuple[bytes, bytes, bytes]:
+    """
+    The JSON envelope of one message as subscribers receive it (PROTOCOL.md,
+    "message"), around its two holes: C{head + offset + middle + epoch + tail},
+    the offset as decimal digits and the epoch as a JSON string.  The one
+    place the envelope's fields, their names and their order are written:
+    L{message_envelope} fills the holes in Python, and the Redis engine's
+    publish script fills them in Redis, where the offset is assigned (it
+    knows no field of the envelope).  C{data} is already compact JSON.
+    """
+    event_json = b'"message"' if event == "message" else json_string(event)
+    return (
+        b'{"type":"message","channel":' + json_string(channel) + b',"event":' + event_json + b',"offset":',
+        b',"epoch":',
+        b',"data":' + data + (b"}" if user_id is None else b',"user_id":' + dumps(user_id) + b"}"),
+    )
+
+
 def message_envelope(
     channel: str, event: str, offset: int, epoch: str, data: bytes, user_id: str | None = None
 ) -> bytes:
-    """
-    The JSON envelope of one message as subscribers receive it (PROTOCOL.md,
-    "message"): the one place its fields and their order are written.
-    C{data} is already compact JSON.
-    """
-    return b"".join(
-        (
-            b'{"type":"message","channel":',
-            json_string(channel),
-            b',"event":',
-            b'"message"' if event == "message" else json_string(event),
-            b',"offset":%d,"epoch":' % offset,
-            json_string(epoch),
-            b',"data":',
-            data,
-            b"}" if user_id is None else b',"user_id":' + dumps(user_id) + b"}",
-        )
-    )
+    """The envelope of one message (L{envelope_parts}) with its offset and epoch."""
+    head, middle, tail = envelope_parts(channel, event, data, user_id)
+    return b"%s%d%s%s%s" % (head, offset, middle, json_string(epoch), tail)

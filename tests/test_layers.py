@@ -133,3 +133,22 @@ async def test_doors_reach_the_engine_only_through_the_hub(make_daemon):
         hub._engine = guard._wrapped
     assert guard.touched_by, "the guard saw nothing: the test no longer exercises the engine"
     assert sorted(set(guard.touched_by)) == ["pushie.hub"]
+
+
+def test_one_envelope_builder_and_no_pusher_fields_on_the_shared_records():
+    """
+    The envelope's fields are written in pushie.wire only (the Redis publish
+    script fills in its offset and epoch), and the records the Hub moves carry
+    nothing of the Pusher door: its frames are its own (issue 13 item 4).
+    """
+    import attr
+
+    from pushie.engines.redis import PUBLISH_SCRIPT
+    from pushie.records import Burst, Publication, PublishRequest
+
+    for field in ('"type"', '"channel"', '"event"', '"offset"', '"epoch"', '"data"', '"user_id"'):
+        assert field not in PUBLISH_SCRIPT, field
+    for record in (Publication, PublishRequest):
+        names = {f.name for f in attr.fields(record)}
+        assert not {n for n in names if "pusher" in n or n == "exclude"}, names
+    assert not [s for s in Burst.__slots__ if "pusher" in s]

@@ -678,3 +678,30 @@ async def test_twistd_plugin_serves_the_pusher_door_from_the_environment(tmp_pat
         assert (await client.closed)[0] == 4200  # SIGTERM drains: pusher-js reconnects at once elsewhere
     finally:
         await stop(proc)
+
+
+def test_the_door_builds_a_publications_frames_once_per_turn():
+    """
+    The Pusher door's frames are its own (no field on the shared records):
+    built for the first subscriber of a publication or burst, shared by the
+    others in that reactor turn, forgotten at the next (issue 13 item 4).
+    """
+    from twisted.internet.task import Clock
+
+    from pushie.doors.pusher.apps import App
+    from pushie.doors.pusher.door import FrameCache
+    from pushie.records import Burst, Publication
+
+    clock = Clock()
+    cache = FrameCache(clock)
+    app = App("2", "key2", "secret2")
+    first, second = Publication("2|chat", 1, "e", b'"hi"', "said"), Publication("2|chat", 2, "e", b"{}", "said")
+    payload, frame = cache.publication(first, app)
+    assert json.loads(payload) == {"event": "said", "channel": "chat", "data": "hi"}
+    assert cache.publication(first, app) == (payload, frame) and cache.publication(first, app)[1] is frame
+    burst = Burst([first, second])
+    frames = cache.burst(burst, app)
+    assert frames.startswith(frame) and cache.burst(burst, app) is frames
+    assert len(clock.getDelayedCalls()) == 1
+    clock.advance(0)
+    assert cache.publication(first, app)[1] is not frame  # built again in a later turn

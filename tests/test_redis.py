@@ -15,7 +15,7 @@ import treq
 from twisted.web.client import HTTPConnectionPool
 
 from pushie.config import ConfigError, load_settings
-from pushie.engines.redis import HEARTBEAT_INTERVAL, HEARTBEAT_TTL, parse_redis_url
+from pushie.engines.redis import HEARTBEAT_INTERVAL, HEARTBEAT_TTL, meta_header, parse_redis_url, read_meta_header
 from tests.helpers import connect_ws, sleep, start_daemon, wait_for
 from tests.redis_server import RedisServer, require_redis
 from tests.test_auth import SECRET_1, token
@@ -323,3 +323,55 @@ async def test_a_new_subscriber_never_costs_older_ones_what_is_on_its_way(own_re
     finally:
         await daemon.stop()
         await other.stop()
+
+
+# -- what older daemons wrote (issue 13 item 4) -------------------------------
+
+
+def test_publication_metadata_travels_as_a_header_older_daemons_header_is_read():
+    """Any metadata round-trips through the pub/sub header; a 0.1.0 header (C{!<socket id>}) means exclude."""
+    for meta in ({}, {"exclude": "123.456"}, {"a b": "c=d&e f", "é": "!\u2028", "": ""}):
+        header = meta_header(meta)
+        assert " " not in header.rstrip(" ") and (header == "" or header.endswith(" "))
+        assert (read_meta_header(header[:-1].encode()) if header else {}) == meta
+    assert read_meta_header(b"!123.456") == {"exclude": "123.456"}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_new_daemon_reads_the_history_and_live_messages_of_an_older_one(own_redis):
+    """
+    A rolling upgrade: what a 0.1.0 daemon stored (the envelope, in the
+    stream) and published (C{!<socket id> <envelope>}) is read by this one:
+    history replays it and the Pusher socket named in the header is left out.
+    """
+    from tests.test_pusher import APPS, connect, expect, subscribe
+
+    daemon = await start_daemon(engine=own_redis.url, pusher_apps=APPS)
+    try:
+        a, b = await connect(daemon), await connect(daemon)
+        await subscribe(a, "chat")
+        await subscribe(b, "chat")
+        status, _, _ = await daemon.publish({"channel": "chat", "event": "said", "data": "one"})
+        assert status == 200
+        assert (await expect(a, "said"))["data"] == "one"
+        assert (await expect(b, "said"))["data"] == "one"
+        epoch = own_redis.cli("HGET", "pushie:0:meta:chat", "epoch").strip()
+        # Exactly what the 0.1.0 publish script wrote for a client event of a on offset 2.
+        old = f'{{"type":"message","channel":"chat","event":"said","offset":2,"epoch":"{epoch}","data":"two"}}'
+        assert own_redis.cli("HINCRBY", "pushie:0:meta:chat", "offset", "1").strip() == "2"
+        own_redis.cli("XADD", "pushie:0:hist:chat", "*", "e", old)
+        own_redis.cli("PUBLISH", "pushie:0:m:chat", f"!{a.socket_id} {old}")
+        assert (await expect(b, "said"))["data"] == "two"
+        status, _, _ = await daemon.publish({"channel": "chat", "event": "said", "data": "three"})
+        assert (await expect(a, "said"))["data"] == "three"  # "two" never came to a
+        assert (await expect(b, "said"))["data"] == "three"
+        native = await daemon.connect()
+        await native.next_of("welcome")
+        native.send({"type": "subscribe", "channel": "chat", "since": {"offset": 0, "epoch": epoch}})
+        assert (await native.next_of("subscribed"))["recovered"] is True
+        replayed = [await native.next_of("message") for _ in range(3)]
+        assert [(m["offset"], m["data"], m["epoch"]) for m in replayed] == [
+            (i, d, epoch) for i, d in [(1, "one"), (2, "two"), (3, "three")]
+        ]
+    finally:
+        await daemon.stop()

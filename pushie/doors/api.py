@@ -17,10 +17,9 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from pushie.channels import MAX_OFFSET, check_channel, parse_offset
+from pushie.channels import MAX_OFFSET, check_channel, is_valid_channel, parse_offset
 from pushie.doors.context import Door, DoorContext
 from pushie.errors import ENGINE_FAILURES, EngineUnavailable, PushieError, bad_request
-from pushie.hub import in_native_space
 from pushie.limits import RateLimiter, address_of
 from pushie.metrics import Metrics
 from pushie.records import Publication, PublishRequest
@@ -350,7 +349,7 @@ class ChannelsResource(JSONResource, Door):
             channels = [
                 {"name": name, "subscribers": self.hub.subscriber_count(name)}
                 for name in self.hub.channel_names()
-                if in_native_space(name)
+                if is_valid_channel(name)  # not another Pusher app's, nor a Pusher user's
             ]
             return succeed(dumps({"channels": channels}))
         name = check_channel(path[0])

@@ -38,6 +38,16 @@ or channels never meet.
 
 One Lua script publishes a whole request (offset, history, idempotency key and
 PUBLISH to the nodes) atomically, so a C{200} means stored and on its way.
+The script stores and publishes the finished envelope, but does not write
+it: the offset is assigned inside the script, so Python sends the envelope
+from L{pushie.wire.envelope_parts} (the one builder) around its two holes,
+offset and epoch, and the script fills them.  Finished envelopes, not data
+and fields to assemble, because they are what every node and every history
+read needs as they are (no node re-encodes what another published), and
+because history and pub/sub keep the format of earlier daemons: what they
+stored stays readable, and they read what this one publishes.  What the
+nodes need and subscribers must not see (L{PublishRequest.meta}) travels on
+pub/sub in a header before the envelope (L{meta_header}), never in history.
 Each call carries a publish id: when its answer is lost (connection dropped,
 timeout), the same call is sent again and either finds the answers of the run
 that happened or publishes now, so the request still gets an honest C{200};
@@ -58,9 +68,9 @@ import itertools
 import json
 import math
 import secrets
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
 import attr
 import txredisapi
@@ -78,8 +88,8 @@ from pushie.engines import EngineListener, IEngine
 from pushie.engines.memory import IDEMPOTENCY_WINDOW, new_epoch
 from pushie.errors import EngineUnavailable, OutcomeUnknown
 from pushie.logs import Throttle
-from pushie.records import ChannelState, History, Member, PresenceEvent, Publication, PublishRequest
-from pushie.wire import dumps
+from pushie.records import NO_META, ChannelState, History, Member, PresenceEvent, Publication, PublishRequest
+from pushie.wire import dumps, envelope_parts
 
 log = Logger()
 
@@ -104,8 +114,11 @@ class _NotSent(Exception):
 PUBLISH_SCRIPT = r"""
 -- KEYS: the publish id's key, then per request: meta, hist, idem (idem may be "-" for none)
 -- ARGV: prefix, history_size, ttl_ms, idem_ttl, publish_id_ttl, then per request:
---       channel, channel_json, event_json, data, idem_key, epoch_candidate,
---       user_id_json ('' for none), exclude ('' for none)
+--       channel, head, middle, tail, idem_key, epoch_candidate, header ('' for none)
+-- The envelope is written by Python (pushie.wire.envelope_parts) around two
+-- holes that only this script can fill: head .. offset .. middle .. epoch .. tail.
+-- The header (the publication's metadata, for the nodes only) goes before it
+-- on the pub/sub channel, never into the envelope or history.
 -- A call repeated with the same publish id (its answer was lost) returns the
 -- first call's answers and publishes nothing again.
 local done = redis.call('GET', KEYS[1])
@@ -121,9 +134,9 @@ local results = {}
 local n = (#KEYS - 1) / 3
 for i = 0, n - 1 do
   local meta, hist, idem = KEYS[i * 3 + 2], KEYS[i * 3 + 3], KEYS[i * 3 + 4]
-  local a = 6 + i * 8
-  local channel, channel_json, event_json, data = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
-  local idem_key, candidate, user_json, exclude = ARGV[a + 4], ARGV[a + 5], ARGV[a + 6], ARGV[a + 7]
+  local a = 6 + i * 7
+  local channel, head, middle, tail = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
+  local idem_key, candidate, header = ARGV[a + 4], ARGV[a + 5], ARGV[a + 6]
   local seen = false
   if idem ~= '-' then
     local prev = redis.call('GET', idem)
@@ -139,10 +152,7 @@ for i = 0, n - 1 do
       redis.call('HSET', meta, 'epoch', epoch, 'offset', 0)
     end
     local offset = redis.call('HINCRBY', meta, 'offset', 1)
-    local envelope = '{"type":"message","channel":' .. channel_json .. ',"event":' .. event_json ..
-      ',"offset":' .. offset .. ',"epoch":"' .. epoch .. '","data":' .. data
-    if user_json ~= '' then envelope = envelope .. ',"user_id":' .. user_json end
-    envelope = envelope .. '}'
+    local envelope = head .. offset .. middle .. cjson.encode(epoch) .. tail
     if size > 0 then
       local last_ms = tonumber(redis.call('HGET', meta, 'ms') or '0')
       local ms = math.max(now_ms, last_ms)
@@ -156,12 +166,7 @@ for i = 0, n - 1 do
     if idem ~= '-' then
       redis.call('SET', idem, answer, 'EX', idem_ttl)
     end
-    -- A Pusher socket to leave out travels before the envelope, never inside it.
-    if exclude ~= '' then
-      redis.call('PUBLISH', prefix .. 'm:' .. channel, '!' .. exclude .. ' ' .. envelope)
-    else
-      redis.call('PUBLISH', prefix .. 'm:' .. channel, envelope)
-    end
+    redis.call('PUBLISH', prefix .. 'm:' .. channel, header .. envelope)
     results[#results + 1] = answer
   end
 end
@@ -281,6 +286,35 @@ def parse_redis_url(url: str) -> dict[str, Any]:
         "username": unquote(parts.username) if parts.username else None,
         "tls": parts.scheme == "rediss",
     }
+
+
+LEGACY_EXCLUDE = "exclude"
+"""The metadata key that the header of an older daemon (C{!<socket id> }) stands for."""
+
+
+def meta_header(meta: Mapping[str, str]) -> str:
+    """
+    A publication's metadata as it travels before its envelope on the
+    pub/sub channel: C{!} and the pairs form-encoded (no space), then a space;
+    empty for none.  Nodes read it with L{read_meta_header}; it never reaches
+    history or a subscriber.
+    """
+    if not meta:
+        return ""
+    return "!" + urlencode(sorted(meta.items())) + " "
+
+
+def read_meta_header(header: bytes) -> Mapping[str, str]:
+    """
+    The metadata of a L{meta_header} (without its space).  Daemons up to
+    0.1.0 wrote C{!<socket id>}, with no C{=} (socket ids are digits and a
+    dot): read as the socket id to leave out, so that mixed daemons work
+    during a rolling upgrade.
+    """
+    text = header[1:].decode("utf-8", "replace")
+    if "=" not in text:
+        return {LEGACY_EXCLUDE: text}
+    return dict(parse_qsl(text, keep_blank_values=True))
 
 
 def _command(*parts: str) -> bytes:
@@ -544,15 +578,15 @@ class RedisEngine:
                 else self._idempotency_key(request.channel, request.idempotency_key)
             )
             keys += [self._key("meta", request.channel), self._key("hist", request.channel), idem]
+            head, middle, tail = envelope_parts(request.channel, request.event, request.data, request.user_id)
             args += [
                 request.channel,
-                dumps(request.channel),
-                dumps(request.event),
-                request.data,
+                head,
+                middle,
+                tail,
                 request.idempotency_key or "",
                 new_epoch(),
-                dumps(request.user_id) if request.user_id is not None else "",
-                request.exclude or "",
+                meta_header(request.meta),
             ]
         d = Deferred.fromCoroutine(self._publish(keys, args))
 
@@ -803,11 +837,11 @@ class RedisEngine:
             member = Member(str(event["member"]["id"]), event["member"].get("info"))
             listener.presence_changed(PresenceEvent(event["channel"], event["kind"], member, event.get("origin")))
             return
-        exclude = None
+        meta = NO_META
         if message[:1] == b"!":
-            head, _, message = message.partition(b" ")
-            exclude = head[1:].decode()
-        self._arrived(Publication.from_envelope(message, exclude))
+            header, _, message = message.partition(b" ")
+            meta = read_meta_header(header)
+        self._arrived(Publication.from_envelope(message, meta))
 
     def _arrived(self, publication: Publication) -> None:
         """

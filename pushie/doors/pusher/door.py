@@ -21,8 +21,9 @@ shutdown or lost messages, 4201 no pong).
 
 from __future__ import annotations
 
+import functools
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -30,6 +31,7 @@ import attr
 from autobahn.twisted.websocket import WebSocketServerFactory
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.application.service import Service
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -53,7 +55,7 @@ from pushie.doors.pusher.apps import (
 from pushie.errors import PushieError
 from pushie.hub import Subscribed
 from pushie.logs import Throttle
-from pushie.records import Burst, Member, PresenceEvent, Publication, PublishRequest
+from pushie.records import NO_META, Burst, Member, PresenceEvent, Publication, PublishRequest
 from pushie.wire import InvalidJSON, dumps, json_string, loads, text_frame
 
 CLOSE_UNKNOWN_APP = 4001
@@ -78,34 +80,83 @@ def event_frame(event: str, data: Any, channel: str | None = None) -> bytes:
     return dumps(frame)
 
 
+EXCLUDE = "exclude"
+"""The key of a publication's metadata (L{PublishRequest.meta}) naming the socket id to leave out."""
+
+
+def excluding(socket_id: str | None) -> Mapping[str, str]:
+    """The metadata of a publication that socket C{socket_id} (if any) must not receive."""
+    return NO_META if socket_id is None else {EXCLUDE: socket_id}
+
+
 def publication_frame(publication: Publication, app: App) -> tuple[bytes, bytes]:
     """
-    The Pusher message for a publication and its WebSocket frame, built once.
+    The Pusher message for a publication and its WebSocket frame.
 
     Pusher's C{data} is a string: a publication whose data is a JSON string
     (what the Pusher SDKs send) goes as that string; any other JSON value
     (from C{POST /publish}) goes as its JSON text, which pusher-js parses back.
     """
-    cached = publication.pusher_frame
-    if cached is None:
-        data = publication.data
-        if not data.startswith(b'"'):
-            data = dumps(data.decode("utf-8"))
-        parts = [
-            b'{"event":',
-            json_string(publication.event),
-            b',"channel":',
-            json_string(app.channel_name(publication.channel)),
-            b',"data":',
-            data,
-        ]
-        if publication.user_id is not None:
-            parts += [b',"user_id":', dumps(publication.user_id)]
-        parts.append(b"}")
-        payload = b"".join(parts)
-        frame = text_frame(payload)
-        cached = publication.pusher_frame = (payload, frame)
-    return cached
+    data = publication.data
+    if not data.startswith(b'"'):
+        data = dumps(data.decode("utf-8"))
+    parts = [
+        b'{"event":',
+        json_string(publication.event),
+        b',"channel":',
+        json_string(app.channel_name(publication.channel)),
+        b',"data":',
+        data,
+    ]
+    if publication.user_id is not None:
+        parts += [b',"user_id":', dumps(publication.user_id)]
+    parts.append(b"}")
+    payload = b"".join(parts)
+    return payload, text_frame(payload)
+
+
+class FrameCache:
+    """
+    The Pusher frames of the publications and bursts that the Hub dispatches
+    in one reactor turn, built for the first Pusher subscriber and shared by
+    the others (the Hub hands a publication to all its subscribers in one
+    turn), then forgotten at the next turn: the shared records carry nothing
+    of Pusher, and the cache keeps no publication alive.  A publication handed
+    over again later (a recovery) has its frames built again.
+    """
+
+    __slots__ = ("_clock", "_frames", "_bursts")
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self._clock = clock
+        # Keyed by the records themselves: they compare by identity.
+        self._frames: dict[Publication, tuple[bytes, bytes]] = {}
+        self._bursts: dict[Burst, bytes] = {}
+
+    def _forget_next_turn(self) -> None:
+        if not self._frames and not self._bursts:
+            self._clock.callLater(0, self._forget)
+
+    def _forget(self) -> None:
+        self._frames.clear()
+        self._bursts.clear()
+
+    def publication(self, publication: Publication, app: App) -> tuple[bytes, bytes]:
+        """L{publication_frame}, built once per turn."""
+        cached = self._frames.get(publication)
+        if cached is None:
+            self._forget_next_turn()
+            cached = self._frames[publication] = publication_frame(publication, app)
+        return cached
+
+    def burst(self, burst: Burst, app: App) -> bytes:
+        """The frames of every publication of C{burst}, joined once per turn."""
+        frames = self._bursts.get(burst)
+        if frames is None:
+            frames = b"".join([self.publication(p, app)[1] for p in burst.publications])
+            self._forget_next_turn()
+            self._bursts[burst] = frames
+        return frames
 
 
 @attr.s(slots=True, auto_attribs=True, eq=False)
@@ -254,10 +305,10 @@ class PusherProtocol(DoorProtocol):
 
     def deliver(self, publication: Publication) -> None:
         """Send one publication (hot path), unless this socket is the one to leave out."""
-        if self.state != OPEN or publication.exclude == self.client_id:
+        if self.state != OPEN or (publication.meta and publication.meta.get(EXCLUDE) == self.client_id):
             return
         assert self.app is not None
-        payload, frame = publication_frame(publication, self.app)
+        payload, frame = self.factory.frames.publication(publication, self.app)
         self.send_prepared(payload, frame)
 
     def deliver_burst(self, burst: Burst) -> None:
@@ -276,13 +327,13 @@ class PusherProtocol(DoorProtocol):
             for publication in publications:
                 self.deliver(publication)
             return
-        frames: bytes | None
-        if any(p.exclude == me for p in publications):
-            frames = b"".join([publication_frame(p, app)[1] for p in publications if p.exclude != me])
+        cache = self.factory.frames
+        if any(p.meta and p.meta.get(EXCLUDE) == me for p in publications):
+            frames = b"".join(
+                [cache.publication(p, app)[1] for p in publications if not p.meta or p.meta.get(EXCLUDE) != me]
+            )
         else:
-            frames = burst.pusher_frames
-            if frames is None:
-                frames = burst.pusher_frames = b"".join([publication_frame(p, app)[1] for p in publications])
+            frames = cache.burst(burst, app)
         if frames:
             self.write_frames(frames)
 
@@ -557,7 +608,9 @@ class PusherProtocol(DoorProtocol):
         if len(data) > factory.max_data_size:
             raise PusherError(f"Client event data is over {factory.max_data_size} bytes")
         user_id = subscription.member.id if subscription.member is not None else None
-        request = PublishRequest(self.app.hub_name(channel), data, event, exclude=self.client_id, user_id=user_id)
+        request = PublishRequest(
+            self.app.hub_name(channel), data, event, user_id=user_id, meta=excluding(self.client_id)
+        )
         if self._outbox is not None:
             self._outbox.append(request)  # sent, in order, when the one in flight is stored
         else:
@@ -707,6 +760,11 @@ class PusherFactory(WebSocketServerFactory, Door):
         configure_factory(
             self, max_message_size=settings.max_message_size, ping_interval=0, ping_timeout=0, close_timeout=5.0
         )
+
+    @functools.cached_property
+    def frames(self) -> FrameCache:
+        """The frames of this turn's publications, shared by every Pusher subscriber."""
+        return FrameCache(self.clock)
 
     def check_activity(self) -> None:
         now = self.clock.seconds()

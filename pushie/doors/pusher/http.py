@@ -39,7 +39,7 @@ from pushie.doors.pusher.apps import (
     is_valid_socket_id,
     is_valid_user_id,
 )
-from pushie.doors.pusher.door import TERMINATE_EVENT, PusherDoorSettings
+from pushie.doors.pusher.door import TERMINATE_EVENT, PusherDoorSettings, excluding
 from pushie.errors import OutcomeUnknown, PushieError, bad_request
 from pushie.limits import RateLimiter
 from pushie.records import PublishRequest
@@ -280,7 +280,7 @@ class PusherAPIResource(JSONResource, Door):
         if "user_count" in info and not all(is_presence(c) for c in channels):
             raise bad_request("invalid_info", f"{where}: user_count is available for presence- channels only")
         self._check_counting(info)
-        requests = [PublishRequest(app.hub_name(c), data, name, exclude=socket_id) for c in channels]
+        requests = [PublishRequest(app.hub_name(c), data, name, meta=excluding(socket_id)) for c in channels]
         return channels, info, requests
 
     # -- reading ---------------------------------------------------------
