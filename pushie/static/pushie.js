@@ -490,9 +490,14 @@
       // refused subscribe, and asked again after setToken().
       call(this.onError, frame);
       var entry = this._channels.get(frame.channel);
-      if (entry === undefined) {
-        return;
+      if (entry !== undefined) {
+        this._failed(entry, frame);
       }
+    }
+
+    _failed(entry, frame) {
+      // A channel the server will not deliver (refused, or dropped): it is
+      // asked again on the next connection or after setToken().
       entry.status = "failed";
       if (!entry.subs.length) {
         this._channels.delete(entry.name);
@@ -515,17 +520,7 @@
         return;
       }
       // The subscribe was refused (forbidden, unauthorized, engine down...).
-      // It is asked again on the next connection or after setToken().
-      entry.status = "failed";
-      if (!entry.subs.length) {
-        this._channels.delete(entry.name);
-        return;
-      }
-      entry.subs.slice().forEach(function (sub) {
-        if (sub.active) {
-          call(sub._options.onError, frame);
-        }
-      });
+      this._failed(entry, frame);
     }
   }
 

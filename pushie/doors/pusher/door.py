@@ -288,11 +288,11 @@ class PusherProtocol(DoorProtocol):
         factory = self.factory
         factory.hub.connection_opened(self, self.peer_address())
         factory.connections[self] = None
-        self.guard_writes(factory.clock, factory.slow_consumer_buffer, factory.slow_consumer_grace)
+        self.guard_writes(factory.clock, factory.settings.slow_consumer_buffer, factory.settings.slow_consumer_grace)
         self.last_seen = factory.clock.seconds()
         self.send_event(
             "pusher:connection_established",
-            {"socket_id": self.socket_id, "activity_timeout": max(1, round(factory.activity_timeout))},
+            {"socket_id": self.socket_id, "activity_timeout": max(1, round(factory.settings.activity_timeout))},
         )
         self.shrink()
 
@@ -435,7 +435,7 @@ class PusherProtocol(DoorProtocol):
             if existing.live:
                 self._resend_succeeded(channel)
             return  # the pending subscribe will answer
-        limit = self.factory.max_subscriptions
+        limit = self.factory.settings.max_subscriptions
         if limit and len(self.subscriptions) >= limit:
             raise PusherError(f"A connection may hold {limit} subscriptions", channel=channel, status=400)
         member = None
@@ -447,7 +447,7 @@ class PusherProtocol(DoorProtocol):
                 raise PusherError(f"Invalid signature for {channel}", channel=channel, status=401)
             if channel_data is not None:
                 member = _member(channel_data, channel)
-        elif self.app.primary and self.factory.require_token:
+        elif self.app.primary and self.factory.settings.require_token:
             # The first app's channels are the native doors' channels, where
             # require_token wants a granting token for every one; a Pusher
             # client has no token, only signatures for private and presence.
@@ -583,7 +583,7 @@ class PusherProtocol(DoorProtocol):
         assert self.app is not None
         factory = self.factory
         event, channel = frame["event"], frame.get("channel")
-        if not factory.client_event_rate:
+        if not factory.settings.client_event_rate:
             raise PusherError("Client events are disabled on this server")
         subscription = self.subscriptions.get(channel) if isinstance(channel, str) else None
         if subscription is None or not subscription.live:
@@ -598,15 +598,15 @@ class PusherProtocol(DoorProtocol):
             self._event_window = now
             self._event_count = 0
         self._event_count += 1
-        if self._event_count > factory.client_event_rate:
+        if self._event_count > factory.settings.client_event_rate:
             factory.metrics.reject("pusher_client_event_rate")
             raise PusherError(
-                f"Client event rejected - only {factory.client_event_rate:g} accepted per second",
+                f"Client event rejected - only {factory.settings.client_event_rate:g} accepted per second",
                 code=ERROR_CLIENT_EVENT_RATE,
             )
         data = dumps(frame.get("data"))
-        if len(data) > factory.max_data_size:
-            raise PusherError(f"Client event data is over {factory.max_data_size} bytes")
+        if len(data) > factory.settings.max_data_size:
+            raise PusherError(f"Client event data is over {factory.settings.max_data_size} bytes")
         user_id = subscription.member.id if subscription.member is not None else None
         request = PublishRequest(
             self.app.hub_name(channel), data, event, user_id=user_id, meta=excluding(self.client_id)
@@ -650,10 +650,10 @@ class PusherProtocol(DoorProtocol):
         """Ping a silent client after the activity timeout; close with 4201 when no pong comes."""
         factory = self.factory
         if self.pinged_at is not None:
-            if now - self.pinged_at >= factory.pong_timeout:
+            if now - self.pinged_at >= factory.settings.pong_timeout:
                 self.close_with(CLOSE_NO_PONG, "Pong reply not received")
                 self.pinged_at = None
-        elif now - self.last_seen >= factory.activity_timeout:
+        elif now - self.last_seen >= factory.settings.activity_timeout:
             self.pinged_at = now
             self.send_event("pusher:ping", {})
 
@@ -744,14 +744,6 @@ class PusherFactory(WebSocketServerFactory, Door):
         self.apps = apps
         self.settings = settings
         self.origin_allowed = origin_allowed
-        self.activity_timeout = settings.activity_timeout
-        self.pong_timeout = settings.pong_timeout
-        self.client_event_rate = settings.client_event_rate
-        self.max_data_size = settings.max_data_size
-        self.max_subscriptions = settings.max_subscriptions
-        self.require_token = settings.require_token
-        self.slow_consumer_buffer = settings.slow_consumer_buffer
-        self.slow_consumer_grace = settings.slow_consumer_grace
         self.connections: dict[PusherProtocol, None] = {}
         # Its own throttle, in this door's log namespace (not the HTTP doors' one of the context).
         self.throttle = Throttle(self.log, context.clock)
@@ -784,7 +776,7 @@ class PusherDoor(Service):
     def startService(self) -> None:
         super().startService()
         factory = self.factory
-        interval = max(0.05, min(factory.activity_timeout, factory.pong_timeout) / 4)
+        interval = max(0.05, min(factory.settings.activity_timeout, factory.settings.pong_timeout) / 4)
         self._sweep = LoopingCall(factory.check_activity)
         self._sweep.clock = factory.clock
         self._sweep.start(interval, now=False)
