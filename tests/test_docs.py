@@ -228,3 +228,19 @@ def test_the_readme_publish_errors_are_one_table_that_matches_the_protocol():
     expected |= {("503", "too_many_connections"), ("429", "too_many_connections_from_address")}
     assert expected - readme == set()
     assert "to come" not in _readme_section("## Security and limits")
+
+
+def test_pytest_says_why_a_test_was_skipped():
+    """
+    A newcomer without chromium sees the browser tests skipped: pytest must
+    print why (C{-rs} in addopts), and every skip must give a reason.
+    """
+    import tomllib
+
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    assert "-rs" in config["tool"]["pytest"]["ini_options"]["addopts"].split()
+    for path in sorted((ROOT / "tests").rglob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        assert not re.search(r"pytest\.skip\(\s*\)", text), path
+        for mark in re.findall(r"pytest\.mark\.skip(?:if)?\((.*)", text):
+            assert "reason=" in mark, (path, mark)
