@@ -123,8 +123,14 @@ class ListenFailed(Exception):
 class ListeningService(Service):
     """Listens on one endpoint while running; remembers the port it got."""
 
-    def __init__(self, description: str, factory: Any, reactor: Any, backlog: int | None = None) -> None:
+    def __init__(
+        self, description: str, factory: Any, reactor: Any, backlog: int | None = None, what: str = "Pushie"
+    ) -> None:
         self.description = description
+        #: What the log line says listens here: the main endpoints serve
+        #: everything, the C{--metrics-listen} one only C{/metrics}, and an
+        #: operator must be able to tell them apart in the log.
+        self.what = what
         self.factory = factory
         self.reactor = reactor
         self.backlog = backlog
@@ -146,7 +152,12 @@ class ListeningService(Service):
 
         def listening(port: IListeningPort) -> None:
             self.port = port
-            log.info("Pushie listening on {endpoint} ({address})", endpoint=self.description, address=describe(port))
+            log.info(
+                "{what} listening on {endpoint} ({address})",
+                what=self.what,
+                endpoint=self.description,
+                address=describe(port),
+            )
 
         def failed(failure: Failure) -> Failure:
             return Failure(ListenFailed(self.description, failure.value))
@@ -315,6 +326,7 @@ class PushieService(MultiService):
                     build_metrics_site(metrics, site_settings(settings), reactor),
                     reactor,
                     settings.listen_backlog,
+                    what="Metrics endpoint (/metrics only)",
                 )
             )
         for listener in self.listeners:
@@ -322,10 +334,15 @@ class PushieService(MultiService):
 
     def startService(self) -> Deferred[Any]:  # type: ignore[override]
         log.info(
-            "Pushie {version} starting: engine {engine}, endpoints {endpoints}",
+            "Pushie {version} starting: engine {engine}, endpoints {endpoints}{metrics}",
             version=__version__,
             engine=self.engine.name,
             endpoints=" ".join(self.settings.listen),
+            metrics=(
+                f", metrics endpoint {self.settings.metrics_listen} (/metrics only)"
+                if self.settings.metrics_listen is not None
+                else " (/metrics on each)"
+            ),
         )
         if self.guard.publishing_open:
             log.warn(
@@ -353,6 +370,16 @@ class PushieService(MultiService):
                 ids=", ".join(app.id for app in apps),
                 first=apps[0].id,
             )
+            named = [app.id for app in apps if not app.id.isdigit()]
+            if named:
+                # The daemon takes any id, but the Python SDK (pusher.Pusher)
+                # refuses an app_id that is not digits, and Pusher's own ids
+                # are numbers: say so now rather than at the first trigger.
+                log.warn(
+                    "Pusher app ids {ids} are not numeric: the Python pusher SDK accepts only "
+                    "numeric app ids (as Pusher issues them); use digits, e.g. 123456",
+                    ids=", ".join(named),
+                )
         # MultiService.startService ignores its children's Deferreds; gather
         # them so that callers (and tests) learn when every port listens.
         Service.startService(self)

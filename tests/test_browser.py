@@ -29,7 +29,7 @@ from twisted.internet import threads
 from tests.helpers import sleep
 
 CONNECTED = "You're connected to Pushie!"
-NOT_RECOVERED = "Missed messages could not be recovered; reload"
+NOT_RECOVERED = "Missed messages could not be recovered"
 MESSAGE_LINE = re.compile(r"^bunno #(\d+): (.*)$")
 
 CHROMIUM_ARGS = (
@@ -153,6 +153,13 @@ async def test_demo_page_reconnects_and_recovers(make_daemon, browser_binaries, 
         await page_shows(driver, lambda text: CONNECTED in text, "the welcome line", 10)
         # Subscribed once the server knows the connection's channel.
         await page_shows(driver, lambda text: daemon.hub.subscriber_count("bunno") == 1, "a subscription", 5)
+        # Issue 17: no 404 in the console (the favicon), and a curl line that wraps.
+        logs = await threads.deferToThread(console, driver)
+        assert "404" not in logs and "favicon" not in logs, logs
+        sideways = await threads.deferToThread(
+            driver.execute_script, "return document.documentElement.scrollWidth > window.innerWidth"
+        )
+        assert sideways is False
 
         sent = [{"text": f"oh hai {n}", "username": "jufisch"} for n in range(1, 6)]
         for data in sent[:2]:
@@ -182,6 +189,57 @@ async def test_demo_page_reconnects_and_recovers(make_daemon, browser_binaries, 
         assert text.count(CONNECTED) == 2, text
         assert "Connection closed (1006" in text, text
         assert NOT_RECOVERED not in text, text
+    finally:
+        await threads.deferToThread(driver.quit)
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_favicon_is_served(daemon):
+    """Issue 17: browsers ask for /favicon.ico; the page links it, and it is there (no 404)."""
+    code, body, response = await daemon.get("/favicon.ico")
+    assert code == 200
+    assert response.headers.getRawHeaders("content-type") == ["image/svg+xml"]
+    assert body.startswith(b"<svg")
+    code, page, _ = await daemon.get("/")
+    assert b'<link rel="icon" href="/favicon.ico"' in page
+
+
+# The memory engine forgets a channel with no history as soon as nobody
+# follows it; Redis keeps its state for history_ttl, longer than the page is away.
+@pytest.mark.parametrize("engine", ["memory"])
+@pytest_twisted.ensureDeferred
+async def test_demo_page_says_new_epoch_and_shows_the_history(make_daemon, browser_binaries, tmp_path):
+    """
+    Issue 17: when the channel starts a new epoch while the page is away,
+    the page says "new epoch" (else "#1" twice looks like a duplicate) and
+    shows what the history API still holds instead of only "reload".
+    """
+    # No history: the channel is forgotten once nobody follows it, so the
+    # page comes back to a new epoch.
+    daemon = await make_daemon(history_size=0)
+    from selenium.webdriver.common.by import By
+
+    chromium, chromedriver = browser_binaries
+    profile = tmp_path / "chromium-profile"
+    profile.mkdir()
+    driver = await threads.deferToThread(start_browser, chromium, chromedriver, str(profile))
+    try:
+        await threads.deferToThread(driver.get, daemon.url + "/")
+        await threads.deferToThread(lambda: driver.find_element(By.ID, "subscribe").click())
+        await page_shows(driver, lambda text: daemon.hub.subscriber_count("bunno") == 1, "a subscription", 10)
+        status, answer, _ = await daemon.publish({"channel": "bunno", "data": "first"})
+        assert status == 200, answer
+        await page_shows(driver, lambda text: len(messages(text)) == 1, "the first message", 5)
+
+        for connection in list(daemon.hub.connections):
+            connection.abort()
+        await page_shows(driver, lambda text: daemon.hub.subscriber_count("bunno") == 1, "a resubscription", 15)
+        status, answer, _ = await daemon.publish({"channel": "bunno", "data": "second"})
+        assert status == 200, answer
+        text = await page_shows(driver, lambda text: len(messages(text)) == 2, "the second message", 5)
+        assert [offset for offset, _ in messages(text)] == [1, 1], text
+        assert "new epoch" in text, text
+        assert NOT_RECOVERED + "; the channel's history holds 0" in text, text
     finally:
         await threads.deferToThread(driver.quit)
 

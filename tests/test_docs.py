@@ -135,3 +135,112 @@ def test_internal_section_references_exist():
     # "§8.1-§8.4" and the like: every end of a range is a section too.
     unknown = sorted(referenced - headings, key=lambda s: [int(p) for p in s.split(".")])
     assert not unknown, f"docs/PROTOCOL.md refers to sections it does not have: {unknown}"
+
+
+# -- The README as a newcomer types it (issue 17) ------------------------------
+
+README = ROOT / "README.md"
+
+
+def _readme_section(title: str) -> str:
+    """The text of the README section whose heading is C{title}, up to the next heading."""
+    text = README.read_text(encoding="utf-8")
+    start = text.index(title + "\n")
+    end = re.compile(r"^#{1,3} ", re.MULTILINE).search(text, start + len(title))
+    return text[start : end.start() if end else len(text)]
+
+
+def _shell_blocks() -> list[str]:
+    """Every ```sh block of the README."""
+    return re.findall(r"```sh\n(.*?)```", README.read_text(encoding="utf-8"), re.DOTALL)
+
+
+def test_the_quick_start_puts_the_venv_on_the_path():
+    """
+    The walk-through types C{twistd} and C{pushie}: the quick start must have
+    activated the venv they are installed in, or they are not on the PATH.
+    """
+    first = _shell_blocks()[0].strip()
+    assert first.startswith("python3 -m venv .venv && . .venv/bin/activate && pip install . && twistd "), first
+    after = _readme_section("## Quick start").split("```")[2]  # the paragraph after the first command
+    assert ". .venv/bin/activate" in after and "every" in after
+
+
+def test_every_twistd_example_keeps_twistd_pid_out_of_the_folder():
+    """A second daemon started from the same folder must not stop on a stale twistd.pid."""
+    text = README.read_text(encoding="utf-8")
+    blocks = re.findall(r"```sh\n(.*?)```", text, re.DOTALL)
+    prose = re.sub(r"```.*?```", "", text, flags=re.DOTALL)
+    commands = [line for block in blocks for line in block.splitlines() if re.search(r"\btwistd -", line)]
+    commands += [span for span in re.findall(r"`([^`]+)`", prose) if re.search(r"\btwistd (-n|--nodaemon)\b", span)]
+    assert len(commands) > 5, commands
+    for command in commands:
+        assert "--pidfile=" in command, command
+    assert "twistd.pid" in (ROOT / ".gitignore").read_text(encoding="utf-8").split()
+
+
+def test_no_example_listens_on_every_interface_with_publishing_open():
+    """An example that listens beyond 127.0.0.1 configures publisher keys in the same block."""
+    text = README.read_text(encoding="utf-8")
+    for block in re.findall(r"```(?:sh|toml)\n(.*?)```", text, re.DOTALL):
+        for endpoint in re.findall(r"\b(?:tcp6?|ssl):[^\s\"',]*", block):
+            if "interface=127.0.0.1" in endpoint or "interface=::1" in endpoint:
+                continue
+            assert "PUBLISHER_KEYS" in block.upper(), f"{endpoint} with publishing open in:\n{block}"
+
+
+def test_the_pusher_examples_use_numeric_app_ids_that_start_a_daemon():
+    """The Python pusher SDK takes only numeric app ids; the example must also pass the daemon's own checks."""
+    from pushie.doors.pusher.apps import parse_apps
+
+    text = README.read_text(encoding="utf-8") + protocol_text()
+    examples = re.findall(r'PUSHIE_PUSHER_APPS="([^"]+)"', text)
+    assert examples
+    for example in examples:
+        for app in parse_apps(example.split(","), "README"):
+            assert app.id.isdigit(), example
+
+
+def _codes(table_text: str) -> set[tuple[str, str]]:
+    """(status, code) pairs of a Markdown table whose rows start with statuses and name codes in backticks."""
+    pairs = set()
+    for line in table_text.splitlines():
+        row = re.match(r"\| (\d{3}) \| (.*?) \|", line)
+        if row:
+            for code in re.findall(r"`([a-z_]+)`", row.group(2)):
+                pairs.add((row.group(1), code))
+    return pairs
+
+
+def test_the_readme_publish_errors_are_one_table_that_matches_the_protocol():
+    """
+    README "Publishing" lists every answer of docs/PROTOCOL.md §3.5 (and the
+    site-wide refusals of §1.3), in one table: no row stranded after a paragraph.
+    """
+    section = _readme_section("### Errors")
+    rows = [i for i, line in enumerate(section.splitlines()) if line.startswith("|")]
+    assert rows == list(range(rows[0], rows[-1] + 1)), "a table row outside the table"
+    readme = _codes(section)
+    protocol = protocol_text()
+    start = protocol.index("### 3.5 Errors")
+    expected = _codes(protocol[start : protocol.index("### 3.6", start)])
+    expected |= {("400", "bad_request"), ("408", "request_timeout")}
+    expected |= {("503", "too_many_connections"), ("429", "too_many_connections_from_address")}
+    assert expected - readme == set()
+    assert "to come" not in _readme_section("## Security and limits")
+
+
+def test_pytest_says_why_a_test_was_skipped():
+    """
+    A newcomer without chromium sees the browser tests skipped: pytest must
+    print why (C{-rs} in addopts), and every skip must give a reason.
+    """
+    import tomllib
+
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    assert "-rs" in config["tool"]["pytest"]["ini_options"]["addopts"].split()
+    for path in sorted((ROOT / "tests").rglob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        assert not re.search(r"pytest\.skip\(\s*\)", text), path
+        for mark in re.findall(r"pytest\.mark\.skip(?:if)?\((.*)", text):
+            assert "reason=" in mark, (path, mark)

@@ -58,6 +58,45 @@ async def test_metrics_on_their_own_endpoint(make_daemon):
     assert b"pushie_connections" in await response.content()
 
 
+def _lines(events: list) -> list[str]:
+    from twisted.logger import formatEvent
+
+    return [formatEvent(event) for event in events]
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_log_names_the_metrics_endpoint(make_daemon, log_events):
+    """Issue 17: an operator reading the log must tell the --metrics-listen endpoint from the main ones."""
+    daemon = await make_daemon(metrics_listen="tcp:0:interface=127.0.0.1")
+    port = daemon.service.listeners[-1].port.getHost().port
+    lines = _lines(log_events)
+    starting = [line for line in lines if "starting" in line]
+    assert starting and "metrics endpoint tcp:0:interface=127.0.0.1 (/metrics only)" in starting[0], starting
+    metrics_lines = [line for line in lines if f":{port})" in line]
+    assert metrics_lines == [
+        f"Metrics endpoint (/metrics only) listening on tcp:0:interface=127.0.0.1 (127.0.0.1:{port})"
+    ]
+    main = [line for line in lines if line.startswith("Pushie listening on")]
+    assert main and all(f":{port})" not in line for line in main)
+
+
+@pytest_twisted.ensureDeferred
+async def test_non_numeric_pusher_app_ids_are_warned_about(make_daemon, log_events):
+    """Issue 17: the Python pusher SDK refuses an app_id that is not digits; the start-up log says so."""
+    await make_daemon(pusher_apps=["app-id:app-key:0123456789abcdef", "424242:other-key:0123456789abcdef"])
+    warnings = [line for line in _lines(log_events) if "not numeric" in line]
+    assert warnings == [
+        "Pusher app ids app-id are not numeric: the Python pusher SDK accepts only "
+        "numeric app ids (as Pusher issues them); use digits, e.g. 123456"
+    ]
+
+
+@pytest_twisted.ensureDeferred
+async def test_numeric_pusher_app_ids_get_no_warning(make_daemon, log_events):
+    await make_daemon(pusher_apps=["424242:app-key:0123456789abcdef"])
+    assert not [line for line in _lines(log_events) if "not numeric" in line]
+
+
 @pytest_twisted.ensureDeferred
 async def test_publish_rate_per_key(make_daemon):
     daemon = await make_daemon(publish_rate=2, publisher_keys=[KEY_A, KEY_B])

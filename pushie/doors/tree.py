@@ -4,6 +4,7 @@ The resource tree, built in one readable place.
 
   /            the demo page (static/index.html)
   /pushie.js   the browser client
+  /favicon.ico the demo page's icon (an SVG): browsers ask for it, a 404 would litter their console
   /publish     L{pushie.doors.api.PublishResource}
   /channels/   L{pushie.doors.api.ChannelsResource}: state, history, presence
   /healthz     L{pushie.doors.api.HealthResource}
@@ -110,6 +111,7 @@ def build_site(
     """
     root = Root(StaticFile("index.html", b"text/html; charset=utf-8"))
     root.putChild(b"pushie.js", StaticFile("pushie.js", b"application/javascript; charset=utf-8"))
+    root.putChild(b"favicon.ico", StaticFile("favicon.svg", b"image/svg+xml"))
     publish = PublishResource(context, rate_limiter)
     root.putChild(b"publish", publish)
     root.putChild(b"websocket", WebSocketResource(websocket_factory))
