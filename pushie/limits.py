@@ -156,7 +156,7 @@ def address_of(peer: object) -> str:
 
 
 @implementer(IPushProducer)
-class SlowConsumerGuard:
+class SlowConsumerWatch:
     """
     Watches one connection's outgoing buffer through Twisted's producer
     protocol: the transport pauses us when its buffer is full and resumes us

@@ -15,10 +15,10 @@ from pushie.doors.pusher.apps import (
     channel_auth_string,
     is_cache,
     is_encrypted,
-    is_presence,
-    is_private,
+    is_pusher_channel,
+    is_pusher_presence,
+    is_pusher_private,
     is_valid_api_channel,
-    is_valid_channel,
     is_valid_socket_id,
     parse_apps,
 )
@@ -78,7 +78,7 @@ def test_presence_string_includes_channel_data():
     ],
 )
 def test_channel_kinds_are_anchored_prefixes(name, private, presence, encrypted, cache):
-    assert (is_private(name), is_presence(name), is_encrypted(name), is_cache(name)) == (
+    assert (is_pusher_private(name), is_pusher_presence(name), is_encrypted(name), is_cache(name)) == (
         private,
         presence,
         encrypted,
@@ -87,12 +87,12 @@ def test_channel_kinds_are_anchored_prefixes(name, private, presence, encrypted,
 
 
 def test_channel_names():
-    assert is_valid_channel("a-Z_0=@,.;")
-    assert is_valid_channel("x" * 164)
-    assert not is_valid_channel("x" * 165)
-    assert not is_valid_channel("")
-    assert not is_valid_channel("a:b")  # valid natively, not in Pusher
-    assert not is_valid_channel("#server-to-user-1")
+    assert is_pusher_channel("a-Z_0=@,.;")
+    assert is_pusher_channel("x" * 164)
+    assert not is_pusher_channel("x" * 165)
+    assert not is_pusher_channel("")
+    assert not is_pusher_channel("a:b")  # valid natively, not in Pusher
+    assert not is_pusher_channel("#server-to-user-1")
     assert is_valid_api_channel("#server-to-user-1")
     assert not is_valid_api_channel("#server-to-user-")
     assert not is_valid_api_channel("#other")

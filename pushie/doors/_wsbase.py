@@ -34,7 +34,7 @@ from twisted.python.failure import Failure
 from twisted.web.http import RESPONSES
 
 from pushie._fastwrite import write_now
-from pushie.limits import SlowConsumerGuard, address_of
+from pushie.limits import SlowConsumerWatch, address_of
 from pushie.wire import text_frame
 
 OPEN = WebSocketProtocol.STATE_OPEN
@@ -102,7 +102,7 @@ class _QuietLog:
 class DoorProtocol(WebSocketServerProtocol):
     """
     A server connection of a door.  Subclasses set C{slow_close_code} and
-    C{shutdown_close}, call L{guard_writes} and then L{shrink} once open, and
+    C{shutdown_close}, call L{watch_writes} and then L{shrink} once open, and
     L{closed} from onClose.
     The factory must have C{hub}, C{throttle}, C{clock} and C{metrics}.
     """
@@ -118,15 +118,15 @@ class DoorProtocol(WebSocketServerProtocol):
 
     def __init__(self) -> None:
         super().__init__()
-        self._guard: SlowConsumerGuard | None = None
+        self._guard: SlowConsumerWatch | None = None
 
     def peer_address(self) -> str:
         assert self.transport is not None  # asked only while connected
         return address_of(self.transport.getPeer())
 
-    def guard_writes(self, clock: Any, limit: int, grace: float) -> None:
+    def watch_writes(self, clock: Any, limit: int, grace: float) -> None:
         """Watch the outgoing buffer: a client that stops reading is dropped, nobody else waits."""
-        self._guard = SlowConsumerGuard(clock, limit, grace, self._slow_consumer)
+        self._guard = SlowConsumerWatch(clock, limit, grace, self._slow_consumer)
         transport = cast(IConsumer, self.transport)  # tcp.Server or TLS: both are consumers
         # Behind WebSocketResource the HTTP channel is still the transport's
         # producer: we take its place to learn when the buffer is full.

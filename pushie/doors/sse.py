@@ -29,7 +29,7 @@ from pushie.doors.api import JSONResource, refuse
 from pushie.doors.context import Door, DoorContext
 from pushie.errors import EngineUnavailable, PushieError, bad_request
 from pushie.hub import Subscribed
-from pushie.limits import SlowConsumerGuard, address_of
+from pushie.limits import SlowConsumerWatch, address_of
 from pushie.records import Burst, Member, PresenceEvent, Publication
 from pushie.wire import dumps
 
@@ -95,7 +95,7 @@ class EventStream:
         self.finished = False
         self._keepalive = clock.callLater(keepalive, self._keep_alive, keepalive) if keepalive > 0 else None
         self._expiry: IDelayedCall | None = None
-        self.backpressure = SlowConsumerGuard(
+        self.backpressure = SlowConsumerWatch(
             clock, settings.slow_consumer_buffer, settings.slow_consumer_grace, self._slow_consumer
         )
 

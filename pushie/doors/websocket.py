@@ -104,7 +104,7 @@ class PushieServerProtocol(DoorProtocol):
         self._opened = True
         factory = self.factory
         factory.hub.connection_opened(self, self.peer_address())
-        self.guard_writes(factory.clock, factory.slow_consumer_buffer, factory.slow_consumer_grace)
+        self.watch_writes(factory.clock, factory.slow_consumer_buffer, factory.slow_consumer_grace)
         self.send_json({"type": "welcome", "client": self.client_id})
         for name in self._initial_channels:
             self._subscribe(name)

@@ -130,7 +130,7 @@ class Apps:
         return self.all[0] if self.all else None
 
 
-def is_valid_channel(name: object) -> bool:
+def is_pusher_channel(name: object) -> bool:
     """A channel a client may subscribe to: 1 to 164 of A-Z a-z 0-9 _ - = @ , . ;"""
     return isinstance(name, str) and _CHANNEL_RE.match(name) is not None
 
@@ -140,7 +140,7 @@ def is_valid_api_channel(name: object) -> bool:
     if isinstance(name, str) and name.startswith(USER_CHANNEL_PREFIX):
         user = name[len(USER_CHANNEL_PREFIX) :]
         return 0 < len(user) <= MAX_CHANNEL_LENGTH and is_valid_user_id(user)
-    return is_valid_channel(name)
+    return is_pusher_channel(name)
 
 
 def is_valid_user_id(user_id: str) -> bool:
@@ -151,7 +151,7 @@ def is_valid_socket_id(value: object) -> bool:
     return isinstance(value, str) and _SOCKET_ID_RE.match(value) is not None
 
 
-def is_private(channel: str) -> bool:
+def is_pusher_private(channel: str) -> bool:
     """C{private-*} (including C{private-encrypted-*}): needs a channel auth signature."""
     return channel.startswith("private-")
 
@@ -160,7 +160,7 @@ def is_encrypted(channel: str) -> bool:
     return channel.startswith("private-encrypted-")
 
 
-def is_presence(channel: str) -> bool:
+def is_pusher_presence(channel: str) -> bool:
     return channel.startswith("presence-")
 
 

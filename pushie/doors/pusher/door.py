@@ -46,9 +46,9 @@ from pushie.doors.pusher.apps import (
     channel_auth_string,
     is_cache,
     is_encrypted,
-    is_presence,
-    is_private,
-    is_valid_channel,
+    is_pusher_channel,
+    is_pusher_presence,
+    is_pusher_private,
     is_valid_user_id,
     signin_string,
 )
@@ -288,7 +288,7 @@ class PusherProtocol(DoorProtocol):
         factory = self.factory
         factory.hub.connection_opened(self, self.peer_address())
         factory.connections[self] = None
-        self.guard_writes(factory.clock, factory.settings.slow_consumer_buffer, factory.settings.slow_consumer_grace)
+        self.watch_writes(factory.clock, factory.settings.slow_consumer_buffer, factory.settings.slow_consumer_grace)
         self.last_seen = factory.clock.seconds()
         self.send_event(
             "pusher:connection_established",
@@ -426,7 +426,7 @@ class PusherProtocol(DoorProtocol):
         if isinstance(channel, str) and channel.startswith(USER_CHANNEL_PREFIX):
             self._subscribe_user_channel(channel)
             return
-        if not is_valid_channel(channel):
+        if not is_pusher_channel(channel):
             shown = channel[:200] if isinstance(channel, str) else None
             raise PusherError("Invalid channel name: 1 to 164 characters of A-Z a-z 0-9 _ - = @ , . ;", channel=shown)
         assert isinstance(channel, str) and self.app is not None
@@ -439,9 +439,9 @@ class PusherProtocol(DoorProtocol):
         if limit and len(self.subscriptions) >= limit:
             raise PusherError(f"A connection may hold {limit} subscriptions", channel=channel, status=400)
         member = None
-        if is_private(channel) or is_presence(channel):
-            channel_data = data.get("channel_data") if is_presence(channel) else None
-            if is_presence(channel) and not isinstance(channel_data, str):
+        if is_pusher_private(channel) or is_pusher_presence(channel):
+            channel_data = data.get("channel_data") if is_pusher_presence(channel) else None
+            if is_pusher_presence(channel) and not isinstance(channel_data, str):
                 raise PusherError("A presence channel needs channel_data", channel=channel, status=400)
             if not self.app.check_auth(data.get("auth"), channel_auth_string(self.socket_id, channel, channel_data)):
                 raise PusherError(f"Invalid signature for {channel}", channel=channel, status=401)
@@ -494,7 +494,7 @@ class PusherProtocol(DoorProtocol):
 
     def _resend_succeeded(self, channel: str) -> None:
         assert self.app is not None
-        if not is_presence(channel):
+        if not is_pusher_presence(channel):
             self.send_event("pusher_internal:subscription_succeeded", {}, channel)
             return
         d = self.factory.hub.members(self.app.hub_name(channel))
@@ -589,7 +589,7 @@ class PusherProtocol(DoorProtocol):
         if subscription is None or not subscription.live:
             raise PusherError("Client events need a channel this connection has joined")
         assert isinstance(channel, str)
-        if not (is_private(channel) or is_presence(channel)) or is_encrypted(channel):
+        if not (is_pusher_private(channel) or is_pusher_presence(channel)) or is_encrypted(channel):
             raise PusherError("Client events are allowed on private- and presence- channels only (not encrypted)")
         if len(event) > 200:
             raise PusherError("Event names are at most 200 characters")

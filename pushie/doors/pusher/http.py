@@ -33,9 +33,9 @@ from pushie.doors.pusher.apps import (
     Apps,
     api_string_to_sign,
     body_md5,
-    is_presence,
+    is_pusher_channel,
+    is_pusher_presence,
     is_valid_api_channel,
-    is_valid_channel,
     is_valid_socket_id,
     is_valid_user_id,
 )
@@ -57,7 +57,7 @@ _EVENT_FIELDS = frozenset({"name", "data", "channel", "channels", "socket_id", "
 _INFO_ATTRIBUTES = frozenset({"user_count", "subscription_count"})
 
 
-def unauthorized(message: str) -> PushieError:
+def api_unauthorized(message: str) -> PushieError:
     return PushieError(401, "unauthorized", message)
 
 
@@ -125,25 +125,25 @@ class PusherAPIResource(JSONResource, Door):
                 raise bad_request("invalid_query", f"query parameter {key!r} is given more than once")
             params[key.lower()] = values[0].decode("utf-8", "replace")
         if params.get("auth_key") != app.key:
-            raise unauthorized("auth_key is missing or is not this app's key")
+            raise api_unauthorized("auth_key is missing or is not this app's key")
         if params.get("auth_version", "1.0") != "1.0":
             raise bad_request("invalid_query", "auth_version must be 1.0")
         try:
             timestamp = int(params.get("auth_timestamp", ""))
         except ValueError:
-            raise unauthorized("auth_timestamp must be the Unix time of the request") from None
+            raise api_unauthorized("auth_timestamp must be the Unix time of the request") from None
         # In integers: a float minus an int of hundreds of digits overflows (a 500, not a 401).
         if abs(int(self.clock.seconds()) - timestamp) > TIMESTAMP_WINDOW:
-            raise unauthorized(
+            raise api_unauthorized(
                 f"auth_timestamp is more than {TIMESTAMP_WINDOW} seconds from the server's time; check the clock"
             )
         if body or "body_md5" in params:
             if not hmac.compare_digest(params.get("body_md5", "").encode(), body_md5(body).encode()):
-                raise unauthorized("body_md5 is missing or does not match the body")
+                raise api_unauthorized("body_md5 is missing or does not match the body")
         path = unquote(request.path.decode("latin-1"))
         expected = app.sign(api_string_to_sign(request.method.decode("ascii"), path, params))
         if not hmac.compare_digest(params.get("auth_signature", "").encode(), expected.encode()):
-            raise unauthorized("invalid auth_signature: sign METHOD\\nPATH\\nsorted query with the app's secret")
+            raise api_unauthorized("invalid auth_signature: sign METHOD\\nPATH\\nsorted query with the app's secret")
         return params
 
     # -- routing ---------------------------------------------------------
@@ -160,7 +160,7 @@ class PusherAPIResource(JSONResource, Door):
             key = args.get(b"auth_key", [b""])[-1].decode("utf-8", "replace")
             app = self.apps.by_key(key)
             if app is None:
-                raise unauthorized("auth_key is missing or names no app on this server")
+                raise api_unauthorized("auth_key is missing or names no app on this server")
             rest = ["users", *path]
         else:
             if not path:
@@ -277,7 +277,7 @@ class PusherAPIResource(JSONResource, Door):
         if socket_id is not None and not is_valid_socket_id(socket_id):
             raise bad_request("invalid_socket_id", f'{where}: "socket_id" must look like 1234.5678')
         info = _info_attributes(event.get("info"), where)
-        if "user_count" in info and not all(is_presence(c) for c in channels):
+        if "user_count" in info and not all(is_pusher_presence(c) for c in channels):
             raise bad_request("invalid_info", f"{where}: user_count is available for presence- channels only")
         self._check_counting(info)
         requests = [PublishRequest(app.hub_name(c), data, name, meta=excluding(socket_id)) for c in channels]
@@ -314,7 +314,7 @@ class PusherAPIResource(JSONResource, Door):
         d = self.hub.occupied(app.hub_prefix + prefix)
 
         def listed(names: list[str]) -> Deferred[Any]:
-            channels = [app.channel_name(n) for n in names if app.owns(n) and is_valid_channel(app.channel_name(n))]
+            channels = [app.channel_name(n) for n in names if app.owns(n) and is_pusher_channel(app.channel_name(n))]
             return _gather([self._info(app, c, info) for c in channels]).addCallback(
                 lambda results: {"channels": dict(zip(channels, results, strict=True))}
             )
@@ -325,7 +325,7 @@ class PusherAPIResource(JSONResource, Door):
         if not is_valid_api_channel(channel):
             raise bad_request("invalid_channel", "channel names are 1 to 164 of A-Z a-z 0-9 _ - = @ , . ;")
         info = _info_attributes(params.get("info"), "info")
-        if "user_count" in info and not is_presence(channel):
+        if "user_count" in info and not is_pusher_presence(channel):
             raise bad_request("invalid_info", "user_count is available for presence- channels only")
         self._check_counting(info)
         hub_name = app.hub_name(channel)
@@ -338,7 +338,7 @@ class PusherAPIResource(JSONResource, Door):
         return d.addCallback(answer)
 
     def _users(self, app: App, channel: str) -> Deferred[Any]:
-        if not is_valid_channel(channel) or not is_presence(channel):
+        if not is_pusher_channel(channel) or not is_pusher_presence(channel):
             raise bad_request("not_presence_channel", "users are listed for presence- channels only")
         return self.hub.members(app.hub_name(channel)).addCallback(
             lambda members: {"users": [{"id": m.id} for m in members]}
