@@ -13,7 +13,7 @@ time a subscriber needs them, so fan-out never encodes per subscriber.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from types import MappingProxyType
 from typing import Any
 
@@ -155,6 +155,20 @@ class History:
     state: ChannelState
     publications: list[Publication]
     complete: bool
+
+
+def history_after(state: ChannelState, kept: Iterable[Publication], since: int, limit: int | None) -> History:
+    """
+    The window of an engine's kept publications after offset C{since} (at
+    most C{limit} of them): one rule for every engine.  It is complete when
+    nothing between C{since} and the first kept publication (or, with none
+    kept, the channel's current offset) has been forgotten.
+    """
+    after = [p for p in kept if p.offset > since]
+    first = after[0].offset if after else state.offset + 1
+    if limit is not None:
+        after = after[:limit]
+    return History(state, after, first <= since + 1)
 
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)

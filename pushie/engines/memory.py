@@ -40,7 +40,7 @@ from zope.interface import implementer
 
 from pushie.engines import EngineListener, IEngine
 from pushie.logs import Throttle
-from pushie.records import ChannelState, History, Member, PresenceEvent, Publication, PublishRequest
+from pushie.records import ChannelState, History, Member, PresenceEvent, Publication, PublishRequest, history_after
 
 IDEMPOTENCY_WINDOW = 300.0
 SWEEP_INTERVAL = 1.0
@@ -278,12 +278,8 @@ class MemoryEngine:
         channel = self._channels.get(name)
         if channel is None:
             return succeed(History(ChannelState(0, new_epoch()), [], since == 0))
-        kept = [p for _, p in channel.history or () if p.offset > since]
-        first_kept = kept[0].offset if kept else channel.offset + 1
-        complete = first_kept <= since + 1
-        if limit is not None:
-            kept = kept[:limit]
-        return succeed(History(ChannelState(channel.offset, channel.epoch), kept, complete))
+        kept = (p for _, p in channel.history or ())
+        return succeed(history_after(ChannelState(channel.offset, channel.epoch), kept, since, limit))
 
     # -- interest --------------------------------------------------------
 

@@ -88,7 +88,16 @@ from pushie.engines import EngineListener, IEngine
 from pushie.engines.memory import IDEMPOTENCY_WINDOW, new_epoch
 from pushie.errors import EngineUnavailable, OutcomeUnknown
 from pushie.logs import Throttle
-from pushie.records import NO_META, ChannelState, History, Member, PresenceEvent, Publication, PublishRequest
+from pushie.records import (
+    NO_META,
+    ChannelState,
+    History,
+    Member,
+    PresenceEvent,
+    Publication,
+    PublishRequest,
+    history_after,
+)
 from pushie.wire import dumps, envelope_parts
 
 log = Logger()
@@ -746,12 +755,7 @@ class RedisEngine:
 
     @staticmethod
     def _after(history: History, since: int, limit: int | None) -> History:
-        kept = [p for p in history.publications if p.offset > since]
-        first = kept[0].offset if kept else history.state.offset + 1
-        complete = first <= since + 1
-        if limit is not None:
-            kept = kept[:limit]
-        return History(history.state, kept, complete)
+        return history_after(history.state, history.publications, since, limit)
 
     # -- interest and delivery -------------------------------------------
 
