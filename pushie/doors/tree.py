@@ -5,6 +5,7 @@ The resource tree, built in one readable place.
   /            the demo page (static/index.html)
   /pushie.js   the browser client
   /favicon.ico the demo page's icon (an SVG): browsers ask for it, a 404 would litter their console
+  /openapi.json  the OpenAPI 3.1 description of the HTTP API (static/openapi.json; public)
   /publish     L{pushie.doors.api.PublishResource}
   /channels/   L{pushie.doors.api.ChannelsResource}: state, history, presence
   /healthz     L{pushie.doors.api.HealthResource}
@@ -29,7 +30,14 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from pushie.doors._http import PushieSite
-from pushie.doors.api import ChannelsResource, ErrorResource, HealthResource, PublishResource, write_error
+from pushie.doors.api import (
+    ChannelsResource,
+    ErrorResource,
+    HealthResource,
+    JSONResource,
+    PublishResource,
+    write_error,
+)
 from pushie.doors.context import DoorContext
 from pushie.doors.pusher.door import PusherFactory
 from pushie.doors.pusher.http import PusherAPIResource
@@ -42,10 +50,15 @@ from pushie.metrics import Metrics, MetricsResource
 STATIC = files("pushie") / "static"
 
 
-class StaticFile(Resource):
-    """One packaged file, served from memory with a fixed content type."""
+class StaticFile(JSONResource):
+    """
+    One packaged file, served from memory with a fixed content type.  Other
+    methods than GET and HEAD get the JSON 405 of every path (Twisted's own
+    answer to an unknown method such as TRACE is an HTML 501).
+    """
 
     isLeaf = True
+    allowed_methods = (b"GET",)
 
     def __init__(self, name: str, content_type: bytes) -> None:
         super().__init__()
@@ -59,6 +72,20 @@ class StaticFile(Resource):
 
     def render_HEAD(self, request: Request) -> bytes:
         return self.render_GET(request)
+
+
+class GetOnly(JSONResource):
+    """A GET-only leaf (C{/metrics}) that answers other methods with the JSON 405, not Twisted's HTML 501."""
+
+    isLeaf = True
+    allowed_methods = (b"GET",)
+
+    def __init__(self, inner: Resource) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def render_GET(self, request: Request) -> Any:
+        return self.inner.render(request)
 
 
 class Root(Resource):
@@ -112,6 +139,8 @@ def build_site(
     root = Root(StaticFile("index.html", b"text/html; charset=utf-8"))
     root.putChild(b"pushie.js", StaticFile("pushie.js", b"application/javascript; charset=utf-8"))
     root.putChild(b"favicon.ico", StaticFile("favicon.svg", b"image/svg+xml"))
+    # Public documentation, as the README is: no key, whatever publisher_keys says.
+    root.putChild(b"openapi.json", StaticFile("openapi.json", b"application/json"))
     publish = PublishResource(context, rate_limiter)
     root.putChild(b"publish", publish)
     root.putChild(b"websocket", WebSocketResource(websocket_factory))
@@ -119,7 +148,7 @@ def build_site(
     root.putChild(b"healthz", HealthResource(context))
     root.putChild(b"events", EventsResource(context, sse))
     if settings.serve_metrics:
-        root.putChild(b"metrics", MetricsResource(context.metrics))
+        root.putChild(b"metrics", GetOnly(MetricsResource(context.metrics)))
     if pusher_factory is not None:
         # /app/<key>: the key is read from the path by the protocol.
         root.putChild(b"app", WebSocketResource(pusher_factory))
@@ -139,5 +168,5 @@ def build_site(
 def build_metrics_site(metrics: Metrics, settings: SiteSettings, clock: IReactorTime) -> PushieSite:
     """A site that serves only C{/metrics}, for C{--metrics-listen}."""
     root = Root(ErrorResource(PushieError(404, "not_found", "this endpoint serves /metrics only")))
-    root.putChild(b"metrics", MetricsResource(metrics))
+    root.putChild(b"metrics", GetOnly(MetricsResource(metrics)))
     return PushieSite(root, 0, settings.handshake_timeout, clock)
