@@ -272,6 +272,34 @@ def test_loads_accepts(raw, value):
 
 
 @pytest.mark.parametrize(
+    "raw,depth",
+    [
+        (b"[]", 1),
+        (b'"[[[{"', 0),
+        (b'{"a": "]]]]", "b": [{"c": [1]}]}', 4),
+        (b'["a\\"[[[[", {"k\\\\": []}]', 3),  # brackets after an escaped quote are in the string
+        (b'["\\\\", [1]]', 2),  # an escaped backslash ends before the closing quote
+        (b"[" * 70 + b"]" * 70, 65),  # counted up to the limit + 1 only
+    ],
+)
+def test_depth_is_read_from_the_bytes(raw, depth):
+    from pushie.wire import _depth
+
+    assert json.loads(raw) is not None or raw == b"null"
+    assert _depth(raw) == depth
+
+
+def test_a_batch_with_more_brackets_than_the_depth_limit_is_read():
+    from pushie.wire import MAX_JSON_DEPTH, InvalidJSON, loads
+
+    batch = [{"channel": f"c{i}", "data": {"k": ["[", "{"], "n": {"m": i}}} for i in range(100)]
+    assert loads(json.dumps(batch).encode()) == batch  # 500 brackets, 4 deep
+    deep = [{"channel": "c", "data": json.loads("[" * MAX_JSON_DEPTH + "]" * MAX_JSON_DEPTH)}] * 3
+    with pytest.raises(InvalidJSON, match="nest deeper"):
+        loads(json.dumps(deep).encode())
+
+
+@pytest.mark.parametrize(
     "text,value",
     [
         ("0", 0),
