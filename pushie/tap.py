@@ -152,9 +152,10 @@ class ListeningService(Service):
 
         def listening(port: IListeningPort) -> None:
             self.port = port
+            # self.what is fixed text from the wiring: kept in the format, so
+            # that JSON log lines (log_format) say which listener this is.
             log.info(
-                "{what} listening on {endpoint} ({address})",
-                what=self.what,
+                self.what + " listening on {endpoint} ({address})",
                 endpoint=self.description,
                 address=describe(port),
             )
