@@ -95,7 +95,8 @@ def test_outcomes_of_a_request_spanning_shards_are_told_per_publication():
     # Nothing certainly published, something maybe: outcome_unknown, with results.
     with pytest.raises(OutcomeUnknown) as unknown:
         engine._settle(requests, [[0, 2], [1]], [down, lost])
-    assert [r["error"] for r in unknown.value.results] == ["engine_unavailable", "outcome_unknown", "engine_unavailable"]
+    errors = [r["error"] for r in unknown.value.results]
+    assert errors == ["engine_unavailable", "outcome_unknown", "engine_unavailable"]
     # Nothing published anywhere: the plain engine_unavailable.
     with pytest.raises(EngineUnavailable) as none:
         engine._settle(requests, [[0, 2], [1]], [down, down])
@@ -322,7 +323,7 @@ async def test_a_shard_that_refuses_its_part_gives_partially_published(two_redis
         assert (message["channel"], message["offset"], message["data"]) == (on_b, 1, 2)
         assert client.pending() == []
         status, metrics, _ = await daemon.get("/metrics")
-        assert b'pushie_engine_errors_total 1.0' in metrics
+        assert b"pushie_engine_errors_total 1.0" in metrics
     finally:
         await daemon.stop()
 
