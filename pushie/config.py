@@ -247,7 +247,7 @@ SETTINGS: tuple[Setting, ...] = (
         _engine,
         "memory",
         "Engine: 'memory' (one process), redis://[:password@]host:port/db (many daemons), or several "
-        "redis:// URLs separated by commas: channels are sharded over them (see Running on several Redis servers).",
+        "redis:// URLs separated by commas to shard channels over them (README: 'Several Redis servers').",
         metavar="ENGINE",
     ),
     Setting(
