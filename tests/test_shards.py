@@ -375,3 +375,8 @@ async def test_another_shard_list_starts_channels_over_and_never_continues_offse
         assert moved[name]["recovered"] is False
         assert moved[name]["epoch"] != since["epoch"] and moved[name]["offset"] == 0
     assert a.cli("EXISTS", f"pushie:0:shards-{engine.fingerprint}:meta:{on_a}").strip() == "1"
+    # Back to one Redis (not sharded, keys without a fingerprint): the same.
+    single = await resubscribe(a.url)
+    for name, since in positions.items():
+        assert (single[name]["recovered"], single[name]["offset"]) == (False, 0)
+        assert single[name]["epoch"] not in (since["epoch"], moved[name]["epoch"])
