@@ -274,6 +274,9 @@ async def test_one_shard_down_its_channels_answer_503_the_others_work(two_redis)
         health = json.loads(health)
         assert (status, health["status"]) == (200, "degraded")
         assert health["shards"] == {engine.shards[0].name: "ok", engine.shards[1].name: "unavailable"}
+        status, metrics, _ = await daemon.get("/metrics")
+        assert f'pushie_redis_shard_up{{shard="{engine.shards[0].name}"}} 1.0'.encode() in metrics
+        assert f'pushie_redis_shard_up{{shard="{engine.shards[1].name}"}} 0.0'.encode() in metrics
         # Both down: 503.
         a.stop()
         await wait_for(lambda: not engine.shards[0].healthy(), timeout=10)
