@@ -237,7 +237,7 @@ async def test_two_daemons_two_shards_fan_out_history_recovery_presence_and_batc
 @pytest_twisted.ensureDeferred
 async def test_one_shard_down_its_channels_answer_503_the_others_work(two_redis):
     a, b = two_redis
-    daemon = await start_daemon(engine=engine_setting(a, b), redis_timeout=1.0)
+    daemon = await start_daemon(engine=engine_setting(a, b), redis_timeout=1.0, pusher_apps=APPS)
     try:
         engine = daemon.engine
         on_a, on_b = channels_on(engine, 0, 1)[0], channels_on(engine, 1, 1)[0]
@@ -274,6 +274,9 @@ async def test_one_shard_down_its_channels_answer_503_the_others_work(two_redis)
         health = json.loads(health)
         assert (status, health["status"]) == (200, "degraded")
         assert health["shards"] == {engine.shards[0].name: "ok", engine.shards[1].name: "unavailable"}
+        # The Pusher channel list needs every shard: 503 rather than a list without b's channels.
+        status, body = await api(daemon, "GET", f"/apps/{APP_ID}/channels")
+        assert (status, body["error"]) == (503, "engine_unavailable")
         status, metrics, _ = await daemon.get("/metrics")
         assert f'pushie_redis_shard_up{{shard="{engine.shards[0].name}"}} 1.0'.encode() in metrics
         assert f'pushie_redis_shard_up{{shard="{engine.shards[1].name}"}} 0.0'.encode() in metrics
@@ -287,6 +290,13 @@ async def test_one_shard_down_its_channels_answer_503_the_others_work(two_redis)
         await wait_for(engine.healthy, timeout=15)
         status, health, _ = await daemon.get("/healthz")
         assert (status, json.loads(health)["status"]) == (200, "ok")
+        # Both back (empty): new subscribers on both shards, and the channel list has both.
+        fresh = await daemon.connect(f"channel={on_a}&channel={on_b}")
+        await fresh.next_of("welcome")
+        await fresh.next_of("subscribed")
+        await fresh.next_of("subscribed")
+        status, body = await api(daemon, "GET", f"/apps/{APP_ID}/channels")
+        assert status == 200 and {on_a, on_b} <= set(body["channels"])
     finally:
         await daemon.stop()
 
