@@ -11,8 +11,10 @@ import json
 
 import pytest
 import pytest_twisted
+import treq
 from twisted.internet import reactor
 from twisted.python.failure import Failure
+from twisted.web.client import HTTPConnectionPool
 
 from pushie.config import ConfigError, load_settings
 from pushie.engines.sharded import (
@@ -24,9 +26,10 @@ from pushie.engines.sharded import (
 )
 from pushie.errors import EngineUnavailable, OutcomeUnknown, PartiallyPublished
 from pushie.records import Publication, PublishRequest
-from tests.helpers import start_daemon, wait_for
+from tests.helpers import connect_ws, start_daemon, wait_for
 from tests.redis_server import RedisServer, require_redis
 from tests.test_auth import SECRET_1, token
+from tests.test_daemon import spawn, stop
 from tests.test_pusher import APP_ID, APPS, api
 
 # -- settings and routing (no Redis needed) ------------------------------------
@@ -393,3 +396,52 @@ async def test_another_shard_list_starts_channels_over_and_never_continues_offse
     for name, since in positions.items():
         assert (single[name]["recovered"], single[name]["offset"]) == (False, 0)
         assert single[name]["epoch"] not in (since["epoch"], moved[name]["epoch"])
+
+
+@pytest_twisted.ensureDeferred
+async def test_twistd_daemons_take_shards_from_the_command_line_and_the_environment(two_redis):
+    a, b = two_redis
+    nodes = [
+        spawn(["-n", "--pidfile=", "pushie", "--listen", "tcp:0:interface=127.0.0.1", "--engine", f"{a.url},{b.url}"]),
+        spawn(
+            ["-n", "--pidfile=", "pushie", "--listen", "tcp:0:interface=127.0.0.1"],
+            {"PUSHIE_ENGINE": f"{b.url}, {a.url}"},  # another order, a space: the same shards
+        ),
+    ]
+    pool = HTTPConnectionPool(reactor, persistent=False)
+    try:
+        for proc in nodes:
+            await wait_for(lambda p=proc: p.addresses or p.ended.called, timeout=20)
+            assert proc.addresses, proc.output.decode()
+            await wait_for(lambda p=proc: p.output.count(b"Redis engine connected") == 2, timeout=10)
+        ports = [int(next(iter(p.addresses.values())).rsplit(":", 1)[1]) for p in nodes]
+        client = await connect_ws(ports[1], "/websocket?channel=x&channel=y&channel=z")
+        await client.next_of("welcome")
+        for _ in range(3):
+            await client.next_of("subscribed")
+        response = await treq.post(
+            f"http://127.0.0.1:{ports[0]}/publish",
+            json=[{"channel": c, "data": c} for c in ("x", "y", "z")],
+            pool=pool,
+        )
+        assert response.code == 200, await response.content()
+        got = [(await client.next_of("message"))["data"] for _ in range(3)]
+        assert sorted(got) == ["x", "y", "z"]
+        client.close()
+        await client.closed
+        # Each channel's keys are on its shard, under one fingerprint for both daemons.
+        identities = [shard_identity(a.url), shard_identity(b.url)]
+        fingerprint = ring_fingerprint(identities)
+        for channel in ("x", "y", "z"):
+            home = (a, b)[shard_index(identities, channel)]
+            assert (
+                home.cli("KEYS", "pushie:0:shards-*:meta:*")
+                .split()
+                .count(f"pushie:0:shards-{fingerprint}:meta:{channel}")
+                == 1
+            )
+        assert sum(len(s.cli("KEYS", "pushie:0:shards-*:meta:*").split()) for s in (a, b)) == 3
+    finally:
+        for proc in nodes:
+            assert await stop(proc) == 0
+        await pool.closeCachedConnections()
