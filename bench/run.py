@@ -21,7 +21,8 @@ envelope offsets; both must be 0, else the exit status is 1).  Results go to
 bench/results/<timestamp>.json and .md, and the markdown table is printed.
 
 Loopback only; messages carry about 100 bytes of data.  Needs only Twisted,
-Autobahn and the standard library (and redis-server for `redis-fanout`).
+Autobahn and the standard library (and redis-server for `redis-fanout` and
+`redis-shards`).
 """
 
 from __future__ import annotations
@@ -234,16 +235,21 @@ class Server:
 
 
 class Cluster:
-    """The server side of one run: one Pushie (or two on a redis-server), or the baseline."""
+    """
+    The server side of one run: one Pushie (or several on a redis-server), or
+    the baseline.  With C{shards}, the Pushie daemons use that many
+    redis-servers as shards (one shard: a plain C{redis://} URL).
+    """
 
-    def __init__(self, kind: str, logdir: str, name: str, nodes: int = 1) -> None:
+    def __init__(self, kind: str, logdir: str, name: str, nodes: int = 1, shards: int = 0) -> None:
         self.servers: list[Server] = []
-        self.redis: Server | None = None
+        self.redis_servers: list[Server] = []
         try:
             engine = None
-            if kind == "pushie" and nodes > 1:
-                self.redis = Server("redis", logdir, f"{name}-redis")
-                engine = f"redis://127.0.0.1:{self.redis.port}/0"
+            if kind == "pushie" and (nodes > 1 or shards):
+                for i in range(max(1, shards)):
+                    self.redis_servers.append(Server("redis", logdir, f"{name}-redis{i}"))
+                engine = ",".join(f"redis://127.0.0.1:{r.port}/0" for r in self.redis_servers)
             for i in range(nodes if kind == "pushie" else 1):
                 self.servers.append(Server(kind, logdir, f"{name}-{kind}{i if nodes > 1 else ''}", engine))
         except BaseException:
@@ -261,8 +267,8 @@ class Cluster:
     def stop(self) -> None:
         for server in self.servers:
             server.stop()
-        if self.redis is not None:
-            self.redis.stop()
+        for redis in self.redis_servers:
+            redis.stop()
 
 
 class Workers:
@@ -405,13 +411,13 @@ def collect(workers: Workers, finals: dict[str, int]) -> dict[str, Any]:
 class Run:
     """Everything one scenario needs for one server kind; torn down by close()."""
 
-    def __init__(self, kind: str, options: argparse.Namespace, name: str, nodes: int = 1) -> None:
+    def __init__(self, kind: str, options: argparse.Namespace, name: str, nodes: int = 1, shards: int = 0) -> None:
         self.kind = kind
         self.options = options
         self.cluster: Cluster | None = None
         self.subscribers: Workers | None = None
         self.publishers: Workers | None = None
-        self.cluster = Cluster(kind, options.logdir, name, nodes)
+        self.cluster = Cluster(kind, options.logdir, name, nodes, shards)
 
     def workers(self, subscribers: int, publishers: int, nap: float = 0.0) -> None:
         """
@@ -430,8 +436,8 @@ class Run:
     def cpu_window(self) -> CPUWindow:
         assert self.cluster is not None
         groups = {"server": self.cluster.pids}
-        if self.cluster.redis is not None:
-            groups["redis"] = [self.cluster.redis.pid]
+        if self.cluster.redis_servers:
+            groups["redis"] = [r.pid for r in self.cluster.redis_servers]
         groups["loadgen"] = (self.subscribers.pids if self.subscribers else []) + (
             self.publishers.pids if self.publishers else []
         )
@@ -464,13 +470,17 @@ def deliveries_run(
     nodes: int = 1,
     nap: float | None = None,
     window: int | None = None,
+    shards: int = 0,
+    publish_to_every_node: bool = False,
 ) -> dict[str, Any]:
     """
     Connect `subscribers` ((node index, channel) pairs), publish to `channels`
-    on node 0 for `duration` seconds, wait until everything has arrived, count.
-    `window`: how many messages the publishers may be ahead of the subscribers.
+    on node 0 (or each publisher process to the next node) for `duration`
+    seconds, wait until everything has arrived, count.  `window`: how many
+    messages the publishers may be ahead of the subscribers.  `shards`: Redis
+    servers for the daemons (see Cluster).
     """
-    run = Run(kind, options, name, nodes)
+    run = Run(kind, options, name, nodes, shards)
     try:
         assert run.cluster is not None
         run.workers(options.workers, publishers, options.nap / 1000 if nap is None else nap)
@@ -483,7 +493,7 @@ def deliveries_run(
             "publish",
             [
                 {
-                    "port": ports[0],
+                    "port": ports[index % len(ports)] if publish_to_every_node else ports[0],
                     "channels": part,
                     "duration": duration,
                     "concurrency": concurrency,
@@ -492,7 +502,7 @@ def deliveries_run(
                     "window": window,
                     "per_message": len(subscribers) / len(channels),
                 }
-                for part in split(channels, publishers)
+                for index, part in enumerate(split(channels, publishers))
             ],
             timeout=duration + 120,
         )
@@ -662,6 +672,76 @@ def redis_fanout(kind: str, options: argparse.Namespace, name: str) -> dict[str,
     return result
 
 
+def redis_shards(kind: str, options: argparse.Namespace, name: str) -> dict[str, Any]:
+    """
+    Two daemons on one Redis, then on two Redis shards, in the same run:
+    fan-out over many channels (200 channels x 5 subscribers) and single
+    publishes to many channels (4,000 channels x 1 subscriber), publishers
+    posting to both daemons.  The figure is the ratio two shards / one shard
+    of the single publishes; the fan-out ratio is in the JSON and printed.
+    The baseline has no Redis: it is not run.
+    """
+    if kind != "pushie":
+        return {"value": None, "lost": None, "note": "no baseline: the ratios are Pushie two shards / one shard"}
+    measures = {
+        "fanout": {
+            "channels": [f"f{i}" for i in range(200)],
+            "per_channel": 5,
+            "publishers": 2,
+            "concurrency": 8,
+            "window": 400,
+            "figure": "deliveries_per_second",
+        },
+        "publishes": {
+            "channels": [f"p{i}" for i in range(4000)],
+            "per_channel": 1,
+            "publishers": 2,
+            "concurrency": 8,
+            "window": 1000,
+            "figure": "messages_per_second",
+        },
+    }
+    result: dict[str, Any] = {"runs": {}}
+    for measure, m in measures.items():
+        figures = {}
+        for shards in (1, 2):
+            channels = m["channels"]
+            subscribers = [(i % 2, c) for i, c in enumerate(c for c in channels for _ in range(m["per_channel"]))]
+            run = deliveries_run(
+                kind, options, f"{name}-{measure}-{shards}",
+                subscribers=subscribers, channels=channels, duration=d(options, 10, 3),
+                publishers=m["publishers"], concurrency=m["concurrency"], window=m["window"],
+                nodes=2, shards=shards, publish_to_every_node=True,
+            )  # fmt: skip
+            result["runs"][f"{measure}-{shards}-shard"] = run
+            figures[shards] = run[m["figure"]]
+        result[f"{measure}_one_shard"] = figures[1]
+        result[f"{measure}_two_shards"] = figures[2]
+        result[f"{measure}_ratio"] = ratio(figures[2], figures[1])
+        print(
+            f"\n    {measure} ({m['figure']}): 1 shard {fmt(figures[1])}, 2 shards {fmt(figures[2])}, "
+            f"ratio {fmt(result[f'{measure}_ratio'])}",
+            end="",
+            flush=True,
+        )
+    print(" ->", end=" ", flush=True)
+    runs = list(result["runs"].values())
+    result["lost"] = sum(r["lost"] for r in runs)
+    result["duplicated"] = sum(r["duplicated"] for r in runs)
+    statuses: Counter[str] = Counter()
+    for r in runs:
+        statuses.update(r["statuses"])
+        for key in ("subscriber_errors", "close_codes"):
+            for k, v in r.get(key, {}).items():
+                result.setdefault(key, {})[k] = result.get(key, {}).get(k, 0) + v
+    result["statuses"] = dict(statuses)
+    # The figure is the single publishes' ratio; CPU and latency of its two-shard run for the table.
+    result["cpu_percent"] = result["runs"]["publishes-2-shard"]["cpu_percent"]
+    result["latency_ms"] = result["runs"]["publishes-2-shard"]["latency_ms"]
+    result["value"] = result["publishes_ratio"]
+    return result
+
+
 # name: (function, description, metric, higher is better)
 SCENARIOS: dict[str, tuple[Callable[[str, argparse.Namespace, str], dict[str, Any]], str, str, bool]] = {
     "fanout-1k": (fanout(1000), "fan-out, 1,000 subscribers, max rate", "deliveries/s", True),
@@ -675,6 +755,13 @@ SCENARIOS: dict[str, tuple[Callable[[str, argparse.Namespace, str], dict[str, An
         redis_fanout,
         "Redis engine: 2 daemons, 1,000 subscribers over both, publish to one (baseline: 1 process)",
         "deliveries/s",
+        True,
+    ),
+    "redis-shards": (
+        redis_shards,
+        "Redis shards: 2 daemons on 1 Redis, then on 2 shards; fan-out (200 channels x 5) and single publishes "
+        "(4,000 channels), publishing to both daemons (no baseline)",
+        "2 shards / 1 shard, publishes/s",
         True,
     ),
 }
@@ -810,8 +897,9 @@ def main() -> int:
         parser.error(
             f"give --all or scenario names from: {', '.join(SCENARIOS)}" + (f" (unknown: {unknown})" if unknown else "")
         )
-    if "redis-fanout" in names and options.server != "baseline" and not shutil.which("redis-server"):
-        parser.error("redis-fanout needs redis-server on the PATH")
+    for needs_redis in ("redis-fanout", "redis-shards"):
+        if needs_redis in names and options.server != "baseline" and not shutil.which("redis-server"):
+            parser.error(f"{needs_redis} needs redis-server on the PATH")
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # inherited by the servers and workers

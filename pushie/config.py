@@ -183,14 +183,23 @@ def _pusher_apps(value: Any) -> list[str]:
 
 
 def _engine(value: Any) -> str:
+    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        value = ",".join(value)  # TOML: engine = ["redis://a:6379/0", "redis://b:6379/0"]
     if value == "memory":
         return value
     if isinstance(value, str) and value.startswith(("redis://", "rediss://")):
+        if "," in value:
+            from pushie.engines.sharded import split_shard_urls
+
+            return ",".join(split_shard_urls(value))
         from pushie.engines.redis import parse_redis_url
 
         parse_redis_url(value)
         return value
-    raise ValueError("expected 'memory' or a redis:// URL such as redis://127.0.0.1:6379/0")
+    raise ValueError(
+        "expected 'memory', a redis:// URL such as redis://127.0.0.1:6379/0, "
+        "or several separated by commas (Redis shards)"
+    )
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -237,7 +246,8 @@ SETTINGS: tuple[Setting, ...] = (
         "engine",
         _engine,
         "memory",
-        "Engine: 'memory' (one process) or redis://[:password@]host:port/db (many daemons).",
+        "Engine: 'memory' (one process), redis://[:password@]host:port/db (many daemons), or several "
+        "redis:// URLs separated by commas to shard channels over them (README: 'Several Redis servers').",
         metavar="ENGINE",
     ),
     Setting(

@@ -28,6 +28,7 @@ class PushieError(Exception):
         message: str,
         headers: dict[str, str] | None = None,
         channel: str | None = None,
+        results: list[dict[str, Any]] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -35,10 +36,14 @@ class PushieError(Exception):
         self.message = message
         self.headers = headers or {}
         self.channel = channel
+        self.results = results
 
     def to_json(self) -> bytes:
-        """The JSON body of an HTTP error answer."""
-        return json.dumps({"error": self.code, "message": self.message}).encode()
+        """The JSON body of an HTTP error answer (with C{results}, one per publication, when set)."""
+        body: dict[str, Any] = {"error": self.code, "message": self.message}
+        if self.results is not None:
+            body["results"] = self.results
+        return json.dumps(body).encode()
 
     def to_frame(self) -> dict[str, Any]:
         """The WebSocket C{error} frame for this refusal."""
@@ -85,5 +90,26 @@ class OutcomeUnknown(PushieError):
         super().__init__(503, "outcome_unknown", message, headers={"Retry-After": "1"})
 
 
-ENGINE_FAILURES = frozenset({"engine_unavailable", "outcome_unknown"})
+class PartiallyPublished(PushieError):
+    """
+    A request whose publications went to several engines (the shards of
+    L{pushie.engines.sharded.ShardedEngine}) was published by some and not by
+    others.  C{results} says, per publication and in order, either where it
+    was published (C{channel}, C{offset}, C{epoch}) or why not (C{channel},
+    C{error}: C{engine_unavailable}, certainly not published, or
+    C{outcome_unknown}, maybe).
+    """
+
+    def __init__(self, results: list[dict[str, Any]]) -> None:
+        super().__init__(
+            503,
+            "partially_published",
+            "some publications were published and some were not (their Redis shard failed); "
+            "see results, and retry the failed ones (with the same idempotency_key for outcome_unknown)",
+            headers={"Retry-After": "1"},
+            results=results,
+        )
+
+
+ENGINE_FAILURES = frozenset({"engine_unavailable", "outcome_unknown", "partially_published"})
 """The codes of a 503 that the engine caused (counted in C{pushie_engine_errors_total})."""

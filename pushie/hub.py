@@ -323,6 +323,14 @@ class Hub(Service):
         """Whether the engine can take publications and answer reads now."""
         return self._engine.healthy()
 
+    def shards_health(self) -> dict[str, bool] | None:
+        """
+        For an engine of several Redis shards, whether each (by name) takes
+        publications now; None for an engine of one store.
+        """
+        shards_health = getattr(self._engine, "shards_health", None)
+        return None if shards_health is None else dict(shards_health())
+
     def state(self, channel: str) -> Deferred[ChannelState]:
         """A Deferred firing with C{channel}'s current offset and epoch."""
         return self._engine.state(channel)

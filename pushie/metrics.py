@@ -69,7 +69,7 @@ class _BoundsCollector:
     """
     What the bounded stores gave up, read when scraped: the memory engine's
     evictions and accounted bytes, the webhook events dropped from a full
-    queue.  The engine and the webhooks keep plain counts (no metrics on their
+    queue; and whether each Redis shard is up.  The engine and the webhooks keep plain counts (no metrics on their
     hot paths); the webhooks are looked up on the Hub at each scrape, since
     they are attached after it is built.
     """
@@ -102,6 +102,16 @@ class _BoundsCollector:
                 "Idempotency keys forgotten before their window ended, to stay within idempotency_max_keys.",
                 value=engine.idempotency_evicted,
             )
+        shards_health = getattr(engine, "shards_health", None)
+        if shards_health is not None:
+            up = GaugeMetricFamily(
+                "pushie_redis_shard_up",
+                "Redis shards: 1 while the shard takes publications from this daemon, else 0.",
+                labels=["shard"],
+            )
+            for name, healthy in shards_health().items():
+                up.add_metric([name], 1 if healthy else 0)
+            yield up
         webhooks = getattr(self.hub, "webhooks", None)
         if webhooks is not None:
             dropped = CounterMetricFamily(

@@ -19,7 +19,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from pushie.channels import MAX_OFFSET, check_channel, is_valid_channel, parse_offset
 from pushie.doors.context import Door, DoorContext
-from pushie.errors import ENGINE_FAILURES, EngineUnavailable, PushieError, bad_request
+from pushie.errors import ENGINE_FAILURES, EngineUnavailable, PartiallyPublished, PushieError, bad_request
 from pushie.limits import RateLimiter, address_of
 from pushie.metrics import Metrics
 from pushie.records import Publication, PublishRequest
@@ -299,6 +299,8 @@ class PublishResource(JSONResource, Door):
 
     def _failed(self, request: Request, failure: Failure) -> None:
         error = error_of(failure, log, "Publishing failed", self.metrics)
+        if isinstance(error, PartiallyPublished) and error.results is not None:
+            self.metrics.publications.inc(sum(1 for r in error.results if "offset" in r))
         self.metrics.reject(error.code)
         write_error(request, error)
 
@@ -400,7 +402,13 @@ class ChannelsResource(JSONResource, Door):
 
 
 class HealthResource(JSONResource, Door):
-    """C{GET /healthz}: 200 while the engine accepts publishes, 503 when it does not or while draining."""
+    """
+    C{GET /healthz}: 200 while the engine accepts publishes, 503 when it does
+    not or while draining.  With Redis shards, 200 C{degraded} while some
+    shards are up and others are not: their channels keep working on this
+    daemon, and every daemon shares the same shards, so taking it out of a
+    load balancer would help nobody.
+    """
 
     allowed_methods = (b"GET",)
 
@@ -410,12 +418,23 @@ class HealthResource(JSONResource, Door):
 
     def render_GET(self, request: Request) -> int:
         engine_ok = self.hub.healthy()
-        status = "draining" if self.hub.draining else ("ok" if engine_ok else "engine_unavailable")
-        body = {
+        shards = self.hub.shards_health()
+        if self.hub.draining:
+            status = "draining"
+        elif engine_ok:
+            status = "ok"
+        elif shards is not None and any(shards.values()):
+            # Channels of the shards that are up work: keep this daemon in its load balancer.
+            status = "degraded"
+        else:
+            status = "engine_unavailable"
+        body: dict[str, Any] = {
             "status": status,
             "engine": self.hub.engine_name,
             "connections": len(self.hub.connections),
             "channels": len(self.hub.channel_names()),
         }
-        write_json(request, 200 if status == "ok" else 503, dumps(body))
+        if shards is not None:
+            body["shards"] = {name: "ok" if up else "unavailable" for name, up in shards.items()}
+        write_json(request, 200 if status in ("ok", "degraded") else 503, dumps(body))
         return NOT_DONE_YET

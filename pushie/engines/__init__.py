@@ -35,7 +35,7 @@ class EngineListener(Protocol):
 class IEngine(Interface):
     """The store and the node-to-node fan-out behind the Hub."""
 
-    name = Attribute("A short name for logs: 'memory', 'redis://host:port/db'.")
+    name = Attribute("A short name for logs: 'memory', 'redis://host:port/db' (several, comma-separated, for shards).")
 
     def start(listener: EngineListener) -> Deferred[None]:
         """
@@ -104,7 +104,8 @@ class EngineSettings:
     """
     What an engine needs from the daemon's settings (built by C{pushie.tap}).
 
-    @ivar engine: C{memory}, or a C{redis://} / C{rediss://} URL (the C{engine} setting).
+    @ivar engine: C{memory}, a C{redis://} / C{rediss://} URL, or several
+        separated by commas (Redis shards), as the C{engine} setting says.
     @ivar history_size: publications kept per channel for recovery.
     @ivar history_ttl: seconds a channel's history outlives its last publication.
     @ivar memory_budget: bytes the memory engine's histories may hold in all.
@@ -136,6 +137,16 @@ def engine_from_settings(settings: EngineSettings, reactor: Any) -> IEngine:
             history_ttl=settings.history_ttl,
             memory_budget=settings.memory_budget,
             idempotency_max_keys=settings.idempotency_max_keys,
+        )
+    if value.startswith(("redis://", "rediss://")) and "," in value:
+        from pushie.engines.sharded import ShardedEngine, split_shard_urls
+
+        return ShardedEngine(  # type: ignore[no-any-return]
+            split_shard_urls(value),
+            reactor,
+            history_size=settings.history_size,
+            history_ttl=settings.history_ttl,
+            timeout=settings.redis_timeout,
         )
     if value.startswith(("redis://", "rediss://")):
         from pushie.engines.redis import RedisEngine

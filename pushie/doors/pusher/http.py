@@ -40,7 +40,7 @@ from pushie.doors.pusher.apps import (
     is_valid_user_id,
 )
 from pushie.doors.pusher.door import TERMINATE_EVENT, PusherDoorSettings, excluding
-from pushie.errors import OutcomeUnknown, PushieError, bad_request
+from pushie.errors import OutcomeUnknown, PartiallyPublished, PushieError, bad_request
 from pushie.limits import RateLimiter
 from pushie.records import PublishRequest
 from pushie.wire import InvalidJSON, dumps, loads
@@ -110,6 +110,15 @@ class PusherAPIResource(JSONResource, Door):
             error = OutcomeUnknown(
                 "the event may or may not have been triggered (the engine's answer was lost); "
                 "a retry may deliver it twice"
+            )
+        elif isinstance(error, PartiallyPublished):
+            # Its results name the Hub's channels (another app's carry a prefix): say it in words.
+            error = PushieError(
+                503,
+                error.code,
+                "the event was triggered on some channels and not on others (their Redis shard failed); "
+                "a retry may deliver it twice where it was triggered",
+                headers=error.headers,
             )
         self._refuse(request, error)
 
