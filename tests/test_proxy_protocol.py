@@ -53,7 +53,8 @@ async def proxied_connect(port: int) -> _RawClient:
 async def proxied_handshake(port: int, header: bytes, channel: str = "room") -> tuple[int, _RawClient]:
     """A PROXY header then a WebSocket handshake on one TCP connection: the HTTP status, and the client."""
     client = await proxied_connect(port)
-    client.transport.write(header + HANDSHAKE.format(path=f"/websocket?channel={channel}", port=port, extra="").encode())
+    handshake = HANDSHAKE.format(path=f"/websocket?channel={channel}", port=port, extra="")
+    client.transport.write(header + handshake.encode())
     await wait_for(lambda: b"\r\n\r\n" in client.received or client.lost.called)
     status = int(client.received.split(b" ", 2)[1])
     if status == 101:
@@ -123,7 +124,9 @@ async def test_per_address_limit_counts_the_proxied_address(version, events):
         clients.append(client)
         assert status == 101
         addresses = sorted(daemon.hub.connections.values())
-        assert addresses == ["198.51.100.1", "198.51.100.1", "198.51.100.2", "2001:db8::9", "203.0.113.7", "203.0.113.8"]
+        assert addresses == [
+            "198.51.100.1", "198.51.100.1", "198.51.100.2", "2001:db8::9", "203.0.113.7", "203.0.113.8",
+        ]  # fmt: skip
         assert daemon.service.site.limits.pending == 0
         # Messages reach them through the wrapper (write_now writes under it).
         assert await proxied_publish(daemon.port, header("192.0.2.1")) == 200
