@@ -234,15 +234,27 @@ class Server:
 
 
 class Cluster:
-    """The server side of one run: one Pushie (or two on a redis-server), or the baseline."""
+    """
+    The server side of one run: one Pushie (or several on a redis-server), or the baseline.
 
-    def __init__(self, kind: str, logdir: str, name: str, nodes: int = 1) -> None:
+    C{redis}: a redis-server the scenario started for all its runs (the
+    cluster scenarios compare several daemons with one on the same Redis);
+    it is flushed first and left running.  Without it, several nodes get a
+    redis-server of their own.
+    """
+
+    def __init__(self, kind: str, logdir: str, name: str, nodes: int = 1, redis: Server | None = None) -> None:
         self.servers: list[Server] = []
-        self.redis: Server | None = None
+        self.redis: Server | None = redis
+        self.owns_redis = False
         try:
             engine = None
-            if kind == "pushie" and nodes > 1:
+            if kind == "pushie" and redis is not None:
+                flush(redis)
+            elif kind == "pushie" and nodes > 1:
                 self.redis = Server("redis", logdir, f"{name}-redis")
+                self.owns_redis = True
+            if kind == "pushie" and self.redis is not None:
                 engine = f"redis://127.0.0.1:{self.redis.port}/0"
             for i in range(nodes if kind == "pushie" else 1):
                 self.servers.append(Server(kind, logdir, f"{name}-{kind}{i if nodes > 1 else ''}", engine))
@@ -261,8 +273,16 @@ class Cluster:
     def stop(self) -> None:
         for server in self.servers:
             server.stop()
-        if self.redis is not None:
+        if self.redis is not None and self.owns_redis:
             self.redis.stop()
+
+
+def flush(redis: Server) -> None:
+    """FLUSHALL on a redis-server of ours (between the runs of a scenario that share it)."""
+    with socket.create_connection(("127.0.0.1", redis.port), timeout=10) as s:
+        s.sendall(b"FLUSHALL\r\n")
+        if not s.recv(100).startswith(b"+OK"):
+            raise RuntimeError("FLUSHALL failed")
 
 
 class Workers:
@@ -405,13 +425,15 @@ def collect(workers: Workers, finals: dict[str, int]) -> dict[str, Any]:
 class Run:
     """Everything one scenario needs for one server kind; torn down by close()."""
 
-    def __init__(self, kind: str, options: argparse.Namespace, name: str, nodes: int = 1) -> None:
+    def __init__(
+        self, kind: str, options: argparse.Namespace, name: str, nodes: int = 1, redis: Server | None = None
+    ) -> None:
         self.kind = kind
         self.options = options
         self.cluster: Cluster | None = None
         self.subscribers: Workers | None = None
         self.publishers: Workers | None = None
-        self.cluster = Cluster(kind, options.logdir, name, nodes)
+        self.cluster = Cluster(kind, options.logdir, name, nodes, redis)
 
     def workers(self, subscribers: int, publishers: int, nap: float = 0.0) -> None:
         """
@@ -464,13 +486,17 @@ def deliveries_run(
     nodes: int = 1,
     nap: float | None = None,
     window: int | None = None,
+    redis: Server | None = None,
+    spread_publishers: bool = False,
 ) -> dict[str, Any]:
     """
     Connect `subscribers` ((node index, channel) pairs), publish to `channels`
     on node 0 for `duration` seconds, wait until everything has arrived, count.
     `window`: how many messages the publishers may be ahead of the subscribers.
+    `spread_publishers`: publisher process i publishes to node i (round robin)
+    instead of node 0.  `redis`: a redis-server shared by the scenario's runs.
     """
-    run = Run(kind, options, name, nodes)
+    run = Run(kind, options, name, nodes, redis)
     try:
         assert run.cluster is not None
         run.workers(options.workers, publishers, options.nap / 1000 if nap is None else nap)
@@ -483,7 +509,7 @@ def deliveries_run(
             "publish",
             [
                 {
-                    "port": ports[0],
+                    "port": ports[i % len(ports)] if spread_publishers else ports[0],
                     "channels": part,
                     "duration": duration,
                     "concurrency": concurrency,
@@ -492,7 +518,7 @@ def deliveries_run(
                     "window": window,
                     "per_message": len(subscribers) / len(channels),
                 }
-                for part in split(channels, publishers)
+                for i, part in enumerate(split(channels, publishers))
             ],
             timeout=duration + 120,
         )
@@ -510,7 +536,10 @@ def deliveries_run(
     deliver_seconds = (counts["last_receive_ns"] - start_ns) / 1e9 if counts["last_receive_ns"] else 0.0
     messages = sum(p["published"] for p in published)
     return {
+        "nodes": len(ports),
         "subscribers": len(subscribers),
+        "subscribers_per_node": [sum(1 for n, _ in subscribers if n % len(ports) == i) for i in range(len(ports))],
+        "publishing_to": "every node" if spread_publishers and len(ports) > 1 else "node 0",
         "channels": len(channels),
         "connect_seconds": round(connect_seconds, 2),
         "messages": messages,
@@ -662,6 +691,51 @@ def redis_fanout(kind: str, options: argparse.Namespace, name: str) -> dict[str,
     return result
 
 
+def shared_redis(options: argparse.Namespace, name: str) -> Server:
+    """The scenario's redis-server, started by its first run; main() stops it when the scenario is done."""
+    if options.shared_redis is None:
+        options.shared_redis = Server("redis", options.logdir, f"{name.rsplit('-', 1)[0]}-redis")
+    return options.shared_redis
+
+
+CLUSTER_NODES = 3
+
+
+def cluster(spread: bool, latency: bool = False) -> Callable[[str, argparse.Namespace, str], dict[str, Any]]:
+    """
+    Three Pushie daemons on one redis-server, subscribers spread over them
+    round robin (the "pushie" run), against one daemon on the same
+    redis-server with all the subscribers (the "baseline" run: no Twisted
+    baseline here).  Publishes go to daemon 0, or (C{spread}) one publisher
+    process to each daemon.  Max-rate fan-out, or (C{latency}) 20 msg/s.
+    """
+
+    def scenario(kind: str, options: argparse.Namespace, name: str) -> dict[str, Any]:
+        nodes = CLUSTER_NODES if kind == "pushie" else 1
+        n = 1500
+        common: dict[str, Any] = {
+            "subscribers": [(i % nodes, "fan") for i in range(n)],
+            "channels": ["fan"],
+            "nodes": nodes,
+            "redis": shared_redis(options, name),
+        }
+        if latency:
+            result = deliveries_run(
+                "pushie", options, name, duration=d(options, 15, 4), concurrency=1, rate=20, nap=0.0, **common
+            )
+            result["value"] = result["latency_ms"]["p99"] if result["latency_ms"] else None
+        else:
+            result = deliveries_run(
+                "pushie", options, name, duration=d(options, 10, 3), window=16, **common,
+                publishers=CLUSTER_NODES if spread else 1, concurrency=3 if spread else 8,
+                spread_publishers=spread,
+            )  # fmt: skip
+            result["value"] = result["deliveries_per_second"]
+        return result
+
+    return scenario
+
+
 # name: (function, description, metric, higher is better)
 SCENARIOS: dict[str, tuple[Callable[[str, argparse.Namespace, str], dict[str, Any]], str, str, bool]] = {
     "fanout-1k": (fanout(1000), "fan-out, 1,000 subscribers, max rate", "deliveries/s", True),
@@ -677,7 +751,30 @@ SCENARIOS: dict[str, tuple[Callable[[str, argparse.Namespace, str], dict[str, An
         "deliveries/s",
         True,
     ),
+    "cluster": (
+        cluster(spread=False),
+        "Redis engine: 3 daemons, 1,500 subscribers spread over them, publish to one "
+        "(baseline column: 1 daemon on the same Redis)",
+        "deliveries/s",
+        True,
+    ),
+    "cluster-spread": (
+        cluster(spread=True),
+        "the same, 3 publishers, one to each daemon (baseline column: all 3 to the 1 daemon)",
+        "deliveries/s",
+        True,
+    ),
+    "cluster-latency": (
+        cluster(spread=False, latency=True),
+        "Redis engine: 3 daemons, 1,500 subscribers, 20 msg/s to one: publish-to-receive "
+        "(baseline column: 1 daemon on the same Redis)",
+        "p99 ms",
+        False,
+    ),
 }
+
+#: Scenarios whose "baseline" run is Pushie itself in another shape (see their descriptions).
+PUSHIE_REFERENCE = {"cluster", "cluster-spread", "cluster-latency"}
 
 
 # -- reporting -------------------------------------------------------------------
@@ -766,6 +863,10 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {cpu(p, 'server')} / {cpu(b, 'server')} | {cpu(p, 'loadgen')} / {cpu(b, 'loadgen')} "
             f"| {idle(p)} / {idle(b)} | {lost(p)} / {lost(b)} |"
         )
+    others = [name for name, entry in report["scenarios"].items() if entry.get("baseline_is")]
+    if others:
+        lines.append("")
+        lines.append(f"In {', '.join(others)} the baseline column is one Pushie daemon on the same redis-server.")
     return "\n".join(lines)
 
 
@@ -810,8 +911,9 @@ def main() -> int:
         parser.error(
             f"give --all or scenario names from: {', '.join(SCENARIOS)}" + (f" (unknown: {unknown})" if unknown else "")
         )
-    if "redis-fanout" in names and options.server != "baseline" and not shutil.which("redis-server"):
-        parser.error("redis-fanout needs redis-server on the PATH")
+    needs_redis = [n for n in names if (n == "redis-fanout" and options.server != "baseline") or n in PUSHIE_REFERENCE]
+    if needs_redis and not shutil.which("redis-server"):
+        parser.error(f"{', '.join(needs_redis)} need redis-server on the PATH")
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # inherited by the servers and workers
@@ -839,7 +941,10 @@ def main() -> int:
     for name in names:
         function, description, metric, higher = SCENARIOS[name]
         entry: dict[str, Any] = {"description": description, "metric": metric, "higher_is_better": higher}
+        if name in PUSHIE_REFERENCE:
+            entry["baseline_is"] = "one Pushie daemon on the same redis-server"
         report["scenarios"][name] = entry
+        options.shared_redis = None
         for kind in kinds:
             t0 = time.monotonic()
             print(f"[{time.monotonic() - started:6.1f}s] {name} / {kind} ...", end=" ", flush=True)
@@ -858,11 +963,17 @@ def main() -> int:
                 result["warning"] = warning
                 warnings.append(f"{name} / {kind}: {warning}")
             line = f"{metric}: {fmt(result.get('value'))}"
+            if result.get("lost") is not None:
+                received = fmt(result.get("deliveries"))
+                line += f"  (lost {result['lost']}, duplicated {result['duplicated']}, {received} received)"
             if issues:
                 line += f"  PROBLEMS: {'; '.join(issues)}"
             if warning:
                 line += f"  WARNING: {warning}"
             print(line, flush=True)
+        if options.shared_redis is not None:
+            options.shared_redis.stop()
+            options.shared_redis = None
         entry["ratio"] = ratio(entry.get("pushie", {}).get("value"), entry.get("baseline", {}).get("value"))
     report["seconds"] = round(time.monotonic() - started, 1)
     table = markdown(report)
