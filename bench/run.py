@@ -494,7 +494,8 @@ def deliveries_run(
     on node 0 for `duration` seconds, wait until everything has arrived, count.
     `window`: how many messages the publishers may be ahead of the subscribers.
     `spread_publishers`: publisher process i publishes to node i (round robin)
-    instead of node 0.  `redis`: a redis-server shared by the scenario's runs.
+    instead of node 0, to every channel (else the channels are split).
+    `redis`: a redis-server shared by the scenario's runs.
     """
     run = Run(kind, options, name, nodes, redis)
     try:
@@ -518,7 +519,7 @@ def deliveries_run(
                     "window": window,
                     "per_message": len(subscribers) / len(channels),
                 }
-                for i, part in enumerate(split(channels, publishers))
+                for i, part in enumerate([channels] * publishers if spread_publishers else split(channels, publishers))
             ],
             timeout=duration + 120,
         )
