@@ -197,3 +197,27 @@ async def test_haproxy_endpoint_listens_with_the_backlog():
     finally:
         await daemon.stop()
     await assert_reactor_clean()
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+@pytest_twisted.ensureDeferred
+async def test_half_sent_requests_are_limited_per_proxied_address(version):
+    """Past the per-address limit of half-sent requests, the header's address gets the JSON 429 at once."""
+    header = HEADERS[version]
+    daemon = await start_daemon(listen=["haproxy:tcp:0:interface=127.0.0.1"], max_connections_per_ip=1)
+    clients: list[_RawClient] = []
+    try:
+        for source in ("198.51.100.1", "198.51.100.1", "198.51.100.2"):
+            client = await proxied_connect(daemon.port)
+            clients.append(client)
+            client.transport.write(header(source) + b"GET /websocket?channel=room HTTP/1.1\r\n")
+        await wait_for(lambda: clients[1].lost.called)
+        answer = parse_http_answers(clients[1].received)[0]
+        assert answer.status == 429
+        assert b"too_many_connections_from_address" in clients[1].received
+        assert not clients[0].lost.called and not clients[2].lost.called
+        assert daemon.service.site.limits.pending == 2
+    finally:
+        await close_all(clients)
+        await daemon.stop()
+    await assert_reactor_clean()
