@@ -26,7 +26,6 @@ from pathlib import Path
 
 import pytest
 import pytest_twisted
-import treq
 from autobahn.twisted.websocket import WebSocketClientFactory
 from twisted.internet import reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint
@@ -37,6 +36,7 @@ from tests.helpers import (
     WSClientProtocol,
     _RawClient,
     assert_reactor_clean,
+    parse_http_answers,
     start_daemon,
     wait_for,
 )
@@ -121,15 +121,22 @@ async def connect_ws_from(port: int, path: str, source: str) -> WSClient:
     return client
 
 
-async def publish(port: int, channel: str, data: object) -> int:
-    response = await treq.post(
-        f"http://127.0.0.1:{port}/publish",
-        data=json.dumps({"channel": channel, "data": data}).encode(),
-        headers={"Content-Type": "application/json"},
-        persistent=False,
+async def publish(port: int, channel: str, data: object, source: str = "127.0.0.1") -> int:
+    """POST /publish from the local address C{source}; the answer's status."""
+    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port, bindAddress=(source, 0))
+    client = await endpoint.connect(Factory.forProtocol(_RawClient))
+    body = json.dumps({"channel": channel, "data": data}).encode()
+    client.transport.write(
+        b"POST /publish HTTP/1.1\r\nHost: push.example.com\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
     )
-    await response.content()
-    return int(response.code)
+    await wait_for(lambda: client.lost.called or any(a.complete for a in parse_http_answers(client.received)))
+    answers = parse_http_answers(client.received)
+    if not client.lost.called:
+        client.transport.abortConnection()
+        await client.lost
+    assert answers, client.received[:300]
+    return answers[0].status
 
 
 async def check_sse(port: int, channel: str, source: str = "127.0.0.1") -> None:
@@ -142,7 +149,7 @@ async def check_sse(port: int, channel: str, source: str = "127.0.0.1") -> None:
     except AssertionError:
         raise AssertionError(f"no subscribed event; received {stream.received[:500]!r}") from None
     assert b"200 OK" in stream.received.split(b"\r\n", 1)[0], stream.received[:200]
-    assert await publish(port, channel, {"sse": "through"}) == 200
+    assert await publish(port, channel, {"sse": "through"}, source) == 200
     await wait_for(lambda: b'"sse":"through"' in stream.received.replace(b" ", b"") or stream.lost.called)
     assert not stream.lost.called
     stream.transport.abortConnection()
@@ -232,12 +239,15 @@ async def test_haproxy_with_proxy_protocol(redis_server, tmp_path):
         await wait_for(lambda: all(d.service.site.limits.pending == 0 for d in daemons))
 
         # A message published through HAProxy reaches the subscribers of both daemons.
-        assert await publish(port, "room", {"via": "haproxy"}) == 200
+        assert await publish(port, "room", {"via": "haproxy"}, source="127.0.0.5") == 200
         for client in clients:
             message = await client.next_of("message")
             assert message["data"] == {"via": "haproxy"}
         # (HAProxy's health checks come from 127.0.0.1, and count: per address 1.)
         await check_sse(port, "sse-room", source="127.0.0.4")
+        # No health check was refused meanwhile: both daemons are still UP.
+        assert healthy(), last
+        assert "is DOWN" not in balancer.log_path.read_text()
     finally:
         await close_clients(clients)
         balancer.stop()
