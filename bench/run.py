@@ -5,7 +5,7 @@ invocation, so that every Pushie figure is also a ratio to the baseline.
 
     python bench/run.py fanout-1k            # one scenario (both servers)
     python bench/run.py fanout-1k latency --quick
-    python bench/run.py --all                # everything, about 4-5 minutes on 2 cores
+    python bench/run.py --all                # everything, about 8 minutes on 2 cores
     python bench/run.py --list
 
 Each run starts the server(s) as a subprocess (Pushie: `twistd -n pushie` with
