@@ -5,7 +5,7 @@ invocation, so that every Pushie figure is also a ratio to the baseline.
 
     python bench/run.py fanout-1k            # one scenario (both servers)
     python bench/run.py fanout-1k latency --quick
-    python bench/run.py --all                # everything, about 4-5 minutes on 2 cores
+    python bench/run.py --all                # everything, about 8 minutes on 2 cores
     python bench/run.py --list
 
 Each run starts the server(s) as a subprocess (Pushie: `twistd -n pushie` with
@@ -236,17 +236,27 @@ class Server:
 
 class Cluster:
     """
-    The server side of one run: one Pushie (or several on a redis-server), or
-    the baseline.  With C{shards}, the Pushie daemons use that many
-    redis-servers as shards (one shard: a plain C{redis://} URL).
+    The server side of one run: one Pushie (or several on a redis-server), or the baseline.
+
+    C{redis}: a redis-server the scenario started for all its runs (the
+    cluster scenarios compare several daemons with one on the same Redis);
+    it is flushed first and left running.  Without it, several nodes get a
+    redis-server of their own.  With C{shards}, the Pushie daemons use that
+    many redis-servers of their own as shards (one shard: a plain C{redis://} URL).
     """
 
-    def __init__(self, kind: str, logdir: str, name: str, nodes: int = 1, shards: int = 0) -> None:
+    def __init__(
+        self, kind: str, logdir: str, name: str, nodes: int = 1, shards: int = 0, redis: Server | None = None
+    ) -> None:
         self.servers: list[Server] = []
+        self.redis: Server | None = redis
         self.redis_servers: list[Server] = []
         try:
             engine = None
-            if kind == "pushie" and (nodes > 1 or shards):
+            if kind == "pushie" and redis is not None:
+                flush(redis)
+                engine = f"redis://127.0.0.1:{redis.port}/0"
+            elif kind == "pushie" and (nodes > 1 or shards):
                 for i in range(max(1, shards)):
                     self.redis_servers.append(Server("redis", logdir, f"{name}-redis{i}"))
                 engine = ",".join(f"redis://127.0.0.1:{r.port}/0" for r in self.redis_servers)
@@ -269,6 +279,14 @@ class Cluster:
             server.stop()
         for redis in self.redis_servers:
             redis.stop()
+
+
+def flush(redis: Server) -> None:
+    """FLUSHALL on a redis-server of ours (between the runs of a scenario that share it)."""
+    with socket.create_connection(("127.0.0.1", redis.port), timeout=10) as s:
+        s.sendall(b"FLUSHALL\r\n")
+        if not s.recv(100).startswith(b"+OK"):
+            raise RuntimeError("FLUSHALL failed")
 
 
 class Workers:
@@ -411,13 +429,21 @@ def collect(workers: Workers, finals: dict[str, int]) -> dict[str, Any]:
 class Run:
     """Everything one scenario needs for one server kind; torn down by close()."""
 
-    def __init__(self, kind: str, options: argparse.Namespace, name: str, nodes: int = 1, shards: int = 0) -> None:
+    def __init__(
+        self,
+        kind: str,
+        options: argparse.Namespace,
+        name: str,
+        nodes: int = 1,
+        shards: int = 0,
+        redis: Server | None = None,
+    ) -> None:
         self.kind = kind
         self.options = options
         self.cluster: Cluster | None = None
         self.subscribers: Workers | None = None
         self.publishers: Workers | None = None
-        self.cluster = Cluster(kind, options.logdir, name, nodes, shards)
+        self.cluster = Cluster(kind, options.logdir, name, nodes, shards, redis)
 
     def workers(self, subscribers: int, publishers: int, nap: float = 0.0) -> None:
         """
@@ -472,15 +498,20 @@ def deliveries_run(
     window: int | None = None,
     shards: int = 0,
     publish_to_every_node: bool = False,
+    redis: Server | None = None,
+    spread_publishers: bool = False,
 ) -> dict[str, Any]:
     """
     Connect `subscribers` ((node index, channel) pairs), publish to `channels`
-    on node 0 (or each publisher process to the next node) for `duration`
-    seconds, wait until everything has arrived, count.  `window`: how many
-    messages the publishers may be ahead of the subscribers.  `shards`: Redis
-    servers for the daemons (see Cluster).
+    on node 0 for `duration` seconds, wait until everything has arrived, count.
+    `window`: how many messages the publishers may be ahead of the subscribers.
+    `publish_to_every_node`: publisher process i posts its share of the
+    channels to node i (round robin).  `spread_publishers`: publisher process
+    i publishes to node i, to every channel (else the channels are split).
+    `shards`: Redis servers for the daemons (see Cluster).  `redis`: a
+    redis-server shared by the scenario's runs.
     """
-    run = Run(kind, options, name, nodes, shards)
+    run = Run(kind, options, name, nodes, shards, redis)
     try:
         assert run.cluster is not None
         run.workers(options.workers, publishers, options.nap / 1000 if nap is None else nap)
@@ -493,7 +524,7 @@ def deliveries_run(
             "publish",
             [
                 {
-                    "port": ports[index % len(ports)] if publish_to_every_node else ports[0],
+                    "port": ports[index % len(ports)] if (publish_to_every_node or spread_publishers) else ports[0],
                     "channels": part,
                     "duration": duration,
                     "concurrency": concurrency,
@@ -502,7 +533,9 @@ def deliveries_run(
                     "window": window,
                     "per_message": len(subscribers) / len(channels),
                 }
-                for index, part in enumerate(split(channels, publishers))
+                for index, part in enumerate(
+                    [channels] * publishers if spread_publishers else split(channels, publishers)
+                )
             ],
             timeout=duration + 120,
         )
@@ -520,7 +553,10 @@ def deliveries_run(
     deliver_seconds = (counts["last_receive_ns"] - start_ns) / 1e9 if counts["last_receive_ns"] else 0.0
     messages = sum(p["published"] for p in published)
     return {
+        "nodes": len(ports),
         "subscribers": len(subscribers),
+        "subscribers_per_node": [sum(1 for n, _ in subscribers if n % len(ports) == i) for i in range(len(ports))],
+        "publishing_to": "every node" if spread_publishers and len(ports) > 1 else "node 0",
         "channels": len(channels),
         "connect_seconds": round(connect_seconds, 2),
         "messages": messages,
@@ -742,6 +778,53 @@ def redis_shards(kind: str, options: argparse.Namespace, name: str) -> dict[str,
     return result
 
 
+def shared_redis(options: argparse.Namespace, name: str) -> Server:
+    """The scenario's redis-server, started by its first run; main() stops it when the scenario is done."""
+    if options.shared_redis is None:
+        options.shared_redis = Server("redis", options.logdir, f"{name.rsplit('-', 1)[0]}-redis")
+    return options.shared_redis
+
+
+CLUSTER_NODES = 3
+
+
+def cluster(spread: bool, latency: bool = False) -> Callable[[str, argparse.Namespace, str], dict[str, Any]]:
+    """
+    Three Pushie daemons on one redis-server, subscribers spread over them
+    round robin (the "pushie" run), against one daemon on the same
+    redis-server with all the subscribers (the "baseline" run: no Twisted
+    baseline here).  Publishes go to daemon 0, or (C{spread}) one publisher
+    process to each daemon.  Max-rate fan-out, or (C{latency}) 5 msg/s
+    (7,500 deliveries/s: well within what one daemon delivers, so that the
+    figure is the path's latency, not a queue).
+    """
+
+    def scenario(kind: str, options: argparse.Namespace, name: str) -> dict[str, Any]:
+        nodes = CLUSTER_NODES if kind == "pushie" else 1
+        n = 1500
+        common: dict[str, Any] = {
+            "subscribers": [(i % nodes, "fan") for i in range(n)],
+            "channels": ["fan"],
+            "nodes": nodes,
+            "redis": shared_redis(options, name),
+        }
+        if latency:
+            result = deliveries_run(
+                "pushie", options, name, duration=d(options, 15, 4), concurrency=1, rate=5, nap=0.0, **common
+            )
+            result["value"] = result["latency_ms"]["p99"] if result["latency_ms"] else None
+        else:
+            result = deliveries_run(
+                "pushie", options, name, duration=d(options, 10, 3), window=16, **common,
+                publishers=CLUSTER_NODES if spread else 1, concurrency=3 if spread else 8,
+                spread_publishers=spread,
+            )  # fmt: skip
+            result["value"] = result["deliveries_per_second"]
+        return result
+
+    return scenario
+
+
 # name: (function, description, metric, higher is better)
 SCENARIOS: dict[str, tuple[Callable[[str, argparse.Namespace, str], dict[str, Any]], str, str, bool]] = {
     "fanout-1k": (fanout(1000), "fan-out, 1,000 subscribers, max rate", "deliveries/s", True),
@@ -764,7 +847,30 @@ SCENARIOS: dict[str, tuple[Callable[[str, argparse.Namespace, str], dict[str, An
         "2 shards / 1 shard, publishes/s",
         True,
     ),
+    "cluster": (
+        cluster(spread=False),
+        "Redis engine: 3 daemons, 1,500 subscribers spread over them, publish to one "
+        "(baseline column: 1 daemon on the same Redis)",
+        "deliveries/s",
+        True,
+    ),
+    "cluster-spread": (
+        cluster(spread=True),
+        "the same, 3 publishers, one to each daemon (baseline column: all 3 to the 1 daemon)",
+        "deliveries/s",
+        True,
+    ),
+    "cluster-latency": (
+        cluster(spread=False, latency=True),
+        "Redis engine: 3 daemons, 1,500 subscribers, 5 msg/s to one: publish-to-receive "
+        "(baseline column: 1 daemon on the same Redis)",
+        "p99 ms",
+        False,
+    ),
 }
+
+#: Scenarios whose "baseline" run is Pushie itself in another shape (see their descriptions).
+PUSHIE_REFERENCE = {"cluster", "cluster-spread", "cluster-latency"}
 
 
 # -- reporting -------------------------------------------------------------------
@@ -853,6 +959,10 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {cpu(p, 'server')} / {cpu(b, 'server')} | {cpu(p, 'loadgen')} / {cpu(b, 'loadgen')} "
             f"| {idle(p)} / {idle(b)} | {lost(p)} / {lost(b)} |"
         )
+    others = [name for name, entry in report["scenarios"].items() if entry.get("baseline_is")]
+    if others:
+        lines.append("")
+        lines.append(f"In {', '.join(others)} the baseline column is one Pushie daemon on the same redis-server.")
     return "\n".join(lines)
 
 
@@ -897,9 +1007,13 @@ def main() -> int:
         parser.error(
             f"give --all or scenario names from: {', '.join(SCENARIOS)}" + (f" (unknown: {unknown})" if unknown else "")
         )
-    for needs_redis in ("redis-fanout", "redis-shards"):
-        if needs_redis in names and options.server != "baseline" and not shutil.which("redis-server"):
-            parser.error(f"{needs_redis} needs redis-server on the PATH")
+    needs_redis = [
+        n
+        for n in names
+        if (n in ("redis-fanout", "redis-shards") and options.server != "baseline") or n in PUSHIE_REFERENCE
+    ]
+    if needs_redis and not shutil.which("redis-server"):
+        parser.error(f"{', '.join(needs_redis)} need redis-server on the PATH")
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # inherited by the servers and workers
@@ -927,7 +1041,10 @@ def main() -> int:
     for name in names:
         function, description, metric, higher = SCENARIOS[name]
         entry: dict[str, Any] = {"description": description, "metric": metric, "higher_is_better": higher}
+        if name in PUSHIE_REFERENCE:
+            entry["baseline_is"] = "one Pushie daemon on the same redis-server"
         report["scenarios"][name] = entry
+        options.shared_redis = None
         for kind in kinds:
             t0 = time.monotonic()
             print(f"[{time.monotonic() - started:6.1f}s] {name} / {kind} ...", end=" ", flush=True)
@@ -946,11 +1063,17 @@ def main() -> int:
                 result["warning"] = warning
                 warnings.append(f"{name} / {kind}: {warning}")
             line = f"{metric}: {fmt(result.get('value'))}"
+            if result.get("lost") is not None:
+                received = fmt(result.get("deliveries"))
+                line += f"  (lost {result['lost']}, duplicated {result['duplicated']}, {received} received)"
             if issues:
                 line += f"  PROBLEMS: {'; '.join(issues)}"
             if warning:
                 line += f"  WARNING: {warning}"
             print(line, flush=True)
+        if options.shared_redis is not None:
+            options.shared_redis.stop()
+            options.shared_redis = None
         entry["ratio"] = ratio(entry.get("pushie", {}).get("value"), entry.get("baseline", {}).get("value"))
     report["seconds"] = round(time.monotonic() - started, 1)
     table = markdown(report)

@@ -17,6 +17,9 @@ test suite runs on; pyproject.toml allows Twisted>=24.7,<27): the attributes
 of L{twisted.internet.tcp.Connection} (C{socket}, C{dataBuffer},
 C{_tempDataLen}, C{_writeDisconnected}); any other transport (TLS, tests'
 string transports) takes the plain path.  The test suite covers both paths.
+A C{haproxy:} endpoint's L{HAProxyProtocolWrapper} (private module
+C{twisted.protocols.haproxy._wrapper}) only forwards writes to the TCP
+connection under it, so that connection is written to directly.
 """
 
 from __future__ import annotations
@@ -24,10 +27,13 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.tcp import Connection
+from twisted.protocols.haproxy._wrapper import HAProxyProtocolWrapper
 
 
 def write_now(transport: Any, data: bytes) -> None:
     """Write C{data} to C{transport}, trying the socket first when nothing is queued."""
+    if type(transport) is HAProxyProtocolWrapper:
+        transport = transport.transport  # PROXY protocol: nothing to do on the way out
     if (
         isinstance(transport, Connection)
         and transport.connected

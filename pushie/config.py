@@ -239,7 +239,8 @@ SETTINGS: tuple[Setting, ...] = (
         _positive_int,
         511,
         "Connections the kernel queues before the daemon accepts them, for tcp, tcp6, ssl and unix "
-        "endpoints that give no backlog= of their own (Twisted's default, 50, drops SYNs in reconnect waves).",
+        "(also under haproxy:) endpoints that give no backlog= of their own "
+        "(Twisted's default, 50, drops SYNs in reconnect waves).",
         metavar="N",
     ),
     Setting(

@@ -9,6 +9,7 @@ Every limit is a setting; 0 switches it off.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 from collections import OrderedDict
 from collections.abc import Callable
@@ -20,6 +21,11 @@ from zope.interface import implementer
 from pushie.errors import PushieError
 
 MAX_TRACKED_KEYS = 10_000
+
+#: The address a connection on a C{haproxy:} endpoint is counted under
+#: (pending, in the daemon's total only) until its PROXY header names the
+#: client: the load balancer's own address must not be limited as one client.
+AWAITING_PROXY_HEADER = "(awaiting PROXY header)"
 
 
 class RateLimiter:
@@ -78,7 +84,7 @@ class ConnectionLimits:
         self.pending = 0
         self._pending: dict[str, int] = {}
 
-    def accept(self, address: str) -> None:
+    def accept(self, address: str, check_address: bool = True) -> None:
         """
         Count a new connection from C{address} as pending, unless pending
         connections alone reach a limit (open ones are left to L{check}, when
@@ -86,11 +92,15 @@ class ConnectionLimits:
         a 503, a Pusher 4100 close).  Half-sent requests therefore never hold
         more than the limits' worth of sockets.
 
+        @param check_address: C{False} to check the daemon's total only, for
+            a connection whose client address is not known yet
+            (L{AWAITING_PROXY_HEADER}); it is settled and accepted again
+            under its real address when that arrives.
         @raise PushieError: as L{check}; nothing is counted then.
         """
         if self.max_connections and self.pending >= self.max_connections:
             raise _too_many()
-        if self.max_per_address and self._pending.get(address, 0) >= self.max_per_address:
+        if check_address and self.max_per_address and self._pending.get(address, 0) >= self.max_per_address:
             raise _too_many_from_address()
         self.pend(address)
 
@@ -151,8 +161,19 @@ def _too_many_from_address() -> PushieError:
 
 
 def address_of(peer: object) -> str:
-    """The client address a limit is counted by (the host of a TCP peer; one bucket for Unix sockets)."""
-    return str(getattr(peer, "host", None) or "local")
+    """
+    The client address a limit is counted by (the host of a TCP peer; one
+    bucket for Unix sockets).  IPv6 addresses are written one way (RFC 5952),
+    whoever wrote them: a PROXY v2 header gives C{2001:db8:0:0:0:0:0:9},
+    v1 and the kernel C{2001:db8::9}.
+    """
+    host = str(getattr(peer, "host", None) or "local")
+    if ":" in host:
+        try:
+            return ipaddress.IPv6Address(host).compressed
+        except ValueError:
+            return host
+    return host
 
 
 @implementer(IPushProducer)

@@ -104,9 +104,14 @@ _HAS_BACKLOG = re.compile(r"(?<!\\):backlog=", re.IGNORECASE)
 def with_backlog(description: str, backlog: int) -> str:
     """
     C{description} with C{:backlog=<backlog>} added when it is a tcp, tcp6,
-    ssl or unix endpoint string that gives no backlog of its own.
+    ssl or unix endpoint string that gives no backlog of its own, or one of
+    these wrapped by C{haproxy:} (PROXY protocol: Twisted's parser hands its
+    arguments, the backlog with them, to the wrapped endpoint).
     """
-    kind = description.split(":", 1)[0].strip().lower()
+    inner = description
+    if inner[:8].lower() == "haproxy:":
+        inner = inner[8:]
+    kind = inner.split(":", 1)[0].strip().lower()
     if kind not in _BACKLOG_TYPES or _HAS_BACKLOG.search(description) is not None:
         return description
     return f"{description}:backlog={backlog}"

@@ -14,7 +14,10 @@ suite runs on; pyproject.toml allows Twisted>=24.7,<27):
     C{_savedTimeOut}, C{_abortingCall}, the name-mangled
     C{_HTTPChannel__first_line}, and the hooks C{_maybeChooseTransferDecoder},
     C{_failChooseTransferDecoder}, C{_respondToBadRequestAndDisconnect};
-  - C{Request._disconnected} (mirrored by L{FastPublishRequest}).
+  - C{Request._disconnected} (mirrored by L{FastPublishRequest});
+  - C{twisted.protocols.haproxy._wrapper.HAProxyProtocolWrapper} and its
+    C{_proxyInfo} (None until the PROXY header is parsed), to learn when a
+    C{haproxy:} endpoint's connection knows its client's address.
 tests/test_publish_path.py compares the short paths byte for byte with
 twisted.web's own answers; tests/test_hostile_input.py sends them bad input.
 
@@ -30,6 +33,7 @@ import time
 from typing import Any
 
 from twisted.logger import Logger
+from twisted.protocols.haproxy._wrapper import HAProxyProtocolWrapper
 from twisted.protocols.policies import ProtocolWrapper
 from twisted.python.failure import Failure
 from twisted.web.http import RESPONSES, HTTPChannel, _GenericHTTPChannelProtocol, datetimeToString
@@ -41,7 +45,7 @@ from pushie._fastwrite import write_now
 from pushie.doors._wsbase import SERVER_NAME
 from pushie.doors.api import write_error
 from pushie.errors import PushieError
-from pushie.limits import ConnectionLimits, address_of
+from pushie.limits import AWAITING_PROXY_HEADER, ConnectionLimits, address_of
 from pushie.logs import Throttle
 from pushie.metrics import Metrics
 
@@ -244,24 +248,55 @@ class PushieHTTPChannel(HTTPChannel):
     _address = "local"
     _pending = False  # counted by the site's limits as pending
     _got_bytes = False
+    _awaiting_proxy_header = False  # a haproxy: endpoint's connection, before its PROXY header
 
     # -- the request deadline and the pending count ----------------------------
 
     def connectionMade(self) -> None:
         super().connectionMade()
-        self._address = address_of(self.transport.getPeer())  # type: ignore[union-attr]
+        transport = self.transport
+        assert transport is not None
+        if isinstance(transport, HAProxyProtocolWrapper) and transport._proxyInfo is None:
+            # A haproxy: endpoint: the client's address comes in the PROXY
+            # header, with the first bytes; until then getPeer() is the load
+            # balancer's.  Counted in the daemon's total only, so that a burst
+            # of connections from the proxy is never refused for its address.
+            self._awaiting_proxy_header = True
+            admitted = self._admit(AWAITING_PROXY_HEADER, check_address=False)
+        else:
+            admitted = self._admit(address_of(transport.getPeer()))
+        if admitted:
+            self._arm_deadline()
+
+    def _admit(self, address: str, check_address: bool = True) -> bool:
+        """
+        Count the connection as pending from C{address}; past the limits,
+        answer with the refusal and close.  Whether it was admitted.
+        """
+        self._address = address
         limits = getattr(self.site, "limits", None)
-        if limits is not None:
-            try:
-                limits.accept(self._address)
-            except PushieError as e:
-                self.site.refused(e, self.transport.getPeer())  # type: ignore[union-attr]
-                self._answer_and_close(e)
-                return
-            self._pending = True
-        self._arm_deadline()
+        if limits is None:
+            return True
+        try:
+            limits.accept(address, check_address=check_address)
+        except PushieError as e:
+            self.site.refused(e, self.transport.getPeer())  # type: ignore[union-attr]
+            self._answer_and_close(e)
+            return False
+        self._pending = True
+        return True
 
     def dataReceived(self, data: bytes) -> None:
+        if self._awaiting_proxy_header:
+            # The wrapper hands on bytes only once the header is parsed: the
+            # connection now counts for its client's address (or is refused).
+            self._awaiting_proxy_header = False
+            if self._pending:
+                self._pending = False
+                assert self.site.limits is not None
+                self.site.limits.settled(self._address)
+            if not self._admit(address_of(self.transport.getPeer())):  # type: ignore[union-attr]
+                return
         self._got_bytes = True
         super().dataReceived(data)
 
@@ -617,7 +652,7 @@ class PushieHTTPChannel(HTTPChannel):
         if protocol is None:
             transport.loseConnection()
             return
-        if isinstance(transport, ProtocolWrapper):  # TLS
+        if isinstance(transport, ProtocolWrapper):  # TLS, or a haproxy: endpoint's wrapper
             transport.wrappedProtocol = protocol
         # tcp.Connection's own `protocol` attribute, which ITransport does not declare.
         elif isinstance(transport.protocol, ProtocolWrapper):  # type: ignore[attr-defined]
