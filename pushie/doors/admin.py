@@ -236,11 +236,11 @@ class AdminMonitor(Service):
 
     # -- streams ---------------------------------------------------------
 
-    def open_stream(self, request: Request) -> AdminStream:
+    def admit_stream(self) -> None:
         """
-        Start a live stream on C{request} (already authorised).
+        Refuse a new stream past C{max_streams}.
 
-        @raise PushieError: 429 C{too_many_admin_streams} past C{max_streams}.
+        @raise PushieError: 429 C{too_many_admin_streams}.
         """
         if len(self.streams) >= self.settings.max_streams:
             raise PushieError(
@@ -249,6 +249,9 @@ class AdminMonitor(Service):
                 f"{self.settings.max_streams} dashboards are open already (admin_max_streams); close one",
                 {"Retry-After": "5"},
             )
+
+    def open_stream(self, request: Request) -> AdminStream:
+        """Start a live stream on C{request} (authorised, admitted, its headers set): the chart, then stats."""
         stream = AdminStream(request, self)
         self.streams[stream] = None
         stream.write(b"retry: 2000\n\nevent: chart\ndata: " + dumps(self.chart_json()) + b"\n\n")
@@ -385,12 +388,13 @@ class AdminResource(Resource, Door):
 
     def _stream(self, request: Request) -> Any:
         assert self.monitor is not None
-        self.monitor.open_stream(request)  # raises past the limit, before any header is set
+        self.monitor.admit_stream()
         request.setHeader(b"content-type", b"text/event-stream; charset=utf-8")
         request.setHeader(b"cache-control", b"no-store")
         request.setHeader(b"x-accel-buffering", b"no")
         # The site's idle timeout guards request reading; a stream speaks every second.
         request.channel.setTimeout(None)
+        self.monitor.open_stream(request)
         return NOT_DONE_YET
 
     def _publish(self, request: Request) -> Any:
