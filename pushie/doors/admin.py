@@ -323,43 +323,47 @@ class AdminResource(Resource, Door):
             return NOT_DONE_YET
 
     def _route(self, request: Request) -> Any:
+        path = [segment.decode("utf-8", "replace") for segment in request.postpath or []]
+        while len(path) > 1 and path[-1] == "":
+            path.pop()
+        if path in ([], [""]):
+            route: tuple[bytes, Callable[[Request], Any] | None] = (b"GET", None)
+        elif path == ["stream"]:
+            route = (b"GET", self._stream)
+        elif path == ["api", "overview"]:
+            route = (b"GET", self._overview)
+        elif path == ["api", "publish"]:
+            route = (b"POST", self._publish)
+        elif len(path) >= 3 and path[:2] == ["api", "channels"]:
+            route = (b"GET", lambda request: self._channel(request, "/".join(path[2:])))
+        else:
+            if self.token is None:
+                raise PushieError(403, "admin_disabled", DISABLED_MESSAGE)
+            raise PushieError(
+                404,
+                "not_found",
+                "use /admin, /admin/stream, /admin/api/overview, /admin/api/channels/<name> or /admin/api/publish",
+            )
+        allowed, handler = route
+        # The method first: a method a path never takes is a 405, on or off.
+        self._only(request.method, allowed)
         if self.token is None or self.monitor is None:
             raise PushieError(403, "admin_disabled", DISABLED_MESSAGE)
-        path = [segment.decode("utf-8", "replace") for segment in request.postpath or []]
-        while path and path[-1] == "" and len(path) > 1:
-            path.pop()
-        method = request.method
-        if path in ([], [""]):
-            self._only(method, b"GET")
+        if handler is None:
             request.setHeader(b"content-type", b"text/html; charset=utf-8")
             request.setHeader(b"cache-control", b"no-cache")
             # The page holds the token in memory: no framing by other sites.
             request.setHeader(b"x-frame-options", b"DENY")
             request.setHeader(b"referrer-policy", b"no-referrer")
-            return b"" if method == b"HEAD" else self.page
-        if path == ["stream"]:
-            self._only(method, b"GET")
-            self._check_token(request)
-            return self._stream(request)
-        if path == ["api", "overview"]:
-            self._only(method, b"GET")
-            self._check_token(request)
-            body = {**self.monitor.snapshot(), "chart": self.monitor.chart_json()}
-            write_json(request, 200, dumps(body))
-            return NOT_DONE_YET
-        if path == ["api", "publish"]:
-            self._only(method, b"POST")
-            self._check_token(request)
-            return self._publish(request)
-        if len(path) >= 3 and path[:2] == ["api", "channels"]:
-            self._only(method, b"GET")
-            self._check_token(request)
-            return self._channel(request, "/".join(path[2:]))
-        raise PushieError(
-            404,
-            "not_found",
-            "use /admin, /admin/stream, /admin/api/overview, /admin/api/channels/<name> or /admin/api/publish",
-        )
+            return b"" if request.method == b"HEAD" else self.page
+        self._check_token(request)
+        return handler(request)
+
+    def _overview(self, request: Request) -> Any:
+        assert self.monitor is not None
+        body = {**self.monitor.snapshot(), "chart": self.monitor.chart_json()}
+        write_json(request, 200, dumps(body))
+        return NOT_DONE_YET
 
     @staticmethod
     def _only(method: bytes, allowed: bytes) -> None:
