@@ -61,6 +61,10 @@ log = Logger()
 #: Messages of a channel's history the channel view shows (the newest).
 HISTORY_SHOWN = 20
 
+#: Seconds the channels' offsets are kept after a snapshot when no stream is
+#: open, so that polling the overview still tells messages per second.
+OFFSETS_KEPT = 60.0
+
 DISABLED_MESSAGE = (
     "the admin dashboard is off: set PUSHIE_ADMIN_TOKEN (or admin_token in the settings file) "
     "to a secret of 16 or more characters and restart the daemon"
@@ -149,8 +153,11 @@ class AdminMonitor(Service):
                 (round(now, 3), (publications - previous[1]) / elapsed, (deliveries - previous[2]) / elapsed)
             )
         if not self.streams:
-            self._offsets.clear()  # nobody looks: no per-channel bookkeeping
-            self._offsets_at = None
+            # Nobody streams: keep no per-channel bookkeeping, unless a script
+            # polls /admin/api/overview (its rates count from its last call).
+            if self._offsets_at is None or now - self._offsets_at > OFFSETS_KEPT:
+                self._offsets.clear()
+                self._offsets_at = None
             return
         event = b"event: stats\ndata: " + dumps(self.snapshot()) + b"\n\n"
         for stream in list(self.streams):
