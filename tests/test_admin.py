@@ -448,3 +448,44 @@ async def busy_daemon(daemon: Daemon) -> list:
 
     await sleep(6)
     return [Stopper()]
+
+
+@MEMORY_ONLY
+@pytest_twisted.ensureDeferred
+async def test_the_webhooks_health(make_daemon):
+    """With webhooks on, the overview says what they did: here a receiver that refuses connections."""
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()  # nothing listens there now
+    daemon = await make_daemon(
+        admin_token=ADMIN,
+        webhook_url=f"http://127.0.0.1:{port}/hooks",
+        webhook_secret="webhook-secret-0123456789",
+        webhook_retry_for=0.0,
+    )
+    status, body, _ = await call(daemon, "GET", "/admin/api/overview", AUTH)
+    assert body["webhooks"] == {"queued": 0, "in_flight": 0, "held": 0, "delivered": 0, "failed": 0, "dropped": 0}
+    ws = await daemon.connect("channel=hooked")  # channel_occupied, which cannot be delivered
+    await ws.next_of("welcome")
+    await wait_for(lambda: daemon.hub.webhooks.failed >= 1, timeout=10)
+    status, body, _ = await call(daemon, "GET", "/admin/api/overview", AUTH)
+    assert body["webhooks"]["failed"] == 1 and body["webhooks"]["delivered"] == 0
+
+
+@MEMORY_ONLY
+@pytest_twisted.ensureDeferred
+async def test_pusher_connections_count_under_their_door(make_daemon):
+    from tests.test_pusher import APPS, connect, subscribe
+
+    daemon = await make_daemon(admin_token=ADMIN, pusher_apps=APPS)
+    client = await connect(daemon)
+    await subscribe(client, "news")
+    await subscribe(client, "sport")
+    status, body, _ = await call(daemon, "GET", "/admin/api/overview", AUTH)
+    assert body["doors"] == {
+        "websocket": {"connections": 0, "subscriptions": 0},
+        "sse": {"connections": 0, "subscriptions": 0},
+        "pusher": {"connections": 1, "subscriptions": 2},
+    }
+    assert {c["name"] for c in body["channels"]} == {"news", "sport"}  # the first app shares the native channels
