@@ -96,6 +96,8 @@ async def test_refused_without_the_right_token(make_daemon, log_events):
     status, page, response = await daemon.get("/admin")
     assert status == 200 and b"<title>Pushie admin</title>" in page
     assert response.headers.getRawHeaders("x-frame-options") == ["DENY"]
+    policy = response.headers.getRawHeaders("content-security-policy")[0]
+    assert "script-src 'sha256-" in policy and "connect-src 'self'" in policy  # the browser test runs under it
     for headers in (
         {},
         {"Authorization": "Bearer wrong-token-0123456789abcdef"},
@@ -398,6 +400,8 @@ async def test_the_page_in_a_browser(make_daemon, browser_binaries, tmp_path):  
 
         await threads.deferToThread(publish_from_the_page)
         await page_has(driver, "publish-result", lambda t: t.startswith("published: offset 2"), "the publish result")
+        logs = await threads.deferToThread(console, driver)
+        assert "Content Security Policy" not in logs, logs
         assert (await next_message(ws))["data"] == {"text": "oh hai admin"}
         assert (await next_message(ws))["data"] == {"text": "hello from the admin page"}
 

@@ -29,8 +29,11 @@ C{slow_consumer_grace}).
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import heapq
 import hmac
+import re
 from collections import deque
 from collections.abc import Callable
 from importlib.resources import files
@@ -309,6 +312,20 @@ class AdminStream:
         self.monitor.streams.pop(self, None)
 
 
+def page_policy(page: bytes) -> bytes:
+    """
+    The page's C{Content-Security-Policy}: its own inline script (by hash)
+    and nothing else runs, and it talks to this origin only, so that even an
+    injected script could not send the token elsewhere.
+    """
+    scripts = re.findall(rb"<script>(.*?)</script>", page, re.DOTALL)
+    hashes = " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(s).digest()).decode()}'" for s in scripts)
+    return (
+        f"default-src 'none'; script-src {hashes}; style-src 'unsafe-inline'; connect-src 'self'; "
+        "img-src 'self'; form-action 'none'; frame-ancestors 'none'; base-uri 'none'"
+    ).encode()
+
+
 class AdminResource(Resource, Door):
     """Everything under C{/admin} (see the module docstring)."""
 
@@ -321,6 +338,7 @@ class AdminResource(Resource, Door):
         self.monitor = monitor
         self.token = settings.token.encode("utf-8") if settings.token is not None else None
         self.page = (files("pushie") / "static" / "admin.html").read_bytes()
+        self.content_security_policy = page_policy(self.page)
 
     def render(self, request: Request) -> Any:
         try:
@@ -362,6 +380,7 @@ class AdminResource(Resource, Door):
             # The page holds the token in memory: no framing by other sites.
             request.setHeader(b"x-frame-options", b"DENY")
             request.setHeader(b"referrer-policy", b"no-referrer")
+            request.setHeader(b"content-security-policy", self.content_security_policy)
             return b"" if request.method == b"HEAD" else self.page
         self._check_token(request)
         return handler(request)
