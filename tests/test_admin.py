@@ -126,6 +126,9 @@ async def test_refused_without_the_right_token(make_daemon, log_events):
     status, body, response = await call(daemon, "POST", "/admin/api/overview", AUTH)
     assert (status, body["error"]) == (405, "method_not_allowed")
     assert response.headers.getRawHeaders("allow") == ["GET"]
+    response = await treq.head(daemon.url + "/admin/stream", headers=AUTH, pool=daemon.pool)
+    await response.content()
+    assert response.code == 405 and not daemon.service.admin.streams
 
 
 def test_admin_token_settings():

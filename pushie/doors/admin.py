@@ -418,6 +418,8 @@ class AdminResource(Resource, Door):
 
     def _stream(self, request: Request) -> Any:
         assert self.monitor is not None
+        if request.method == b"HEAD":  # a stream has no headers-only form
+            raise PushieError(405, "method_not_allowed", "use GET on this path", headers={"Allow": "GET"})
         self.monitor.admit_stream()
         request.setHeader(b"content-type", b"text/event-stream; charset=utf-8")
         request.setHeader(b"cache-control", b"no-store")
