@@ -87,6 +87,23 @@ def _secret_text(value: Any) -> str | None:
     return value
 
 
+MIN_ADMIN_TOKEN_LENGTH = 16
+
+
+def _admin_token(value: Any) -> str | None:
+    token = _secret_text(value)
+    if token is not None and len(token) < MIN_ADMIN_TOKEN_LENGTH:
+        raise ValueError(f"must be at least {MIN_ADMIN_TOKEN_LENGTH} characters (e.g. openssl rand -hex 32)")
+    return token
+
+
+def _admin_chart_seconds(value: Any) -> int:
+    number = _positive_int(value)
+    if number > 3600:
+        raise ValueError("must be at most 3600 (an hour of samples)")
+    return number
+
+
 def _webhook_retry(value: Any) -> float:
     number = _seconds(value)
     if number >= 300:
@@ -539,6 +556,39 @@ SETTINGS = SETTINGS + (
     ),
 )
 
+SETTINGS = SETTINGS + (
+    Setting(
+        "admin_token",
+        _admin_token,
+        None,
+        "Secret (16+ characters) that opens the /admin dashboard and its API (Authorization: Bearer); "
+        "none: /admin answers 403 admin_disabled.",
+        cli=False,
+    ),
+    Setting(
+        "admin_max_streams",
+        _positive_int,
+        4,
+        "Live /admin/stream connections open at once (429 too_many_admin_streams past it).",
+        metavar="N",
+    ),
+    Setting(
+        "admin_top_channels",
+        _positive_int,
+        20,
+        "Channels the dashboard lists each second: the busiest by messages/s, then by subscribers.",
+        metavar="N",
+    ),
+    Setting(
+        "admin_chart_seconds",
+        _admin_chart_seconds,
+        300,
+        "Seconds of messages/s and deliveries/s samples (one a second) the daemon keeps for the dashboard's "
+        "chart (at most 3600).",
+        metavar="SECONDS",
+    ),
+)
+
 SETTINGS_BY_NAME = {s.name: s for s in SETTINGS}
 
 
@@ -588,6 +638,10 @@ class Settings:
     pusher_pong_timeout: float
     pusher_client_event_rate: float
     pusher_max_data_size: int
+    admin_token: str | None
+    admin_max_streams: int
+    admin_top_channels: int
+    admin_chart_seconds: int
 
     @classmethod
     def defaults(cls) -> Settings:

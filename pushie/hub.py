@@ -608,3 +608,12 @@ class Hub(Service):
     def channel_names(self) -> list[str]:
         """The channels that have local subscribers."""
         return list(self._channels)
+
+    def channel_positions(self) -> list[tuple[str, int, str | None, int]]:
+        """
+        Each channel with local subscribers as C{(name, subscribers, epoch,
+        last dispatched offset)}: what the admin dashboard samples once a
+        second to tell messages per second per channel (the difference of
+        offsets), at no cost on the dispatch path.
+        """
+        return [(name, len(c.subscribers), c.epoch, c.last_offset) for name, c in self._channels.items()]

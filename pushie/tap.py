@@ -28,6 +28,7 @@ from pushie import __version__
 from pushie.auth import GuardSettings, guard_from_settings
 from pushie.config import SETTINGS, ConfigError, Settings, load_settings, pusher_apps
 from pushie.doors._http import PushieSite
+from pushie.doors.admin import AdminMonitor, AdminSettings
 from pushie.doors.context import DoorContext
 from pushie.doors.pusher.apps import Apps
 from pushie.doors.pusher.door import PusherDoor, PusherDoorSettings, PusherFactory
@@ -248,6 +249,17 @@ def pusher_door_settings(settings: Settings) -> PusherDoorSettings:
     )
 
 
+def admin_settings(settings: Settings) -> AdminSettings:
+    return AdminSettings(
+        token=settings.admin_token,
+        max_streams=settings.admin_max_streams,
+        top_channels=settings.admin_top_channels,
+        chart_seconds=settings.admin_chart_seconds,
+        slow_consumer_buffer=settings.slow_consumer_buffer,
+        slow_consumer_grace=settings.slow_consumer_grace,
+    )
+
+
 def site_settings(settings: Settings) -> SiteSettings:
     return SiteSettings(
         max_body_size=settings.max_message_size,
@@ -315,6 +327,13 @@ class PushieService(MultiService):
                 context, apps, pusher_door_settings(settings), self.websocket_factory.origin_allowed
             )
             PusherDoor(self.pusher_factory).setServiceParent(self)
+        # The dashboard's sampler runs only when the dashboard is on.  Children
+        # stop in reverse order: it ends its streams after the ports stop listening.
+        admin = admin_settings(settings)
+        self.admin: AdminMonitor | None = None
+        if admin.token is not None:
+            self.admin = AdminMonitor(context, admin)
+            self.admin.setServiceParent(self)
         self.site: PushieSite = build_site(
             context,
             site_settings(settings),
@@ -323,6 +342,8 @@ class PushieService(MultiService):
             rate_limiter,
             limits,
             self.pusher_factory,
+            admin,
+            self.admin,
         )
         self.listeners = [ListeningService(d, self.site, reactor, settings.listen_backlog) for d in settings.listen]
         if settings.metrics_listen is not None:
@@ -358,6 +379,8 @@ class PushieService(MultiService):
         else:
             assert self.guard.publisher_keys is not None  # publishing_open otherwise
             log.info("Publishing needs one of {count} publisher keys", count=len(self.guard.publisher_keys.values()))
+        if self.admin is not None:
+            log.info("Admin dashboard at /admin (needs the admin token)")
         if self.settings.webhook_url:
             target = urlsplit(self.settings.webhook_url)
             log.info("Webhooks go to {url}", url=f"{target.scheme}://{target.hostname}{target.path}")

@@ -187,6 +187,8 @@ async def test_every_described_operation_answers_a_described_status(make_daemon)
     assert answers["GET /websocket"] == 426
     assert answers["POST /apps/{app_id}/events"] == 401
     assert answers["GET /healthz"] == answers["GET /openapi.json"] == 200
+    # The dashboard is off without an admin_token: every path says so (test_admin.py covers it on).
+    assert {answers[op] for op in answers if " /admin" in op} == {403}
 
 
 # -- schemathesis --------------------------------------------------------
@@ -197,6 +199,8 @@ SCHEMATHESIS_EXCLUDED = [
     # The WebSocket doors: handshakes, not an HTTP API (PROTOCOL.md §5, §13).
     "/websocket",
     "/app/{key}",
+    # The admin dashboard's live stream: endless as /events.
+    "/admin/stream",
 ]
 
 
@@ -251,7 +255,8 @@ async def test_schemathesis_finds_nothing(make_daemon):
     """
     need("schemathesis")
     need("openapi_spec_validator")
-    daemon = await start(make_daemon, publish_rate=0)
+    # The dashboard on, with the publisher key as its token: the one header opens both.
+    daemon = await start(make_daemon, publish_rate=0, admin_token=KEY)
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "junit.xml"
         result = await threads.deferToThread(run_schemathesis, daemon.url, report)

@@ -12,6 +12,7 @@ The resource tree, built in one readable place.
   /events      Server-Sent Events (L{pushie.doors.sse.EventsResource})
   /websocket   the WebSocket door (Autobahn's WebSocketResource)
   /metrics     Prometheus metrics, when they are served on the main port
+  /admin/      the operator's dashboard and its API (L{pushie.doors.admin}); 403 unless admin_token is set
   /app/<key>   the Pusher WebSocket door (L{pushie.doors.pusher.door})
   /apps/<id>/  the Pusher HTTP API (L{pushie.doors.pusher.http})
 
@@ -30,6 +31,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from pushie.doors._http import PushieSite
+from pushie.doors.admin import AdminMonitor, AdminResource, AdminSettings
 from pushie.doors.api import (
     ChannelsResource,
     ErrorResource,
@@ -130,11 +132,14 @@ def build_site(
     rate_limiter: RateLimiter,
     limits: ConnectionLimits,
     pusher_factory: PusherFactory | None = None,
+    admin: AdminSettings | None = None,
+    admin_monitor: AdminMonitor | None = None,
 ) -> PushieSite:
     """
     Assemble the resource tree for one daemon.  Every door gets the same
     C{context} (hub, guard, clock, metrics, throttle) from the wiring, and
-    its own settings.
+    its own settings.  C{/admin} is always there, and answers 403 unless
+    C{admin} has a token and C{admin_monitor} samples for it.
     """
     root = Root(StaticFile("index.html", b"text/html; charset=utf-8"))
     root.putChild(b"pushie.js", StaticFile("pushie.js", b"application/javascript; charset=utf-8"))
@@ -147,6 +152,7 @@ def build_site(
     root.putChild(b"channels", ChannelsResource(context))
     root.putChild(b"healthz", HealthResource(context))
     root.putChild(b"events", EventsResource(context, sse))
+    root.putChild(b"admin", AdminResource(context, admin or AdminSettings(token=None), admin_monitor))
     if settings.serve_metrics:
         root.putChild(b"metrics", GetOnly(MetricsResource(context.metrics)))
     if pusher_factory is not None:
