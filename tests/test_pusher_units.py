@@ -119,7 +119,13 @@ def test_apps_parse_and_spaces():
     [
         (["1:key"], "id:key:secret"),
         (["1:key:short"], "at least 16"),
-        (["1:k y:0123456789abcdef"], "may hold only"),
+        (["1:k!y:0123456789abcdef"], "may hold only"),
+        (["1:k y:0123456789abcdef"], "no spaces"),
+        (["1:a:0123456789abcdef enabled=maybe"], "enabled must be true or false"),
+        (["1:a:0123456789abcdef max_connections=-1"], "max_connections must be a whole number"),
+        (["1:a:0123456789abcdef client_event_rate=nan"], "client_event_rate must be a number"),
+        (["1:a:0123456789abcdef quota=3"], "unknown option 'quota=3'"),
+        (["1:a:0123456789abcdef enabled=true enabled=false"], "enabled is given twice"),
         (["1:a:0123456789abcdef", "1:b:0123456789abcdef"], "unique"),
         (["1:a:0123456789abcdef", "2:a:0123456789abcdef"], "unique"),
     ],
@@ -127,6 +133,15 @@ def test_apps_parse_and_spaces():
 def test_bad_apps_are_refused(entries, message):
     with pytest.raises(ValueError, match=message):
         parse_apps(entries, "pusher_apps")
+
+
+def test_app_options():
+    plain, tuned = parse_apps(
+        ["1:a:0123456789abcdef", "2:b:0123456789abcdef  enabled=false max_connections=3 client_event_rate=0.5"], "x"
+    )
+    assert (plain.enabled, plain.max_connections, plain.client_event_rate) == (True, 0, None)
+    assert (tuned.enabled, tuned.max_connections, tuned.client_event_rate) == (False, 3, 0.5)
+    assert not tuned.primary and plain.primary
 
 
 def test_apps_from_environment_file_and_toml(tmp_path):
