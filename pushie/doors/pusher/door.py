@@ -280,6 +280,8 @@ class PusherProtocol(DoorProtocol):
         params = parse_qs(urlsplit(self.http_request_uri).query, keep_blank_values=True)
         version = (params.get("protocol") or [str(PROTOCOL_VERSION)])[-1]
         self.app = factory.apps.by_key(key)
+        if version.isdigit() and len(version) <= 3 and int(version) in PROTOCOL_VERSIONS:
+            self.version = int(version)  # also for the refusals below: old clients read them their way
         # Pusher refuses after the handshake, with an error event and a close
         # code that tells pusher-js whether to try again.
         if self.app is None:
@@ -297,7 +299,6 @@ class PusherProtocol(DoorProtocol):
         elif factory.hub.draining:
             self._refusal = (CLOSE_RECONNECT, "Server shutting down; reconnect")
         else:
-            self.version = int(version)
             self._refusal = factory.app_refusal(self.app)
             if self._refusal is None:
                 try:
