@@ -18,11 +18,11 @@ from tests.helpers import Daemon, connect_ws, wait_for
 from tests.test_daemon import spawn, stop
 from tests.test_pusher import (
     APP_ID,
-    SDK,
     KEY,
     OTHER_ID,
     OTHER_KEY,
     OTHER_SECRET,
+    SDK,
     SECRET,
     api,
     connect,
