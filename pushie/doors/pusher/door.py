@@ -1,6 +1,7 @@
 # -*- test-case-name: tests.test_pusher -*-
 """
-The Pusher WebSocket door at C{/app/<key>}: Pusher Channels protocol 7.
+The Pusher WebSocket door at C{/app/<key>}: Pusher Channels protocol 7, and
+5 and 6 for older clients (L{PROTOCOL_VERSIONS} says what differs).
 
 A connection gets a C{socket_id} (also its client id in the Hub, so
 publications sent with that C{socket_id} skip it), subscribes with
@@ -13,8 +14,14 @@ token) are refused with C{pusher:subscription_error}: a Pusher client has no
 token, only signatures for private and presence channels.  Frames for a publication are built once and shared
 by every Pusher subscriber, like the native door's.
 
+The apps may change while connections are open (L{PusherFactory.take_apps}:
+the apps file is reloaded on change and on C{SIGHUP}); each app may be
+disabled, hold a quota of connections and a client event rate of its own.
+
 Close codes follow Pusher's classes: 4000-4099 the client must not reconnect
-(4001 unknown app key, 4009 user terminated), 4100-4199 reconnect with backoff
+(4001 unknown or removed app key, 4003 app disabled, 4004 app over its
+connection quota, 4006/4007 bad or unsupported protocol version, 4009 user
+terminated), 4100-4199 reconnect with backoff
 (4100 over capacity or slow consumer), 4200-4299 reconnect now (4200
 shutdown or lost messages, 4201 no pong).
 """
@@ -644,7 +651,7 @@ class PusherProtocol(DoorProtocol):
         if rate is None:
             rate = factory.settings.client_event_rate
         if not rate:
-            raise PusherError("Client events are disabled on this server")
+            raise PusherError("Client events are disabled for this app on this server")
         subscription = self.subscriptions.get(channel) if isinstance(channel, str) else None
         if subscription is None or not subscription.live:
             raise PusherError("Client events need a channel this connection has joined")
