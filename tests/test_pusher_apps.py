@@ -167,3 +167,25 @@ async def test_sighup_rereads_an_unchanged_looking_file(tmp_path):
     finally:
         assert await stop(proc) == 0
     assert b"Traceback" not in proc.output
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_new_secret_keeps_connections_and_signs_the_next_subscriptions(make_daemon, tmp_path):
+    path = tmp_path / "apps"
+    path.write_text(f"{A}\n")
+    daemon = await make_daemon(pusher_apps_file=str(path))
+    client = await connect(daemon)
+    await subscribe(client, "private-a", auth=SDK(daemon).authenticate("private-a", client.socket_id)["auth"])
+    new_secret = "a-brand-new-secret-0001"
+    path.write_text(f"{APP_ID}:{KEY}:{new_secret}\n")
+    daemon.service.reload()
+    # Still open and subscribed: an event reaches it.
+    await SDK(daemon, secret=new_secret)("trigger", "private-a", "e", "1")
+    assert (await expect(client, "e"))["data"] == 1
+    # The old secret signs nothing any more; the new one does.
+    old = SDK(daemon).authenticate("private-b", client.socket_id)["auth"]
+    client.send({"event": "pusher:subscribe", "data": {"channel": "private-b", "auth": old}})
+    assert "private-b" in (await expect(client, "pusher:error"))["data"]["message"]
+    await expect(client, "pusher:subscription_error")
+    new = SDK(daemon, secret=new_secret).authenticate("private-b", client.socket_id)["auth"]
+    await subscribe(client, "private-b", auth=new)

@@ -169,3 +169,22 @@ def test_apps_from_environment_file_and_toml(tmp_path):
         load_settings({"pusher_apps_file": str(tmp_path / "missing")})
     with pytest.raises(ConfigError, match="secret"):
         load_settings({"pusher_apps": f"3:{KEY}:{SECRET}"})  # secrets never on the command line
+
+
+def test_apps_file_keeps_the_last_good_apps(tmp_path):
+    from pushie.doors.pusher.apps import AppsFile
+
+    path = tmp_path / "apps"
+    path.write_text("1:a:0123456789abcdef nope\n")
+    with pytest.raises(ValueError, match="cannot use Pusher apps file .*unknown option 'nope'"):
+        AppsFile(str(path), [])
+    path.write_text("1:a:0123456789abcdef\n")
+    watched = AppsFile(str(path), ["2:b:0123456789abcdef"])
+    assert [(a.id, a.primary) for a in watched.apps] == [("1", True), ("2", False)]
+    assert not watched.refresh()  # unchanged: not read again
+    path.unlink()
+    assert not watched.refresh() and [a.id for a in watched.apps] == ["1", "2"]
+    path.write_text("3:c:0123456789abcdef enabled=false\n")
+    assert watched.refresh()
+    assert [(a.id, a.enabled) for a in watched.apps] == [("3", False), ("2", True)]
+    assert watched.refresh(force=True)  # SIGHUP: read again, changed or not

@@ -928,9 +928,16 @@ class PusherDoor(Service):
         self._sweep.clock = factory.clock
         self._sweep.start(interval, now=False)
         if factory.apps_file is not None:
-            self._watch = LoopingCall(factory.reload_apps)
+            self._watch = LoopingCall(self._look_at_apps_file)
             self._watch.clock = factory.clock
             self._watch.start(APPS_FILE_INTERVAL, now=False)
+
+    def _look_at_apps_file(self) -> None:
+        """One look a second; a failure is logged and the next look happens all the same."""
+        try:
+            self.factory.reload_apps()
+        except Exception:
+            self.factory.log.failure("Taking the reloaded Pusher apps failed")
 
     def stopService(self) -> None:
         super().stopService()
