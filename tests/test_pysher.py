@@ -16,7 +16,7 @@ import pysher
 import pytest_twisted
 from twisted.internet import threads
 
-from tests.helpers import Daemon, connect_ws, wait_for
+from tests.helpers import Daemon, connect_ws, sleep, wait_for
 from tests.test_pusher import APPS, KEY, SDK, SECRET, subscribe
 
 
@@ -60,7 +60,7 @@ async def test_pysher_subscribes_receives_and_stays_through_pings(make_daemon):
     # comes within 1 s: Pysher's pongs (data "") must count.
     daemon = await make_daemon(pusher_apps=APPS, pusher_activity_timeout=1.0, pusher_pong_timeout=1.0)
     seen = Recorder()
-    client = pysher_client(daemon, seen)
+    client = pysher_client(daemon, seen, user_data={"user_id": "u1", "user_info": {"name": "Ann"}})
     assert "protocol=6" in client.url  # what Pysher speaks
     client.connect()
     try:
@@ -72,6 +72,19 @@ async def test_pysher_subscribes_receives_and_stays_through_pings(make_daemon):
             channel.bind("breaking", seen.on(channel.name))
         await wait_for(lambda: daemon.hub.subscriber_count("news") == 1, timeout=10)
         await wait_for(lambda: daemon.hub.subscriber_count("private-news") == 1, timeout=10)
+        # Presence, signed by Pysher over its own JSON of user_data.
+        await threads.deferToThread(client.subscribe, "presence-room")
+        members: list = []
+
+        async def joined() -> bool:
+            members[:] = await daemon.hub.members("presence-room")
+            return bool(members)
+
+        for _ in range(100):
+            if await joined():
+                break
+            await sleep(0.1)
+        assert [(m.id, m.info) for m in members] == [("u1", {"name": "Ann"})]
 
         sdk = SDK(daemon)
         await sdk("trigger", ["news", "private-news"], "breaking", {"n": 1})
