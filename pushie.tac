@@ -11,4 +11,6 @@ from pushie.config import load_settings
 from pushie.tap import PushieService
 
 application = Application("pushie")
-PushieService(load_settings(environ=os.environ), reactor, exit_on_failure=True).setServiceParent(application)
+PushieService(
+    load_settings(environ=os.environ), reactor, exit_on_failure=True, reload_on_sighup=True
+).setServiceParent(application)

@@ -25,7 +25,6 @@ import base64
 import binascii
 import hmac
 import math
-import os
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -36,6 +35,7 @@ from twisted.logger import Logger
 
 from pushie.channels import is_guarded, is_presence, is_valid_channel
 from pushie.errors import PushieError
+from pushie.files import WatchedFile, read_secret_lines
 from pushie.wire import InvalidJSON, loads
 
 log = Logger()
@@ -48,12 +48,6 @@ CLOSE_TOKEN_EXPIRED = 4001
 """WebSocket close code for a connection whose token expired while it held guarded channels."""
 MAX_NUMERIC_DATE = 253402300799
 """9999-12-31T23:59:59Z: the largest time claim accepted (larger ones are not dates a token means)."""
-
-
-def read_secret_lines(path: str) -> list[str]:
-    """The non-empty, non-comment lines of a keys or secrets file."""
-    with open(path, encoding="utf-8") as f:
-        return [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
 
 
 def split_list(value: str | Sequence[str] | None) -> list[str]:
@@ -80,9 +74,10 @@ def check_subscriber_secrets(secrets: Sequence[str], source: str) -> None:
 class ReloadableList:
     """
     Values from a fixed list plus a file that may change while the daemon
-    runs.  The file is looked at (one C{stat}) at most once per second, when
-    the values are needed; a changed file is read again, and a file that has
-    become unreadable or invalid keeps the last good values and logs why.
+    runs (a L{WatchedFile}).  The file is looked at (one C{stat}) at most
+    once per second, when the values are needed, and at once on L{reload}
+    (C{SIGHUP}); a file that has become unreadable or invalid keeps the last
+    good values and logs why.
     """
 
     fixed: list[str]
@@ -90,45 +85,31 @@ class ReloadableList:
     clock: IReactorTime
     validate: Callable[[Sequence[str], str], None]
     what: str
-    _from_file: list[str] = attr.ib(factory=list, init=False)
-    _stamp: tuple[float, int] | None = attr.ib(default=None, init=False)
+    _file: WatchedFile[list[str]] | None = attr.ib(default=None, init=False)
     _checked_at: float = attr.ib(default=-1.0, init=False)
 
     def __attrs_post_init__(self) -> None:
         if self.path:
-            self._reload(initial=True)
+            self._file = WatchedFile(self.path, self._parse, self.what)
 
-    def _reload(self, initial: bool = False) -> None:
-        assert self.path is not None
-        try:
-            info = os.stat(self.path)
-            stamp = (info.st_mtime, info.st_size)
-            if stamp == self._stamp:
-                return
-            values = read_secret_lines(self.path)
-            self.validate(values, self.path)
-        except (OSError, ValueError) as e:
-            if initial:
-                raise ValueError(f"cannot use {self.what} file {self.path}: {e}") from None
-            log.error(
-                "Keeping the previous {what}: cannot reload {path}: {error}",
-                what=self.what,
-                path=self.path,
-                error=str(e),
-            )
-            return
-        if not initial:
-            log.info("Reloaded {count} {what} from {path}", count=len(values), what=self.what, path=self.path)
-        self._from_file = values
-        self._stamp = stamp
+    def _parse(self, lines: list[str], path: str) -> list[str]:
+        self.validate(lines, path)
+        return lines
+
+    def reload(self) -> None:
+        """Read the file again now, changed or not (C{SIGHUP})."""
+        if self._file is not None:
+            self._checked_at = self.clock.seconds()
+            self._file.refresh(force=True)
 
     def values(self) -> list[str]:
-        if self.path:
-            now = self.clock.seconds()
-            if now - self._checked_at >= 1.0:
-                self._checked_at = now
-                self._reload()
-        return self._from_file + self.fixed
+        if self._file is None:
+            return self.fixed
+        now = self.clock.seconds()
+        if now - self._checked_at >= 1.0:
+            self._checked_at = now
+            self._file.refresh()
+        return self._file.value + self.fixed
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -194,6 +175,12 @@ class Guard:
     audience: tuple[str, ...] = attr.ib(default=(), converter=_strings)
 
     # -- publishers ------------------------------------------------------
+
+    def reload(self) -> None:
+        """Read the publisher keys and subscriber secrets files again now (C{SIGHUP})."""
+        for values in (self.publisher_keys, self.subscriber_secrets):
+            if values is not None:
+                values.reload()
 
     @property
     def publishing_open(self) -> bool:

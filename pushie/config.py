@@ -516,14 +516,15 @@ SETTINGS = SETTINGS + (
         "pusher_apps_file",
         _path,
         None,
-        "File of Pusher apps, id:key:secret a line; the first shares the native channels. None: no Pusher door.",
+        "File of Pusher apps, a line each: id:key:secret, then options enabled= max_connections= client_event_rate=; "
+        "the first shares the native channels; re-read on change and SIGHUP. None: no Pusher door.",
         metavar="PATH",
     ),
     Setting(
         "pusher_apps",
         _pusher_apps,
         [],
-        "Pusher apps, id:key:secret comma-separated (environment or TOML only).",
+        "Pusher apps, id:key:secret (and options, as in the file) comma-separated (environment or TOML only).",
         cli=False,
     ),
     Setting(
@@ -544,7 +545,8 @@ SETTINGS = SETTINGS + (
         "pusher_client_event_rate",
         _rate,
         10.0,
-        "Client events a Pusher connection may send per second (error 4301 past it; 0: client events off).",
+        "Client events a Pusher connection may send per second (error 4301 past it; 0: client events off); "
+        "an app's client_event_rate overrides it.",
         metavar="N",
     ),
     Setting(

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import sys
+import threading
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
@@ -30,7 +32,7 @@ from pushie.config import SETTINGS, ConfigError, Settings, load_settings, pusher
 from pushie.doors._http import PushieSite
 from pushie.doors.admin import AdminMonitor, AdminSettings
 from pushie.doors.context import DoorContext
-from pushie.doors.pusher.apps import Apps
+from pushie.doors.pusher.apps import Apps, AppsFile
 from pushie.doors.pusher.door import PusherDoor, PusherDoorSettings, PusherFactory
 from pushie.doors.sse import SSESettings
 from pushie.doors.tree import SiteSettings, build_metrics_site, build_site
@@ -276,15 +278,22 @@ class PushieService(MultiService):
     drains the Hub.
     """
 
-    def __init__(self, settings: Settings, reactor: Any, exit_on_failure: bool = False) -> None:
+    def __init__(
+        self, settings: Settings, reactor: Any, exit_on_failure: bool = False, reload_on_sighup: bool = False
+    ) -> None:
         """
         @param exit_on_failure: end the process (status 1, one log line) when
             an endpoint cannot listen, as twistd's entries want; in-process
             users (tests) get the failed Deferred of L{startService} instead.
+        @param reload_on_sighup: call L{reload} on C{SIGHUP} while running
+            (the process's entries: C{twistd pushie}, C{pushie.tac}).
         """
         super().__init__()
         self.settings = settings
         self.exit_on_failure = exit_on_failure
+        self.reload_on_sighup = reload_on_sighup
+        self._reactor = reactor
+        self._previous_sighup: Any = None
         self.engine = engine_from_settings(engine_settings(settings), reactor)
         # Every part gets its clock (the reactor), metrics and limits from here.
         metrics = Metrics()
@@ -321,10 +330,19 @@ class PushieService(MultiService):
         self.websocket_factory = PushieServerFactory(context, websocket_door_settings(settings))
         rate_limiter = RateLimiter(settings.publish_rate, reactor)
         self.pusher_factory: PusherFactory | None = None
-        apps = Apps(pusher_apps(settings))
-        if apps:
+        apps_file = None
+        if settings.pusher_apps_file:
+            # Checked by load_settings already; read again here, and watched from now on.
+            try:
+                apps_file = AppsFile(settings.pusher_apps_file, settings.pusher_apps)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+            apps = Apps(apps_file.apps)
+        else:
+            apps = Apps(pusher_apps(settings))
+        if apps or apps_file is not None:
             self.pusher_factory = PusherFactory(
-                context, apps, pusher_door_settings(settings), self.websocket_factory.origin_allowed
+                context, apps, pusher_door_settings(settings), self.websocket_factory.origin_allowed, apps_file
             )
             PusherDoor(self.pusher_factory).setServiceParent(self)
         # The dashboard's sampler runs only when the dashboard is on.  Children
@@ -396,8 +414,8 @@ class PushieService(MultiService):
                 "Pusher door: {count} apps ({ids}) at /app/<key> and /apps/<id>/; "
                 "app {first} shares the native channels",
                 count=len(apps),
-                ids=", ".join(app.id for app in apps),
-                first=apps[0].id,
+                ids=", ".join(app.id for app in apps) or f"none yet: add them to {self.settings.pusher_apps_file}",
+                first=apps[0].id if apps else "(the first listed)",
             )
             named = [app.id for app in apps if not app.id.isdigit()]
             if named:
@@ -409,6 +427,11 @@ class PushieService(MultiService):
                     "numeric app ids (as Pusher issues them); use digits, e.g. 123456",
                     ids=", ".join(named),
                 )
+        if self.reload_on_sighup and threading.current_thread() is threading.main_thread():
+            # The handler only queues the reload: the reactor runs it between two events.
+            self._previous_sighup = signal.signal(
+                signal.SIGHUP, lambda signum, frame: self._reactor.callFromThread(self.reload)
+            )
         # MultiService.startService ignores its children's Deferreds; gather
         # them so that callers (and tests) learn when every port listens.
         Service.startService(self)
@@ -438,6 +461,23 @@ class PushieService(MultiService):
             gathered.addErrback(lambda _: self._exit_now())
         return succeed(None)
 
+    def reload(self) -> None:
+        """
+        Read every watched file again now (C{SIGHUP}): the publisher keys,
+        the subscriber secrets and the Pusher apps.  A file that has turned
+        bad keeps what it held and says why in the log.
+        """
+        log.info("Reloading the keys, secrets and apps files")
+        self.guard.reload()
+        if self.pusher_factory is not None:
+            self.pusher_factory.reload_apps(force=True)
+
+    def stopService(self) -> Deferred[Any]:  # type: ignore[override]
+        if self._previous_sighup is not None:
+            signal.signal(signal.SIGHUP, self._previous_sighup)
+            self._previous_sighup = None
+        return super().stopService()  # type: ignore[no-any-return]
+
     def _exit_now(self) -> None:
         """An endpoint failed after start-up began: end the process with status 1."""
         sys.stdout.flush()
@@ -455,4 +495,4 @@ def makeService(options: Mapping[str, Any], reactor: Any = None) -> PushieServic
 
         reactor = default_reactor
     settings = options["settings"]
-    return PushieService(settings, reactor, exit_on_failure=True)
+    return PushieService(settings, reactor, exit_on_failure=True, reload_on_sighup=True)

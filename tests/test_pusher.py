@@ -130,10 +130,15 @@ async def test_connection_established_ping_and_unknown_key(make_daemon):
     assert error["data"]["code"] == 4001
     assert (await stranger.closed)[0] == 4001
 
-    old = await connect_ws(daemon.port, f"/app/{KEY}?protocol=6")
-    daemon.clients.append(old)
-    assert (await expect(old, "pusher:error"))["data"]["code"] == 4007
-    assert (await old.closed)[0] == 4007
+    # Protocols 5 to 7 are spoken (test_pysher.py); others are refused with a
+    # message naming the ones that are, 4006 when the version is no number.
+    for version, code in (("4", 4007), ("8", 4007), ("7.1", 4006)):
+        old = await connect_ws(daemon.port, f"/app/{KEY}?protocol={version}")
+        daemon.clients.append(old)
+        error = await expect(old, "pusher:error")
+        assert error["data"]["code"] == code
+        assert "7" in error["data"]["message"]
+        assert (await old.closed)[0] == code
 
 
 @pytest_twisted.ensureDeferred

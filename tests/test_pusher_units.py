@@ -119,7 +119,13 @@ def test_apps_parse_and_spaces():
     [
         (["1:key"], "id:key:secret"),
         (["1:key:short"], "at least 16"),
-        (["1:k y:0123456789abcdef"], "may hold only"),
+        (["1:k!y:0123456789abcdef"], "may hold only"),
+        (["1:k y:0123456789abcdef"], "no spaces"),
+        (["1:a:0123456789abcdef enabled=maybe"], "enabled must be true or false"),
+        (["1:a:0123456789abcdef max_connections=-1"], "max_connections must be a whole number"),
+        (["1:a:0123456789abcdef client_event_rate=nan"], "client_event_rate must be a number"),
+        (["1:a:0123456789abcdef quota=3"], "unknown option 'quota=3'"),
+        (["1:a:0123456789abcdef enabled=true enabled=false"], "enabled is given twice"),
         (["1:a:0123456789abcdef", "1:b:0123456789abcdef"], "unique"),
         (["1:a:0123456789abcdef", "2:a:0123456789abcdef"], "unique"),
     ],
@@ -127,6 +133,15 @@ def test_apps_parse_and_spaces():
 def test_bad_apps_are_refused(entries, message):
     with pytest.raises(ValueError, match=message):
         parse_apps(entries, "pusher_apps")
+
+
+def test_app_options():
+    plain, tuned = parse_apps(
+        ["1:a:0123456789abcdef", "2:b:0123456789abcdef  enabled=false max_connections=3 client_event_rate=0.5"], "x"
+    )
+    assert (plain.enabled, plain.max_connections, plain.client_event_rate) == (True, 0, None)
+    assert (tuned.enabled, tuned.max_connections, tuned.client_event_rate) == (False, 3, 0.5)
+    assert not tuned.primary and plain.primary
 
 
 def test_apps_from_environment_file_and_toml(tmp_path):
@@ -154,3 +169,22 @@ def test_apps_from_environment_file_and_toml(tmp_path):
         load_settings({"pusher_apps_file": str(tmp_path / "missing")})
     with pytest.raises(ConfigError, match="secret"):
         load_settings({"pusher_apps": f"3:{KEY}:{SECRET}"})  # secrets never on the command line
+
+
+def test_apps_file_keeps_the_last_good_apps(tmp_path):
+    from pushie.doors.pusher.apps import AppsFile
+
+    path = tmp_path / "apps"
+    path.write_text("1:a:0123456789abcdef nope\n")
+    with pytest.raises(ValueError, match="cannot use Pusher apps file .*unknown option 'nope'"):
+        AppsFile(str(path), [])
+    path.write_text("1:a:0123456789abcdef\n")
+    watched = AppsFile(str(path), ["2:b:0123456789abcdef"])
+    assert [(a.id, a.primary) for a in watched.apps] == [("1", True), ("2", False)]
+    assert not watched.refresh()  # unchanged: not read again
+    path.unlink()
+    assert not watched.refresh() and [a.id for a in watched.apps] == ["1", "2"]
+    path.write_text("3:c:0123456789abcdef enabled=false\n")
+    assert watched.refresh()
+    assert [(a.id, a.enabled) for a in watched.apps] == [("3", False), ("2", True)]
+    assert watched.refresh(force=True)  # SIGHUP: read again, changed or not

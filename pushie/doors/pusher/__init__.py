@@ -1,10 +1,11 @@
 """
-The Pusher door: Pusher Channels protocol 7 on the same Hub as Pushie's own
+The Pusher door: Pusher Channels protocol 7 (and 5 and 6) on the same Hub as Pushie's own
 doors, so that pusher-js, Laravel Echo and the Pusher server SDKs work
 unchanged.
 
-  - L{pushie.doors.pusher.apps}: apps (id, key, secret), their channel spaces, and
-    every signature Pusher defines (channel auth, sign-in, HTTP API).
+  - L{pushie.doors.pusher.apps}: apps (id, key, secret, options), the apps
+    file, their channel spaces, and every signature Pusher defines (channel
+    auth, sign-in, HTTP API).
   - L{pushie.doors.pusher.door}: the WebSocket door at C{/app/<key>}.
   - L{pushie.doors.pusher.http}: the HTTP API under C{/apps/<app_id>/}.
 

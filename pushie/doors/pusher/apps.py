@@ -2,7 +2,9 @@
 """
 Pusher apps and signatures.
 
-An app is C{id:key:secret}.  Its channels live in the Hub under their own
+An app is C{id:key:secret}, with options after it on the same line:
+C{enabled=false}, C{max_connections=N}, C{client_event_rate=N}
+(L{parse_apps}).  Its channels live in the Hub under their own
 names for the first app (shared with the native doors) and under
 C{<id>|<name>} for the others, so two apps never see each other's messages.
 
@@ -21,10 +23,12 @@ import hashlib
 import hmac
 import re
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import attr
 
 from pushie.channels import APP_SEPARATOR
+from pushie.files import WatchedFile
 
 MAX_CHANNEL_LENGTH = 164
 _CHANNEL_RE = re.compile(r"[A-Za-z0-9_\-=@,.;]{1,%d}\Z" % MAX_CHANNEL_LENGTH)  # noqa: UP031
@@ -41,6 +45,11 @@ class App:
     key: str
     secret: str = attr.ib(repr=False)
     primary: bool = False
+    enabled: bool = True
+    max_connections: int = 0
+    """Open Pusher connections of this app on this daemon; 0: no limit of its own."""
+    client_event_rate: float | None = None
+    """Client events per second per connection; None: the daemon's C{pusher_client_event_rate}."""
 
     def hub_name(self, channel: str) -> str:
         """The Hub's name for this app's C{channel}."""
@@ -82,17 +91,58 @@ class App:
         return key_ok and signature_ok
 
 
+_TRUE = frozenset({"true", "yes", "on", "1"})
+_FALSE = frozenset({"false", "no", "off", "0"})
+APP_OPTIONS = ("enabled", "max_connections", "client_event_rate")
+
+
+def _app_options(options: list[str], where: str) -> dict[str, Any]:
+    """The C{name=value} options after an app's C{id:key:secret}."""
+    values: dict[str, Any] = {}
+    for option in options:
+        name, equals, value = option.partition("=")
+        if not equals or name not in APP_OPTIONS:
+            raise ValueError(
+                f"{where}: unknown option {option[:40]!r}: an app is id:key:secret followed by any of "
+                "enabled=true|false max_connections=N client_event_rate=N"
+            )
+        if name in values:
+            raise ValueError(f"{where}: {name} is given twice")
+        if name == "enabled":
+            if value.lower() not in _TRUE | _FALSE:
+                raise ValueError(f"{where}: enabled must be true or false, not {value[:20]!r}")
+            values[name] = value.lower() in _TRUE
+        elif name == "max_connections":
+            if not value.isdigit() or len(value) > 9:
+                raise ValueError(f"{where}: max_connections must be a whole number (0: no limit of its own)")
+            values[name] = int(value)
+        else:
+            try:
+                rate = float(value)
+            except ValueError:
+                rate = -1.0
+            if not 0 <= rate < 1e6:  # also refuses nan and inf
+                raise ValueError(f"{where}: client_event_rate must be a number of events per second (0: none)")
+            values[name] = rate
+    return values
+
+
 def parse_apps(items: Iterable[str], where: str) -> list[App]:
     """
-    Read C{id:key:secret} entries; the first becomes the primary app.
+    Read C{id:key:secret [option=value ...]} entries; the first becomes the
+    primary app.
 
     @raise ValueError: naming the entry and the rule it breaks.
     """
     apps: list[App] = []
     for number, item in enumerate(items, 1):
-        parts = item.strip().split(":")
+        tokens = item.split()
+        parts = tokens[0].split(":") if tokens else []
         if len(parts) != 3 or not all(parts):
-            raise ValueError(f"{where}: entry {number} must be id:key:secret")
+            raise ValueError(
+                f"{where}: entry {number} must be id:key:secret (no spaces), then options if any, "
+                "e.g. 1234:app-key:app-secret enabled=true max_connections=1000 client_event_rate=10"
+            )
         app_id, key, secret = parts
         for name, value in (("id", app_id), ("key", key)):
             if not _APP_FIELD_RE.match(value):
@@ -101,14 +151,41 @@ def parse_apps(items: Iterable[str], where: str) -> list[App]:
             raise ValueError(f"{where}: entry {number}: the secret must be at least 16 characters")
         if any(a.id == app_id for a in apps) or any(a.key == key for a in apps):
             raise ValueError(f"{where}: entry {number}: app ids and keys must be unique")
-        apps.append(App(app_id, key, secret, primary=not apps))
+        options = _app_options(tokens[1:], f"{where}: entry {number} (app {app_id})")
+        apps.append(App(app_id, key, secret, primary=not apps, **options))
     return apps
+
+
+class AppsFile:
+    """
+    The apps of C{pusher_apps_file} (a L{WatchedFile}) followed by the fixed
+    C{pusher_apps}: the first of them all is the primary app.
+    """
+
+    def __init__(self, path: str, fixed: Sequence[str]) -> None:
+        self.fixed = list(fixed)
+        self.file = WatchedFile(path, self._parse, "Pusher apps")
+
+    def _parse(self, lines: list[str], path: str) -> list[App]:
+        return parse_apps(lines + self.fixed, path)
+
+    @property
+    def apps(self) -> list[App]:
+        return self.file.value
+
+    def refresh(self, force: bool = False) -> bool:
+        """Whether the file changed into a valid new list of apps (see L{WatchedFile.refresh})."""
+        return self.file.refresh(force)
 
 
 class Apps:
     """The configured apps, found by key (WebSocket) or by id (HTTP API)."""
 
     def __init__(self, apps: Sequence[App]) -> None:
+        self.replace(apps)
+
+    def replace(self, apps: Sequence[App]) -> None:
+        """Take a new list of apps (a reload): every holder of this object sees them."""
         self.all = list(apps)
         self._by_key = {a.key: a for a in apps}
         self._by_id = {a.id: a for a in apps}

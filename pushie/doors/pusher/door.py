@@ -1,6 +1,7 @@
 # -*- test-case-name: tests.test_pusher -*-
 """
-The Pusher WebSocket door at C{/app/<key>}: Pusher Channels protocol 7.
+The Pusher WebSocket door at C{/app/<key>}: Pusher Channels protocol 7, and
+5 and 6 for older clients (L{PROTOCOL_VERSIONS} says what differs).
 
 A connection gets a C{socket_id} (also its client id in the Hub, so
 publications sent with that C{socket_id} skip it), subscribes with
@@ -13,8 +14,14 @@ token) are refused with C{pusher:subscription_error}: a Pusher client has no
 token, only signatures for private and presence channels.  Frames for a publication are built once and shared
 by every Pusher subscriber, like the native door's.
 
+The apps may change while connections are open (L{PusherFactory.take_apps}:
+the apps file is reloaded on change and on C{SIGHUP}); each app may be
+disabled, hold a quota of connections and a client event rate of its own.
+
 Close codes follow Pusher's classes: 4000-4099 the client must not reconnect
-(4001 unknown app key, 4009 user terminated), 4100-4199 reconnect with backoff
+(4001 unknown or removed app key, 4003 app disabled, 4004 app over its
+connection quota, 4006/4007 bad or unsupported protocol version, 4009 user
+terminated), 4100-4199 reconnect with backoff
 (4100 over capacity or slow consumer), 4200-4299 reconnect now (4200
 shutdown or lost messages, 4201 no pong).
 """
@@ -43,6 +50,7 @@ from pushie.doors.pusher.apps import (
     USER_CHANNEL_PREFIX,
     App,
     Apps,
+    AppsFile,
     channel_auth_string,
     is_cache,
     is_encrypted,
@@ -59,6 +67,9 @@ from pushie.records import NO_META, Burst, Member, PresenceEvent, Publication, P
 from pushie.wire import InvalidJSON, dumps, json_string, loads, text_frame
 
 CLOSE_UNKNOWN_APP = 4001
+CLOSE_APP_DISABLED = 4003
+CLOSE_OVER_QUOTA = 4004
+CLOSE_INVALID_VERSION = 4006
 CLOSE_UNSUPPORTED_PROTOCOL = 4007
 CLOSE_TERMINATED = 4009
 CLOSE_OVER_CAPACITY = 4100
@@ -67,6 +78,24 @@ CLOSE_NO_PONG = 4201
 ERROR_CLIENT_EVENT_RATE = 4301
 
 PROTOCOL_VERSION = 7
+PROTOCOL_VERSIONS = (5, 6, 7)
+"""
+The protocol versions served.  What differs, and what the door does:
+
+  - 5 brought C{pusher:ping}/C{pusher:pong} and
+    C{pusher_internal:subscription_succeeded} on public channels (the door
+    always sends both); clients of 5 and 6 (the Java/Android SDK, Pysher) read
+    the code of a refusal from C{pusher:error}, whose C{data} they expect as a
+    JSON object: they get one (protocol 7 keeps the JSON string pusher-js
+    has always been sent, and which it reads either way).
+  - 6: close codes are sent once, in the close frame, and C{pusher:error}
+    only where the transport has no close codes: the door sends both to every
+    version (each client reads the one it knows).
+  - 7: C{connection_established} carries C{activity_timeout}; sent to every
+    version (older clients ignore the extra field).
+"""
+APPS_FILE_INTERVAL = 1.0
+"""Seconds between two looks at the apps file (as for the publisher keys file)."""
 TERMINATE_EVENT = "pusher_internal:terminate"
 """Published on C{#server-to-user-<id>} by C{terminate_connections}; never sent to a client."""
 
@@ -223,7 +252,7 @@ class PusherProtocol(DoorProtocol):
     deny_reasons = frozenset({"origin not allowed"})
     __slots__ = (
         "client_id", "app", "_refusal", "subscriptions", "user_id", "_user_channel", "_opened",
-        "last_seen", "pinged_at", "_event_window", "_event_count", "_outbox",
+        "last_seen", "pinged_at", "_event_window", "_event_count", "_outbox", "version", "_counted",
     )  # fmt: skip
 
     def __init__(self) -> None:
@@ -240,6 +269,8 @@ class PusherProtocol(DoorProtocol):
         self._event_window = 0.0
         self._event_count = 0
         self._outbox: list[PublishRequest] | None = None
+        self.version = PROTOCOL_VERSION
+        self._counted: str | None = None  # the app id this connection counts against
 
     @property
     def socket_id(self) -> str:
@@ -256,19 +287,31 @@ class PusherProtocol(DoorProtocol):
         params = parse_qs(urlsplit(self.http_request_uri).query, keep_blank_values=True)
         version = (params.get("protocol") or [str(PROTOCOL_VERSION)])[-1]
         self.app = factory.apps.by_key(key)
+        if version.isdigit() and len(version) <= 3 and int(version) in PROTOCOL_VERSIONS:
+            self.version = int(version)  # also for the refusals below: old clients read them their way
         # Pusher refuses after the handshake, with an error event and a close
         # code that tells pusher-js whether to try again.
         if self.app is None:
             self._refusal = (CLOSE_UNKNOWN_APP, f"App key {key[:64]} does not exist on this server")
-        elif version != str(PROTOCOL_VERSION):
-            self._refusal = (CLOSE_UNSUPPORTED_PROTOCOL, f"Unsupported protocol version; use {PROTOCOL_VERSION}")
+        elif not (version.isdigit() and len(version) <= 3):
+            self._refusal = (
+                CLOSE_INVALID_VERSION,
+                f"Invalid protocol version {version[:16]!r}: give protocol=7 (5 and 6 are accepted too)",
+            )
+        elif int(version) not in PROTOCOL_VERSIONS:
+            self._refusal = (
+                CLOSE_UNSUPPORTED_PROTOCOL,
+                f"Unsupported protocol version {int(version)}: this server speaks 5, 6 and 7; use 7",
+            )
         elif factory.hub.draining:
             self._refusal = (CLOSE_RECONNECT, "Server shutting down; reconnect")
         else:
-            try:
-                factory.hub.admit(self.peer_address())
-            except PushieError as e:
-                self._refusal = (CLOSE_OVER_CAPACITY, f"Over capacity ({e.code}); reconnect later")
+            self._refusal = factory.app_refusal(self.app)
+            if self._refusal is None:
+                try:
+                    factory.hub.admit(self.peer_address())
+                except PushieError as e:
+                    self._refusal = (CLOSE_OVER_CAPACITY, f"Over capacity ({e.code}); reconnect later")
         if self._refusal is not None:
             factory.metrics.reject(f"pusher_close_{self._refusal[0]}")
             factory.throttle.warn(
@@ -279,15 +322,23 @@ class PusherProtocol(DoorProtocol):
             )
 
     def onOpen(self) -> None:
+        if self._refusal is None and self.app is not None:
+            # The apps may have been reloaded since the handshake began.
+            self.app = self.factory.apps.by_key(self.app.key)
+            if self.app is None:
+                self._refusal = (CLOSE_UNKNOWN_APP, "This app key no longer exists on this server")
+            else:
+                self._refusal = self.factory.app_refusal(self.app)
         if self._refusal is not None:
-            code, message = self._refusal
-            self.send_event("pusher:error", {"code": code, "message": message})
-            self.close_with(code, message)
+            self.refuse(*self._refusal)
             return
         self._opened = True
         factory = self.factory
         factory.hub.connection_opened(self, self.peer_address())
         factory.connections[self] = None
+        assert self.app is not None
+        self._counted = self.app.id
+        factory.app_connections[self._counted] = factory.app_connections.get(self._counted, 0) + 1
         self.watch_writes(factory.clock, factory.settings.slow_consumer_buffer, factory.settings.slow_consumer_grace)
         self.last_seen = factory.clock.seconds()
         self.send_event(
@@ -301,7 +352,11 @@ class PusherProtocol(DoorProtocol):
     def send_event(self, event: str, data: Any, channel: str | None = None) -> None:
         """Send a Pusher event of any size (a member list too); see L{DoorProtocol.send_text}."""
         if self.state == OPEN:
-            self.send_text(event_frame(event, data, channel))
+            if self.version < 7 and event in _OBJECT_DATA_EVENTS:
+                # Clients of protocols 5 and 6 index the error's data as an object.
+                self.send_text(dumps({"event": event, **({"channel": channel} if channel else {}), "data": data}))
+            else:
+                self.send_text(event_frame(event, data, channel))
 
     def deliver(self, publication: Publication) -> None:
         """Send one publication (hot path), unless this socket is the one to leave out."""
@@ -355,6 +410,11 @@ class PusherProtocol(DoorProtocol):
         """
         self.close_with(CLOSE_RECONNECT, "messages were lost on this server; reconnect")
 
+    def refuse(self, code: int, message: str) -> None:
+        """Close with a Pusher code, told first in a C{pusher:error} (clients of every version read one of them)."""
+        self.send_event("pusher:error", {"code": code, "message": message})
+        self.close_with(code, message)
+
     def terminate(self) -> None:
         """C{terminate_connections} for this connection's user: tell it and close for good."""
         self.send_event("pusher:error", {"code": CLOSE_TERMINATED, "message": "Connection terminated by the app"})
@@ -398,6 +458,10 @@ class PusherProtocol(DoorProtocol):
             raise PusherError('A message must be a JSON object with an "event" string')
         event = frame["event"]
         data = frame.get("data")
+        if event in ("pusher:ping", "pusher:pong"):
+            # Whatever their data: Pysher sends "", the Java SDK none, pusher-js {}.
+            self._handlers[event](self, None)
+            return
         if isinstance(data, str) and event.startswith("pusher:"):
             # Some clients send the data of pusher:* events as a JSON string.
             try:
@@ -583,8 +647,11 @@ class PusherProtocol(DoorProtocol):
         assert self.app is not None
         factory = self.factory
         event, channel = frame["event"], frame.get("channel")
-        if not factory.settings.client_event_rate:
-            raise PusherError("Client events are disabled on this server")
+        rate = self.app.client_event_rate
+        if rate is None:
+            rate = factory.settings.client_event_rate
+        if not rate:
+            raise PusherError("Client events are disabled for this app on this server")
         subscription = self.subscriptions.get(channel) if isinstance(channel, str) else None
         if subscription is None or not subscription.live:
             raise PusherError("Client events need a channel this connection has joined")
@@ -598,10 +665,10 @@ class PusherProtocol(DoorProtocol):
             self._event_window = now
             self._event_count = 0
         self._event_count += 1
-        if self._event_count > factory.settings.client_event_rate:
+        if self._event_count > rate:
             factory.metrics.reject("pusher_client_event_rate")
             raise PusherError(
-                f"Client event rejected - only {factory.settings.client_event_rate:g} accepted per second",
+                f"Client event rejected - only {rate:g} accepted per second",
                 code=ERROR_CLIENT_EVENT_RATE,
             )
         data = dumps(frame.get("data"))
@@ -669,9 +736,19 @@ class PusherProtocol(DoorProtocol):
         if self._user_channel is not None:
             hub.unsubscribe(self._user_channel.name, self._user_channel)
             self._user_channel = None
+        if self._counted is not None:
+            left = factory.app_connections.get(self._counted, 1) - 1
+            if left > 0:
+                factory.app_connections[self._counted] = left
+            else:
+                factory.app_connections.pop(self._counted, None)
+            self._counted = None
         if self._opened:
             self._opened = False
             hub.connection_closed(self)
+
+
+_OBJECT_DATA_EVENTS = frozenset({"pusher:error", "pusher:subscription_error"})
 
 
 def _member(channel_data: str, channel: str) -> Member:
@@ -738,10 +815,18 @@ class PusherFactory(WebSocketServerFactory, Door):
         apps: Apps,
         settings: PusherDoorSettings,
         origin_allowed: Callable[[str | None], bool],
+        apps_file: AppsFile | None = None,
     ) -> None:
+        """
+        @param apps_file: where C{apps} come from, re-read by L{reload_apps}
+            (C{pusher_apps_file}); None: the apps never change.
+        """
         super().__init__()
         self.take(context)
         self.apps = apps
+        self.apps_file = apps_file
+        self.app_connections: dict[str, int] = {}
+        """Open connections per app id, for C{max_connections}."""
         self.settings = settings
         self.origin_allowed = origin_allowed
         self.connections: dict[PusherProtocol, None] = {}
@@ -758,6 +843,64 @@ class PusherFactory(WebSocketServerFactory, Door):
         """The frames of this turn's publications, shared by every Pusher subscriber."""
         return FrameCache(self.clock)
 
+    def app_refusal(self, app: App) -> tuple[int, str] | None:
+        """Why a new connection to C{app} is refused now (disabled, over its quota), if it is."""
+        if not app.enabled:
+            return (CLOSE_APP_DISABLED, f"App {app.id} is disabled on this server")
+        if app.max_connections and self.app_connections.get(app.id, 0) >= app.max_connections:
+            return (
+                CLOSE_OVER_QUOTA,
+                f"App {app.id} is over its connection quota ({app.max_connections} on this server)",
+            )
+        return None
+
+    def reload_apps(self, force: bool = False) -> bool:
+        """
+        Look at the apps file (at once with C{force}, as on C{SIGHUP}) and,
+        when it holds a new valid list, take it (L{take_apps}).  A bad file
+        keeps the apps as they are (L{pushie.files.WatchedFile} logs why).
+
+        @return: whether new apps were taken.
+        """
+        if self.apps_file is None or not self.apps_file.refresh(force):
+            return False
+        self.take_apps(self.apps_file.apps)
+        return True
+
+    def take_apps(self, apps: list[App]) -> None:
+        """
+        Serve C{apps} from now on (the HTTP API shares the same L{Apps}).
+        Open connections follow their app: those of a removed app (or one
+        whose key changed) are closed with 4001, of a disabled one with 4003,
+        of one whose channels moved (it became or stopped being the first
+        app) with 4200 so that they subscribe again at once; the others see
+        the app's new settings (a new secret, rate or quota) from now on.
+        Connections over a lowered quota stay; new ones wait below it.
+        """
+        self.apps.replace(apps)
+        closed: dict[int, int] = {}
+        for protocol in list(self.connections):
+            old = protocol.app
+            if old is None:
+                continue
+            new = self.apps.by_id(old.id)
+            if new is None or new.key != old.key:
+                refusal = (CLOSE_UNKNOWN_APP, f"App {old.id} was removed from this server")
+            elif not new.enabled:
+                refusal = (CLOSE_APP_DISABLED, f"App {old.id} is disabled on this server")
+            elif new.primary != old.primary:
+                refusal = (CLOSE_RECONNECT, "The app's channels moved on this server; reconnect")
+            else:
+                protocol.app = new
+                continue
+            closed[refusal[0]] = closed.get(refusal[0], 0) + 1
+            protocol.refuse(*refusal)
+        self.log.info(
+            "Pusher apps now: {ids}; connections closed: {closed}",
+            ids=", ".join(f"{a.id}{'' if a.enabled else ' (disabled)'}" for a in apps) or "none",
+            closed=", ".join(f"{n} with {code}" for code, n in sorted(closed.items())) or "none",
+        )
+
     def check_activity(self) -> None:
         now = self.clock.seconds()
         for protocol in list(self.connections):
@@ -765,13 +908,17 @@ class PusherFactory(WebSocketServerFactory, Door):
 
 
 class PusherDoor(Service):
-    """Runs the activity sweep of every Pusher connection while the daemon runs."""
+    """
+    Runs the activity sweep of every Pusher connection while the daemon
+    runs, and looks at the apps file (one C{stat}) every second.
+    """
 
     name = "pusher"  # type: ignore[assignment]  # Twisted's Service says `name = None`, documented as str
 
     def __init__(self, factory: PusherFactory) -> None:
         self.factory = factory
         self._sweep: LoopingCall | None = None
+        self._watch: LoopingCall | None = None
 
     def startService(self) -> None:
         super().startService()
@@ -780,9 +927,21 @@ class PusherDoor(Service):
         self._sweep = LoopingCall(factory.check_activity)
         self._sweep.clock = factory.clock
         self._sweep.start(interval, now=False)
+        if factory.apps_file is not None:
+            self._watch = LoopingCall(self._look_at_apps_file)
+            self._watch.clock = factory.clock
+            self._watch.start(APPS_FILE_INTERVAL, now=False)
+
+    def _look_at_apps_file(self) -> None:
+        """One look a second; a failure is logged and the next look happens all the same."""
+        try:
+            self.factory.reload_apps()
+        except Exception:
+            self.factory.log.failure("Taking the reloaded Pusher apps failed")
 
     def stopService(self) -> None:
         super().stopService()
-        if self._sweep is not None and self._sweep.running:
-            self._sweep.stop()
-        self._sweep = None
+        for call in (self._sweep, self._watch):
+            if call is not None and call.running:
+                call.stop()
+        self._sweep = self._watch = None

@@ -182,6 +182,13 @@ class PusherAPIResource(JSONResource, Door):
         assert request.content is not None
         body = request.content.read()
         params = self._authenticate(request, app, body)
+        if not app.enabled:
+            # Pusher's answer for a disabled app, told only to who holds its secret.
+            raise PushieError(
+                403,
+                "app_disabled",
+                f"app {app.id} is disabled on this server (enabled=false in the Pusher apps file)",
+            )
         method = request.method
         if method == b"POST" and rest == ["events"]:
             self._rate_limit(app)
