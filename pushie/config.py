@@ -185,12 +185,18 @@ def _pusher_apps(value: Any) -> list[str]:
 def _engine(value: Any) -> str:
     if value == "memory":
         return value
-    if isinstance(value, str) and value.startswith(("redis://", "rediss://")):
+    if isinstance(value, str) and value.startswith(REDIS_SCHEMES):
         from pushie.engines.redis import parse_redis_url
 
         parse_redis_url(value)
         return value
-    raise ValueError("expected 'memory' or a redis:// URL such as redis://127.0.0.1:6379/0")
+    raise ValueError(
+        "expected 'memory' or a redis:// URL such as redis://127.0.0.1:6379/0"
+        " (or redis+sentinel://host:26379,host:26379/service/0 with Redis Sentinel)"
+    )
+
+
+REDIS_SCHEMES = ("redis://", "rediss://", "redis+sentinel://", "rediss+sentinel://")
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -237,7 +243,8 @@ SETTINGS: tuple[Setting, ...] = (
         "engine",
         _engine,
         "memory",
-        "Engine: 'memory' (one process) or redis://[:password@]host:port/db (many daemons).",
+        "Engine: 'memory' (one process), redis://[:password@]host:port/db (many daemons), or "
+        "redis+sentinel://[:password@]host:port[,host:port...]/service/db (Redis Sentinel; rediss+ for TLS).",
         metavar="ENGINE",
     ),
     Setting(
@@ -246,6 +253,21 @@ SETTINGS: tuple[Setting, ...] = (
         2.0,
         "Seconds to wait for a Redis answer; a publish whose answer was lost is asked again as long (then 503).",
         metavar="SECONDS",
+    ),
+    Setting(
+        "redis_sentinel_password",
+        _secret_text,
+        None,
+        "Password of the sentinels (their requirepass) with a redis+sentinel:// engine (environment or TOML only).",
+        cli=False,
+    ),
+    Setting(
+        "redis_wait_replicas",
+        _count,
+        0,
+        "Replicas that must have each publish before it answers 200 (Redis WAIT, for up to redis_timeout/2;"
+        " else it is asked again, then 503 outcome_unknown). 0: answer once the primary has it.",
+        metavar="N",
     ),
     Setting(
         "history_size",
@@ -539,6 +561,8 @@ class Settings:
     listen_backlog: int
     engine: str
     redis_timeout: float
+    redis_sentinel_password: str | None
+    redis_wait_replicas: int
     history_size: int
     history_ttl: float
     memory_budget: int

@@ -104,12 +104,15 @@ class EngineSettings:
     """
     What an engine needs from the daemon's settings (built by C{pushie.tap}).
 
-    @ivar engine: C{memory}, or a C{redis://} / C{rediss://} URL (the C{engine} setting).
+    @ivar engine: C{memory}, or a C{redis://}, C{rediss://}, C{redis+sentinel://} or
+        C{rediss+sentinel://} URL (the C{engine} setting).
     @ivar history_size: publications kept per channel for recovery.
     @ivar history_ttl: seconds a channel's history outlives its last publication.
     @ivar memory_budget: bytes the memory engine's histories may hold in all.
     @ivar idempotency_max_keys: idempotency keys the memory engine remembers.
     @ivar redis_timeout: seconds a Redis command may take before it counts as failed.
+    @ivar redis_sentinel_password: the sentinels' password, with a C{redis+sentinel://} engine.
+    @ivar redis_wait_replicas: replicas that must have a publish before it answers (Redis C{WAIT}).
     """
 
     engine: str
@@ -118,6 +121,8 @@ class EngineSettings:
     memory_budget: int
     idempotency_max_keys: int
     redis_timeout: float
+    redis_sentinel_password: str | None = None
+    redis_wait_replicas: int = 0
 
 
 def engine_from_settings(settings: EngineSettings, reactor: Any) -> IEngine:
@@ -137,7 +142,7 @@ def engine_from_settings(settings: EngineSettings, reactor: Any) -> IEngine:
             memory_budget=settings.memory_budget,
             idempotency_max_keys=settings.idempotency_max_keys,
         )
-    if value.startswith(("redis://", "rediss://")):
+    if value.startswith(("redis://", "rediss://", "redis+sentinel://", "rediss+sentinel://")):
         from pushie.engines.redis import RedisEngine
 
         return RedisEngine(  # type: ignore[no-any-return]
@@ -146,5 +151,7 @@ def engine_from_settings(settings: EngineSettings, reactor: Any) -> IEngine:
             history_size=settings.history_size,
             history_ttl=settings.history_ttl,
             timeout=settings.redis_timeout,
+            sentinel_password=settings.redis_sentinel_password,
+            wait_replicas=settings.redis_wait_replicas,
         )
     raise ValueError(f"unknown engine {value!r}: use 'memory' or 'redis://host:6379/0'")
