@@ -7,6 +7,7 @@ primary can be killed (-9) to make the sentinels fail over.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import time
 
@@ -104,6 +105,18 @@ class SentinelSetup:
     def cli(self, port: int, *args: str) -> str:
         return _cli(port, *args)
 
+    def cut_off_replica(self) -> None:
+        """
+        Stop the replica (SIGSTOP) and close its link on the primary: what
+        the primary is written from now on, the replica never gets (its
+        buffered bytes are all it will read), as when replication lags.
+        """
+        os.kill(self.processes["replica"].pid, signal.SIGSTOP)
+        _cli(self.primary_port, "CLIENT", "KILL", "TYPE", "replica")
+
+    def resume_replica(self) -> None:
+        os.kill(self.processes["replica"].pid, signal.SIGCONT)
+
     def kill_primary(self) -> None:
         """kill -9 the first primary: no goodbye to its clients, what the replica lacks is lost."""
         process = self.processes.pop("primary")
@@ -111,6 +124,8 @@ class SentinelSetup:
         process.wait(10)
 
     def stop(self) -> None:
+        if "replica" in self.processes:
+            os.kill(self.processes["replica"].pid, signal.SIGCONT)
         for process in self.processes.values():
             process.terminate()
         for process in self.processes.values():
