@@ -68,10 +68,18 @@ class SentinelSetup:
         self._spawn(name, ["--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", *extra])
         _wait(f"redis-server {name}", lambda: _cli(port, "PING").strip() == "PONG")
 
-    def start(self) -> None:
+    @property
+    def primary_url(self) -> str:
+        """The first primary, directly (no Sentinel)."""
+        return f"redis://127.0.0.1:{self.primary_port}/0"
+
+    def start(self, sentinels: bool = True) -> None:
+        """Start the primary and the replica, and (unless told not to) the sentinels."""
         self._server("primary", self.primary_port)
         self._server("replica", self.replica_port, "--replicaof", "127.0.0.1", str(self.primary_port))
         _wait("replica in sync", lambda: "master_link_status:up" in _cli(self.replica_port, "INFO", "replication"))
+        if not sentinels:
+            return
         for i, port in enumerate(self.sentinel_ports):
             folder = os.path.join(self.directory, f"sentinel{i}")
             os.makedirs(folder, exist_ok=True)

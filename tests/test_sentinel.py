@@ -22,7 +22,7 @@ from twisted.web.client import HTTPConnectionPool
 from pushie.engines.redis import RedisEngine
 from pushie.records import ChannelState, History, Publication
 from tests.helpers import sleep, start_daemon, wait_for
-from tests.redis_server import RedisServer, require_redis
+from tests.redis_server import RedisServer, free_port, require_redis
 from tests.sentinel_servers import SentinelSetup
 
 
@@ -41,6 +41,18 @@ def sentinels(tmp_path):
     setup = SentinelSetup(str(tmp_path))
     try:
         setup.start()
+        yield setup
+    finally:
+        setup.stop()
+
+
+@pytest.fixture
+def replicated(tmp_path):
+    """A primary and its replica, no sentinels."""
+    require_redis()
+    setup = SentinelSetup(str(tmp_path))
+    try:
+        setup.start(sentinels=False)
         yield setup
     finally:
         setup.stop()
@@ -195,7 +207,9 @@ async def test_sentinel_failover_while_publishing_flat_out(sentinels, lose_write
     the kill: the promoted replica lacks writes that were acknowledged and
     delivered, so every subscriber must be told.
     """
-    daemons = [await start_daemon(engine=sentinels.url, redis_timeout=1.0) for _ in range(2)]
+    # The first sentinel named is down: the daemons ask the next ones.
+    url = sentinels.url.replace("://", f"://127.0.0.1:{free_port()},")
+    daemons = [await start_daemon(engine=url, redis_timeout=1.0) for _ in range(2)]
     pool = HTTPConnectionPool(reactor, persistent=True)
     subscribers = [Subscriber(d, "c") for d in daemons for _ in range(2)]
     runs = [Deferred.fromCoroutine(s.run()) for s in subscribers]
@@ -327,3 +341,45 @@ async def test_sentinel_failover_while_publishing_flat_out(sentinels, lose_write
         f" ({before} before the kill), 503 {len(refused)} (outcome_unknown {len(unknown)}),"
         f" delivered {[len(s.messages) for s in subscribers]}, epochs {len(epochs)}, subscribers: {outcomes}"
     )
+
+
+@pytest_twisted.ensureDeferred
+async def test_wait_replicas_answers_outcome_unknown_while_the_replica_lags(replicated):
+    """
+    With redis_wait_replicas=1 a publish answers 200 only once the replica
+    has it; when the replica does not acknowledge in time the publication is
+    on the primary (and delivered) but could be lost by a failover: the
+    answer is 503 outcome_unknown, and the retry with the same idempotency
+    key finds it once the replica is back.
+    """
+    sentinels = replicated
+    daemon = await start_daemon(engine=sentinels.primary_url, redis_timeout=0.5, redis_wait_replicas=1)
+    try:
+        client = await daemon.connect("channel=c")
+        await client.next_of("welcome")
+        await client.next_of("subscribed")
+        status, body, _ = await daemon.publish({"channel": "c", "data": "replicated"})
+        assert (status, body["offset"]) == (200, 1)
+        assert sentinels.cli(sentinels.replica_port, "HGET", "pushie:0:meta:c", "offset").strip() == "1"
+        assert (await client.next_of("message"))["data"] == "replicated"
+
+        sentinels.cut_off_replica()
+        request = {"channel": "c", "data": "on the primary only", "idempotency_key": "k1"}
+        status, body, _ = await daemon.publish(request)
+        assert (status, body["error"]) == (503, "outcome_unknown")
+        message = await client.next_of("message")  # published on the primary all the same
+        assert (message["data"], message["offset"]) == ("on the primary only", 2)
+
+        sentinels.resume_replica()
+        await wait_for(
+            lambda: "master_link_status:up" in sentinels.cli(sentinels.replica_port, "INFO", "replication"),
+            timeout=15,
+        )
+        status, body, _ = await daemon.publish(request)
+        assert (status, body["offset"]) == (200, 2)  # the retry finds it
+        status, body, _ = await daemon.publish({"channel": "c", "data": "next"})
+        assert (status, body["offset"]) == (200, 3)
+        assert (await client.next_of("message"))["data"] == "next"
+        assert client.pending() == []
+    finally:
+        await daemon.stop()
