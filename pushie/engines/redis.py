@@ -60,6 +60,31 @@ channel's live stream (a reconnect, a lost message) the node reads the missing
 offsets from history before dispatching more, so live subscribers see no gap
 either; when history no longer has them, the subscribers are told to
 resubscribe (and learn C{recovered: false}).
+
+Redis may lose writes that were acknowledged and handed on: a Sentinel
+failover promotes a replica that lacked the last ones (replication is
+asynchronous), a restart reads an AOF file without its last second.  The
+channel's offset then goes back, and new publications reuse offsets the
+nodes already dispatched, with other content: they must not be dropped as
+duplicates, nor may a client recover across them.  So a node remembers the
+envelope it dispatched last per channel (C{_last_envelope}); a resync (after
+every reconnect, and for a live publication at an offset already dispatched
+that is not that envelope) checks that the channel is not behind it and
+that history holds that very envelope at its offset (L{_went_back}).  When
+not, L{MOVE_EPOCH_SCRIPT} moves the channel to a new epoch, compare-and-set
+on the old one so that it happens once however many nodes find it, and
+publishes a mark (an envelope at offset 0, never dispatched) so that every
+node's subscribers are told, not only this node's.  Another node may publish
+on the new primary before this one resyncs; the content check catches that
+while the entry is in history (with it trimmed, the resync reports the gap
+as lost continuity on its own).  What was published in the old epoch after
+the loss goes with it (its subscribers are told).
+
+With a C{redis+sentinel://} URL the connections come from
+L{SentinelEndpoint}, which asks the sentinels for the primary on every
+attempt, and each new connection checks C{ROLE} (L{_when_primary}); the
+reconnecting pools do the rest.  With C{wait_replicas}, a publish runs
+C{WAIT} after the script on the same connection (L{_wait_for_replicas}).
 """
 
 from __future__ import annotations
