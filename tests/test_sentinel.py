@@ -17,9 +17,10 @@ import pytest_twisted
 import treq
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.error import ConnectError
 from twisted.web.client import HTTPConnectionPool
 
-from pushie.engines.redis import RedisEngine
+from pushie.engines.redis import RedisEngine, SentinelEndpoint
 from pushie.records import ChannelState, History, Publication
 from tests.helpers import sleep, start_daemon, wait_for
 from tests.redis_server import RedisServer, free_port, require_redis
@@ -207,6 +208,13 @@ async def test_sentinel_failover_while_publishing_flat_out(sentinels, lose_write
     the kill: the promoted replica lacks writes that were acknowledged and
     delivered, so every subscriber must be told.
     """
+    dead = free_port()
+    asked = [("127.0.0.1", dead), ("127.0.0.1", sentinels.sentinel_ports[0])]
+    unknown_service = SentinelEndpoint(reactor, asked, "nope", 1.0)
+    with pytest.raises(ConnectError) as caught:
+        await Deferred.fromCoroutine(unknown_service.find_primary())
+    assert f"127.0.0.1:{dead}: ConnectionRefusedError" in str(caught.value)
+    assert f"127.0.0.1:{sentinels.sentinel_ports[0]} knows no primary named 'nope'" in str(caught.value)
     # The first sentinel named is down: the daemons ask the next ones.
     url = sentinels.url.replace("://", f"://127.0.0.1:{free_port()},")
     daemons = [await start_daemon(engine=url, redis_timeout=1.0) for _ in range(2)]

@@ -467,8 +467,10 @@ class SentinelEndpoint:
         timeout: float,
         password: str | None = None,
         tls: bool = False,
+        throttle: Throttle | None = None,
     ) -> None:
         self.reactor = reactor
+        self.throttle = throttle
         self.sentinels = list(sentinels)
         self.service = service
         self.timeout = timeout
@@ -499,7 +501,7 @@ class SentinelEndpoint:
             except Exception as e:  # noqa: BLE001  any failure: ask the next sentinel
                 problems.append(f"{sentinel[0]}:{sentinel[1]}: {e.__class__.__name__} {e}".strip())
                 continue
-            if not answer:
+            if not isinstance(answer, list) or len(answer) != 2:
                 problems.append(f"{sentinel[0]}:{sentinel[1]} knows no primary named {self.service!r}")
                 continue
             self.sentinels.remove(sentinel)
@@ -514,7 +516,10 @@ class SentinelEndpoint:
                 )
                 self.primary = address
             return address
-        raise ConnectError(string="no sentinel named the primary: " + "; ".join(problems))
+        message = "no sentinel named the primary: " + "; ".join(problems)
+        if self.throttle is not None:
+            self.throttle.warn("sentinel_unanswered", "Redis Sentinel: {message}", message=message)
+        raise ConnectError(string=message)
 
     async def _ask(self, host: str, port: int) -> Any:
         protocol = txredisapi.RedisProtocol(charset=None, replyTimeout=self.timeout, convertNumbers=False)
@@ -543,12 +548,16 @@ def _when_primary(protocol: Any, proceed: Any) -> Deferred[Any]:
             if protocol.password is not None:
                 await protocol.auth(protocol.password, protocol.username)
             role = await protocol.role()
-        except Exception:  # noqa: BLE001  closed or refused: not usable
-            role = None
+        except Exception as e:  # noqa: BLE001  closed or refused (a wrong password...): not usable
+            role = e
         if not isinstance(role, list) or not role or role[0] not in (b"master", "master"):
+            peer = protocol.transport.getPeer()
             protocol.factory.engine._throttle.warn(
                 "sentinel_role",
-                "Redis Sentinel named a server that is not a primary (yet): asking again",
+                "Redis Sentinel named {host}:{port}, which is not a primary (ROLE: {role}): asking again",
+                host=getattr(peer, "host", "?"),
+                port=getattr(peer, "port", "?"),
+                role=role,
             )
             protocol.transport.loseConnection()
             return None
@@ -701,6 +710,7 @@ class RedisEngine:
                 self.timeout,
                 self.sentinel_password,
                 self.config["tls"],
+                self._throttle,
             )
         endpoint = HostnameEndpoint(self.reactor, self.config["host"], self.config["port"], timeout=self.timeout)
         if self.config["tls"]:
