@@ -18,11 +18,12 @@ import treq
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.error import ConnectError
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.web.client import HTTPConnectionPool
 
 from pushie.engines.redis import RedisEngine, SentinelEndpoint
 from pushie.records import ChannelState, History, Publication
-from tests.helpers import sleep, start_daemon, wait_for
+from tests.helpers import LogWatcher, sleep, start_daemon, wait_for
 from tests.redis_server import RedisServer, free_port, require_redis
 from tests.sentinel_servers import SentinelSetup
 
@@ -208,6 +209,15 @@ async def test_sentinel_failover_while_publishing_flat_out(sentinels, lose_write
     the kill: the promoted replica lacks writes that were acknowledged and
     delivered, so every subscriber must be told.
     """
+    notes: list[str] = []  # what the engines said about continuity
+
+    def observe(event: dict) -> None:
+        text = formatEvent(event) or ""
+        if text.startswith("Channel c:"):
+            notes.append(text.split(":", 1)[1].split(";")[0].strip())
+
+    globalLogPublisher.addObserver(observe)
+    watcher = LogWatcher().start()
     dead = free_port()
     asked = [("127.0.0.1", dead), ("127.0.0.1", sentinels.sentinel_ports[0])]
     unknown_service = SentinelEndpoint(reactor, asked, "nope", 1.0)
@@ -217,7 +227,10 @@ async def test_sentinel_failover_while_publishing_flat_out(sentinels, lose_write
     assert f"127.0.0.1:{sentinels.sentinel_ports[0]} knows no primary named 'nope'" in str(caught.value)
     # The first sentinel named is down: the daemons ask the next ones.
     url = sentinels.url.replace("://", f"://127.0.0.1:{free_port()},")
-    daemons = [await start_daemon(engine=url, redis_timeout=1.0) for _ in range(2)]
+    # History long enough for what one daemon publishes on the new primary
+    # before the other's pub/sub connection is back (else its subscribers
+    # are told to recover: honest, but not what this test looks at).
+    daemons = [await start_daemon(engine=url, redis_timeout=1.0, history_size=1000) for _ in range(2)]
     pool = HTTPConnectionPool(reactor, persistent=True)
     subscribers = [Subscriber(d, "c") for d in daemons for _ in range(2)]
     runs = [Deferred.fromCoroutine(s.run()) for s in subscribers]
@@ -342,12 +355,16 @@ async def test_sentinel_failover_while_publishing_flat_out(sentinels, lose_write
         assert daemon.engine.healthy()
         await daemon.stop()
     await pool.closeCachedConnections()
+    globalLogPublisher.removeObserver(observe)
+    watcher.stop()
+    watcher.check("a failover")
     print(
         f"\nsentinel failover ({'replica behind' if lose_writes else 'replica in sync'}): replica promoted"
         f" {promoted_at - killed_at:.2f} s after kill -9 of the primary; daemons publishing again after"
         f" {back[0] - killed_at:.2f} s and {back[1] - killed_at:.2f} s; acknowledged {len(acknowledged)}"
         f" ({before} before the kill), 503 {len(refused)} (outcome_unknown {len(unknown)}),"
-        f" delivered {[len(s.messages) for s in subscribers]}, epochs {len(epochs)}, subscribers: {outcomes}"
+        f" delivered {[len(s.messages) for s in subscribers]}, epochs {len(epochs)}, subscribers: {outcomes};"
+        f" engines: {sorted(set(notes))}"
     )
 
 

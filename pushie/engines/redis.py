@@ -736,9 +736,11 @@ class RedisEngine:
             # once (a publish whose answer it lost is settled within
             # redis_timeout), then back off (0.1, 0.3, 0.7, 2, 5 s).  With
             # Sentinel every connection drops at a failover and comes back
-            # once the sentinels name the new primary: try twice a second.
+            # once the sentinels name the new primary: try 4 times a second, so
+            # that the pub/sub connection comes back soon after the command
+            # ones (publications made in between are read back from history).
             factory.initialDelay = 0.1
-        factory.maxDelay = 0.5 if self.config["sentinels"] else 5
+        factory.maxDelay = 0.25 if self.config["sentinels"] else 5
         # The first connection's outcome is also reported here; health and
         # logs come from the connections themselves.
         factory.deferred.addErrback(lambda failure: None)
