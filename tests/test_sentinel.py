@@ -100,7 +100,7 @@ async def test_a_channel_whose_writes_were_lost_moves_to_a_new_epoch(own_redis):
         for client in clients:
             assert [(await client.next_of("message"))["data"] for _ in range(5)] == [f"old-{i}" for i in range(5)]
 
-        own_redis.cli("HSET", "pushie:0:meta:c", "offset", "3")  # the last two writes are "lost"
+        lose_last_writes(own_redis, "c", 2)
         status, body, _ = await second.publish({"channel": "c", "data": "new-4"})
         assert (status, body["offset"], body["epoch"]) == (200, 4, epoch)  # Redis cannot know
         for client in clients:
@@ -122,6 +122,48 @@ async def test_a_channel_whose_writes_were_lost_moves_to_a_new_epoch(own_redis):
         assert (message["data"], message["offset"], message["epoch"]) == ("after", 1, moved)
         await sleep(0.2)
         assert again.pending() == []  # the mark of the move (offset 0) is never sent
+    finally:
+        await first.stop()
+        await second.stop()
+
+
+def lose_last_writes(redis: RedisServer, channel: str, count: int) -> None:
+    """Make Redis forget the last C{count} publications of C{channel}, as a failover to a lagging replica does."""
+    meta, hist = f"pushie:0:meta:{channel}", f"pushie:0:hist:{channel}"
+    offset = int(redis.cli("HGET", meta, "offset"))
+    ids = redis.cli("XREVRANGE", hist, "+", "-", "COUNT", str(count)).split()
+    redis.cli("XDEL", hist, *[i for i in ids if "-" in i and i.split("-")[0].isdigit()])
+    redis.cli("HSET", meta, "offset", str(offset - count))
+
+
+@pytest_twisted.ensureDeferred
+async def test_lost_writes_found_when_another_node_published_past_them_first(own_redis):
+    """
+    The race of a failover: another node publishes on the new primary
+    before this node's pub/sub connection is back, past the offset this node
+    dispatched.  Offsets alone look fine then; the history holding other
+    publications at the offsets it dispatched gives it away.
+    """
+    first = await start_daemon(engine=own_redis.url)
+    second = await start_daemon(engine=own_redis.url)
+    try:
+        client = await first.connect("channel=c")
+        await client.next_of("welcome")
+        epoch = (await client.next_of("subscribed"))["epoch"]
+        for i in range(5):
+            await second.publish({"channel": "c", "data": f"old-{i + 1}"})
+        assert [(await client.next_of("message"))["offset"] for _ in range(5)] == [1, 2, 3, 4, 5]
+
+        own_redis.cli("CLIENT", "KILL", "TYPE", "pubsub")  # the first node is deaf for about a second
+        lose_last_writes(own_redis, "c", 2)
+        for i in range(4, 7):
+            status, body, _ = await second.publish({"channel": "c", "data": f"new-{i}"})
+            assert (status, body["offset"], body["epoch"]) == (200, i, epoch)
+        await wait_for(lambda: client.closed.called, timeout=15)
+        assert client.close_code == 4002
+        assert [f["data"] for f in client.pending() if f["type"] == "message"] == []  # not new-6 after old-5
+        moved = own_redis.cli("HGET", "pushie:0:meta:c", "epoch").strip()
+        assert moved != epoch
     finally:
         await first.stop()
         await second.stop()
