@@ -78,7 +78,11 @@ node's subscribers are told, not only this node's.  Another node may publish
 on the new primary before this one resyncs; the content check catches that
 while the entry is in history (with it trimmed, the resync reports the gap
 as lost continuity on its own).  What was published in the old epoch after
-the loss goes with it (its subscribers are told).
+the loss goes with it (its subscribers are told).  What is left: a client
+that resubscribes on another node (one that did not dispatch the lost
+offsets) before any node found the loss may be told C{recovered: true}; it
+is told to recover as soon as a node that dispatched them finds it (the
+mark reaches its node).  Should every such node be gone, nobody can tell.
 
 With a C{redis+sentinel://} URL the connections come from
 L{SentinelEndpoint}, which asks the sentinels for the primary on every
