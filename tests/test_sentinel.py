@@ -21,11 +21,13 @@ from twisted.internet.error import ConnectError
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.web.client import HTTPConnectionPool
 
+from pushie.config import Settings
 from pushie.engines.redis import RedisEngine, SentinelEndpoint
-from pushie.records import ChannelState, History, Publication
+from pushie.records import ChannelState, History, Publication, PublishRequest
+from pushie.tap import PushieService
 from tests.helpers import LogWatcher, sleep, start_daemon, wait_for
 from tests.redis_server import RedisServer, free_port, require_redis
-from tests.sentinel_servers import SentinelSetup
+from tests.sentinel_servers import SERVICE, SentinelSetup
 
 
 @pytest.fixture
@@ -450,3 +452,46 @@ async def test_wait_replicas_answers_outcome_unknown_while_the_replica_lags(repl
         assert client.pending() == []
     finally:
         await daemon.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_server_named_by_a_sentinel_that_is_not_a_primary_is_not_used(sentinels):
+    """
+    A sentinel that names a replica (a stale view, or a misconfigured one:
+    here it is made to monitor the replica) does not get the daemon
+    publishing to it: ROLE is checked on every new connection, which is
+    dropped, and the sentinels asked again until one names a primary.
+    """
+    port = sentinels.sentinel_ports[0]
+    sentinels.cli(port, "SENTINEL", "REMOVE", SERVICE)
+    sentinels.cli(port, "SENTINEL", "MONITOR", SERVICE, "127.0.0.1", str(sentinels.replica_port), "2")
+    said: list[str] = []
+
+    def observe(event: dict) -> None:
+        said.append(formatEvent(event) or "")
+
+    globalLogPublisher.addObserver(observe)
+    service = PushieService(
+        Settings.defaults().replace(
+            listen=["tcp:0:interface=127.0.0.1"], engine=f"redis+sentinel://127.0.0.1:{port}/{SERVICE}/0"
+        ),
+        reactor,
+    )
+    await service.startService()
+    try:
+        await wait_for(lambda: any("which is not a primary" in text for text in said), timeout=10)
+        assert any(f"127.0.0.1:{sentinels.replica_port}, which is not a primary" in text for text in said)
+        assert not service.engine.healthy()
+
+        sentinels.cli(port, "SENTINEL", "REMOVE", SERVICE)
+        sentinels.cli(port, "SENTINEL", "MONITOR", SERVICE, "127.0.0.1", str(sentinels.primary_port), "2")
+        await wait_for(service.engine.healthy, timeout=10)
+        publication = (await service.engine.append([PublishRequest("c", b'"hello"')]))[0]
+        assert publication.offset == 1
+        await wait_for(
+            lambda: sentinels.cli(sentinels.replica_port, "HGET", "pushie:0:meta:c", "offset").strip() == "1",
+            timeout=5,
+        )
+    finally:
+        globalLogPublisher.removeObserver(observe)
+        await service.stopService()
