@@ -204,8 +204,8 @@ def _engine(value: Any) -> str:
         value = ",".join(value)  # TOML: engine = ["redis://a:6379/0", "redis://b:6379/0"]
     if value == "memory":
         return value
-    if isinstance(value, str) and value.startswith(("redis://", "rediss://")):
-        if "," in value:
+    if isinstance(value, str) and value.startswith(REDIS_SCHEMES):
+        if "," in value and not value.startswith(("redis+sentinel://", "rediss+sentinel://")):
             from pushie.engines.sharded import split_shard_urls
 
             return ",".join(split_shard_urls(value))
@@ -215,8 +215,12 @@ def _engine(value: Any) -> str:
         return value
     raise ValueError(
         "expected 'memory', a redis:// URL such as redis://127.0.0.1:6379/0, "
-        "or several separated by commas (Redis shards)"
+        "several separated by commas (Redis shards), "
+        "or redis+sentinel://host:26379,host:26379/service/0 with Redis Sentinel"
     )
+
+
+REDIS_SCHEMES = ("redis://", "rediss://", "redis+sentinel://", "rediss+sentinel://")
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -264,8 +268,9 @@ SETTINGS: tuple[Setting, ...] = (
         "engine",
         _engine,
         "memory",
-        "Engine: 'memory' (one process), redis://[:password@]host:port/db (many daemons), or several "
-        "redis:// URLs separated by commas to shard channels over them (README: 'Several Redis servers').",
+        "Engine: 'memory' (one process), redis://[:password@]host:port/db (many daemons), several "
+        "redis:// URLs separated by commas to shard channels over them (README: 'Several Redis servers'), or "
+        "redis+sentinel://[:password@]host:port[,host:port...]/service/db (Redis Sentinel; rediss+ for TLS).",
         metavar="ENGINE",
     ),
     Setting(
@@ -274,6 +279,21 @@ SETTINGS: tuple[Setting, ...] = (
         2.0,
         "Seconds to wait for a Redis answer; a publish whose answer was lost is asked again as long (then 503).",
         metavar="SECONDS",
+    ),
+    Setting(
+        "redis_sentinel_password",
+        _secret_text,
+        None,
+        "Password of the sentinels (their requirepass) with a redis+sentinel:// engine (environment or TOML only).",
+        cli=False,
+    ),
+    Setting(
+        "redis_wait_replicas",
+        _count,
+        0,
+        "Replicas that must have each publish before it answers 200 (Redis WAIT, for up to redis_timeout/2;"
+        " else it is asked again, then 503 outcome_unknown). 0: answer once the primary has it.",
+        metavar="N",
     ),
     Setting(
         "history_size",
@@ -602,6 +622,8 @@ class Settings:
     listen_backlog: int
     engine: str
     redis_timeout: float
+    redis_sentinel_password: str | None
+    redis_wait_replicas: int
     history_size: int
     history_ttl: float
     memory_budget: int

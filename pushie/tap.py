@@ -201,6 +201,8 @@ def engine_settings(settings: Settings) -> EngineSettings:
         memory_budget=settings.memory_budget,
         idempotency_max_keys=settings.idempotency_max_keys,
         redis_timeout=settings.redis_timeout,
+        redis_sentinel_password=settings.redis_sentinel_password,
+        redis_wait_replicas=settings.redis_wait_replicas,
     )
 
 

@@ -145,3 +145,50 @@ def test_each_part_gets_its_own_settings_from_the_wiring():
     assert (service.site.max_body_size, service.site.timeOut) == (4321, 6.5)
     with pytest.raises(attr.exceptions.FrozenInstanceError):
         events.settings.keepalive = 0  # type: ignore[misc]
+
+
+def test_sentinel_engine_urls_and_settings_reach_the_engine():
+    from twisted.internet.task import Clock
+
+    from pushie.tap import PushieService
+
+    url = "redis+sentinel://:s%40cret@10.0.0.1:26380,10.0.0.2/mymaster/2"
+    settings = load_settings(
+        {"engine": url, "redis_wait_replicas": 1},
+        environ={"PUSHIE_REDIS_SENTINEL_PASSWORD": "sentinel-secret"},
+    )
+    assert (settings.engine, settings.redis_wait_replicas) == (url, 1)
+    assert settings.redis_sentinel_password == "sentinel-secret"
+    service = PushieService(settings, Clock())
+    engine = service.engine
+    assert engine.config["sentinels"] == [("10.0.0.1", 26380), ("10.0.0.2", 26379)]
+    assert (engine.config["service"], engine.config["db"], engine.config["password"]) == ("mymaster", 2, "s@cret")
+    assert (engine.sentinel_password, engine.wait_replicas) == ("sentinel-secret", 1)
+    assert engine.name == "redis+sentinel://10.0.0.1:26380,10.0.0.2:26379/mymaster/2"
+    assert engine.prefix == "pushie:2:"
+    assert load_settings({"engine": "rediss+sentinel://h/svc"}).engine == "rediss+sentinel://h/svc"
+    assert Settings.defaults().redis_wait_replicas == 0
+
+
+@pytest.mark.parametrize(
+    "url,fault",
+    [
+        ("redis+sentinel://h:port/svc/0", "a sentinel's port must be a number"),
+        ("redis+sentinel://h1,,h2/svc/0", "names one or more sentinels"),
+        ("redis+sentinel:///svc", "names one or more sentinels"),
+        ("redis+sentinel://h:26379", "names the service"),
+        ("redis+sentinel://h:26379/svc/zero", "the Redis database must be a number"),
+        ("redis+sentinel://h:26379/svc/0?x=1", "takes no query"),
+        ("redis+cluster://h/0", "expected 'memory' or a redis:// URL"),
+    ],
+)
+def test_bad_sentinel_urls_say_what_to_write(url, fault):
+    with pytest.raises(ConfigError, match="bad value for 'engine': .*" + fault):
+        load_settings({"engine": url})
+
+
+def test_redis_wait_replicas_is_a_count():
+    with pytest.raises(ConfigError, match="bad value for 'redis_wait_replicas'"):
+        load_settings({"redis_wait_replicas": -1})
+    with pytest.raises(UsageError, match="--redis-sentinel-password not recognized"):
+        parse(["--redis-sentinel-password", "x"])  # a secret: never on the command line

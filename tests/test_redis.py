@@ -40,6 +40,8 @@ def test_redis_urls():
         "password": None,
         "username": None,
         "tls": False,
+        "sentinels": [],
+        "service": None,
     }
     assert parse_redis_url("rediss://:s%40cret@cache.example/0")["password"] == "s@cret"
     assert parse_redis_url("rediss://cache.example")["tls"] is True

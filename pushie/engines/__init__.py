@@ -104,13 +104,16 @@ class EngineSettings:
     """
     What an engine needs from the daemon's settings (built by C{pushie.tap}).
 
-    @ivar engine: C{memory}, a C{redis://} / C{rediss://} URL, or several
+    @ivar engine: C{memory}, a C{redis://}, C{rediss://}, C{redis+sentinel://} or
+        C{rediss+sentinel://} URL, or several C{redis://} / C{rediss://} URLs
         separated by commas (Redis shards), as the C{engine} setting says.
     @ivar history_size: publications kept per channel for recovery.
     @ivar history_ttl: seconds a channel's history outlives its last publication.
     @ivar memory_budget: bytes the memory engine's histories may hold in all.
     @ivar idempotency_max_keys: idempotency keys the memory engine remembers.
     @ivar redis_timeout: seconds a Redis command may take before it counts as failed.
+    @ivar redis_sentinel_password: the sentinels' password, with a C{redis+sentinel://} engine.
+    @ivar redis_wait_replicas: replicas that must have a publish before it answers (Redis C{WAIT}).
     """
 
     engine: str
@@ -119,6 +122,8 @@ class EngineSettings:
     memory_budget: int
     idempotency_max_keys: int
     redis_timeout: float
+    redis_sentinel_password: str | None = None
+    redis_wait_replicas: int = 0
 
 
 def engine_from_settings(settings: EngineSettings, reactor: Any) -> IEngine:
@@ -147,8 +152,9 @@ def engine_from_settings(settings: EngineSettings, reactor: Any) -> IEngine:
             history_size=settings.history_size,
             history_ttl=settings.history_ttl,
             timeout=settings.redis_timeout,
+            wait_replicas=settings.redis_wait_replicas,
         )
-    if value.startswith(("redis://", "rediss://")):
+    if value.startswith(("redis://", "rediss://", "redis+sentinel://", "rediss+sentinel://")):
         from pushie.engines.redis import RedisEngine
 
         return RedisEngine(  # type: ignore[no-any-return]
@@ -157,5 +163,7 @@ def engine_from_settings(settings: EngineSettings, reactor: Any) -> IEngine:
             history_size=settings.history_size,
             history_ttl=settings.history_ttl,
             timeout=settings.redis_timeout,
+            sentinel_password=settings.redis_sentinel_password,
+            wait_replicas=settings.redis_wait_replicas,
         )
     raise ValueError(f"unknown engine {value!r}: use 'memory' or 'redis://host:6379/0'")

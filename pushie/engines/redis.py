@@ -60,6 +60,35 @@ channel's live stream (a reconnect, a lost message) the node reads the missing
 offsets from history before dispatching more, so live subscribers see no gap
 either; when history no longer has them, the subscribers are told to
 resubscribe (and learn C{recovered: false}).
+
+Redis may lose writes that were acknowledged and handed on: a Sentinel
+failover promotes a replica that lacked the last ones (replication is
+asynchronous), a restart reads an AOF file without its last second.  The
+channel's offset then goes back, and new publications reuse offsets the
+nodes already dispatched, with other content: they must not be dropped as
+duplicates, nor may a client recover across them.  So a node remembers the
+envelope it dispatched last per channel (C{_last_envelope}); a resync (after
+every reconnect, and for a live publication at an offset already dispatched
+that is not that envelope) checks that the channel is not behind it and
+that history holds that very envelope at its offset (L{_went_back}).  When
+not, L{MOVE_EPOCH_SCRIPT} moves the channel to a new epoch, compare-and-set
+on the old one so that it happens once however many nodes find it, and
+publishes a mark (an envelope at offset 0, never dispatched) so that every
+node's subscribers are told, not only this node's.  Another node may publish
+on the new primary before this one resyncs; the content check catches that
+while the entry is in history (with it trimmed, the resync reports the gap
+as lost continuity on its own).  What was published in the old epoch after
+the loss goes with it (its subscribers are told).  What is left: a client
+that resubscribes on another node (one that did not dispatch the lost
+offsets) before any node found the loss may be told C{recovered: true}; it
+is told to recover as soon as a node that dispatched them finds it (the
+mark reaches its node).  Should every such node be gone, nobody can tell.
+
+With a C{redis+sentinel://} URL the connections come from
+L{SentinelEndpoint}, which asks the sentinels for the primary on every
+attempt, and each new connection checks C{ROLE} (L{_when_primary}); the
+reconnecting pools do the rest.  With C{wait_replicas}, a publish runs
+C{WAIT} after the script on the same connection (L{_wait_for_replicas}).
 """
 
 from __future__ import annotations
@@ -76,7 +105,8 @@ import attr
 import txredisapi
 from twisted.internet import defer
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.endpoints import HostnameEndpoint, connectProtocol, wrapClientTLS
+from twisted.internet.error import ConnectError
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.internet.task import LoopingCall, deferLater
@@ -98,7 +128,7 @@ from pushie.records import (
     PublishRequest,
     history_after,
 )
-from pushie.wire import dumps, envelope_parts
+from pushie.wire import dumps, envelope_parts, message_envelope
 
 log = Logger()
 
@@ -118,6 +148,10 @@ as retries are sent within 2 x redis_timeout of the first.
 
 class _NotSent(Exception):
     """The publish script was not written to any connection: Redis certainly did not run it."""
+
+
+class _NotReplicated(Exception):
+    """The publish script ran, but fewer replicas than C{redis_wait_replicas} acknowledged it in time."""
 
 
 PUBLISH_SCRIPT = r"""
@@ -209,6 +243,24 @@ end
 return out
 """
 
+EPOCH_MARK_EVENT = "pushie:epoch"
+"""The event of the mark (offset 0) that L{MOVE_EPOCH_SCRIPT} publishes; nodes never dispatch it."""
+
+MOVE_EPOCH_SCRIPT = r"""
+-- KEYS: meta, hist.  ARGV: expected epoch, new epoch, ttl_ms, pub/sub name, mark (an envelope at offset 0)
+-- Compare and set: a node found that Redis lost writes of the channel that
+-- it had dispatched (its offset went back, or its history holds other
+-- publications); the channel starts again in a new epoch, once, however many
+-- nodes found it, and the mark tells every node that the old epoch ended.
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+if epoch ~= ARGV[1] then return epoch or '' end
+redis.call('DEL', KEYS[2])
+redis.call('HSET', KEYS[1], 'epoch', ARGV[2], 'offset', 0)
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]))
+redis.call('PUBLISH', ARGV[4], ARGV[5])
+return ARGV[2]
+"""
+
 PRESENCE_ADD_SCRIPT = r"""
 -- KEYS: pres, this node's heartbeat key.  ARGV: field, member_json, member_id,
 -- pubsub channel, event_json, heartbeat ttl
@@ -271,15 +323,31 @@ return members
 """
 
 
+SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
+SENTINEL_PORT = 26379
+
+
 def parse_redis_url(url: str) -> dict[str, Any]:
     """
-    Read C{redis://[:password@]host[:port][/db]} (or C{rediss://} for TLS).
+    Read C{redis://[:password@]host[:port][/db]} (or C{rediss://} for TLS),
+    or C{redis+sentinel://[:password@]host[:port][,host[:port]...]/service[/db]}
+    (or C{rediss+sentinel://}): the sentinels to ask for the primary of
+    C{service}; the password is the primary's, as with C{redis://}.
+
+    The answer has C{sentinels} (a list of (host, port), empty without
+    Sentinel) and C{service} (None without); C{host} and C{port} are the
+    first sentinel's with Sentinel.
 
     @raise ValueError: naming what is wrong.
     """
+    scheme = url.partition("://")[0] if "://" in url else ""
+    if scheme in SENTINEL_SCHEMES:
+        return _parse_sentinel_url(url)
     parts = urlsplit(url)
     if parts.scheme not in ("redis", "rediss"):
-        raise ValueError(f"a Redis engine URL starts with redis:// or rediss://, not {url!r}")
+        raise ValueError(
+            f"a Redis engine URL starts with redis://, rediss://, redis+sentinel:// or rediss+sentinel://, not {url!r}"
+        )
     try:
         port = parts.port or 6379
     except ValueError:
@@ -294,6 +362,46 @@ def parse_redis_url(url: str) -> dict[str, Any]:
         "password": unquote(parts.password) if parts.password else None,
         "username": unquote(parts.username) if parts.username else None,
         "tls": parts.scheme == "rediss",
+        "sentinels": [],
+        "service": None,
+    }
+
+
+def _parse_sentinel_url(url: str) -> dict[str, Any]:
+    """L{parse_redis_url} for C{redis+sentinel://} and C{rediss+sentinel://}."""
+    example = "as in redis+sentinel://10.0.0.1:26379,10.0.0.2:26379/mymaster/0"
+    scheme, _, rest = url.partition("://")
+    netloc, _, path = rest.partition("/")
+    if "?" in path or "#" in path:
+        raise ValueError(f"a Sentinel engine URL takes no query or fragment, {example}")
+    userinfo, _, hosts = netloc.rpartition("@")
+    username, _, password = userinfo.partition(":") if userinfo else ("", "", "")
+    sentinels = []
+    for item in hosts.split(","):
+        if not item.strip():
+            raise ValueError(f"a Sentinel engine URL names one or more sentinels, host:port comma-separated, {example}")
+        one = urlsplit("//" + item.strip())
+        try:
+            port = one.port or SENTINEL_PORT
+        except ValueError:
+            raise ValueError(f"a sentinel's port must be a number, not in {item!r}") from None
+        if not one.hostname or one.username or one.password:
+            raise ValueError(f"not a sentinel address: {item!r}, {example}")
+        sentinels.append((one.hostname, port))
+    service, _, db = path.strip("/").partition("/")
+    if not service:
+        raise ValueError(f"a Sentinel engine URL names the service (the primary's name in Sentinel), {example}")
+    if db and not db.isdigit():
+        raise ValueError(f"the Redis database must be a number, {example}")
+    return {
+        "host": sentinels[0][0],
+        "port": sentinels[0][1],
+        "db": int(db or 0),
+        "password": unquote(password) if password else None,
+        "username": unquote(username) if username else None,
+        "tls": scheme == "rediss+sentinel",
+        "sentinels": sentinels,
+        "service": unquote(service),
     }
 
 
@@ -335,6 +443,140 @@ def _command(*parts: str) -> bytes:
     return b"".join(out)
 
 
+@implementer(IStreamClientEndpoint)
+class SentinelEndpoint:
+    """
+    Connects to the current primary of a Sentinel service: asks the
+    sentinels in turn (C{SENTINEL get-master-addr-by-name}) on every
+    connection attempt, then connects to the address the first one that
+    knows gives.
+
+    So the engine's reconnecting pools (L{_Factory}) follow a failover with
+    no change: Sentinel demotes the old primary and drops its clients, the
+    pools connect again, and this asks again.  A sentinel may still name
+    the old primary for a moment, or name a server that is not the primary
+    yet: the connections check C{ROLE} before they are used
+    (L{_when_primary}) and drop a server that is not a primary, and the
+    pool tries again.
+
+    @ivar sentinels: (host, port) pairs; the one that answered last is
+        asked first next time.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        sentinels: list[tuple[str, int]],
+        service: str,
+        timeout: float,
+        password: str | None = None,
+        tls: bool = False,
+        throttle: Throttle | None = None,
+    ) -> None:
+        self.reactor = reactor
+        self.throttle = throttle
+        self.sentinels = list(sentinels)
+        self.service = service
+        self.timeout = timeout
+        self.password = password
+        self.tls = tls
+        self.primary: tuple[str, int] | None = None
+
+    def _endpoint(self, host: str, port: int) -> IStreamClientEndpoint:
+        endpoint: IStreamClientEndpoint = HostnameEndpoint(self.reactor, host, port, timeout=self.timeout)
+        if self.tls:
+            endpoint = wrapClientTLS(optionsForClientTLS(host), endpoint)
+        return endpoint
+
+    def connect(self, protocolFactory: Any) -> Deferred[Any]:
+        d = Deferred.fromCoroutine(self.find_primary())
+        return d.addCallback(lambda address: self._endpoint(*address).connect(protocolFactory))
+
+    async def find_primary(self) -> tuple[str, int]:
+        """
+        The address of the primary, from the first sentinel that knows it.
+
+        @raise ConnectError: when none does, saying what each answered.
+        """
+        problems = []
+        for sentinel in list(self.sentinels):
+            try:
+                answer = await self._ask(*sentinel)
+            except Exception as e:  # noqa: BLE001  any failure: ask the next sentinel
+                problems.append(f"{sentinel[0]}:{sentinel[1]}: {e.__class__.__name__} {e}".strip())
+                continue
+            if not isinstance(answer, list) or len(answer) != 2:
+                problems.append(f"{sentinel[0]}:{sentinel[1]} knows no primary named {self.service!r}")
+                continue
+            self.sentinels.remove(sentinel)
+            self.sentinels.insert(0, sentinel)
+            address = (answer[0].decode(), int(answer[1]))
+            if address != self.primary:
+                log.info(
+                    "Redis Sentinel: the primary of {service} is {host}:{port}",
+                    service=self.service,
+                    host=address[0],
+                    port=address[1],
+                )
+                self.primary = address
+            return address
+        message = "no sentinel named the primary: " + "; ".join(problems)
+        if self.throttle is not None:
+            self.throttle.warn("sentinel_unanswered", "Redis Sentinel: {message}", message=message)
+        raise ConnectError(string=message)
+
+    async def _ask(self, host: str, port: int) -> Any:
+        protocol = txredisapi.RedisProtocol(charset=None, replyTimeout=self.timeout, convertNumbers=False)
+        connecting = connectProtocol(self._endpoint(host, port), protocol)
+        await connecting.addTimeout(self.timeout, self.reactor)
+        try:
+            if self.password is not None:
+                await protocol.auth(self.password)
+            return await protocol.execute_command("SENTINEL", "get-master-addr-by-name", self.service)
+        finally:
+            protocol.transport.loseConnection()
+
+
+def _when_primary(protocol: Any, proceed: Any) -> Deferred[Any]:
+    """
+    Run C{proceed} (the protocol's own C{connectionMade}: AUTH, SELECT,
+    then ready) once C{ROLE} says the server is a primary; else close the
+    connection, so that the pool asks the sentinels again.  Without
+    Sentinel, C{proceed} at once.
+    """
+    if not protocol.factory.engine.config["sentinels"]:
+        return proceed()  # type: ignore[no-any-return]
+
+    async def check() -> Any:
+        try:
+            if protocol.password is not None:
+                await protocol.auth(protocol.password, protocol.username)
+            role = await protocol.role()
+        except Exception as e:  # noqa: BLE001  closed or refused (a wrong password...): not usable
+            role = e
+        if not isinstance(role, list) or not role or role[0] not in (b"master", "master"):
+            peer = protocol.transport.getPeer()
+            protocol.factory.engine._throttle.warn(
+                "sentinel_role",
+                "Redis Sentinel named {host}:{port}, which is not a primary (ROLE: {role}): asking again",
+                host=getattr(peer, "host", "?"),
+                port=getattr(peer, "port", "?"),
+                role=role,
+            )
+            protocol.transport.loseConnection()
+            return None
+        return await proceed()
+
+    return Deferred.fromCoroutine(check())
+
+
+class _Commands(txredisapi.RedisProtocol):
+    """A command connection (of a pool of them): with Sentinel, used only once it reaches a primary."""
+
+    def connectionMade(self) -> Deferred[None]:  # type: ignore[override]
+        return _when_primary(self, super().connectionMade)
+
+
 class _Subscriber(txredisapi.SubscriberProtocol):
     """
     The node's pub/sub connection: hands messages to the engine, re-subscribes when (re)connected.
@@ -350,8 +592,8 @@ class _Subscriber(txredisapi.SubscriberProtocol):
 
     def connectionMade(self) -> Deferred[None]:  # type: ignore[override]
         self._confirming: dict[bytes, list[Deferred[None]]] = {}
-        d = super().connectionMade()
-        d.addCallback(lambda _: self.factory.engine._subscriber_ready(self))
+        d = _when_primary(self, super().connectionMade)
+        d.addCallback(lambda _: self.factory.engine._subscriber_ready(self) if self._ready else None)
         return d
 
     def connectionLost(self, why: Any) -> None:
@@ -416,6 +658,13 @@ class RedisEngine:
     history_size: int = 100
     history_ttl: float = 300.0
     timeout: float = 2.0
+    sentinel_password: str | None = None
+    """The sentinels' password (C{requirepass} in their configuration), when they have one."""
+    wait_replicas: int = 0
+    """
+    With more than 0: each publish waits (C{WAIT}) until that many replicas
+    have it, for up to half of C{timeout}; else it answers C{outcome_unknown}.
+    """
     name: str = attr.ib(init=False)
     node: str = attr.ib(factory=lambda: secrets.token_hex(6), init=False)
     _listener: EngineListener | None = attr.ib(default=None, init=False)
@@ -424,6 +673,9 @@ class RedisEngine:
     _pubsub: _Subscriber | None = attr.ib(default=None, init=False)
     _watched: dict[str, int] = attr.ib(factory=dict, init=False)
     _last: dict[str, tuple[int, str]] = attr.ib(factory=dict, init=False)
+    # The envelope of the last publication dispatched (absent when _last came from a read):
+    # what the channel's history must still hold at that offset, or writes were lost (_went_back).
+    _last_envelope: dict[str, bytes] = attr.ib(factory=dict, init=False)
     # Per channel, while its history is read back: the live publications that wait.
     _resyncing: dict[str, list[Publication]] = attr.ib(factory=dict, init=False)
     # The resync under way per channel (a token), and the channels to read once more after it.
@@ -442,7 +694,11 @@ class RedisEngine:
 
     def __attrs_post_init__(self) -> None:
         self.config = parse_redis_url(self.url)
-        self.name = f"redis://{self.config['host']}:{self.config['port']}/{self.config['db']}"
+        if self.config["sentinels"]:
+            hosts = ",".join(f"{h}:{p}" for h, p in self.config["sentinels"])
+            self.name = f"redis+sentinel://{hosts}/{self.config['service']}/{self.config['db']}"
+        else:
+            self.name = f"redis://{self.config['host']}:{self.config['port']}/{self.config['db']}"
         self.prefix = f"pushie:{self.config['db']}:"
         self._throttle = Throttle(log, self.reactor)
 
@@ -450,6 +706,16 @@ class RedisEngine:
 
     def _endpoint(self) -> Any:
         endpoint: IStreamClientEndpoint
+        if self.config["sentinels"]:
+            return SentinelEndpoint(
+                self.reactor,
+                self.config["sentinels"],
+                self.config["service"],
+                self.timeout,
+                self.sentinel_password,
+                self.config["tls"],
+                self._throttle,
+            )
         endpoint = HostnameEndpoint(self.reactor, self.config["host"], self.config["port"], timeout=self.timeout)
         if self.config["tls"]:
             endpoint = wrapClientTLS(optionsForClientTLS(self.config["host"]), endpoint)
@@ -469,12 +735,16 @@ class RedisEngine:
             username=self.config["username"],
         )
         factory.protocol = protocol
-        if protocol is txredisapi.RedisProtocol:
+        if protocol is _Commands or self.config["sentinels"]:
             # A dropped command connection is most often a blip: come back at
             # once (a publish whose answer it lost is settled within
-            # redis_timeout), then back off (0.1, 0.3, 0.7, 2, 5 s).
+            # redis_timeout), then back off (0.1, 0.3, 0.7, 2, 5 s).  With
+            # Sentinel every connection drops at a failover and comes back
+            # once the sentinels name the new primary: try 4 times a second, so
+            # that the pub/sub connection comes back soon after the command
+            # ones (publications made in between are read back from history).
             factory.initialDelay = 0.1
-        factory.maxDelay = 5
+        factory.maxDelay = 0.25 if self.config["sentinels"] else 5
         # The first connection's outcome is also reported here; health and
         # logs come from the connections themselves.
         factory.deferred.addErrback(lambda failure: None)
@@ -485,7 +755,7 @@ class RedisEngine:
     def start(self, listener: EngineListener) -> Deferred[None]:
         """Connect (in the background: the daemon starts even while Redis is down)."""
         self._listener = listener
-        self._commands = self._factory(txredisapi.RedisProtocol, 2, self.config["db"])
+        self._commands = self._factory(_Commands, 2, self.config["db"])
         self._pubsub_factory = self._factory(_Subscriber, 1, None)
         self._heartbeat = LoopingCall(self._beat)
         self._heartbeat.clock = self.reactor
@@ -679,7 +949,37 @@ class RedisEngine:
             d = connection.eval(PUBLISH_SCRIPT, keys, args)
         except txredisapi.ConnectionError:
             return defer.fail(_NotSent())
+        if self.wait_replicas:
+            d.addCallback(self._wait_for_replicas, connection, keys[0], timeout)
         return d.addTimeout(timeout, self.reactor)
+
+    def _wait_for_replicas(self, answers: list[bytes], connection: Any, publish_id: str, timeout: float) -> Any:
+        """
+        C{WAIT} on the connection that ran the script until C{wait_replicas}
+        replicas have its writes, for half of C{timeout}; then C{answers}.
+
+        Fails with L{_NotReplicated} when fewer did: the publication is on
+        the primary (and on its way to subscribers) but a failover now could
+        lose it, so L{_publish} asks again (the same publish id finds the same
+        answers and waits again) and, past C{redis_timeout}, answers
+        C{outcome_unknown}: a retry with the same idempotency key finds the
+        publication if it survived and publishes it again if it did not.
+        """
+        milliseconds = max(1, int(timeout * 500))
+
+        def acknowledged(count: Any) -> list[bytes]:
+            if int(count) < self.wait_replicas:
+                self._throttle.warn(
+                    "publish_not_replicated",
+                    "A publish reached {count} of {wanted} replicas within {ms} ms (redis_wait_replicas): asking again",
+                    count=int(count),
+                    wanted=self.wait_replicas,
+                    ms=milliseconds,
+                )
+                raise _NotReplicated(publish_id)
+            return answers
+
+        return connection.execute_command("WAIT", self.wait_replicas, milliseconds).addCallback(acknowledged)
 
     def state(self, channel: str) -> Deferred[ChannelState]:
         return self._read(channel, with_history=False).addCallback(lambda h: h.state)
@@ -708,9 +1008,14 @@ class RedisEngine:
             last = self._last.get(channel)
             if last is None:
                 self._last[channel] = (state.offset, state.epoch)
+                self._last_envelope.pop(channel, None)
                 if channel in self._unsynced:
                     self._unsynced.discard(channel)
                     self._resync(channel)
+            elif last[1] == state.epoch and state.offset < last[0]:
+                # Behind what this node dispatched: lost writes, or only a
+                # publication that overtook this answer; the resync tells.
+                self._resync(channel)
             elif wait and not self._reached(last, state.offset, state.epoch):
                 return self._dispatched_up_to(channel, state).addCallback(lambda _: history)
             return history
@@ -785,6 +1090,7 @@ class RedisEngine:
             return
         self._watched.pop(channel, None)
         self._last.pop(channel, None)
+        self._last_envelope.pop(channel, None)
         self._resyncing.pop(channel, None)
         self._resync_running.pop(channel, None)
         self._resync_again.discard(channel)
@@ -847,23 +1153,99 @@ class RedisEngine:
             meta = read_meta_header(header)
         self._arrived(Publication.from_envelope(message, meta))
 
-    def _arrived(self, publication: Publication) -> None:
+    def _arrived(self, publication: Publication, replayed: bool = False) -> None:
         """
-        A live publication, or one that waited for a resync: dispatch it if
-        it follows the last one dispatched (the next offset, or offset 1 of a
-        new epoch), else read the gap back from history first.
+        A live publication, or one that waited for a resync (C{replayed}):
+        dispatch it if it follows the last one dispatched (the next offset,
+        or offset 1 of a new epoch), else read the gap back from history
+        first.
+
+        A live one at an offset already dispatched is most often a
+        duplicate, but it may be a new publication after Redis lost writes
+        (a failover, a restart from an older file): when it is not the very
+        envelope dispatched last, the resync reads the channel again and
+        decides (L{_went_back}).  Offset 0 is the mark of an epoch moved by
+        a node that found lost writes (L{MOVE_EPOCH_SCRIPT}), never a message.
         """
         channel = publication.channel
         waiting = self._resyncing.get(channel)
         if waiting is not None:
             waiting.append(publication)
             return
+        if publication.offset == 0:
+            self._epoch_moved(publication)
+            return
         last = self._last.get(channel)
         if last is not None and not self._follows(last, publication):
             self._resyncing[channel] = [publication]
             self._resync(channel)
             return
+        if (
+            not replayed
+            and last is not None
+            and publication.epoch == last[1]
+            and publication.offset <= last[0]
+            and self._suspicious(channel, publication, last[0])
+        ):
+            self._resyncing[channel] = [publication]
+            self._resync(channel)
+            return
         self._dispatch(publication)
+
+    def _suspicious(self, channel: str, publication: Publication, last_offset: int) -> bool:
+        """Whether an already dispatched offset may carry a new publication (see L{_arrived})."""
+        envelope = self._last_envelope.get(channel)
+        if envelope is None:
+            return False  # the position came from a read: its live copies arrive after it
+        return publication.offset < last_offset or publication.envelope != envelope
+
+    def _epoch_moved(self, mark: Publication) -> None:
+        """Another node moved the channel to a new epoch (lost writes): its subscribers here must recover too."""
+        last = self._last.get(mark.channel)
+        if last is not None and last[1] != mark.epoch:
+            log.warn(
+                "Channel {channel}: Redis lost writes (seen by another node); subscribers must recover",
+                channel=mark.channel,
+            )
+            self._lose(mark.channel)
+
+    def _lose(self, channel: str) -> None:
+        """Continuity is lost: forget the position, fail the waiting reads, tell the subscribers."""
+        self._last.pop(channel, None)
+        self._last_envelope.pop(channel, None)
+        self._release_readers(channel, None)
+        if self._listener is not None:
+            self._listener.lost_continuity(channel)
+
+    def _went_back(self, since: tuple[int, str], envelope: bytes | None, history: History) -> bool:
+        """
+        Whether Redis lost writes that this node dispatched: the channel is
+        in the same epoch but its offset is below C{since}, or its history
+        holds another publication than C{envelope} at that offset.  (With
+        that entry trimmed, or no history kept, only the first is seen.)
+        """
+        if history.state.epoch != since[1]:
+            return False
+        if history.state.offset < since[0]:
+            return True
+        if envelope is not None:
+            for publication in history.publications:
+                if publication.offset == since[0]:
+                    return publication.envelope != envelope
+        return False
+
+    def _move_epoch(self, channel: str, epoch: str) -> Deferred[Any]:
+        """Move C{channel} from C{epoch} to a new one, unless another node did (L{MOVE_EPOCH_SCRIPT})."""
+        new = new_epoch()
+        keys = [self._key("meta", channel), self._key("hist", channel)]
+        args = [
+            epoch,
+            new,
+            int(self.history_ttl * 1000),
+            self._key("m", channel),
+            message_envelope(channel, EPOCH_MARK_EVENT, 0, new, b"null"),
+        ]
+        return self._call("eval", MOVE_EPOCH_SCRIPT, keys, args)
 
     @staticmethod
     def _follows(last: tuple[int, str], publication: Publication) -> bool:
@@ -878,6 +1260,7 @@ class RedisEngine:
         if last is not None and last[1] == publication.epoch and publication.offset <= last[0]:
             return
         self._last[channel] = (publication.offset, publication.epoch)
+        self._last_envelope[channel] = publication.envelope
         if self._listener is not None:
             self._listener.dispatch(publication)
         if channel in self._catching_up:
@@ -895,6 +1278,7 @@ class RedisEngine:
         self._resyncing.setdefault(channel, [])
         token = self._resync_running[channel] = object()
         since = self._last[channel]
+        since_envelope = self._last_envelope.get(channel)
 
         def current() -> bool:
             return self._resync_running.get(channel) is token and self._listener is not None
@@ -902,25 +1286,40 @@ class RedisEngine:
         def replay(history: History) -> None:
             if not current():
                 return
+            if self._went_back(since, since_envelope, history):
+                log.warn(
+                    "Channel {channel}: Redis lost writes this node had dispatched (a failover, or a restart"
+                    " from an older file): moving it to a new epoch; subscribers must recover",
+                    channel=channel,
+                )
+                self._move_epoch(channel, since[1]).addCallbacks(lambda _: finish(None), failed)
+                return
+            finish(history)
+
+        def finish(history: History | None) -> None:
+            if not current():
+                return
             del self._resync_running[channel]
-            if history.state.epoch == since[1] and history.complete:
-                for publication in history.publications:
+            after = None if history is None else self._after(history, since[0], None)
+            if after is not None and after.state.epoch == since[1] and after.complete:
+                for publication in after.publications:
                     self._dispatch(publication)
             else:
                 log.warn(
                     "Channel {channel}: messages were lost between nodes; subscribers must recover", channel=channel
                 )
-                self._last.pop(channel, None)
-                self._release_readers(channel, None)
-                if self._listener is not None:
-                    self._listener.lost_continuity(channel)
+                self._lose(channel)
             if channel in self._resync_again:
                 self._resync_again.discard(channel)
                 if channel in self._last:
                     self._resync(channel)
                     return
-            for publication in self._resyncing.pop(channel, []):
-                self._arrived(publication)
+            waiting = self._resyncing.pop(channel, [])
+            if history is None:
+                # The epoch was moved: what waited of the old one is forgotten with it.
+                waiting = [p for p in waiting if p.epoch != since[1]]
+            for publication in waiting:
+                self._arrived(publication, replayed=True)
 
         def failed(failure: Any) -> None:
             # Redis is not answering yet (the command connection may come back
@@ -937,8 +1336,7 @@ class RedisEngine:
             else:
                 self._resyncing.pop(channel, None)
 
-        d = self._read(channel, with_history=True, wait=False)
-        d.addCallback(lambda h: self._after(h, since[0], None)).addCallbacks(replay, failed)
+        self._read(channel, with_history=True, wait=False).addCallbacks(replay, failed)
 
     # -- presence --------------------------------------------------------
 

@@ -127,13 +127,21 @@ class ShardedEngine:
         history_size: int = 100,
         history_ttl: float = 300.0,
         timeout: float = 2.0,
+        wait_replicas: int = 0,
     ) -> None:
         if len(urls) < 2:
             raise ValueError("a sharded engine needs at least two Redis URLs")
         self.identities = [shard_identity(url) for url in urls]
         self.fingerprint = ring_fingerprint(self.identities)
         self.shards = [
-            RedisEngine(url, reactor, history_size=history_size, history_ttl=history_ttl, timeout=timeout)
+            RedisEngine(
+                url,
+                reactor,
+                history_size=history_size,
+                history_ttl=history_ttl,
+                timeout=timeout,
+                wait_replicas=wait_replicas,
+            )
             for url in urls
         ]
         for shard in self.shards:
