@@ -179,7 +179,7 @@ def test_sentinel_engine_urls_and_settings_reach_the_engine():
         ("redis+sentinel://h:26379", "names the service"),
         ("redis+sentinel://h:26379/svc/zero", "the Redis database must be a number"),
         ("redis+sentinel://h:26379/svc/0?x=1", "takes no query"),
-        ("redis+cluster://h/0", "expected 'memory' or a redis:// URL"),
+        ("redis+cluster://h/0", "expected 'memory', a redis:// URL"),
     ],
 )
 def test_bad_sentinel_urls_say_what_to_write(url, fault):
