@@ -11,7 +11,9 @@ served at C{/openapi.json}) is kept true three ways:
     paths can answer is in it;
 
 and C{schemathesis} generates requests from it against a live daemon: no
-answer may be a 5xx, and every answer must conform to the description.
+answer may be a 5xx, and every answer must conform to the description. The
+signed Pusher HTTP API gets a run of its own, with every request signed by
+the hooks in C{tests/schemathesis_hooks.py}, so that it reaches the handlers.
 
 The validator and schemathesis come with the test extra; without them these
 tests skip, or fail when C{PUSHIE_REQUIRE_SCHEMATHESIS=1} (as in CI).
@@ -26,6 +28,7 @@ import re
 import subprocess
 import sys
 import tempfile
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -193,6 +196,9 @@ async def test_every_described_operation_answers_a_described_status(make_daemon)
 
 # -- schemathesis --------------------------------------------------------
 
+PUSHER_API_PATHS = "^/(apps|users)/"
+"""The signed Pusher HTTP API (tests/schemathesis_hooks.py signs its requests)."""
+
 SCHEMATHESIS_EXCLUDED = [
     # An endless text/event-stream: a generated request would wait for its end.
     "/events",
@@ -204,7 +210,9 @@ SCHEMATHESIS_EXCLUDED = [
 ]
 
 
-def run_schemathesis(url: str, report: Path) -> subprocess.CompletedProcess[str]:
+def run_schemathesis(
+    url: str, report: Path, paths: list[str], env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """The schemathesis CLI against C{url}, in a thread while the reactor serves the daemon."""
     command = [
         sys.executable,
@@ -236,11 +244,10 @@ def run_schemathesis(url: str, report: Path) -> subprocess.CompletedProcess[str]
         "junit",
         "--report-junit-path",
         str(report),
-        "--exclude-path-regex",
-        "^/(apps|users)/",
+        *paths,
         *[arg for path in SCHEMATHESIS_EXCLUDED for arg in ("--exclude-path", path)],
     ]
-    environ = {**os.environ, "NO_COLOR": "1"}
+    environ = {**os.environ, "NO_COLOR": "1", **(env or {})}
     # Run in the report's folder: the CLI leaves a .schemathesis/ folder in its working directory.
     return subprocess.run(
         command, capture_output=True, text=True, env=environ, cwd=report.parent, timeout=180, check=False
@@ -259,11 +266,57 @@ async def test_schemathesis_finds_nothing(make_daemon):
     daemon = await start(make_daemon, publish_rate=0, admin_token=KEY)
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "junit.xml"
-        result = await threads.deferToThread(run_schemathesis, daemon.url, report)
+        result = await threads.deferToThread(
+            run_schemathesis, daemon.url, report, ["--exclude-path-regex", PUSHER_API_PATHS]
+        )
     output = result.stdout[-20000:] + result.stderr[-5000:]
     assert result.returncode == 0, output
     assert re.search(r"\b[1-9]\d* passed\b", output), output
     print(output[output.find("SUMMARY") :])  # the figures, with pytest -s
+
+
+@pytest_twisted.ensureDeferred
+async def test_schemathesis_on_the_signed_pusher_api(make_daemon):
+    """
+    The Pusher HTTP API with every generated request signed with the test
+    app's secret (tests/schemathesis_hooks.py), so that they reach the real
+    handlers: no 5xx, every answer conforms to the description, unsigned
+    probes get their 401, and every operation answered 200 at least once.
+    """
+    need("schemathesis")
+    need("openapi_spec_validator")
+    daemon = await start(make_daemon, publish_rate=0)
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "junit.xml"
+        statuses = Path(tmp) / "statuses"
+        env = {
+            "SCHEMATHESIS_HOOKS": "tests.schemathesis_hooks",
+            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+            "PUSHIE_TEST_PUSHER_APP": f"{APP_ID}:{APP_KEY}:{APP_SECRET}",
+            "PUSHIE_TEST_STATUSES": str(statuses),
+        }
+        result = await threads.deferToThread(
+            run_schemathesis, daemon.url, report, ["--include-path-regex", PUSHER_API_PATHS], env
+        )
+        answered = statuses.read_text(encoding="utf-8").splitlines() if statuses.exists() else []
+    output = result.stdout[-20000:] + result.stderr[-5000:]
+    assert result.returncode == 0, output
+    assert re.search(r"\b[1-9]\d* passed\b", output), output
+    pusher_operations = {f"{m.upper()} {p}" for p, m, _ in operations(spec()) if re.match(PUSHER_API_PATHS, p)}
+    # after_call's lines: METHOD PATH STATUS 'the start of the body'. Every
+    # operation got past the signature to its handler (a 200, or a refusal
+    # of what the handler checks), and the triggers' examples were published.
+    statuses = [line.split(" ", 3) for line in answered]
+    handled = {
+        f"{method} {path}"
+        for method, path, status, body in statuses
+        if status == "200" or (status in ("400", "413") and "invalid_query" not in body)
+    }
+    assert handled == pusher_operations, (sorted(pusher_operations - handled), answered[-50:])
+    ok = {f"{method} {path}" for method, path, status, _ in statuses if status == "200"}
+    assert {f"POST /apps/{{app_id}}/{name}" for name in ("events", "batch_events")} <= ok, answered[-50:]
+    print(output[output.find("SUMMARY") :])
+    print(Counter(status for _, _, status, _ in statuses))  # the figures, with pytest -s
 
 
 @pytest_twisted.ensureDeferred

@@ -326,6 +326,49 @@ async def test_api_refuses_bad_triggers_and_publishes_nothing(make_daemon):
     assert watcher.pending() == []
 
 
+@pytest_twisted.ensureDeferred
+async def test_api_a_method_an_endpoint_does_not_take_is_a_405_with_its_own_allow(make_daemon):
+    """
+    Found by schemathesis (signed requests, tests/schemathesis_hooks.py):
+    every Pusher API path answered C{Allow: GET, POST}, and a signed GET on
+    C{events} a 404. Each endpoint names its own method, signed or not.
+    """
+    daemon = await start(make_daemon)
+    endpoints = {
+        f"/apps/{APP_ID}/events": "POST",
+        f"/apps/{APP_ID}/batch_events": "POST",
+        f"/apps/{APP_ID}/channels": "GET",
+        f"/apps/{APP_ID}/channels/presence-x": "GET",
+        f"/apps/{APP_ID}/channels/presence-x/users/": "GET",
+        f"/apps/{APP_ID}/users/u1/terminate_connections": "POST",
+        "/users/u1/terminate_connections": "POST",
+    }
+    for path, allowed in endpoints.items():
+        for method in ("GET", "POST", "OPTIONS", "DELETE"):
+            if method == allowed:
+                continue
+            for query in ("", signed_query(method, path, b"")):
+                response = await treq.request(method, f"{daemon.url}{path}?{query}", pool=daemon.pool)
+                body = json.loads(await response.content())
+                assert (response.code, body["error"]) == (405, "method_not_allowed"), (method, path, body)
+                assert response.headers.getRawHeaders(b"allow") == [allowed.encode()], (method, path)
+    # HEAD goes with GET; an unknown path is still a 404 once signed.
+    head = await treq.request("HEAD", f"{daemon.url}/apps/{APP_ID}/channels", pool=daemon.pool)
+    assert head.code == 401
+    await head.content()
+    assert (await api(daemon, "GET", f"/apps/{APP_ID}/nothing"))[0] == 404
+
+
+@pytest_twisted.ensureDeferred
+async def test_api_socket_ids_are_ascii_digits(make_daemon):
+    """Python's \\d takes any script's digits; a socket id is ASCII digits, as the daemon issues them."""
+    daemon = await start(make_daemon)
+    for socket_id in ("\u0661\u0662.\u0663", "1.\uff11"):
+        body = {"name": "e", "channel": "c", "data": "{}", "socket_id": socket_id}
+        status, answer = await api(daemon, "POST", f"/apps/{APP_ID}/events", body)
+        assert (status, answer["error"]) == (400, "invalid_socket_id"), socket_id
+
+
 # -- channels and auth -------------------------------------------------------
 
 

@@ -33,7 +33,7 @@ from pushie.files import WatchedFile
 MAX_CHANNEL_LENGTH = 164
 _CHANNEL_RE = re.compile(r"[A-Za-z0-9_\-=@,.;]{1,%d}\Z" % MAX_CHANNEL_LENGTH)  # noqa: UP031
 _APP_FIELD_RE = re.compile(r"[A-Za-z0-9_\-.]{1,128}\Z")
-_SOCKET_ID_RE = re.compile(r"\d{1,20}\.\d{1,20}\Z")
+_SOCKET_ID_RE = re.compile(r"[0-9]{1,20}\.[0-9]{1,20}\Z")  # ASCII digits only (\d also takes other scripts' digits)
 USER_CHANNEL_PREFIX = "#server-to-user-"
 
 

@@ -25,7 +25,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.server import NOT_DONE_YET, Request
 
-from pushie.doors.api import JSONResource, error_of, refuse, write_json
+from pushie.doors.api import JSONResource, error_of, refuse, write_error, write_json
 from pushie.doors.context import Door, DoorContext
 from pushie.doors.pusher.apps import (
     USER_CHANNEL_PREFIX,
@@ -83,6 +83,22 @@ class PusherAPIResource(JSONResource, Door):
         self.max_data_size = settings.max_data_size
         self.rate_limiter = rate_limiter
         self.users_root = users_root
+
+    def render(self, request: Request) -> Any:
+        """
+        A known endpoint asked with a method it does not take: 405 with its own
+        C{Allow} (before the signature is checked: which methods a path takes
+        is no secret).  Other methods on unknown paths: L{JSONResource}'s 405.
+        """
+        allowed = _route_methods(_route_path(request, self.users_root))
+        method = request.method
+        if allowed and method not in allowed and not (method == b"HEAD" and b"GET" in allowed):
+            allow = ", ".join(m.decode() for m in allowed)
+            write_error(
+                request, PushieError(405, "method_not_allowed", f"use {allow} on this path", headers={"Allow": allow})
+            )
+            return NOT_DONE_YET
+        return super().render(request)
 
     def render_GET(self, request: Request) -> int:
         return self._serve(request)
@@ -158,10 +174,7 @@ class PusherAPIResource(JSONResource, Door):
     # -- routing ---------------------------------------------------------
 
     def _route(self, request: Request) -> Deferred[Any]:
-        assert request.postpath is not None  # set by the Site before any render
-        path = [unquote(p.decode("utf-8", "replace")) for p in request.postpath]
-        if path and path[-1] == "":
-            path.pop()
+        path = _path_of(request)
         if self.users_root:
             # /users/<id>/terminate_connections, as pusher-http-python 3.x
             # sends it: no app id in the path, the signed auth_key names the app.
@@ -366,6 +379,32 @@ class PusherAPIResource(JSONResource, Door):
         self._rate_limit(app)
         request = PublishRequest(app.hub_name(USER_CHANNEL_PREFIX + user_id), b"null", TERMINATE_EVENT)
         return self.hub.publish([request]).addCallback(lambda _: {})
+
+
+def _path_of(request: Request) -> list[str]:
+    """The path below this resource, unquoted, without a trailing slash."""
+    assert request.postpath is not None  # set by the Site before any render
+    path = [unquote(p.decode("utf-8", "replace")) for p in request.postpath]
+    if path and path[-1] == "":
+        path.pop()
+    return path
+
+
+def _route_path(request: Request, users_root: bool) -> list[str]:
+    """The path after C{/apps/<app_id>/}, or C{users/...} under the C{/users} root."""
+    path = _path_of(request)
+    return ["users", *path] if users_root else path[1:]
+
+
+def _route_methods(rest: list[str]) -> tuple[bytes, ...]:
+    """The methods the endpoint C{rest} (see L{_route_path}) takes; none for an unknown path."""
+    if rest in (["events"], ["batch_events"]):
+        return (b"POST",)
+    if rest == ["channels"] or (len(rest) in (2, 3) and rest[0] == "channels" and rest[2:] in ([], ["users"])):
+        return (b"GET",)
+    if len(rest) == 3 and rest[0] == "users" and rest[2] == "terminate_connections":
+        return (b"POST",)
+    return ()
 
 
 def _unknown_app(app_id: str) -> App:
