@@ -38,7 +38,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from pushie.engines import EngineListener, IEngine
+from pushie.engines import EngineListener, IEngine, TransitionSink
 from pushie.logs import Throttle
 from pushie.records import ChannelState, History, Member, PresenceEvent, Publication, PublishRequest, history_after
 
@@ -118,6 +118,8 @@ class MemoryEngine:
     _listener: EngineListener | None = attr.ib(default=None, init=False)
     _sweeper: LoopingCall | None = attr.ib(default=None, init=False)
     _throttle: Throttle | None = attr.ib(default=None, init=False)
+    # The Hub's subscriptions per channel (one process: they are all there is).
+    _counts: dict[str, int] = attr.ib(factory=dict, init=False)
 
     # -- service ---------------------------------------------------------
 
@@ -289,6 +291,24 @@ class MemoryEngine:
 
     def occupied(self, prefix: str) -> Deferred[list[str]]:
         return succeed([name for name, c in self._channels.items() if c.watchers and name.startswith(prefix)])
+
+    # -- counts and transitions -------------------------------------------
+
+    def local_count(self, channel: str, count: int) -> None:
+        if count > 0:
+            self._counts[channel] = count
+        else:
+            self._counts.pop(channel, None)
+
+    def counts(self, channels: Sequence[str]) -> Deferred[dict[str, int]]:
+        return succeed({c: self._counts.get(c, 0) for c in channels})
+
+    def channel_counts(self, prefix: str) -> Deferred[dict[str, int]]:
+        return succeed({c: n for c, n in self._counts.items() if c.startswith(prefix)})
+
+    def send_transitions(self, sink: TransitionSink | None, debounce: float, backlog: int) -> bool:
+        # One process: the Hub's local transitions are the cluster's (it tells its webhooks itself).
+        return False
 
     def unwatch(self, name: str) -> None:
         channel = self._channels.get(name)
