@@ -75,7 +75,7 @@ import hashlib
 import hmac
 import random
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -91,6 +91,7 @@ from twisted.web.iweb import IResponse
 
 from pushie import __version__
 from pushie.logs import Throttle
+from pushie.records import Transition
 from pushie.wire import dumps
 
 __all__ = [
@@ -386,6 +387,8 @@ class Webhooks:
         self._cheap: OrderedDict[int, WebhookEvent] = OrderedDict()  # occupancy events
         self._dear: OrderedDict[int, WebhookEvent] = OrderedDict()  # member events
         self._queued: dict[WebhookEvent, int] = {}
+        # Events decided by the engine (L{take}): seq -> the transition and who to settle it with.
+        self._decided: dict[int, tuple[Transition, Callable[[Sequence[Transition]], None]]] = {}
         self._pump_call: IDelayedCall | None = None
         self._in_flight: dict[Deferred[None], None] = {}
         self._sleeping: dict[Deferred[None], None] = {}
@@ -420,6 +423,44 @@ class Webhooks:
     def member_removed(self, channel: str, member_id: str) -> None:
         """A presence member left (held for C{debounce} seconds)."""
         self._later(WebhookEvent(MEMBER_REMOVED, channel, str(member_id)))
+
+    # -- what the engine hands over (the Redis engine: cluster-wide) --------
+
+    def room(self) -> int:
+        """How many more events the queue takes now (the engine reads no more than this: back-pressure)."""
+        if self._stopping or self._closed:
+            return 0
+        return max(0, self.max_queue - self.queued)
+
+    def take(self, transitions: Sequence[Transition], settle: Callable[[Sequence[Transition]], None]) -> None:
+        """
+        Queue transitions already decided cluster-wide (and already
+        debounced) by the engine.  Each is settled with C{settle} once it is
+        delivered, given up (after C{retry_for}, or refused), dropped from a
+        full queue, or cancelled by its opposite; never when this daemon
+        stops first, so that another node delivers it.  Never raises.
+        """
+        for transition in transitions:
+            try:
+                if self._closed:
+                    return
+                event = WebhookEvent(transition.name, transition.channel, transition.user_id)
+                if self._cancel_queued(event.opposite):
+                    self._settle_decided([(transition, settle)])
+                    continue
+                self._enqueue(event, (transition, settle))
+            except Exception:
+                log.failure("Webhook bookkeeping failed for {transition}", transition=transition)
+
+    def _settle_decided(self, decided: Iterable[tuple[Transition, Callable[[Sequence[Transition]], None]]]) -> None:
+        groups: dict[Callable[[Sequence[Transition]], None], list[Transition]] = {}
+        for transition, settle in decided:
+            groups.setdefault(settle, []).append(transition)
+        for settle, group in groups.items():
+            try:
+                settle(group)
+            except Exception:
+                log.failure("Settling webhook transitions failed")
 
     # -- introspection (metrics, tests) -----------------------------------
 
@@ -484,11 +525,18 @@ class Webhooks:
         queue = self._dear if event.name in _MEMBER_EVENTS else self._cheap
         del queue[seq]
         self.cancelled += 2
+        decided = self._decided.pop(seq, None)
+        if decided is not None:
+            self._settle_decided([decided])
         return True
 
-    def _enqueue(self, event: WebhookEvent) -> None:
+    def _enqueue(
+        self, event: WebhookEvent, decided: tuple[Transition, Callable[[Sequence[Transition]], None]] | None = None
+    ) -> None:
         self._seq += 1
         seq = self._seq
+        if decided is not None:
+            self._decided[seq] = decided
         (self._dear if event.name in _MEMBER_EVENTS else self._cheap)[seq] = event
         self._queued[event] = seq
         if self.queued > self.max_queue:
@@ -502,6 +550,9 @@ class Webhooks:
         seq, event = (self._cheap or self._dear).popitem(last=False)
         if self._queued.get(event) == seq:
             del self._queued[event]
+        decided = self._decided.pop(seq, None)
+        if decided is not None:
+            self._settle_decided([decided])  # given up
         self.dropped += 1
         self.dropped_by_event[event.name] = self.dropped_by_event.get(event.name, 0) + 1
         if self.on_drop is not None:
@@ -520,8 +571,8 @@ class Webhooks:
             dropped=self.dropped,
         )
 
-    def _take(self) -> WebhookEvent:
-        """The event that has waited longest, of either kind."""
+    def _take(self) -> tuple[WebhookEvent, tuple[Transition, Callable[[Sequence[Transition]], None]] | None]:
+        """The event that has waited longest, of either kind (and its transition, when the engine decided it)."""
         cheap, dear = self._cheap, self._dear
         if cheap and (not dear or next(iter(cheap)) < next(iter(dear))):
             seq, event = cheap.popitem(last=False)
@@ -529,19 +580,22 @@ class Webhooks:
             seq, event = dear.popitem(last=False)
         if self._queued.get(event) == seq:
             del self._queued[event]
-        return event
+        return event, self._decided.pop(seq, None)
 
     def _clear_queue(self) -> None:
         self._cheap.clear()
         self._dear.clear()
         self._queued.clear()
+        self._decided.clear()  # not settled: another node delivers them
 
     def _pump(self) -> None:
         self._pump_call = None
         while self.queued and len(self._in_flight) < self.concurrency:
             size = min(MAX_BATCH, self.queued)
-            batch = [self._take() for _ in range(size)]
-            d = Deferred.fromCoroutine(self._deliver(batch))
+            taken = [self._take() for _ in range(size)]
+            batch = [event for event, _ in taken]
+            decided = [t for _, t in taken if t is not None]
+            d = Deferred.fromCoroutine(self._deliver(batch, decided))
             self._in_flight[d] = None
             d.addBoth(self._finished, d)
 
@@ -555,8 +609,16 @@ class Webhooks:
 
     # -- delivery --------------------------------------------------------
 
-    async def _deliver(self, batch: list[WebhookEvent]) -> None:
-        """POST one batch until it is accepted, refused, or out of time."""
+    async def _deliver(
+        self,
+        batch: list[WebhookEvent],
+        decided: Sequence[tuple[Transition, Callable[[Sequence[Transition]], None]]] = (),
+    ) -> None:
+        """
+        POST one batch until it is accepted, refused, or out of time; then
+        settle its decided transitions (not when stopped first: they stay
+        the engine's, for another node to deliver).
+        """
         started = self.reactor.seconds()
         body = encode_body(int(started * 1000), batch)
         headers: dict[bytes | str, bytes | str] = {
@@ -572,12 +634,14 @@ class Webhooks:
                 outcome = await self._attempt(body, headers)
                 if outcome.problem is None:
                     self.delivered += len(batch)
+                    self._settle_decided(decided)
                     return
                 if self._stopping:
                     self._failed(len(batch))  # summarised by stop()
                     return
                 if not outcome.retryable:
                     self._gave_up(batch, outcome.problem)
+                    self._settle_decided(decided)
                     return
                 wait = delay * self._random.uniform(0.5, 1.0)
                 wait = max(wait, min(outcome.retry_after, self.max_backoff))
@@ -585,6 +649,7 @@ class Webhooks:
                     self._gave_up(
                         batch, f"{outcome.problem} (gave up after {attempts} attempt{'s' if attempts > 1 else ''})"
                     )
+                    self._settle_decided(decided)
                     return
                 await self._sleep(wait)
                 delay = min(delay * 2, self.max_backoff)

@@ -145,6 +145,19 @@ class IEngine(Interface):
 
 
 @attr.s(frozen=True, auto_attribs=True)
+class ClusterFigures:
+    """
+    What every live node of a cluster holds together, as an engine last
+    learned it (for Redis: at its heartbeat, so up to C{HEARTBEAT_INTERVAL} old).
+    """
+
+    nodes: int
+    connections: int
+    subscriptions: int
+    channels: int
+
+
+@attr.s(frozen=True, auto_attribs=True)
 class EngineSettings:
     """
     What an engine needs from the daemon's settings (built by C{pushie.tap}).
