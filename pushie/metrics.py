@@ -69,7 +69,8 @@ class _BoundsCollector:
     """
     What the bounded stores gave up, read when scraped: the memory engine's
     evictions and accounted bytes, the webhook events dropped from a full
-    queue; and the Redis engine's cluster-wide figures (C{engine.cluster}).  The engine and the webhooks keep plain counts (no metrics on their
+    queue; and the Redis engine's cluster-wide figures (C{engine.cluster}).
+    The engine and the webhooks keep plain counts (no metrics on their
     hot paths); the webhooks are looked up on the Hub at each scrape, since
     they are attached after it is built.
     """

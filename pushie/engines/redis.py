@@ -656,6 +656,15 @@ class _Subscriber(txredisapi.SubscriberProtocol):
         self.factory.engine._on_pubsub(channel, message)
 
 
+class _Commands(txredisapi.RedisProtocol):
+    """A command connection: once it is ready, the engine checks its health (and beats at once when it came up)."""
+
+    def connectionMade(self) -> Deferred[None]:  # type: ignore[override]
+        d = super().connectionMade()
+        d.addCallback(lambda _: self.factory.engine._note_health())
+        return d
+
+
 class _Factory(txredisapi.RedisFactory):
     """
     A connection pool that never gives up reconnecting on its own.
@@ -757,7 +766,7 @@ class RedisEngine:
             username=self.config["username"],
         )
         factory.protocol = protocol
-        if protocol is txredisapi.RedisProtocol:
+        if protocol is _Commands:
             # A dropped command connection is most often a blip: come back at
             # once (a publish whose answer it lost is settled within
             # redis_timeout), then back off (0.1, 0.3, 0.7, 2, 5 s).
@@ -773,7 +782,7 @@ class RedisEngine:
     def start(self, listener: EngineListener) -> Deferred[None]:
         """Connect (in the background: the daemon starts even while Redis is down)."""
         self._listener = listener
-        self._commands = self._factory(txredisapi.RedisProtocol, 2, self.config["db"])
+        self._commands = self._factory(_Commands, 2, self.config["db"])
         self._pubsub_factory = self._factory(_Subscriber, 1, None)
         self._heartbeat = LoopingCall(self._beat)
         self._heartbeat.clock = self.reactor
@@ -828,6 +837,9 @@ class RedisEngine:
             elif self._was_up is not None:
                 log.warn("Lost the Redis connection to {name}: publishing answers 503 until it is back", name=self.name)
             self._was_up = up
+            if up and self._heartbeat is not None and self._heartbeat.running:
+                # Beat at once: the cluster learns of this node (and of its webhooks) now, not in 2 s.
+                self._beat()
 
     def _run(self, d: Deferred[Any]) -> Deferred[Any]:
         """Bound a command by the engine timeout; map every failure to L{EngineUnavailable}."""
