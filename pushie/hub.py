@@ -365,11 +365,6 @@ class Hub(Service):
         """The engine's short name for logs and C{/healthz}: C{memory}, C{redis://host:port/db}."""
         return str(self._engine.name)
 
-    @property
-    def single_node(self) -> bool:
-        """Whether this daemon is the whole deployment (the memory engine), so its local counts are all there is."""
-        return self._engine.name == "memory"
-
     def healthy(self) -> bool:
         """Whether the engine can take publications and answer reads now."""
         return self._engine.healthy()

@@ -1020,6 +1020,8 @@ class RedisEngine:
                     )
                 except Exception:  # noqa: BLE001  no group yet (the heartbeat makes it), or no connection
                     self._read_own = True
+                    if self._sink is None:
+                        break  # stopped: the connection was closed under the read
                     await self._nap(READ_RETRY)
                     continue
                 self._read_own = False
