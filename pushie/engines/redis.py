@@ -32,9 +32,29 @@ than the first is C{<app id>|<name>}):
                    L{PUBLISH_ID_TTL}): a repeated call finds them.
   - pub/sub C{m:c} (publications) and C{p:c} (presence events).
 
-Every name is C{<kind>:} then one channel name, except C{ikey}, C{node}
-and C{pub}; kinds are fixed words without C{:}, so names of different kinds
-or channels never meet.
+Cluster-wide counts and transitions (see "Counts" and "Transitions" below):
+
+  - C{occ:c}       hash node id -> that node's subscriptions of C{c}; a
+                   channel is occupied while it has a field.
+  - C{chans}       set of the occupied channels (for C{GET /channels}).
+  - C{nodes}       set of the node ids that may hold fields anywhere;
+                   C{nchan:<id>} set of the channels a node holds (counts
+                   or presence fields), so its death can be swept.
+  - C{nstat}       hash node id -> C{"<connections> <subscriptions>"}, written
+                   at each heartbeat (the cluster gauges).
+  - C{hooks}       C{"<debounce ms> <stream bound>"} while a node delivers
+                   webhooks (expires with its heartbeat); without it no
+                   transition is recorded.
+  - C{hookheld}    zset of held transitions (C{channel_vacated},
+                   C{member_removed}), score = due time in ms.
+  - C{hookq}       stream of decided transitions (field C{e}: a JSON array
+                   C{[name, channel]} or C{[name, channel, user id]}),
+                   consumer group C{hooks}, one consumer per node id;
+                   C{MAXLEN ~} the stream bound; settled entries are deleted.
+
+Every name is C{<kind>:} then one channel name, except C{ikey}, C{node},
+C{pub}, C{nchan} and the bare names above (which have no C{:}); kinds are
+fixed words without C{:}, so names of different kinds or channels never meet.
 
 One Lua script publishes a whole request (offset, history, idempotency key and
 PUBLISH to the nodes) atomically, so a C{200} means stored and on its way.
@@ -60,6 +80,39 @@ channel's live stream (a reconnect, a lost message) the node reads the missing
 offsets from history before dispatching more, so live subscribers see no gap
 either; when history no longer has them, the subscribers are told to
 resubscribe (and learn C{recovered: false}).
+
+B{Counts.}  The Hub tells the engine its subscriptions per channel at every
+change (L{RedisEngine.local_count}); the channels that changed in a reactor
+turn go to Redis together at its end, in one L{COUNTS_SCRIPT} call (one call
+at a time, so counts land in order).  A count read (L{RedisEngine.counts})
+adds the other live nodes' fields to this node's own, which it knows to the
+moment: another node's subscription counts a reactor turn (plus a Redis round
+trip) after it is made.  Fields of nodes whose heartbeat key is gone are not
+counted, and are swept by the next heartbeat of any live node (L{BEAT_SCRIPT}).
+Each heartbeat also compares what Redis holds of this node with what it
+knows, and sends every count again when Redis lost some (a restart, or this
+node taken for dead after a long pause).
+
+B{Transitions.}  Whether a channel or a member comes or goes for the whole
+cluster is decided inside the scripts that change the counts and presence
+(L{COUNTS_SCRIPT}, L{PRESENCE_ADD_SCRIPT}, L{PRESENCE_REMOVE_SCRIPT}, and the
+sweeps of L{PRESENCE_LIST_SCRIPT} and L{BEAT_SCRIPT}), so each transition is
+decided exactly once however nodes race.  A first (occupied, added) goes to
+the stream C{hookq} at once, unless it undoes a held last of the same channel
+(and member), which is then dropped: a channel vacated on node A and occupied
+on node B within the debounce is no event.  A last (vacated, removed) waits
+in C{hookheld} until due; the deciding node moves it to the stream then
+(L{DUE_SCRIPT}), and any node's heartbeat does too, so a held transition is
+sent even if the node that decided it dies.  Nodes read the stream in the
+consumer group C{hooks} on a connection of their own (a blocking
+C{XREADGROUP}), no more than their sink has room for, and acknowledge and
+delete each entry once the sink settles it (delivered or given up).  The
+entries pending with a consumer whose node heartbeat is gone are claimed by
+a live node (L{CLAIM_SCRIPT}, at its heartbeat) and delivered again: at least
+once.  The stream is bounded (C{MAXLEN ~} the sink's queue bound): past it,
+when no node has delivered for long, the oldest undelivered transitions are
+trimmed and lost.  Transitions are recorded only while some node delivers
+webhooks (the C{hooks} key): give every node the same webhook settings.
 """
 
 from __future__ import annotations
