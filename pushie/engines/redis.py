@@ -789,6 +789,10 @@ class RedisEngine:
     _unsettled: list[bytes] = attr.ib(factory=list, init=False)
     _due_call: Any = attr.ib(default=None, init=False)
     _due_at: float = attr.ib(default=0.0, init=False)
+    # The reader's waits (apart from the publishes' _pauses: stopping the reader must not cut those short).
+    _naps: set[Deferred[None]] = attr.ib(factory=set, init=False)
+    trimmed: int = attr.ib(default=0, init=False)
+    """Transitions trimmed from the stream (past its bound) before this node could deliver them."""
 
     def __attrs_post_init__(self) -> None:
         self.config = parse_redis_url(self.url)
@@ -854,6 +858,8 @@ class RedisEngine:
         self._sink = None
         for pause in list(self._pauses):
             pause.cancel()  # their publishes answer outcome_unknown
+        for nap in list(self._naps):
+            nap.cancel()
         for call in (self._counts_call, self._due_call):
             if call is not None and call.active():
                 call.cancel()
@@ -1022,8 +1028,8 @@ class RedisEngine:
         """
         self._sink = sink
         if sink is None:
-            for pause in list(self._pauses):
-                pause.cancel()
+            for nap in list(self._naps):
+                nap.cancel()
             return True
         self._debounce = max(0.0, debounce)
         self._backlog = max(1, backlog)
@@ -1092,12 +1098,12 @@ class RedisEngine:
         return None
 
     async def _nap(self, seconds: float) -> None:
-        pause: Deferred[None] = deferLater(self.reactor, seconds)
-        self._pauses.add(pause)
+        nap: Deferred[None] = deferLater(self.reactor, seconds)
+        self._naps.add(nap)
         try:
-            await pause
+            await nap
         finally:
-            self._pauses.discard(pause)
+            self._naps.discard(nap)
 
     def _hand_over(self, entries: list[Any]) -> None:
         """Give the sink the transitions of stream entries it does not hold yet; settle the unreadable."""
@@ -1114,6 +1120,14 @@ class RedisEngine:
             self._holding[token] = None
             transitions.append(transition)
         if gone:
+            self.trimmed += len(gone)
+            self._throttle.warn(
+                "hooks_trimmed",
+                "{count} webhook transitions were trimmed from the Redis stream before they could be delivered "
+                "(it keeps about webhook_max_queue undelivered ones; {total} so far)",
+                count=len(gone),
+                total=self.trimmed,
+            )
             self._settle_ids(gone)
         if transitions:
             if self._sink is not None:
