@@ -382,3 +382,54 @@ async def test_kill_9_of_the_delivering_node_mid_retry_still_delivers(own_redis,
             client.close()
         for proc in nodes:
             await stop(proc)
+
+
+def stream_length(redis: RedisServer) -> int:
+    return int(redis.cli("XLEN", "pushie:0:hookq").strip())
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_node_reads_only_what_its_queue_takes_and_the_stream_is_bounded(
+    clean_reactor,  # noqa: F811
+    own_redis,
+    receiver,  # noqa: F811
+):
+    _record_answers(receiver)
+    receiver.default = "hang"
+    node = await start_daemon(
+        engine=own_redis.url,
+        webhook_url=receiver.url,
+        webhook_secret=HOOK_SECRET,
+        webhook_debounce=DEBOUNCE,
+        webhook_timeout=60.0,
+        webhook_max_queue=5,
+    )
+    webhooks = node.hub.webhooks
+    try:
+        await wait_for(lambda: node.engine.cluster is not None)
+        await join(node, "&".join(f"channel=first-{n}" for n in range(30)))
+        # Four POSTs of five events hang (every delivery slot), five events wait in the queue:
+        # the node stops reading there, and the other five stay in Redis.
+        await wait_for(lambda: webhooks.in_flight == 4 and webhooks.queued == 5)
+        await sleep(3 * 0.1 + HEARTBEAT_INTERVAL)  # a few reads (and a heartbeat's claim) later: still so
+        assert webhooks.in_flight == 4 and webhooks.queued == 5 and webhooks.dropped == 0
+        assert len(node.engine._holding) == 25
+        assert stream_length(own_redis) == 30
+
+        # The stream keeps about webhook_max_queue undelivered events (MAXLEN ~: whole
+        # blocks of 100 are trimmed), however many more are decided meanwhile.
+        for block in range(3):
+            await join(node, "&".join(f"channel=more-{block}-{n}" for n in range(100)))
+        assert 5 <= stream_length(own_redis) <= 5 + 200
+
+        receiver.default = 200
+        for request in receiver.hung:
+            request.setResponseCode(200)
+            request.finish()
+        await wait_for(lambda: stream_length(own_redis) == 0, timeout=10)
+        assert pending(own_redis) == []
+        sent = [event for request in receiver.requests for event in request.events]
+        assert len({event for event in sent if event[1].startswith("first-")}) >= 25  # held: delivered, trimmed or not
+        assert not node.engine._holding
+    finally:
+        await node.stop()
