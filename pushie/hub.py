@@ -224,7 +224,10 @@ class Hub(Service):
         @param webhooks: told about the channels that a native client can
             name (L{is_valid_channel}); other doors' channels that the Hub
             carries under names no native client can spell (another Pusher
-            app's, a Pusher user's) are not told about.
+            app's, a Pusher user's) are not told about.  When the engine
+            decides transitions for the whole cluster (Redis), they are given
+            the engine's transitions (L{NativeWebhookSink}) and never the
+            Hub's local ones, which are one node's view.
         """
         self.presence_max_members = presence_max_members
         self.webhooks = webhooks

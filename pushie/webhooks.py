@@ -3,8 +3,14 @@
 Webhooks: tell the app's own server, with signed HTTP POSTs, when a channel
 becomes occupied or vacated and when a presence member joins or leaves.
 
-The Hub calls L{Webhooks.channel_occupied}, L{Webhooks.channel_vacated},
-L{Webhooks.member_added} and L{Webhooks.member_removed} on the reactor thread.
+With one daemon (the memory engine) the Hub calls L{Webhooks.channel_occupied},
+L{Webhooks.channel_vacated}, L{Webhooks.member_added} and
+L{Webhooks.member_removed} on the reactor thread, at its local transitions.
+With the Redis engine the transitions are the cluster's, decided (and
+debounced) in Redis, and the engine hands them over with L{Webhooks.take},
+never more than L{Webhooks.room} (back-pressure); each is settled back to the
+engine once delivered or given up, so that one this daemon never finished
+(it stopped or died first) is delivered by another node.
 Those calls only do bookkeeping: they return at once, never raise and never
 wait for the network, so a slow or dead receiver cannot slow the delivery of
 publications to clients.
