@@ -220,9 +220,12 @@ class Transition:
 
     @ivar token: the engine's handle on it (for Redis, the stream entry id),
         handed back to the engine's C{settle} once the sink is done with it.
+    @ivar time_ms: when it was decided (for a debounced one: when it fell
+        due), in ms since the epoch on the engine's clock; C{None} if unknown.
     """
 
     name: str
     channel: str
     user_id: str | None = None
     token: Any = attr.ib(default=None, eq=False)
+    time_ms: int | None = attr.ib(default=None, eq=False)

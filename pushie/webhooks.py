@@ -53,7 +53,12 @@ Promises and limits, for the next engineer:
     de-duplicate on the signature.
   - B{Order.}  Up to C{concurrency} POSTs are in flight at once and a retried
     one may land after a later one: receivers should order by C{time_ms}
-    rather than by arrival.
+    rather than by arrival.  For the Hub's events C{time_ms} is when the
+    POST was first made; for the engine's (L{take}) it is when the body's
+    first transition was decided, and a POST never mixes transitions of two
+    L{take} calls (for Redis, two runs of the stream), so that bodies ordered
+    by C{time_ms} are ordered as decided, and one resent by another node is
+    the same bytes.
   - B{Bounds.}  At most C{max_queue} events wait; at most C{concurrency}
     batches of L{MAX_BATCH} are being delivered.  Past C{max_queue} the
     cheapest event goes: the oldest occupancy event (C{channel_occupied},
@@ -395,6 +400,9 @@ class Webhooks:
         self._queued: dict[WebhookEvent, int] = {}
         # Events decided by the engine (L{take}): seq -> the transition and who to settle it with.
         self._decided: dict[int, tuple[Transition, Callable[[Sequence[Transition]], None]]] = {}
+        # seq -> the take() call it came in: a POST never mixes two (see _pump).
+        self._take_of: dict[int, int] = {}
+        self._takes = 0
         self._pump_call: IDelayedCall | None = None
         self._in_flight: dict[Deferred[None], None] = {}
         self._sleeping: dict[Deferred[None], None] = {}
@@ -446,6 +454,7 @@ class Webhooks:
         full queue, or cancelled by its opposite; never when this daemon
         stops first, so that another node delivers it.  Never raises.
         """
+        self._takes += 1
         for transition in transitions:
             try:
                 if self._closed:
@@ -455,6 +464,8 @@ class Webhooks:
                     self._settle_decided([(transition, settle)])
                     continue
                 self._enqueue(event, (transition, settle))
+                if self._seq in self._decided:  # not dropped at once from a full queue
+                    self._take_of[self._seq] = self._takes
             except Exception:
                 log.failure("Webhook bookkeeping failed for {transition}", transition=transition)
 
@@ -531,6 +542,7 @@ class Webhooks:
         queue = self._dear if event.name in _MEMBER_EVENTS else self._cheap
         del queue[seq]
         self.cancelled += 2
+        self._take_of.pop(seq, None)
         decided = self._decided.pop(seq, None)
         if decided is not None:
             self._settle_decided([decided])
@@ -556,6 +568,7 @@ class Webhooks:
         seq, event = (self._cheap or self._dear).popitem(last=False)
         if self._queued.get(event) == seq:
             del self._queued[event]
+        self._take_of.pop(seq, None)
         decided = self._decided.pop(seq, None)
         if decided is not None:
             self._settle_decided([decided])  # given up
@@ -586,19 +599,30 @@ class Webhooks:
             seq, event = dear.popitem(last=False)
         if self._queued.get(event) == seq:
             del self._queued[event]
+        self._take_of.pop(seq, None)
         return event, self._decided.pop(seq, None)
+
+    def _next_take(self) -> int | None:
+        """The take() call of the event L{_take} would return next (None: the Hub's own event)."""
+        heads = [next(iter(queue)) for queue in (self._cheap, self._dear) if queue]
+        return self._take_of.get(min(heads)) if heads else None
 
     def _clear_queue(self) -> None:
         self._cheap.clear()
         self._dear.clear()
         self._queued.clear()
         self._decided.clear()  # not settled: another node delivers them
+        self._take_of.clear()
 
     def _pump(self) -> None:
         self._pump_call = None
         while self.queued and len(self._in_flight) < self.concurrency:
-            size = min(MAX_BATCH, self.queued)
-            taken = [self._take() for _ in range(size)]
+            # Transitions of one take() only (for Redis: one contiguous run of the
+            # stream), so that POSTs ordered by their time_ms are ordered as decided.
+            first = self._next_take()
+            taken = [self._take()]
+            while len(taken) < MAX_BATCH and self.queued and self._next_take() == first:
+                taken.append(self._take())
             batch = [event for event, _ in taken]
             decided = [t for _, t in taken if t is not None]
             d = Deferred.fromCoroutine(self._deliver(batch, decided))
@@ -626,7 +650,10 @@ class Webhooks:
         the engine's, for another node to deliver).
         """
         started = self.reactor.seconds()
-        body = encode_body(int(started * 1000), batch)
+        decided_at = [t.time_ms for t, _ in decided if t.time_ms is not None]
+        # The Hub's events: the time of the first POST; the engine's: when the first was decided.
+        time_ms = min(decided_at) if decided_at and len(decided_at) == len(batch) else int(started * 1000)
+        body = encode_body(time_ms, batch)
         headers: dict[bytes | str, bytes | str] = {
             "Content-Type": "application/json",
             "User-Agent": f"Pushie/{__version__}",

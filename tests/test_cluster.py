@@ -370,6 +370,8 @@ async def test_kill_9_of_the_delivering_node_mid_retry_still_delivers(own_redis,
         claimed = [p for p in survivors if b"Took over 1 webhook transitions" in p.output]
         assert len(claimed) == 1, [p.output.decode()[-2000:] for p in survivors]
         assert all(events == [("channel_occupied", "news")] for _, events in receiver.answered[:attempts])
+        # The survivor sent the very same body (time_ms is when the event was decided), so the same signature.
+        assert len({request.body for request in receiver.requests}) == 1
         await sleep(SETTLE)
         if delivering is not subscriber_node:
             # Delivered once; nothing else happened (the subscriber is still there).

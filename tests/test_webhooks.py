@@ -470,8 +470,10 @@ def test_the_queue_keeps_arrival_order_across_kinds():
 # -- transitions decided by the engine (Redis: cluster-wide) -----------------------
 
 
-def _decided(*events: tuple[str, ...]) -> list[Transition]:
-    return [Transition(e[0], e[1], e[2] if len(e) > 2 else None, token=f"id-{n}") for n, e in enumerate(events)]
+def _decided(*events: tuple[str, ...], at: int | None = None) -> list[Transition]:
+    return [
+        Transition(e[0], e[1], e[2] if len(e) > 2 else None, token=f"id-{n}", time_ms=at) for n, e in enumerate(events)
+    ]
 
 
 def test_decided_transitions_are_sent_at_once_and_settled_once_delivered():
@@ -484,6 +486,28 @@ def test_decided_transitions_are_sent_at_once_and_settled_once_delivered():
     s.advance(0)  # already debounced by the engine: not held again
     assert s.receiver.events == [[("channel_vacated", "news"), ("member_removed", "presence-r", "7")]]
     assert settled == ["id-0", "id-1"]
+    s.stop()
+
+
+def test_decided_transitions_carry_when_they_were_decided_and_a_post_never_mixes_two_reads():
+    s = Stubbed(concurrency=1)
+    s.receiver.default = "hang"
+    s.webhooks.take(_decided(("channel_occupied", "busy"), at=1_600_000_000_000), lambda ts: None)
+    s.advance(0)
+    # Two reads of the stream wait together; the second was decided earlier (another node's run).
+    s.webhooks.take(_decided(("channel_occupied", "a"), ("channel_occupied", "b"), at=1_600_000_000_500), len)
+    s.webhooks.take(_decided(("channel_occupied", "c"), at=1_600_000_000_200), lambda ts: None)
+    s.receiver.default = 200
+    s.receiver.hung.pop().finish()
+    s.advance(0)
+    s.advance(0)
+    assert s.receiver.events == [
+        [("channel_occupied", "busy")],
+        [("channel_occupied", "a"), ("channel_occupied", "b")],
+        [("channel_occupied", "c")],
+    ]
+    # time_ms is the decision time (not the POST's), so a receiver that orders by it orders as decided.
+    assert [r.json["time_ms"] for r in s.receiver.requests] == [1_600_000_000_000, 1_600_000_000_500, 1_600_000_000_200]
     s.stop()
 
 

@@ -188,8 +188,9 @@ def _transition(token: bytes, fields: Any) -> Transition | None:
     try:
         values = dict(zip(fields[::2], fields[1::2], strict=True))
         name, channel, *user = json.loads(values[b"e"])
-        return Transition(str(name), str(channel), str(user[0]) if user else None, token)
-    except (TypeError, ValueError, KeyError):
+        decided = int(token.split(b"-", 1)[0])  # the entry id: Redis's clock when it was added
+        return Transition(str(name), str(channel), str(user[0]) if user else None, token, decided)
+    except (TypeError, ValueError, KeyError, AttributeError):
         return None
 
 
