@@ -87,6 +87,7 @@ class _Channel:
     history: deque[tuple[float, Publication]] | None = None
     watchers: int = 0
     members: dict[str, list] = attr.ib(factory=dict)  # sub -> [connections, Member]
+    subscriptions: int = 0  # the Hub's (one process: they are all there is)
 
 
 @implementer(IEngine)
@@ -118,8 +119,6 @@ class MemoryEngine:
     _listener: EngineListener | None = attr.ib(default=None, init=False)
     _sweeper: LoopingCall | None = attr.ib(default=None, init=False)
     _throttle: Throttle | None = attr.ib(default=None, init=False)
-    # The Hub's subscriptions per channel (one process: they are all there is).
-    _counts: dict[str, int] = attr.ib(factory=dict, init=False)
 
     # -- service ---------------------------------------------------------
 
@@ -150,7 +149,13 @@ class MemoryEngine:
 
     def _forget_if_idle(self, name: str) -> None:
         channel = self._channels.get(name)
-        if channel is not None and not channel.history and not channel.watchers and not channel.members:
+        if (
+            channel is not None
+            and not channel.history
+            and not channel.watchers
+            and not channel.members
+            and not channel.subscriptions
+        ):
             del self._channels[name]
 
     def channel_count(self) -> int:
@@ -295,16 +300,27 @@ class MemoryEngine:
     # -- counts and transitions -------------------------------------------
 
     def local_count(self, channel: str, count: int) -> None:
-        if count > 0:
-            self._counts[channel] = count
-        else:
-            self._counts.pop(channel, None)
+        # Kept on the channel's record (a watched channel has one), not in a table of its own.
+        entry = self._channels.get(channel)
+        if entry is None:
+            if count <= 0:
+                return
+            entry = self._channel(channel)
+        entry.subscriptions = max(0, count)
+        if count <= 0:
+            self._forget_if_idle(channel)
 
     def counts(self, channels: Sequence[str]) -> Deferred[dict[str, int]]:
-        return succeed({c: self._counts.get(c, 0) for c in channels})
+        found = {}
+        for name in channels:
+            entry = self._channels.get(name)
+            found[name] = entry.subscriptions if entry is not None else 0
+        return succeed(found)
 
     def channel_counts(self, prefix: str) -> Deferred[dict[str, int]]:
-        return succeed({c: n for c, n in self._counts.items() if c.startswith(prefix)})
+        return succeed(
+            {name: c.subscriptions for name, c in self._channels.items() if c.subscriptions and name.startswith(prefix)}
+        )
 
     def send_transitions(self, sink: TransitionSink | None, debounce: float, backlog: int) -> bool:
         # One process: the Hub's local transitions are the cluster's (it tells its webhooks itself).
