@@ -1111,6 +1111,8 @@ class RedisEngine:
         transitions = []
         gone = []
         for entry in entries:
+            if not entry:
+                continue  # Redis before 7 answers a claim of a trimmed entry with nothing
             token, fields = entry[0], entry[1]
             if token in self._holding:
                 continue
