@@ -338,6 +338,10 @@ async def test_a_killed_nodes_occupancy_and_members_go_with_its_heartbeat(own_re
         assert len(delivered(receiver)) == 6
         assert await channels() == []
         assert pending(own_redis) == []
+        response = await treq.get(f"http://127.0.0.1:{survivor}/metrics", pool=pool)
+        figures = (await response.content()).decode()
+        for line in ("pushie_cluster_nodes 1.0", "pushie_cluster_connections 0.0", "pushie_cluster_channels 0.0"):
+            assert line in figures.splitlines(), figures
     finally:
         if client is not None:
             client.close()
