@@ -439,3 +439,43 @@ async def test_a_node_reads_only_what_its_queue_takes_and_the_stream_is_bounded(
         await wait_for(lambda: not node.engine._holding)  # Redis's answers to the settlements are in
     finally:
         await node.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_counts_redis_lost_are_sent_again_and_webhooks_survive_a_redis_restart(
+    clean_reactor,  # noqa: F811
+    own_redis,
+    receiver,  # noqa: F811
+):
+    _record_answers(receiver)
+    node = await start_daemon(
+        engine=own_redis.url, webhook_url=receiver.url, webhook_secret=HOOK_SECRET, webhook_debounce=DEBOUNCE
+    )
+    try:
+        await wait_for(lambda: node.engine.cluster is not None)
+        client = await join(node, "channel=news")
+        await wait_for(lambda: delivered(receiver) == [("channel_occupied", "news")])
+        # Redis loses this node's counts (as when another node took it for dead after a long
+        # pause and swept it): its next heartbeat sees it and sends them all again; the channel
+        # is counted, and occupied once more (at least once: the same state again).
+        own_redis.cli("DEL", "pushie:0:occ:news", f"pushie:0:nchan:{node.engine.node}", "pushie:0:chans")
+        await wait_for(
+            lambda: delivered(receiver) == [("channel_occupied", "news")] * 2, timeout=HEARTBEAT_INTERVAL + 3
+        )
+        assert json.loads((await node.get("/channels"))[1])["channels"] == [{"name": "news", "subscribers": 1}]
+        await leave(client)
+        await wait_for(lambda: delivered(receiver)[-1:] == [("channel_vacated", "news")], timeout=SETTLE + 2)
+
+        # Redis restarts empty: the consumer group and the webhook settings are made again.
+        own_redis.stop()
+        own_redis.start()
+        await wait_for(
+            lambda: node.engine.healthy() and b"hooks" in own_redis.cli("XINFO", "GROUPS", "pushie:0:hookq").encode(),
+            timeout=15,
+        )
+        again = await join(node, "channel=sport")
+        await wait_for(lambda: delivered(receiver)[-1:] == [("channel_occupied", "sport")], timeout=5)
+        await leave(again)
+        await wait_for(lambda: delivered(receiver)[-1:] == [("channel_vacated", "sport")], timeout=SETTLE + 2)
+    finally:
+        await node.stop()

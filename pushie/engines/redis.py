@@ -786,6 +786,7 @@ class RedisEngine:
     _reader_factory: Any = attr.ib(default=None, init=False)
     _reading: Deferred[None] | None = attr.ib(default=None, init=False)
     _read_own: bool = attr.ib(default=True, init=False)
+    _reader_seen: Any = attr.ib(default=None, init=False)
     _holding: dict[bytes, None] = attr.ib(factory=dict, init=False)
     _unsettled: list[bytes] = attr.ib(factory=list, init=False)
     _due_call: Any = attr.ib(default=None, init=False)
@@ -1062,6 +1063,9 @@ class RedisEngine:
                 if room <= 0 or connection is None:
                     await self._nap(READ_IDLE if connection is not None else READ_RETRY)
                     continue
+                if connection is not self._reader_seen:
+                    self._reader_seen = connection  # a new connection: a read's answer may have been lost
+                    self._read_own = True
                 own = self._read_own
                 count = room + len(self._holding) if own else room
                 try:
