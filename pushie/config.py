@@ -444,7 +444,8 @@ SETTINGS: tuple[Setting, ...] = (
         _positive_int,
         10000,
         "Webhook events that may wait for delivery; past it occupancy events are dropped (oldest first) "
-        "before member events, counted in pushie_webhook_events_dropped_total.",
+        "before member events, counted in pushie_webhook_events_dropped_total. With Redis, also about "
+        "the most undelivered events the cluster's stream keeps (oldest trimmed first).",
         metavar="N",
     ),
     Setting(
@@ -736,11 +737,6 @@ def load_settings(
         raise ConfigError(str(e)) from None
     if values["webhook_url"] and not values["webhook_secret"]:
         raise ConfigError("webhook_url needs webhook_secret: set PUSHIE_WEBHOOK_SECRET (or webhook_secret in the file)")
-    if values["webhook_url"] and values["engine"] != "memory":
-        raise ConfigError(
-            "webhook_url works with the memory engine only for now: with Redis, each daemon would report "
-            "its own occupancy; see README, Webhooks"
-        )
     return Settings(**values)
 
 

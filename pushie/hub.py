@@ -34,7 +34,7 @@ with C{engine_unavailable}.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
 import attr
@@ -49,7 +49,16 @@ from pushie.engines import IEngine
 from pushie.errors import EngineUnavailable, PushieError
 from pushie.limits import ConnectionLimits
 from pushie.metrics import Metrics
-from pushie.records import Burst, ChannelState, History, Member, PresenceEvent, Publication, PublishRequest
+from pushie.records import (
+    Burst,
+    ChannelState,
+    History,
+    Member,
+    PresenceEvent,
+    Publication,
+    PublishRequest,
+    Transition,
+)
 from pushie.webhooks import Webhooks
 
 
@@ -161,6 +170,28 @@ class _LocalChannel:
                 d.callback(None)
 
 
+class NativeWebhookSink:
+    """
+    The engine's cluster-wide transitions, for the native webhooks: those of
+    channels a native client can name (L{is_valid_channel}) go to
+    L{Webhooks.take}; the others (another Pusher app's, a Pusher user's) are
+    settled at once, as the Hub's local transitions of them are never told.
+    """
+
+    def __init__(self, webhooks: Webhooks) -> None:
+        self.webhooks = webhooks
+
+    def room(self) -> int:
+        return self.webhooks.room()
+
+    def take(self, transitions: Sequence[Transition], settle: Callable[[Sequence[Transition]], None]) -> None:
+        native = [t for t in transitions if is_valid_channel(t.channel)]
+        if len(native) < len(transitions):
+            settle([t for t in transitions if not is_valid_channel(t.channel)])
+        if native:
+            self.webhooks.take(native, settle)
+
+
 class Hub(Service):
     """
     Channels, their local subscribers, and the path of each publication.
@@ -193,7 +224,10 @@ class Hub(Service):
         @param webhooks: told about the channels that a native client can
             name (L{is_valid_channel}); other doors' channels that the Hub
             carries under names no native client can spell (another Pusher
-            app's, a Pusher user's) are not told about.
+            app's, a Pusher user's) are not told about.  When the engine
+            decides transitions for the whole cluster (Redis), they are given
+            the engine's transitions (L{NativeWebhookSink}) and never the
+            Hub's local ones, which are one node's view.
         """
         self.presence_max_members = presence_max_members
         self.webhooks = webhooks
@@ -211,12 +245,24 @@ class Hub(Service):
         self._channels: dict[str, _LocalChannel] = {}
         self._closing: list[Deferred[None]] = []
         self.draining = False
+        # Whether the engine decides webhook transitions cluster-wide (Redis);
+        # when it does, the Hub's local ones are not told to the webhooks.
+        self._cluster_transitions = False
 
     # -- service ---------------------------------------------------------
 
     def startService(self) -> Deferred[None]:  # type: ignore[override]
         super().startService()
+        if self.webhooks is not None:
+            self._cluster_transitions = self._engine.send_transitions(
+                NativeWebhookSink(self.webhooks), self.webhooks.debounce, self.webhooks.max_queue
+            )
         return self._engine.start(self)
+
+    @property
+    def _local_webhooks(self) -> Webhooks | None:
+        """The webhooks the Hub's local transitions are told to: none when the engine decides them cluster-wide."""
+        return None if self._cluster_transitions else self.webhooks
 
     def stopService(self) -> Deferred[None]:  # type: ignore[override]
         """
@@ -231,10 +277,18 @@ class Hub(Service):
         self.draining = True
         d = self._drain()
         # After the drain, so the vacated/removed events of the closing
-        # connections are sent.
-        d.addCallback(lambda _: self.webhooks.stop() if self.webhooks is not None else None)
+        # connections are sent (with Redis: decided, and sent by a live node).
+        d.addCallback(lambda _: self._stop_webhooks())
         d.addCallback(lambda _: self._engine.stop())
         return d
+
+    def _stop_webhooks(self) -> Deferred[None] | None:
+        if self.webhooks is None:
+            return None
+        if self._cluster_transitions:
+            # What the engine handed over and is not settled yet is left to another node.
+            self._engine.send_transitions(None, 0, 0)
+        return self.webhooks.stop()
 
     def _drain(self) -> Deferred[None]:
         if not self.connections:
@@ -313,11 +367,6 @@ class Hub(Service):
     def engine_name(self) -> str:
         """The engine's short name for logs and C{/healthz}: C{memory}, C{redis://host:port/db}."""
         return str(self._engine.name)
-
-    @property
-    def single_node(self) -> bool:
-        """Whether this daemon is the whole deployment (the memory engine), so its local counts are all there is."""
-        return self._engine.name == "memory"
 
     def healthy(self) -> bool:
         """Whether the engine can take publications and answer reads now."""
@@ -417,11 +466,12 @@ class Hub(Service):
 
     def presence_changed(self, event: PresenceEvent) -> None:
         """Tell a channel's local subscribers that a member joined or left."""
-        if self.webhooks is not None and is_valid_channel(event.channel):
+        webhooks = self._local_webhooks
+        if webhooks is not None and is_valid_channel(event.channel):
             if event.kind == "join":
-                self.webhooks.member_added(event.channel, event.member.id)
+                webhooks.member_added(event.channel, event.member.id)
             else:
-                self.webhooks.member_removed(event.channel, event.member.id)
+                webhooks.member_removed(event.channel, event.member.id)
         channel = self._channels.get(event.channel)
         if channel is None:
             return
@@ -477,10 +527,12 @@ class Hub(Service):
         channel = self._channels.get(name)
         if channel is None:
             channel = self._channels[name] = _LocalChannel()
-            if self.webhooks is not None and is_valid_channel(name):
-                self.webhooks.channel_occupied(name)
+            webhooks = self._local_webhooks
+            if webhooks is not None and is_valid_channel(name):
+                webhooks.channel_occupied(name)
             self._engine.watch(name).addBoth(channel.watch_done)
         channel.pending[subscriber] = []
+        self._engine.local_count(name, len(channel.subscribers) + len(channel.pending))
         return Deferred.fromCoroutine(self._subscribe(name, channel, subscriber, since, member))
 
     async def _subscribe(
@@ -591,10 +643,12 @@ class Hub(Service):
         if member is not None:
             d = self._engine.presence_remove(name, member, subscriber.client_id)
             d.addErrback(lambda f: self.log.failure("Removing a presence member failed", f))
+        self._engine.local_count(name, len(channel.subscribers) + len(channel.pending))
         if not channel.subscribers and not channel.pending:
             del self._channels[name]
-            if self.webhooks is not None and is_valid_channel(name):
-                self.webhooks.channel_vacated(name)
+            webhooks = self._local_webhooks
+            if webhooks is not None and is_valid_channel(name):
+                webhooks.channel_vacated(name)
             self._engine.unwatch(name)
 
     def unsubscribe_all(self, names: Iterable[str], subscriber: Subscriber) -> None:
@@ -617,3 +671,19 @@ class Hub(Service):
         offsets), at no cost on the dispatch path.
         """
         return [(name, len(c.subscribers), c.epoch, c.last_offset) for name, c in self._channels.items()]
+
+    def connection_count(self) -> int:
+        """This node's open client connections (the engine shares the figure with the cluster)."""
+        return len(self.connections)
+
+    def subscription_counts(self, names: Sequence[str]) -> Deferred[dict[str, int]]:
+        """
+        A Deferred firing with the subscriptions of each channel on every
+        node (see L{IEngine.counts}: with Redis, this node's own to the
+        moment and the other nodes' as of the end of their last reactor turn).
+        """
+        return self._engine.counts(names)
+
+    def channel_counts(self, prefix: str) -> Deferred[dict[str, int]]:
+        """A Deferred firing with the channels starting with C{prefix} subscribed on any node, with their counts."""
+        return self._engine.channel_counts(prefix)

@@ -69,7 +69,8 @@ class _BoundsCollector:
     """
     What the bounded stores gave up, read when scraped: the memory engine's
     evictions and accounted bytes, the webhook events dropped from a full
-    queue; and whether each Redis shard is up.  The engine and the webhooks keep plain counts (no metrics on their
+    queue; whether each Redis shard is up; and the Redis engine's cluster-wide
+    figures (C{engine.cluster}).  The engine and the webhooks keep plain counts (no metrics on their
     hot paths); the webhooks are looked up on the Hub at each scrape, since
     they are attached after it is built.
     """
@@ -112,6 +113,16 @@ class _BoundsCollector:
             for name, healthy in shards_health().items():
                 up.add_metric([name], 1 if healthy else 0)
             yield up
+        cluster = getattr(engine, "cluster", None)
+        if cluster is not None:
+            # The Redis engine's figures for every live node, as of its last heartbeat.
+            for name, text, value in (
+                ("pushie_cluster_nodes", "Live daemons sharing this daemon's Redis.", cluster.nodes),
+                ("pushie_cluster_connections", "Open client connections on every live daemon.", cluster.connections),
+                ("pushie_cluster_subscriptions", "Subscriptions held on every live daemon.", cluster.subscriptions),
+                ("pushie_cluster_channels", "Channels with subscribers on some live daemon.", cluster.channels),
+            ):
+                yield GaugeMetricFamily(name, text + " (cluster-wide, refreshed every 2 s)", value=value)
         webhooks = getattr(self.hub, "webhooks", None)
         if webhooks is not None:
             dropped = CounterMetricFamily(

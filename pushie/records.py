@@ -203,3 +203,29 @@ class PresenceEvent:
         if self._json is None:
             self._json = dumps({"type": self.kind, "channel": self.channel, "member": self.member.to_json()})
         return self._json
+
+
+TRANSITION_NAMES = frozenset({"channel_occupied", "channel_vacated", "member_added", "member_removed"})
+"""The cluster-wide transitions an engine decides (the names webhooks use)."""
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class Transition:
+    """
+    A transition decided once for the whole cluster by an engine (see
+    L{pushie.engines.TransitionSink}): a channel got its first subscriber
+    anywhere (C{channel_occupied}) or lost its last one (C{channel_vacated},
+    after the debounce), a presence member's first connection anywhere
+    (C{member_added}) or its last (C{member_removed}, after the debounce).
+
+    @ivar token: the engine's handle on it (for Redis, the stream entry id),
+        handed back to the engine's C{settle} once the sink is done with it.
+    @ivar time_ms: when it was decided (for a debounced one: when it fell
+        due), in ms since the epoch on the engine's clock; C{None} if unknown.
+    """
+
+    name: str
+    channel: str
+    user_id: str | None = None
+    token: Any = attr.ib(default=None, eq=False)
+    time_ms: int | None = attr.ib(default=None, eq=False)

@@ -3,8 +3,14 @@
 Webhooks: tell the app's own server, with signed HTTP POSTs, when a channel
 becomes occupied or vacated and when a presence member joins or leaves.
 
-The Hub calls L{Webhooks.channel_occupied}, L{Webhooks.channel_vacated},
-L{Webhooks.member_added} and L{Webhooks.member_removed} on the reactor thread.
+With one daemon (the memory engine) the Hub calls L{Webhooks.channel_occupied},
+L{Webhooks.channel_vacated}, L{Webhooks.member_added} and
+L{Webhooks.member_removed} on the reactor thread, at its local transitions.
+With the Redis engine the transitions are the cluster's, decided (and
+debounced) in Redis, and the engine hands them over with L{Webhooks.take},
+never more than L{Webhooks.room} (back-pressure); each is settled back to the
+engine once delivered or given up, so that one this daemon never finished
+(it stopped or died first) is delivered by another node.
 Those calls only do bookkeeping: they return at once, never raise and never
 wait for the network, so a slow or dead receiver cannot slow the delivery of
 publications to clients.
@@ -47,7 +53,12 @@ Promises and limits, for the next engineer:
     de-duplicate on the signature.
   - B{Order.}  Up to C{concurrency} POSTs are in flight at once and a retried
     one may land after a later one: receivers should order by C{time_ms}
-    rather than by arrival.
+    rather than by arrival.  For the Hub's events C{time_ms} is when the
+    POST was first made; for the engine's (L{take}) it is when the body's
+    first transition was decided, and a POST never mixes transitions of two
+    L{take} calls (for Redis, two runs of the stream), so that bodies ordered
+    by C{time_ms} are ordered as decided, and one resent by another node is
+    the same bytes.
   - B{Bounds.}  At most C{max_queue} events wait; at most C{concurrency}
     batches of L{MAX_BATCH} are being delivered.  Past C{max_queue} the
     cheapest event goes: the oldest occupancy event (C{channel_occupied},
@@ -75,7 +86,7 @@ import hashlib
 import hmac
 import random
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -91,6 +102,7 @@ from twisted.web.iweb import IResponse
 
 from pushie import __version__
 from pushie.logs import Throttle
+from pushie.records import Transition
 from pushie.wire import dumps
 
 __all__ = [
@@ -386,6 +398,11 @@ class Webhooks:
         self._cheap: OrderedDict[int, WebhookEvent] = OrderedDict()  # occupancy events
         self._dear: OrderedDict[int, WebhookEvent] = OrderedDict()  # member events
         self._queued: dict[WebhookEvent, int] = {}
+        # Events decided by the engine (L{take}): seq -> the transition and who to settle it with.
+        self._decided: dict[int, tuple[Transition, Callable[[Sequence[Transition]], None]]] = {}
+        # seq -> the take() call it came in: a POST never mixes two (see _pump).
+        self._take_of: dict[int, int] = {}
+        self._takes = 0
         self._pump_call: IDelayedCall | None = None
         self._in_flight: dict[Deferred[None], None] = {}
         self._sleeping: dict[Deferred[None], None] = {}
@@ -420,6 +437,47 @@ class Webhooks:
     def member_removed(self, channel: str, member_id: str) -> None:
         """A presence member left (held for C{debounce} seconds)."""
         self._later(WebhookEvent(MEMBER_REMOVED, channel, str(member_id)))
+
+    # -- what the engine hands over (the Redis engine: cluster-wide) --------
+
+    def room(self) -> int:
+        """How many more events the queue takes now (the engine reads no more than this: back-pressure)."""
+        if self._stopping or self._closed:
+            return 0
+        return max(0, self.max_queue - self.queued)
+
+    def take(self, transitions: Sequence[Transition], settle: Callable[[Sequence[Transition]], None]) -> None:
+        """
+        Queue transitions already decided cluster-wide (and already
+        debounced) by the engine.  Each is settled with C{settle} once it is
+        delivered, given up (after C{retry_for}, or refused), dropped from a
+        full queue, or cancelled by its opposite; never when this daemon
+        stops first, so that another node delivers it.  Never raises.
+        """
+        self._takes += 1
+        for transition in transitions:
+            try:
+                if self._closed:
+                    return
+                event = WebhookEvent(transition.name, transition.channel, transition.user_id)
+                if self._cancel_queued(event.opposite):
+                    self._settle_decided([(transition, settle)])
+                    continue
+                self._enqueue(event, (transition, settle))
+                if self._seq in self._decided:  # not dropped at once from a full queue
+                    self._take_of[self._seq] = self._takes
+            except Exception:
+                log.failure("Webhook bookkeeping failed for {transition}", transition=transition)
+
+    def _settle_decided(self, decided: Iterable[tuple[Transition, Callable[[Sequence[Transition]], None]]]) -> None:
+        groups: dict[Callable[[Sequence[Transition]], None], list[Transition]] = {}
+        for transition, settle in decided:
+            groups.setdefault(settle, []).append(transition)
+        for settle, group in groups.items():
+            try:
+                settle(group)
+            except Exception:
+                log.failure("Settling webhook transitions failed")
 
     # -- introspection (metrics, tests) -----------------------------------
 
@@ -484,11 +542,19 @@ class Webhooks:
         queue = self._dear if event.name in _MEMBER_EVENTS else self._cheap
         del queue[seq]
         self.cancelled += 2
+        self._take_of.pop(seq, None)
+        decided = self._decided.pop(seq, None)
+        if decided is not None:
+            self._settle_decided([decided])
         return True
 
-    def _enqueue(self, event: WebhookEvent) -> None:
+    def _enqueue(
+        self, event: WebhookEvent, decided: tuple[Transition, Callable[[Sequence[Transition]], None]] | None = None
+    ) -> None:
         self._seq += 1
         seq = self._seq
+        if decided is not None:
+            self._decided[seq] = decided
         (self._dear if event.name in _MEMBER_EVENTS else self._cheap)[seq] = event
         self._queued[event] = seq
         if self.queued > self.max_queue:
@@ -502,6 +568,10 @@ class Webhooks:
         seq, event = (self._cheap or self._dear).popitem(last=False)
         if self._queued.get(event) == seq:
             del self._queued[event]
+        self._take_of.pop(seq, None)
+        decided = self._decided.pop(seq, None)
+        if decided is not None:
+            self._settle_decided([decided])  # given up
         self.dropped += 1
         self.dropped_by_event[event.name] = self.dropped_by_event.get(event.name, 0) + 1
         if self.on_drop is not None:
@@ -520,8 +590,8 @@ class Webhooks:
             dropped=self.dropped,
         )
 
-    def _take(self) -> WebhookEvent:
-        """The event that has waited longest, of either kind."""
+    def _take(self) -> tuple[WebhookEvent, tuple[Transition, Callable[[Sequence[Transition]], None]] | None]:
+        """The event that has waited longest, of either kind (and its transition, when the engine decided it)."""
         cheap, dear = self._cheap, self._dear
         if cheap and (not dear or next(iter(cheap)) < next(iter(dear))):
             seq, event = cheap.popitem(last=False)
@@ -529,19 +599,33 @@ class Webhooks:
             seq, event = dear.popitem(last=False)
         if self._queued.get(event) == seq:
             del self._queued[event]
-        return event
+        self._take_of.pop(seq, None)
+        return event, self._decided.pop(seq, None)
+
+    def _next_take(self) -> int | None:
+        """The take() call of the event L{_take} would return next (None: the Hub's own event)."""
+        heads = [next(iter(queue)) for queue in (self._cheap, self._dear) if queue]
+        return self._take_of.get(min(heads)) if heads else None
 
     def _clear_queue(self) -> None:
         self._cheap.clear()
         self._dear.clear()
         self._queued.clear()
+        self._decided.clear()  # not settled: another node delivers them
+        self._take_of.clear()
 
     def _pump(self) -> None:
         self._pump_call = None
         while self.queued and len(self._in_flight) < self.concurrency:
-            size = min(MAX_BATCH, self.queued)
-            batch = [self._take() for _ in range(size)]
-            d = Deferred.fromCoroutine(self._deliver(batch))
+            # Transitions of one take() only (for Redis: one contiguous run of the
+            # stream), so that POSTs ordered by their time_ms are ordered as decided.
+            first = self._next_take()
+            taken = [self._take()]
+            while len(taken) < MAX_BATCH and self.queued and self._next_take() == first:
+                taken.append(self._take())
+            batch = [event for event, _ in taken]
+            decided = [t for _, t in taken if t is not None]
+            d = Deferred.fromCoroutine(self._deliver(batch, decided))
             self._in_flight[d] = None
             d.addBoth(self._finished, d)
 
@@ -555,10 +639,21 @@ class Webhooks:
 
     # -- delivery --------------------------------------------------------
 
-    async def _deliver(self, batch: list[WebhookEvent]) -> None:
-        """POST one batch until it is accepted, refused, or out of time."""
+    async def _deliver(
+        self,
+        batch: list[WebhookEvent],
+        decided: Sequence[tuple[Transition, Callable[[Sequence[Transition]], None]]] = (),
+    ) -> None:
+        """
+        POST one batch until it is accepted, refused, or out of time; then
+        settle its decided transitions (not when stopped first: they stay
+        the engine's, for another node to deliver).
+        """
         started = self.reactor.seconds()
-        body = encode_body(int(started * 1000), batch)
+        decided_at = [t.time_ms for t, _ in decided if t.time_ms is not None]
+        # The Hub's events: the time of the first POST; the engine's: when the first was decided.
+        time_ms = min(decided_at) if decided_at and len(decided_at) == len(batch) else int(started * 1000)
+        body = encode_body(time_ms, batch)
         headers: dict[bytes | str, bytes | str] = {
             "Content-Type": "application/json",
             "User-Agent": f"Pushie/{__version__}",
@@ -572,12 +667,14 @@ class Webhooks:
                 outcome = await self._attempt(body, headers)
                 if outcome.problem is None:
                     self.delivered += len(batch)
+                    self._settle_decided(decided)
                     return
                 if self._stopping:
                     self._failed(len(batch))  # summarised by stop()
                     return
                 if not outcome.retryable:
                     self._gave_up(batch, outcome.problem)
+                    self._settle_decided(decided)
                     return
                 wait = delay * self._random.uniform(0.5, 1.0)
                 wait = max(wait, min(outcome.retry_after, self.max_backoff))
@@ -585,6 +682,7 @@ class Webhooks:
                     self._gave_up(
                         batch, f"{outcome.problem} (gave up after {attempts} attempt{'s' if attempts > 1 else ''})"
                     )
+                    self._settle_decided(decided)
                     return
                 await self._sleep(wait)
                 delay = min(delay * 2, self.max_backoff)

@@ -77,11 +77,12 @@ async def test_a_page_reload_sends_no_webhook(receiver):  # noqa: F811
 def test_webhook_settings_are_checked():
     with pytest.raises(ConfigError, match="needs webhook_secret"):
         load_settings({"webhook_url": "https://app.example.com/hooks"})
-    with pytest.raises(ConfigError, match="memory engine only"):
-        load_settings(
-            {"webhook_url": "https://app.example.com/hooks", "engine": "redis://127.0.0.1:6379/0"},
-            {"PUSHIE_WEBHOOK_SECRET": "s"},
-        )
+    # With Redis, webhooks are cluster-wide (tests/test_cluster.py): no longer refused.
+    clustered = load_settings(
+        {"webhook_url": "https://app.example.com/hooks", "engine": "redis://127.0.0.1:6379/0"},
+        {"PUSHIE_WEBHOOK_SECRET": "s"},
+    )
+    assert clustered.webhook_url == "https://app.example.com/hooks"
     with pytest.raises(ConfigError, match="webhook_url"):
         load_settings({"webhook_url": "ftp://x"}, {"PUSHIE_WEBHOOK_SECRET": "s"})
     with pytest.raises(ConfigError, match="under 300"):

@@ -33,6 +33,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
 from pushie import __version__
+from pushie.records import Transition
 from pushie.webhooks import MAX_BATCH, Webhooks, check_url, encode_body, sign, verify
 from tests.helpers import assert_reactor_clean, wait_for
 
@@ -464,6 +465,92 @@ def test_the_queue_keeps_arrival_order_across_kinds():
         ("channel_occupied", "b"),
     ]
     s.stop()
+
+
+# -- transitions decided by the engine (Redis: cluster-wide) -----------------------
+
+
+def _decided(*events: tuple[str, ...], at: int | None = None) -> list[Transition]:
+    return [
+        Transition(e[0], e[1], e[2] if len(e) > 2 else None, token=f"id-{n}", time_ms=at) for n, e in enumerate(events)
+    ]
+
+
+def test_decided_transitions_are_sent_at_once_and_settled_once_delivered():
+    s = Stubbed(debounce=3.0)
+    settled: list[str] = []
+    s.webhooks.take(
+        _decided(("channel_vacated", "news"), ("member_removed", "presence-r", "7")),
+        lambda ts: settled.extend(t.token for t in ts),
+    )
+    s.advance(0)  # already debounced by the engine: not held again
+    assert s.receiver.events == [[("channel_vacated", "news"), ("member_removed", "presence-r", "7")]]
+    assert settled == ["id-0", "id-1"]
+    s.stop()
+
+
+def test_decided_transitions_carry_when_they_were_decided_and_a_post_never_mixes_two_reads():
+    s = Stubbed(concurrency=1)
+    s.receiver.default = "hang"
+    s.webhooks.take(_decided(("channel_occupied", "busy"), at=1_600_000_000_000), lambda ts: None)
+    s.advance(0)
+    # Two reads of the stream wait together; the second was decided earlier (another node's run).
+    s.webhooks.take(_decided(("channel_occupied", "a"), ("channel_occupied", "b"), at=1_600_000_000_500), len)
+    s.webhooks.take(_decided(("channel_occupied", "c"), at=1_600_000_000_200), lambda ts: None)
+    s.receiver.default = 200
+    s.receiver.hung.pop().finish()
+    s.advance(0)
+    s.advance(0)
+    assert s.receiver.events == [
+        [("channel_occupied", "busy")],
+        [("channel_occupied", "a"), ("channel_occupied", "b")],
+        [("channel_occupied", "c")],
+    ]
+    # time_ms is the decision time (not the POST's), so a receiver that orders by it orders as decided.
+    assert [r.json["time_ms"] for r in s.receiver.requests] == [1_600_000_000_000, 1_600_000_000_500, 1_600_000_000_200]
+    s.stop()
+
+
+def test_decided_transitions_are_settled_when_given_up_but_not_when_stopped_first():
+    s = Stubbed(retry_for=2.0, backoff=1.0)
+    s.receiver.default = 400  # refused: given up at once
+    settled: list[str] = []
+    s.webhooks.take(_decided(("channel_occupied", "refused")), lambda ts: settled.extend(t.token for t in ts))
+    s.advance(0)
+    assert settled == ["id-0"] and s.webhooks.failed == 1
+    s.receiver.default = 503  # retried: still being delivered when the daemon stops
+    s.webhooks.take(
+        [Transition("channel_occupied", "retried", None, "id-9")], lambda ts: settled.extend(t.token for t in ts)
+    )
+    s.advance(0)
+    assert s.webhooks.in_flight == 1
+    s.stop()
+    assert settled == ["id-0"]  # id-9 stays the engine's: another node delivers it
+
+
+def test_decided_transitions_leave_with_their_opposite_and_the_room_bounds_what_is_taken():
+    s = Stubbed(max_queue=4, concurrency=1)
+    s.receiver.default = "hang"
+    settled: list[str] = []
+
+    def settle(ts: Any) -> None:
+        settled.extend(t.token for t in ts)
+
+    s.webhooks.take([Transition("channel_occupied", "busy", None, "b")], settle)
+    s.advance(0)
+    assert s.webhooks.in_flight == 1 and s.webhooks.room() == 4
+    s.webhooks.take([Transition("channel_occupied", "x", None, "o"), Transition("member_added", "p", "1", "a")], settle)
+    assert s.webhooks.room() == 2
+    # The opposite of a waiting event cancels it: both are settled, neither is sent.
+    s.webhooks.take([Transition("channel_vacated", "x", None, "v")], settle)
+    assert s.webhooks.room() == 3 and sorted(settled) == ["o", "v"]
+    s.receiver.default = 200
+    s.receiver.hung.pop().finish()
+    s.advance(0)
+    assert s.receiver.events[-1] == [("member_added", "p", "1")]
+    assert sorted(settled) == ["a", "b", "o", "v"]
+    s.stop()
+    assert s.webhooks.room() == 0  # stopped: takes nothing more
 
 
 # -- against a real receiver -------------------------------------------------------

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.defer import succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
@@ -348,23 +347,31 @@ class ChannelsResource(JSONResource, Door):
 
     def _answer(self, request: Request, path: list[str]) -> Any:
         if path in ([], [""]):
-            channels = [
-                {"name": name, "subscribers": self.hub.subscriber_count(name)}
-                for name in self.hub.channel_names()
-                if is_valid_channel(name)  # not another Pusher app's, nor a Pusher user's
-            ]
-            return succeed(dumps({"channels": channels}))
+            # The cluster's channels and counts (with Redis, every live node's).
+            return self.hub.channel_counts("").addCallback(
+                lambda counts: dumps(
+                    {
+                        "channels": [
+                            {"name": name, "subscribers": count}
+                            for name, count in sorted(counts.items())
+                            if is_valid_channel(name)  # not another Pusher app's, nor a Pusher user's
+                        ]
+                    }
+                )
+            )
         name = check_channel(path[0])
         rest = [p for p in path[1:] if p]
         if not rest:
             return self.hub.state(name).addCallback(
-                lambda state: dumps(
-                    {
-                        "name": name,
-                        "subscribers": self.hub.subscriber_count(name),
-                        "offset": state.offset,
-                        "epoch": state.epoch,
-                    }
+                lambda state: self.hub.subscription_counts([name]).addCallback(
+                    lambda counts: dumps(
+                        {
+                            "name": name,
+                            "subscribers": counts.get(name, 0),
+                            "offset": state.offset,
+                            "epoch": state.epoch,
+                        }
+                    )
                 )
             )
         if rest == ["history"]:

@@ -9,14 +9,14 @@ engine implements the same interface for many.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import attr
 from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
 
-from pushie.records import ChannelState, History, Member, PresenceEvent, Publication, PublishRequest
+from pushie.records import ChannelState, History, Member, PresenceEvent, Publication, PublishRequest, Transition
 
 
 class EngineListener(Protocol):
@@ -30,6 +30,27 @@ class EngineListener(Protocol):
 
     def lost_continuity(self, channel: str) -> None:
         """Publications of a watched channel were lost on the way to this node and cannot be read back."""
+
+    def connection_count(self) -> int:
+        """This node's open client connections (for the cluster-wide figures)."""
+
+
+class TransitionSink(Protocol):
+    """
+    Where an engine that decides transitions cluster-wide sends them (see
+    L{IEngine.send_transitions}): the native webhooks today, other webhook
+    formats later.  The engine hands over at most L{room} transitions at a
+    time (back-pressure: what the sink cannot take stays in the engine's
+    store), and the sink calls C{settle} with each transition once it is done
+    with it (delivered, or given up); a transition never settled (the node
+    died, or stopped first) is delivered again, by this node or another.
+    """
+
+    def room(self) -> int:
+        """How many more transitions it can take now."""
+
+    def take(self, transitions: Sequence[Transition], settle: Callable[[Sequence[Transition]], None]) -> None:
+        """Deliver C{transitions}; call C{settle} with them (in any groups) once each is done."""
 
 
 class IEngine(Interface):
@@ -97,6 +118,43 @@ class IEngine(Interface):
 
     def healthy() -> bool:
         """Whether a publish would be accepted now."""
+
+    def local_count(channel: str, count: int) -> None:
+        """
+        This node now holds C{count} subscriptions of C{channel} (0: none).
+        Called at every change; an engine that shares counts sends them
+        coalesced (for Redis: once per reactor turn).
+        """
+
+    def counts(channels: Sequence[str]) -> Deferred[dict[str, int]]:
+        """The subscriptions of each channel on every live node (0 for none)."""
+
+    def channel_counts(prefix: str) -> Deferred[dict[str, int]]:
+        """The channels starting with C{prefix} that have subscriptions on a live node, with their counts."""
+
+    def send_transitions(sink: TransitionSink | None, debounce: float, backlog: int) -> bool:
+        """
+        Send the cluster-wide transitions this engine decides to C{sink}
+        (C{None}: stop sending them); C{channel_vacated} and C{member_removed}
+        are held C{debounce} seconds, dropped with their opposite if it comes
+        meanwhile; about C{backlog} undelivered transitions are kept.
+
+        @return: whether this engine decides transitions (C{False} for the
+            memory engine: the Hub's local transitions are the cluster's).
+        """
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class ClusterFigures:
+    """
+    What every live node of a cluster holds together, as an engine last
+    learned it (for Redis: at its heartbeat, so up to C{HEARTBEAT_INTERVAL} old).
+    """
+
+    nodes: int
+    connections: int
+    subscriptions: int
+    channels: int
 
 
 @attr.s(frozen=True, auto_attribs=True)

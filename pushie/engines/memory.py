@@ -38,7 +38,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from pushie.engines import EngineListener, IEngine
+from pushie.engines import EngineListener, IEngine, TransitionSink
 from pushie.logs import Throttle
 from pushie.records import ChannelState, History, Member, PresenceEvent, Publication, PublishRequest, history_after
 
@@ -87,6 +87,7 @@ class _Channel:
     history: deque[tuple[float, Publication]] | None = None
     watchers: int = 0
     members: dict[str, list] = attr.ib(factory=dict)  # sub -> [connections, Member]
+    subscriptions: int = 0  # the Hub's (one process: they are all there is)
 
 
 @implementer(IEngine)
@@ -148,7 +149,13 @@ class MemoryEngine:
 
     def _forget_if_idle(self, name: str) -> None:
         channel = self._channels.get(name)
-        if channel is not None and not channel.history and not channel.watchers and not channel.members:
+        if (
+            channel is not None
+            and not channel.history
+            and not channel.watchers
+            and not channel.members
+            and not channel.subscriptions
+        ):
             del self._channels[name]
 
     def channel_count(self) -> int:
@@ -289,6 +296,35 @@ class MemoryEngine:
 
     def occupied(self, prefix: str) -> Deferred[list[str]]:
         return succeed([name for name, c in self._channels.items() if c.watchers and name.startswith(prefix)])
+
+    # -- counts and transitions -------------------------------------------
+
+    def local_count(self, channel: str, count: int) -> None:
+        # Kept on the channel's record (a watched channel has one), not in a table of its own.
+        entry = self._channels.get(channel)
+        if entry is None:
+            if count <= 0:
+                return
+            entry = self._channel(channel)
+        entry.subscriptions = max(0, count)
+        if count <= 0:
+            self._forget_if_idle(channel)
+
+    def counts(self, channels: Sequence[str]) -> Deferred[dict[str, int]]:
+        found = {}
+        for name in channels:
+            entry = self._channels.get(name)
+            found[name] = entry.subscriptions if entry is not None else 0
+        return succeed(found)
+
+    def channel_counts(self, prefix: str) -> Deferred[dict[str, int]]:
+        return succeed(
+            {name: c.subscriptions for name, c in self._channels.items() if c.subscriptions and name.startswith(prefix)}
+        )
+
+    def send_transitions(self, sink: TransitionSink | None, debounce: float, backlog: int) -> bool:
+        # One process: the Hub's local transitions are the cluster's (it tells its webhooks itself).
+        return False
 
     def unwatch(self, name: str) -> None:
         channel = self._channels.get(name)

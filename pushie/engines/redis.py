@@ -32,9 +32,29 @@ than the first is C{<app id>|<name>}):
                    L{PUBLISH_ID_TTL}): a repeated call finds them.
   - pub/sub C{m:c} (publications) and C{p:c} (presence events).
 
-Every name is C{<kind>:} then one channel name, except C{ikey}, C{node}
-and C{pub}; kinds are fixed words without C{:}, so names of different kinds
-or channels never meet.
+Cluster-wide counts and transitions (see "Counts" and "Transitions" below):
+
+  - C{occ:c}       hash node id -> that node's subscriptions of C{c}; a
+                   channel is occupied while it has a field.
+  - C{chans}       set of the occupied channels (for C{GET /channels}).
+  - C{nodes}       set of the node ids that may hold fields anywhere;
+                   C{nchan:<id>} set of the channels a node holds (counts
+                   or presence fields), so its death can be swept.
+  - C{nstat}       hash node id -> C{"<connections> <subscriptions>"}, written
+                   at each heartbeat (the cluster gauges).
+  - C{hooks}       C{"<debounce ms> <stream bound>"} while a node delivers
+                   webhooks (expires with its heartbeat); without it no
+                   transition is recorded.
+  - C{hookheld}    zset of held transitions (C{channel_vacated},
+                   C{member_removed}), score = due time in ms.
+  - C{hookq}       stream of decided transitions (field C{e}: a JSON array
+                   C{[name, channel]} or C{[name, channel, user id]}),
+                   consumer group C{hooks}, one consumer per node id;
+                   C{MAXLEN ~} the stream bound; settled entries are deleted.
+
+Every name is C{<kind>:} then one channel name, except C{ikey}, C{node},
+C{pub}, C{nchan} and the bare names above (which have no C{:}); kinds are
+fixed words without C{:}, so names of different kinds or channels never meet.
 
 One Lua script publishes a whole request (offset, history, idempotency key and
 PUBLISH to the nodes) atomically, so a C{200} means stored and on its way.
@@ -89,6 +109,39 @@ L{SentinelEndpoint}, which asks the sentinels for the primary on every
 attempt, and each new connection checks C{ROLE} (L{_when_primary}); the
 reconnecting pools do the rest.  With C{wait_replicas}, a publish runs
 C{WAIT} after the script on the same connection (L{_wait_for_replicas}).
+
+B{Counts.}  The Hub tells the engine its subscriptions per channel at every
+change (L{RedisEngine.local_count}); the channels that changed in a reactor
+turn go to Redis together at its end, in one L{COUNTS_SCRIPT} call (one call
+at a time, so counts land in order).  A count read (L{RedisEngine.counts})
+adds the other live nodes' fields to this node's own, which it knows to the
+moment: another node's subscription counts a reactor turn (plus a Redis round
+trip) after it is made.  Fields of nodes whose heartbeat key is gone are not
+counted, and are swept by the next heartbeat of any live node (L{BEAT_SCRIPT}).
+Each heartbeat also compares what Redis holds of this node with what it
+knows, and sends every count again when Redis lost some (a restart, or this
+node taken for dead after a long pause).
+
+B{Transitions.}  Whether a channel or a member comes or goes for the whole
+cluster is decided inside the scripts that change the counts and presence
+(L{COUNTS_SCRIPT}, L{PRESENCE_ADD_SCRIPT}, L{PRESENCE_REMOVE_SCRIPT}, and the
+sweeps of L{PRESENCE_LIST_SCRIPT} and L{BEAT_SCRIPT}), so each transition is
+decided exactly once however nodes race.  A first (occupied, added) goes to
+the stream C{hookq} at once, unless it undoes a held last of the same channel
+(and member), which is then dropped: a channel vacated on node A and occupied
+on node B within the debounce is no event.  A last (vacated, removed) waits
+in C{hookheld} until due; the deciding node moves it to the stream then
+(L{DUE_SCRIPT}), and any node's heartbeat does too, so a held transition is
+sent even if the node that decided it dies.  Nodes read the stream in the
+consumer group C{hooks} on a connection of their own (a blocking
+C{XREADGROUP}), no more than their sink has room for, and acknowledge and
+delete each entry once the sink settles it (delivered or given up).  The
+entries pending with a consumer whose node heartbeat is gone are claimed by
+a live node (L{CLAIM_SCRIPT}, at its heartbeat) and delivered again: at least
+once.  The stream is bounded (C{MAXLEN ~} the sink's queue bound): past it,
+when no node has delivered for long, the oldest undelivered transitions are
+trimmed and lost.  Transitions are recorded only while some node delivers
+webhooks (the C{hooks} key): give every node the same webhook settings.
 """
 
 from __future__ import annotations
@@ -114,7 +167,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from pushie.channels import is_presence
-from pushie.engines import EngineListener, IEngine
+from pushie.engines import ClusterFigures, EngineListener, IEngine, TransitionSink
 from pushie.engines.memory import IDEMPOTENCY_WINDOW, new_epoch
 from pushie.errors import EngineUnavailable, OutcomeUnknown
 from pushie.logs import Throttle
@@ -126,6 +179,7 @@ from pushie.records import (
     PresenceEvent,
     Publication,
     PublishRequest,
+    Transition,
     history_after,
 )
 from pushie.wire import dumps, envelope_parts, message_envelope
@@ -144,6 +198,30 @@ Seconds (at least; 4 x redis_timeout when longer) that Redis remembers a
 publish id and its answers: longer than any copy of one call may still run,
 as retries are sent within 2 x redis_timeout of the first.
 """
+
+COUNTS_BATCH = 500
+"""Channels whose counts go to Redis in one call."""
+READ_BATCH = 100
+"""Transitions read from the stream at once (a webhook POST carries up to 100 events)."""
+READ_BLOCK = 1.0
+"""Seconds a blocking read of the transition stream waits for an entry."""
+READ_RETRY = 0.5
+"""Seconds before reading the transition stream again after a failure (no connection, no group yet)."""
+READ_IDLE = 0.1
+"""Seconds before asking again whether the sink has room, when it had none."""
+DUE_SLACK = 0.05
+"""Seconds after a held transition falls due before this node moves it to the stream (the heartbeat also does)."""
+
+
+def _transition(token: bytes, fields: Any) -> Transition | None:
+    """The transition of a stream entry (C{e}: a JSON array name, channel[, user id]); None if unreadable."""
+    try:
+        values = dict(zip(fields[::2], fields[1::2], strict=True))
+        name, channel, *user = json.loads(values[b"e"])
+        decided = int(token.split(b"-", 1)[0])  # the entry id: Redis's clock when it was added
+        return Transition(str(name), str(channel), str(user[0]) if user else None, token, decided)
+    except (TypeError, ValueError, KeyError, AttributeError):
+        return None
 
 
 class _NotSent(Exception):
@@ -261,21 +339,108 @@ redis.call('PUBLISH', ARGV[4], ARGV[5])
 return ARGV[2]
 """
 
-PRESENCE_ADD_SCRIPT = r"""
+CLUSTER_LUA = r"""
+-- Shared by the scripts that decide cluster-wide transitions (prepended to them).
+-- Transitions go to the stream 'hookq' only while some node delivers webhooks
+-- (the key 'hooks' holds "<debounce ms> <stream bound>", refreshed by its heartbeat).
+-- A first (occupied, added) undoes a held last (vacated, removed) of the same
+-- channel (and member), and is then no transition at all; a last is held in the
+-- zset 'hookheld' until its due time (see DUE in BEAT_SCRIPT).
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function hooks_conf(prefix)
+  local value = redis.call('GET', prefix .. 'hooks')
+  if not value then return nil end
+  local debounce, bound = string.match(value, '^(%d+) (%d+)$')
+  return tonumber(debounce), tonumber(bound)
+end
+local function hook_add(prefix, bound, event)
+  redis.call('XADD', prefix .. 'hookq', 'MAXLEN', '~', bound, '*', 'e', event)
+end
+local function hook_first(prefix, event, opposite)
+  local debounce, bound = hooks_conf(prefix)
+  if not debounce then return end
+  if redis.call('ZREM', prefix .. 'hookheld', opposite) == 1 then return end
+  hook_add(prefix, bound, event)
+end
+local function hook_last(prefix, event)
+  local debounce, bound = hooks_conf(prefix)
+  if not debounce then return end
+  if debounce <= 0 then
+    hook_add(prefix, bound, event)
+  else
+    redis.call('ZADD', prefix .. 'hookheld', 'NX', now_ms() + debounce, event)
+  end
+end
+local function occupancy(name, channel) return cjson.encode({name, channel}) end
+local function membership(name, channel, user) return cjson.encode({name, channel, tostring(user)}) end
+local function alive(prefix, cache, node)
+  if cache[node] == nil then cache[node] = redis.call('EXISTS', prefix .. 'node:' .. node) == 1 end
+  return cache[node]
+end
+-- Remove the presence fields of dead nodes from a channel: a 'leave' to the
+-- nodes and a member_removed for each member left with no connection.
+-- Returns the members left (one JSON value per member id).
+local function sweep_presence(prefix, channel, cache)
+  local pres = prefix .. 'pres:' .. channel
+  local fields = redis.call('HGETALL', pres)
+  local removed = {}
+  for i = 1, #fields, 2 do
+    local node = string.match(fields[i], '^([^/]+)/')
+    if node and not alive(prefix, cache, node) then
+      redis.call('HDEL', pres, fields[i])
+      removed[#removed + 1] = fields[i + 1]
+    end
+  end
+  local members, seen = {}, {}
+  for _, value in ipairs(redis.call('HVALS', pres)) do
+    local id = cjson.decode(value)['id']
+    if not seen[id] then
+      seen[id] = true
+      members[#members + 1] = value
+    end
+  end
+  local told = {}
+  for _, value in ipairs(removed) do
+    local id = cjson.decode(value)['id']
+    if not seen[id] and not told[id] then
+      told[id] = true
+      redis.call('PUBLISH', prefix .. 'p:' .. channel, '{"kind":"leave","channel":' .. cjson.encode(channel) ..
+        ',"member":' .. value .. ',"origin":null}')
+      hook_last(prefix, membership('member_removed', channel, id))
+    end
+  end
+  return members
+end
+"""
+
+PRESENCE_ADD_SCRIPT = (
+    CLUSTER_LUA
+    + r"""
 -- KEYS: pres, this node's heartbeat key.  ARGV: field, member_json, member_id,
--- pubsub channel, event_json, heartbeat ttl
+-- pubsub channel, event_json, heartbeat ttl, prefix, channel, node
 redis.call('SET', KEYS[2], '1', 'EX', tonumber(ARGV[6]))
+redis.call('SADD', ARGV[7] .. 'nodes', ARGV[9])
+redis.call('SADD', ARGV[7] .. 'nchan:' .. ARGV[9], ARGV[8])
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 local count = 0
 for _, value in ipairs(redis.call('HVALS', KEYS[1])) do
   if cjson.decode(value)['id'] == ARGV[3] then count = count + 1 end
 end
-if count == 1 then redis.call('PUBLISH', ARGV[4], ARGV[5]) end
+if count == 1 then
+  redis.call('PUBLISH', ARGV[4], ARGV[5])
+  hook_first(ARGV[7], membership('member_added', ARGV[8], ARGV[3]), membership('member_removed', ARGV[8], ARGV[3]))
+end
 return count
 """
+)
 
-PRESENCE_REMOVE_SCRIPT = r"""
--- KEYS: pres.  ARGV: field, member_id, pubsub channel, event_json
+PRESENCE_REMOVE_SCRIPT = (
+    CLUSTER_LUA
+    + r"""
+-- KEYS: pres.  ARGV: field, member_id, pubsub channel, event_json, prefix, channel
 local value = redis.call('HGET', KEYS[1], ARGV[1])
 if not value then return 0 end
 redis.call('HDEL', KEYS[1], ARGV[1])
@@ -283,43 +448,198 @@ for _, other in ipairs(redis.call('HVALS', KEYS[1])) do
   if cjson.decode(other)['id'] == ARGV[2] then return 1 end
 end
 redis.call('PUBLISH', ARGV[3], ARGV[4])
+hook_last(ARGV[5], membership('member_removed', ARGV[6], ARGV[2]))
 return 1
 """
+)
 
-PRESENCE_LIST_SCRIPT = r"""
--- KEYS: pres.  ARGV: node key prefix, channel, pubsub channel
--- Sweeps the fields of nodes whose heartbeat expired (publishing a leave for
--- members left with no connection), then returns the member JSON values.
-local fields = redis.call('HGETALL', KEYS[1])
-local alive = {}
-local removed = {}
-for i = 1, #fields, 2 do
-  local node = string.match(fields[i], '^([^/]+)/')
-  if alive[node] == nil then alive[node] = redis.call('EXISTS', ARGV[1] .. node) == 1 end
-  if not alive[node] then
-    redis.call('HDEL', KEYS[1], fields[i])
-    removed[#removed + 1] = fields[i + 1]
+PRESENCE_LIST_SCRIPT = (
+    CLUSTER_LUA
+    + r"""
+-- ARGV: prefix, channel.  Sweeps the fields of nodes whose heartbeat expired
+-- (see sweep_presence), then returns the member JSON values.
+return sweep_presence(ARGV[1], ARGV[2], {})
+"""
+)
+
+COUNTS_SCRIPT = (
+    CLUSTER_LUA
+    + r"""
+-- ARGV: prefix, node, heartbeat ttl, then pairs channel, count: this node's
+-- subscriptions per channel now (0: none).  The first count of a channel
+-- anywhere occupies it, the last one gone vacates it.
+local prefix, node = ARGV[1], ARGV[2]
+redis.call('SET', prefix .. 'node:' .. node, '1', 'EX', tonumber(ARGV[3]))
+redis.call('SADD', prefix .. 'nodes', node)
+local held = prefix .. 'nchan:' .. node
+for i = 4, #ARGV, 2 do
+  local channel, count = ARGV[i], tonumber(ARGV[i + 1])
+  local occ = prefix .. 'occ:' .. channel
+  if count > 0 then
+    if redis.call('HSET', occ, node, count) == 1 then
+      redis.call('SADD', held, channel)
+      if redis.call('HLEN', occ) == 1 then
+        redis.call('SADD', prefix .. 'chans', channel)
+        hook_first(prefix, occupancy('channel_occupied', channel), occupancy('channel_vacated', channel))
+      end
+    end
+  elseif redis.call('HDEL', occ, node) == 1 then
+    redis.call('SREM', held, channel)
+    if redis.call('HLEN', occ) == 0 then
+      redis.call('SREM', prefix .. 'chans', channel)
+      hook_last(prefix, occupancy('channel_vacated', channel))
+    end
   end
 end
-local members = {}
-local seen = {}
-for _, value in ipairs(redis.call('HVALS', KEYS[1])) do
-  local id = cjson.decode(value)['id']
-  if not seen[id] then
-    seen[id] = true
-    members[#members + 1] = value
+return 1
+"""
+)
+
+BEAT_SCRIPT = (
+    CLUSTER_LUA
+    + r"""
+-- ARGV: prefix, node, heartbeat ttl, connections, subscriptions, hooks
+-- ('<debounce ms> <stream bound>' when this node delivers webhooks, else '').
+-- The heartbeat, then what any live node may do for the cluster, atomically
+-- (so exactly once): sweep the nodes whose heartbeat expired (their counts and
+-- presence fields go, with the transitions that makes), move the held
+-- transitions that are due to the stream.  Returns the channels this node is
+-- known to hold, then the cluster's live nodes, connections, subscriptions
+-- and occupied channels.
+local prefix, node = ARGV[1], ARGV[2]
+local ttl = tonumber(ARGV[3])
+redis.call('SET', prefix .. 'node:' .. node, '1', 'EX', ttl)
+redis.call('SADD', prefix .. 'nodes', node)
+redis.call('HSET', prefix .. 'nstat', node, ARGV[4] .. ' ' .. ARGV[5])
+if ARGV[6] ~= '' then
+  redis.call('SET', prefix .. 'hooks', ARGV[6], 'EX', ttl)
+  redis.pcall('XGROUP', 'CREATE', prefix .. 'hookq', 'hooks', '0', 'MKSTREAM')
+end
+local cache = {}
+local nodes, connections, subscriptions = 0, 0, 0
+for _, other in ipairs(redis.call('SMEMBERS', prefix .. 'nodes')) do
+  if alive(prefix, cache, other) then
+    nodes = nodes + 1
+    local figures = redis.call('HGET', prefix .. 'nstat', other)
+    if figures then
+      local c, s = string.match(figures, '^(%d+) (%d+)$')
+      connections = connections + tonumber(c)
+      subscriptions = subscriptions + tonumber(s)
+    end
+  else
+    local held = prefix .. 'nchan:' .. other
+    for _, channel in ipairs(redis.call('SMEMBERS', held)) do
+      local occ = prefix .. 'occ:' .. channel
+      if redis.call('HDEL', occ, other) == 1 and redis.call('HLEN', occ) == 0 then
+        redis.call('SREM', prefix .. 'chans', channel)
+        hook_last(prefix, occupancy('channel_vacated', channel))
+      end
+      sweep_presence(prefix, channel, cache)
+    end
+    redis.call('DEL', held)
+    redis.call('HDEL', prefix .. 'nstat', other)
+    redis.call('SREM', prefix .. 'nodes', other)
   end
 end
-local told = {}
-for _, value in ipairs(removed) do
-  local id = cjson.decode(value)['id']
-  if not seen[id] and not told[id] then
-    told[id] = true
-    redis.call('PUBLISH', ARGV[3], '{"kind":"leave","channel":' .. cjson.encode(ARGV[2]) ..
-      ',"member":' .. value .. ',"origin":null}')
+local debounce, bound = hooks_conf(prefix)
+if debounce then
+  local due = redis.call('ZRANGEBYSCORE', prefix .. 'hookheld', '-inf', now_ms(), 'LIMIT', 0, 1000)
+  for _, event in ipairs(due) do
+    redis.call('ZREM', prefix .. 'hookheld', event)
+    hook_add(prefix, bound, event)
   end
 end
-return members
+return {redis.call('SCARD', prefix .. 'nchan:' .. node), nodes, connections, subscriptions,
+  redis.call('SCARD', prefix .. 'chans')}
+"""
+)
+
+DUE_SCRIPT = (
+    CLUSTER_LUA
+    + r"""
+-- ARGV: prefix.  Move the held transitions that are due to the stream.
+local debounce, bound = hooks_conf(ARGV[1])
+if not debounce then return 0 end
+local due = redis.call('ZRANGEBYSCORE', ARGV[1] .. 'hookheld', '-inf', now_ms(), 'LIMIT', 0, 1000)
+for _, event in ipairs(due) do
+  redis.call('ZREM', ARGV[1] .. 'hookheld', event)
+  hook_add(ARGV[1], bound, event)
+end
+return #due
+"""
+)
+
+CLUSTER_COUNTS_SCRIPT = (
+    CLUSTER_LUA
+    + r"""
+-- ARGV: prefix, node, mode ('c': the channels that follow; 'p': every occupied
+-- channel starting with the next argument), then names or the prefix.
+-- Returns channel, count pairs: the subscriptions of live nodes other than
+-- this one (the caller adds its own, which it knows better).
+local prefix, me, mode = ARGV[1], ARGV[2], ARGV[3]
+local names = {}
+if mode == 'c' then
+  for i = 4, #ARGV do names[#names + 1] = ARGV[i] end
+else
+  local start = ARGV[4]
+  for _, channel in ipairs(redis.call('SMEMBERS', prefix .. 'chans')) do
+    if string.sub(channel, 1, #start) == start then names[#names + 1] = channel end
+  end
+end
+local cache, out = {}, {}
+for _, channel in ipairs(names) do
+  local fields = redis.call('HGETALL', prefix .. 'occ:' .. channel)
+  local n = 0
+  for j = 1, #fields, 2 do
+    if fields[j] ~= me and alive(prefix, cache, fields[j]) then n = n + tonumber(fields[j + 1]) end
+  end
+  out[#out + 1] = channel
+  out[#out + 1] = n
+end
+return out
+"""
+)
+
+CLAIM_SCRIPT = r"""
+-- ARGV: prefix, node, count.  Claim (for this node) up to count transitions
+-- pending with consumers whose node heartbeat is gone (they died before
+-- settling them), then forget such consumers once they hold nothing.
+local prefix, me, count = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local stream = prefix .. 'hookq'
+if redis.call('EXISTS', stream) == 0 then return {} end
+local ok, pending = pcall(redis.call, 'XPENDING', stream, 'hooks', '-', '+', 1000)
+if not ok then return {} end
+local cache, ids = {}, {}
+for _, entry in ipairs(pending) do
+  local consumer = entry[2]
+  if consumer ~= me and #ids < count then
+    if cache[consumer] == nil then cache[consumer] = redis.call('EXISTS', prefix .. 'node:' .. consumer) == 1 end
+    if not cache[consumer] then ids[#ids + 1] = entry[1] end
+  end
+end
+local claimed = {}
+if #ids > 0 then claimed = redis.call('XCLAIM', stream, 'hooks', me, 0, unpack(ids)) end
+for _, consumer in ipairs(redis.call('XINFO', 'CONSUMERS', stream, 'hooks')) do
+  local name, held = nil, nil
+  for i = 1, #consumer, 2 do
+    if consumer[i] == 'name' then name = consumer[i + 1] elseif consumer[i] == 'pending' then held = consumer[i + 1] end
+  end
+  if name and name ~= me and held == 0 and redis.call('EXISTS', prefix .. 'node:' .. name) == 0 then
+    redis.call('XGROUP', 'DELCONSUMER', stream, 'hooks', name)
+  end
+end
+return claimed
+"""
+
+SETTLE_SCRIPT = r"""
+-- ARGV: prefix, then stream ids: delivered (or given up): acknowledged and deleted,
+-- so that the stream holds only what is still to deliver.
+local stream = ARGV[1] .. 'hookq'
+for i = 2, #ARGV do
+  redis.call('XACK', stream, 'hooks', ARGV[i])
+  redis.call('XDEL', stream, ARGV[i])
+end
+return #ARGV - 1
 """
 
 
@@ -570,13 +890,6 @@ def _when_primary(protocol: Any, proceed: Any) -> Deferred[Any]:
     return Deferred.fromCoroutine(check())
 
 
-class _Commands(txredisapi.RedisProtocol):
-    """A command connection (of a pool of them): with Sentinel, used only once it reaches a primary."""
-
-    def connectionMade(self) -> Deferred[None]:  # type: ignore[override]
-        return _when_primary(self, super().connectionMade)
-
-
 class _Subscriber(txredisapi.SubscriberProtocol):
     """
     The node's pub/sub connection: hands messages to the engine, re-subscribes when (re)connected.
@@ -630,6 +943,19 @@ class _Subscriber(txredisapi.SubscriberProtocol):
 
     def messageReceived(self, pattern: Any, channel: bytes, message: bytes) -> None:
         self.factory.engine._on_pubsub(channel, message)
+
+
+class _Commands(txredisapi.RedisProtocol):
+    """
+    A command connection (of a pool of them): with Sentinel, used only once
+    it reaches a primary; once it is ready, the engine checks its health (and
+    beats at once when it came up).
+    """
+
+    def connectionMade(self) -> Deferred[None]:  # type: ignore[override]
+        d = _when_primary(self, super().connectionMade)
+        d.addCallback(lambda _: self.factory.engine._note_health())
+        return d
 
 
 class _Factory(txredisapi.RedisFactory):
@@ -691,6 +1017,33 @@ class RedisEngine:
     _publish_ids: Any = attr.ib(factory=lambda: itertools.count(1), init=False)
     # Publishes waiting to settle a lost answer, paused until the next try.
     _pauses: set[Deferred[None]] = attr.ib(factory=set, init=False)
+    # Counts: this node's subscriptions per channel, the channels whose count Redis
+    # has not been told yet, and the one COUNTS_SCRIPT call under way (they go one
+    # at a time, so that an older count never lands after a newer one).
+    _local: dict[str, int] = attr.ib(factory=dict, init=False)
+    _dirty: set[str] = attr.ib(factory=set, init=False)
+    _counts_call: Any = attr.ib(default=None, init=False)
+    _counting: bool = attr.ib(default=False, init=False)
+    cluster: ClusterFigures | None = attr.ib(default=None, init=False)
+    """The cluster's figures as of this node's last heartbeat (C{None} before the first)."""
+    # Transitions: the sink they go to, the debounce and stream bound, the reader
+    # (a connection of its own: it blocks), the transitions handed to the sink and
+    # not settled yet (stream id -> None), settlements Redis has not confirmed.
+    _sink: TransitionSink | None = attr.ib(default=None, init=False)
+    _debounce: float = attr.ib(default=0.0, init=False)
+    _backlog: int = attr.ib(default=0, init=False)
+    _reader_factory: Any = attr.ib(default=None, init=False)
+    _reading: Deferred[None] | None = attr.ib(default=None, init=False)
+    _read_own: bool = attr.ib(default=True, init=False)
+    _reader_seen: Any = attr.ib(default=None, init=False)
+    _holding: dict[bytes, None] = attr.ib(factory=dict, init=False)
+    _unsettled: list[bytes] = attr.ib(factory=list, init=False)
+    _due_call: Any = attr.ib(default=None, init=False)
+    _due_at: float = attr.ib(default=0.0, init=False)
+    # The reader's waits (apart from the publishes' _pauses: stopping the reader must not cut those short).
+    _naps: set[Deferred[None]] = attr.ib(factory=set, init=False)
+    trimmed: int = attr.ib(default=0, init=False)
+    """Transitions trimmed from the stream (past its bound) before this node could deliver them."""
 
     def __attrs_post_init__(self) -> None:
         self.config = parse_redis_url(self.url)
@@ -721,7 +1074,7 @@ class RedisEngine:
             endpoint = wrapClientTLS(optionsForClientTLS(self.config["host"]), endpoint)
         return endpoint
 
-    def _factory(self, protocol: type, poolsize: int, dbid: int | None) -> Any:
+    def _factory(self, protocol: type, poolsize: int, dbid: int | None, reply_timeout: float | None = None) -> Any:
         factory = _Factory(
             None,
             dbid,
@@ -730,7 +1083,7 @@ class RedisEngine:
             handler=txredisapi.ConnectionHandler,
             charset=None,
             password=self.config["password"],
-            replyTimeout=self.timeout,
+            replyTimeout=reply_timeout or self.timeout,
             convertNumbers=False,
             username=self.config["username"],
         )
@@ -760,23 +1113,44 @@ class RedisEngine:
         self._heartbeat = LoopingCall(self._beat)
         self._heartbeat.clock = self.reactor
         self._heartbeat.start(HEARTBEAT_INTERVAL, now=True)
+        self._start_reading()
         return defer.succeed(None)
 
     @defer.inlineCallbacks
     def stop(self) -> Any:
+        """
+        Stop: tell Redis this node's last counts, stop taking transitions
+        (those handed over and not settled stay pending and are claimed by
+        another node at once, as this node's heartbeat key goes), disconnect.
+        """
         self._listener = None
+        self._sink = None
         for pause in list(self._pauses):
             pause.cancel()  # their publishes answer outcome_unknown
+        for nap in list(self._naps):
+            nap.cancel()
+        for call in (self._counts_call, self._due_call):
+            if call is not None and call.active():
+                call.cancel()
+        self._counts_call = self._due_call = None
         if self._heartbeat is not None and self._heartbeat.running:
             self._heartbeat.stop()
         if self._commands is not None and self._commands.size:
+            for _ in range(100):  # COUNTS_BATCH channels a call
+                if not self._dirty or self._counting:
+                    break
+                yield self._send_counts()
+            if self._unsettled:
+                yield self._settle_ids([])
             try:
                 yield self._run(self._commands.handler.delete(self.prefix + "node:" + self.node))
             except Exception:  # noqa: BLE001  best effort: the heartbeat expires anyway
                 pass
-        for factory in (self._commands, self._pubsub_factory):
+        for factory in (self._commands, self._pubsub_factory, self._reader_factory):
             if factory is not None:
                 yield factory.disconnect()
+        if self._reading is not None:
+            yield self._reading
 
     def healthy(self) -> bool:
         return bool(
@@ -787,10 +1161,13 @@ class RedisEngine:
         up = self.healthy()
         if up != self._was_up:
             if up:
-                log.info("Redis engine connected to {name}", name=self.name)
+                log.info("Redis engine connected to {name} (node {node})", name=self.name, node=self.node)
             elif self._was_up is not None:
                 log.warn("Lost the Redis connection to {name}: publishing answers 503 until it is back", name=self.name)
             self._was_up = up
+            if up and self._heartbeat is not None and self._heartbeat.running:
+                # Beat at once: the cluster learns of this node (and of its webhooks) now, not in 2 s.
+                self._beat()
 
     def _run(self, d: Deferred[Any]) -> Deferred[Any]:
         """Bound a command by the engine timeout; map every failure to L{EngineUnavailable}."""
@@ -807,14 +1184,283 @@ class RedisEngine:
         return self._run(getattr(self._commands.handler, method)(*args, **kwargs))
 
     def _beat(self) -> Deferred[Any] | None:
+        """
+        Every L{HEARTBEAT_INTERVAL}: refresh this node's heartbeat and figures,
+        let Redis sweep dead nodes and send due transitions (L{BEAT_SCRIPT}),
+        tell Redis again what it lost of this node's counts, refresh the
+        presence of watched presence channels (sweeping dead nodes' members),
+        claim the transitions of dead nodes, retry settlements.
+        """
         self._note_health()
         if self._commands is None or not self._commands.size:
             return None
-        d = self._call("set", self.prefix + "node:" + self.node, b"1", expire=HEARTBEAT_TTL)
+        hooks = f"{int(self._debounce * 1000)} {self._backlog}" if self._sink is not None else ""
+        connections = self._listener.connection_count() if self._listener is not None else 0
+        args = [self.prefix, self.node, HEARTBEAT_TTL, connections, sum(self._local.values()), hooks]
+        d = self._call("eval", BEAT_SCRIPT, [], args).addCallback(self._beaten)
         for channel in [c for c in self._watched if is_presence(c)]:
             d.addCallback(lambda _, c: self.presence(c), channel)
+        d.addCallback(lambda _: self._claim())
+        if self._unsettled:
+            d.addCallback(lambda _: self._settle_ids([]))
         d.addErrback(lambda f: None)  # reported by _note_health
         return None
+
+    def _beaten(self, answer: list[Any]) -> None:
+        held, nodes, connections, subscriptions, channels = (int(x) for x in answer)
+        self.cluster = ClusterFigures(nodes, connections, subscriptions, channels)
+        if self._dirty:
+            self._schedule_counts()
+        elif not self._counting and held < len(self._local):
+            # Redis lost some of this node's counts (it restarted, or took this
+            # node for dead after a long pause and swept it): tell it all again.
+            log.info("Redis does not hold this node's subscription counts: sending them again")
+            self._dirty.update(self._local)
+            self._schedule_counts()
+
+    # -- counts ----------------------------------------------------------
+
+    def local_count(self, channel: str, count: int) -> None:
+        """
+        Note this node's subscriptions of C{channel}; Redis is told at the end
+        of the reactor turn, for every channel that changed in it, in one
+        L{COUNTS_SCRIPT} call (one call at a time, so counts land in order).
+        """
+        if count > 0:
+            self._local[channel] = count
+        else:
+            self._local.pop(channel, None)
+        self._dirty.add(channel)
+        self._schedule_counts()
+
+    def _schedule_counts(self) -> None:
+        if self._counts_call is None and not self._counting and self._listener is not None:
+            self._counts_call = self.reactor.callLater(0, self._send_counts)
+
+    def _send_counts(self) -> Deferred[None]:
+        self._counts_call = None
+        if self._counting or not self._dirty or self._commands is None or not self._commands.size:
+            return defer.succeed(None)  # a call is under way, or Redis is away: the heartbeat tries again
+        batch = list(itertools.islice(self._dirty, COUNTS_BATCH))
+        self._dirty.difference_update(batch)
+        args: list[Any] = [self.prefix, self.node, HEARTBEAT_TTL]
+        vacating = False
+        for channel in batch:
+            count = self._local.get(channel, 0)
+            vacating = vacating or count == 0
+            args += [channel, count]
+        self._counting = True
+
+        def sent(_: object) -> None:
+            self._counting = False
+            if vacating:
+                self._held_one()
+            if self._dirty:
+                self._schedule_counts()
+
+        def failed(_: object) -> None:
+            self._counting = False
+            self._dirty.update(batch)  # the current counts go with the heartbeat's retry
+
+        return self._call("eval", COUNTS_SCRIPT, [], args).addCallbacks(sent, failed)
+
+    def counts(self, channels: Sequence[str]) -> Deferred[dict[str, int]]:
+        """The other live nodes' counts from Redis, plus this node's own, which it knows to the moment."""
+        if not channels:
+            return defer.succeed({})
+        return self._cluster_counts("c", list(channels)).addCallback(
+            lambda others: {c: others.get(c, 0) + self._local.get(c, 0) for c in channels}
+        )
+
+    def channel_counts(self, prefix: str) -> Deferred[dict[str, int]]:
+        def merged(others: dict[str, int]) -> dict[str, int]:
+            for channel, count in self._local.items():
+                if channel.startswith(prefix):
+                    others[channel] = others.get(channel, 0) + count
+            return {c: n for c, n in others.items() if n > 0}
+
+        return self._cluster_counts("p", [prefix]).addCallback(merged)
+
+    def _cluster_counts(self, mode: str, names: list[str]) -> Deferred[dict[str, int]]:
+        def pairs(answer: list[Any]) -> dict[str, int]:
+            return {answer[i].decode(): int(answer[i + 1]) for i in range(0, len(answer), 2)}
+
+        args = [self.prefix, self.node, mode, *names]
+        return self._call("eval", CLUSTER_COUNTS_SCRIPT, [], args).addCallback(pairs)
+
+    # -- transitions -----------------------------------------------------
+
+    def send_transitions(self, sink: TransitionSink | None, debounce: float, backlog: int) -> bool:
+        """
+        Take cluster-wide transitions from the stream for C{sink}.  See the
+        module docstring, "Transitions"; C{backlog} bounds the stream (C{MAXLEN ~}).
+        """
+        self._sink = sink
+        if sink is None:
+            for nap in list(self._naps):
+                nap.cancel()
+            return True
+        self._debounce = max(0.0, debounce)
+        self._backlog = max(1, backlog)
+        self._start_reading()
+        return True
+
+    def _start_reading(self) -> None:
+        if self._sink is None or self._listener is None:
+            return
+        if self._reader_factory is None:
+            self._reader_factory = self._factory(
+                txredisapi.RedisProtocol, 1, self.config["db"], reply_timeout=self.timeout + READ_BLOCK
+            )
+        if self._reading is None:
+            self._reading = Deferred.fromCoroutine(self._read_transitions())
+            self._reading.addErrback(lambda f: log.failure("Reading webhook transitions failed", f))
+
+    async def _read_transitions(self) -> None:
+        """
+        Read transitions for this node's consumer with a blocking
+        C{XREADGROUP}, never more than the sink has room for; after a
+        (re)connection, first what Redis still counts as delivered to this
+        node and the node does not hold (its answer was lost).
+        """
+        try:
+            while self._sink is not None and self._listener is not None:
+                room = min(READ_BATCH, self._sink.room())
+                connection = self._reader_connection()
+                if room <= 0 or connection is None:
+                    await self._nap(READ_IDLE if connection is not None else READ_RETRY)
+                    continue
+                if connection is not self._reader_seen:
+                    self._reader_seen = connection  # a new connection: a read's answer may have been lost
+                    self._read_own = True
+                own = self._read_own
+                count = room + len(self._holding) if own else room
+                try:
+                    reply = await connection.execute_command(
+                        "XREADGROUP",
+                        "GROUP",
+                        "hooks",
+                        self.node,
+                        "COUNT",
+                        count,
+                        "BLOCK",
+                        int(READ_BLOCK * 1000),
+                        "STREAMS",
+                        self.prefix + "hookq",
+                        "0" if own else ">",
+                    )
+                except Exception:  # noqa: BLE001  no group yet (the heartbeat makes it), or no connection
+                    self._read_own = True
+                    if self._sink is None:
+                        break  # stopped: the connection was closed under the read
+                    await self._nap(READ_RETRY)
+                    continue
+                self._read_own = False
+                self._hand_over(reply[0][1] if reply else [])
+        except CancelledError:
+            pass
+        finally:
+            self._reading = None
+
+    def _reader_connection(self) -> Any:
+        pool = self._reader_factory.pool if self._reader_factory is not None else []
+        for connection in pool:
+            if connection.connected:
+                return connection
+        return None
+
+    async def _nap(self, seconds: float) -> None:
+        nap: Deferred[None] = deferLater(self.reactor, seconds)
+        self._naps.add(nap)
+        try:
+            await nap
+        finally:
+            self._naps.discard(nap)
+
+    def _hand_over(self, entries: list[Any]) -> None:
+        """Give the sink the transitions of stream entries it does not hold yet; settle the unreadable."""
+        transitions = []
+        gone = []
+        for entry in entries:
+            if not entry:
+                continue  # Redis before 7 answers a claim of a trimmed entry with nothing
+            token, fields = entry[0], entry[1]
+            if token in self._holding:
+                continue
+            transition = _transition(token, fields)
+            if transition is None:
+                gone.append(token)  # trimmed while pending, or not ours to read
+                continue
+            self._holding[token] = None
+            transitions.append(transition)
+        if gone:
+            self.trimmed += len(gone)
+            self._throttle.warn(
+                "hooks_trimmed",
+                "{count} webhook transitions were trimmed from the Redis stream before they could be delivered "
+                "(it keeps about webhook_max_queue undelivered ones; {total} so far)",
+                count=len(gone),
+                total=self.trimmed,
+            )
+            self._settle_ids(gone)
+        if transitions:
+            if self._sink is not None:
+                self._sink.take(transitions, self._settle)
+
+    def _settle(self, transitions: Sequence[Transition]) -> None:
+        """The sink is done with C{transitions}: acknowledge and delete them."""
+        self._settle_ids([t.token for t in transitions if t.token in self._holding])
+
+    def _settle_ids(self, ids: list[bytes]) -> Deferred[None]:
+        ids = self._unsettled + ids
+        self._unsettled = []
+        if not ids:
+            return defer.succeed(None)
+
+        def done(_: object) -> None:
+            for token in ids:
+                self._holding.pop(token, None)
+
+        def failed(_: object) -> None:
+            self._unsettled.extend(ids)  # tried again at the next heartbeat
+
+        return self._call("eval", SETTLE_SCRIPT, [], [self.prefix, *ids]).addCallbacks(done, failed)
+
+    def _claim(self) -> Deferred[None] | None:
+        """Take over what nodes that died left unsettled (as much as the sink has room for)."""
+        if self._sink is None:
+            return None
+        room = min(READ_BATCH, self._sink.room())
+        if room <= 0:
+            return None
+        d = self._call("eval", CLAIM_SCRIPT, [], [self.prefix, self.node, room])
+
+        def claimed(entries: list[Any]) -> None:
+            if entries:
+                log.info("Took over {count} webhook transitions of a node that is gone", count=len(entries))
+                self._hand_over(entries)
+
+        return d.addCallback(claimed)
+
+    def _held_one(self) -> None:
+        """A last (vacated, removed) was held in Redis: run L{DUE_SCRIPT} when it falls due."""
+        if self._sink is None or self._debounce <= 0 or self._listener is None:
+            return
+        due = self.reactor.seconds() + self._debounce + DUE_SLACK
+        if self._due_call is not None and self._due_call.active():
+            self._due_at = max(self._due_at, due)
+            return
+        self._due_at = due
+        self._due_call = self.reactor.callLater(self._debounce + DUE_SLACK, self._run_due)
+
+    def _run_due(self) -> None:
+        self._due_call = None
+        if self._listener is None:
+            return
+        self._call("eval", DUE_SCRIPT, [], [self.prefix]).addErrback(lambda f: None)
+        left = self._due_at - self.reactor.seconds()
+        if left > 0:
+            self._due_call = self.reactor.callLater(left, self._run_due)
 
     # -- keys ------------------------------------------------------------
 
@@ -1351,6 +1997,9 @@ class RedisEngine:
             self._key("p", channel),
             self._presence_event(channel, "join", member, origin),
             HEARTBEAT_TTL,
+            self.prefix,
+            channel,
+            self.node,
         ]
         keys = [self._key("pres", channel), self.prefix + "node:" + self.node]
         return self._call("eval", PRESENCE_ADD_SCRIPT, keys, args)
@@ -1361,11 +2010,14 @@ class RedisEngine:
             member.id,
             self._key("p", channel),
             self._presence_event(channel, "leave", member, origin),
+            self.prefix,
+            channel,
         ]
-        return self._call("eval", PRESENCE_REMOVE_SCRIPT, [self._key("pres", channel)], args)
+        d = self._call("eval", PRESENCE_REMOVE_SCRIPT, [self._key("pres", channel)], args)
+        return d.addCallback(lambda _: self._held_one())
 
     def presence(self, channel: str) -> Deferred[list[Member]]:
-        args = [self.prefix + "node:", channel, self._key("p", channel)]
+        args = [self.prefix, channel]
 
         def members(values: list[bytes]) -> list[Member]:
             parsed = [json.loads(v) for v in values]

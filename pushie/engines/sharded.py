@@ -52,7 +52,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from pushie.engines import EngineListener, IEngine
+from pushie.engines import ClusterFigures, EngineListener, IEngine, TransitionSink
 from pushie.engines.redis import RedisEngine, parse_redis_url
 from pushie.errors import EngineUnavailable, OutcomeUnknown, PartiallyPublished, PushieError
 from pushie.records import ChannelState, History, Member, Publication, PublishRequest
@@ -289,3 +289,64 @@ class ShardedEngine:
 
         d = defer.gatherResults([shard.occupied(prefix) for shard in self.shards], consumeErrors=True)
         return d.addCallbacks(union, failed)
+
+    # -- counts and cluster-wide transitions --------------------------------
+
+    def local_count(self, channel: str, count: int) -> None:
+        self.shard_of(channel).local_count(channel, count)
+
+    def counts(self, channels: Sequence[str]) -> Deferred[dict[str, int]]:
+        """Each channel's count from its shard; L{EngineUnavailable} when one of those shards does not answer."""
+        by_shard: dict[int, list[str]] = {}
+        for channel in channels:
+            by_shard.setdefault(self.shards.index(self.shard_of(channel)), []).append(channel)
+
+        def merge(parts: list[dict[str, int]]) -> dict[str, int]:
+            return {name: count for part in parts for name, count in part.items()}
+
+        def failed(failure: Failure) -> NoReturn:
+            raise EngineUnavailable("a Redis shard did not answer; retry later")
+
+        d = defer.gatherResults([self.shards[i].counts(names) for i, names in by_shard.items()], consumeErrors=True)
+        return d.addCallbacks(merge, failed)
+
+    def channel_counts(self, prefix: str) -> Deferred[dict[str, int]]:
+        """The union over every shard (a channel lives on one); never a partial answer."""
+
+        def merge(parts: list[dict[str, int]]) -> dict[str, int]:
+            return {name: count for part in parts for name, count in part.items()}
+
+        def failed(failure: Failure) -> NoReturn:
+            raise EngineUnavailable("a Redis shard did not answer; retry later")
+
+        d = defer.gatherResults([shard.channel_counts(prefix) for shard in self.shards], consumeErrors=True)
+        return d.addCallbacks(merge, failed)
+
+    def send_transitions(self, sink: TransitionSink | None, debounce: float, backlog: int) -> bool:
+        """
+        Every shard decides the transitions of its own channels (its own
+        stream, consumer group and held zset, under its prefix) and sends them
+        to the same sink; each reads only what the sink has room for, so
+        together they may hand it a little more than C{backlog} at once.
+        """
+        decided = [shard.send_transitions(sink, debounce, backlog) for shard in self.shards]
+        return all(decided)
+
+    @property
+    def cluster(self) -> ClusterFigures | None:
+        """
+        The cluster's figures over every shard: every node beats on every
+        shard (nodes and connections: the most any shard saw), each channel
+        lives on one (subscriptions and channels: the sum).  C{None} until
+        every shard has had a heartbeat.
+        """
+        figures = [shard.cluster for shard in self.shards]
+        if any(f is None for f in figures):
+            return None
+        known = [f for f in figures if f is not None]
+        return ClusterFigures(
+            nodes=max(f.nodes for f in known),
+            connections=max(f.connections for f in known),
+            subscriptions=sum(f.subscriptions for f in known),
+            channels=sum(f.channels for f in known),
+        )

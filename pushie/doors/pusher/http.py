@@ -248,18 +248,25 @@ class PusherAPIResource(JSONResource, Door):
             self.metrics.publications.inc(len(publications))
             if not any(info for _, info in infos):
                 return succeed({})
-            d: Deferred[dict[str, Any]]
-            if batch:
-                # One info object per event, for its (single) channel.
-                d = _gather(
-                    [self._info(app, channels[0], info) if info else succeed({}) for channels, info in infos]
-                ).addCallback(lambda results: {"batch": results})
-            else:
+            wanted = [app.hub_name(c) for channels, info in infos if "subscription_count" in info for c in channels]
+            counted = self.hub.subscription_counts(wanted) if wanted else succeed({})
+
+            def infos_of(counts: dict[str, int]) -> Deferred[dict[str, Any]]:
+                if batch:
+                    # One info object per event, for its (single) channel.
+                    return _gather(
+                        [
+                            self._info(app, channels[0], info, counts) if info else succeed({})
+                            for channels, info in infos
+                        ]
+                    ).addCallback(lambda results: {"batch": results})
                 channels, info = infos[0]
-                d = _gather([self._info(app, c, info) for c in channels]).addCallback(
+                return _gather([self._info(app, c, info, counts) for c in channels]).addCallback(
                     lambda results: {"channels": dict(zip(channels, results, strict=True))}
                 )
-            # The events are published: a failed user_count read must not turn that into an error.
+
+            d = counted.addCallback(infos_of)
+            # The events are published: a failed count read must not turn that into an error.
             return d.addErrback(lambda failure: {})
 
         return d.addCallback(answer)
@@ -308,43 +315,43 @@ class PusherAPIResource(JSONResource, Door):
         info = _info_attributes(event.get("info"), where)
         if "user_count" in info and not all(is_pusher_presence(c) for c in channels):
             raise bad_request("invalid_info", f"{where}: user_count is available for presence- channels only")
-        self._check_counting(info)
         requests = [PublishRequest(app.hub_name(c), data, name, meta=excluding(socket_id)) for c in channels]
         return channels, info, requests
 
     # -- reading ---------------------------------------------------------
 
-    def _check_counting(self, info: set[str]) -> None:
-        if "subscription_count" in info and not self._counts_subscriptions():
-            raise bad_request(
-                "invalid_info",
-                "subscription_count is not available with the Redis engine (nodes do not share connection counts)",
-            )
-
-    def _counts_subscriptions(self) -> bool:
-        return self.hub.single_node
-
-    def _info(self, app: App, channel: str, info: set[str]) -> Deferred[dict[str, Any]]:
-        """The asked attributes of a channel (checked by the caller with L{_check_counting})."""
-        result: dict[str, Any] = {}
+    def _info(
+        self, app: App, channel: str, info: set[str], counts: dict[str, int] | None = None
+    ) -> Deferred[dict[str, Any]]:
+        """
+        The asked attributes of a channel.  C{subscription_count} is the
+        cluster's (see L{pushie.hub.Hub.subscription_counts}), from C{counts}
+        when the caller read them already.
+        """
         hub_name = app.hub_name(channel)
+        d: Deferred[dict[str, Any]] = succeed({})
         if "subscription_count" in info:
-            result["subscription_count"] = self.hub.subscriber_count(hub_name)
+            read = succeed(counts) if counts is not None else self.hub.subscription_counts([hub_name])
+            d = read.addCallback(lambda found: {"subscription_count": found.get(hub_name, 0)})
         if "user_count" in info:
-            return self.hub.members(hub_name).addCallback(lambda members: {**result, "user_count": len(members)})
-        return succeed(result)
+            d.addCallback(
+                lambda result: self.hub.members(hub_name).addCallback(
+                    lambda members: {**result, "user_count": len(members)}
+                )
+            )
+        return d
 
     def _channels(self, app: App, params: dict[str, str]) -> Deferred[Any]:
         prefix = params.get("filter_by_prefix", "")
         info = _info_attributes(params.get("info"), "info")
         if "user_count" in info and not prefix.startswith("presence-"):
             raise bad_request("invalid_info", "info=user_count needs filter_by_prefix=presence-")
-        self._check_counting(info)
-        d = self.hub.occupied(app.hub_prefix + prefix)
+        d = self.hub.channel_counts(app.hub_prefix + prefix)
 
-        def listed(names: list[str]) -> Deferred[Any]:
+        def listed(counts: dict[str, int]) -> Deferred[Any]:
+            names = sorted(counts)
             channels = [app.channel_name(n) for n in names if app.owns(n) and is_pusher_channel(app.channel_name(n))]
-            return _gather([self._info(app, c, info) for c in channels]).addCallback(
+            return _gather([self._info(app, c, info, counts) for c in channels]).addCallback(
                 lambda results: {"channels": dict(zip(channels, results, strict=True))}
             )
 
@@ -356,13 +363,12 @@ class PusherAPIResource(JSONResource, Door):
         info = _info_attributes(params.get("info"), "info")
         if "user_count" in info and not is_pusher_presence(channel):
             raise bad_request("invalid_info", "user_count is available for presence- channels only")
-        self._check_counting(info)
         hub_name = app.hub_name(channel)
-        d = self.hub.occupied(hub_name)
+        d = self.hub.subscription_counts([hub_name])
 
-        def answer(names: list[str]) -> Deferred[Any]:
-            occupied = hub_name in names
-            return self._info(app, channel, info).addCallback(lambda extra: {"occupied": occupied, **extra})
+        def answer(counts: dict[str, int]) -> Deferred[Any]:
+            occupied = counts.get(hub_name, 0) > 0
+            return self._info(app, channel, info, counts).addCallback(lambda extra: {"occupied": occupied, **extra})
 
         return d.addCallback(answer)
 

@@ -1,0 +1,481 @@
+"""
+Several daemons on one Redis behave as one deployment (issue 14, items 1 and 2):
+webhook transitions are decided once for the whole cluster and delivered at
+least once, even when the daemon that was delivering them is killed with
+SIGKILL; the counts of the Pusher HTTP API, the server API and the cluster
+gauges of /metrics are every live daemon's, and a dead daemon's go once its
+heartbeat expires.
+
+Everything is real: a redis-server of the test's own (tests/redis_server.py),
+daemons in this process or as C{twistd} processes, a twisted.web receiver on
+port 0, WebSocket clients.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+from typing import Any
+
+import pytest
+import pytest_twisted
+import treq
+from twisted.internet import reactor
+from twisted.web.client import HTTPConnectionPool
+
+from pushie.engines.redis import HEARTBEAT_INTERVAL, HEARTBEAT_TTL
+from tests.helpers import Daemon, connect_ws, sleep, start_daemon, wait_for
+from tests.redis_server import RedisServer, require_redis
+from tests.test_auth import SECRET_1, token
+from tests.test_daemon import spawn, stop
+from tests.test_pusher import APP_ID, APPS, SDK, api, subscribe
+from tests.test_pusher import connect as pusher_connect
+from tests.test_webhooks import Receiver, clean_reactor, receiver  # noqa: F401  (the fixtures)
+
+HOOK_SECRET = "webhook-secret-for-the-cluster-tests"
+DEBOUNCE = 0.6
+# A held transition is sent DEBOUNCE after it was decided (by the deciding
+# node's timer, or by any node's heartbeat): quiet for this long, nothing is left to come.
+SETTLE = DEBOUNCE + HEARTBEAT_INTERVAL + 1.0
+# A node killed without a word: its heartbeat key expires, and the next heartbeat of a live node sweeps it.
+DEATH = HEARTBEAT_TTL + 2 * HEARTBEAT_INTERVAL + DEBOUNCE + 2.0
+
+
+@pytest.fixture
+def own_redis(tmp_path):
+    require_redis()
+    server = RedisServer(str(tmp_path))
+    server.start()
+    yield server
+    server.stop()
+
+
+def delivered(receiver: Receiver) -> list[tuple[str, ...]]:  # noqa: F811
+    """Every event of every POST that was answered 2xx, in arrival order."""
+    return [event for answer, events in receiver.answered if 200 <= answer < 300 for event in events]
+
+
+def _record_answers(receiver: Receiver) -> None:  # noqa: F811
+    """Make the receiver remember what it answered to each POST (and the events it carried)."""
+    receiver.answered = []
+    render = receiver.render_POST
+
+    def render_post(request: Any) -> Any:
+        answer = receiver.script[0] if receiver.script else receiver.default
+        result = render(request)
+        receiver.answered.append((answer if isinstance(answer, int) else 0, receiver.requests[-1].events))
+        return result
+
+    receiver.render_POST = render_post
+
+
+@pytest_twisted.async_yield_fixture
+async def cluster(clean_reactor, own_redis, receiver):  # noqa: F811
+    """Three in-process daemons on one Redis, with webhooks to the receiver."""
+    _record_answers(receiver)
+    nodes: list[Daemon] = []
+    for _ in range(3):
+        nodes.append(
+            await start_daemon(
+                engine=own_redis.url,
+                subscriber_secrets=[SECRET_1],
+                pusher_apps=APPS,
+                webhook_url=receiver.url,
+                webhook_secret=HOOK_SECRET,
+                webhook_debounce=DEBOUNCE,
+            )
+        )
+        # Its first heartbeat is in: the cluster knows it delivers webhooks.
+        await wait_for(lambda: nodes[-1].engine.cluster is not None)
+    yield nodes
+    for node in nodes:
+        await node.stop()
+
+
+async def leave(client) -> None:
+    client.close()
+    await client.closed
+
+
+async def join(node: Daemon, query: str):
+    client = await node.connect(query)
+    await client.next_of("welcome")
+    for _ in range(query.count("channel=")):
+        await client.next_of("subscribed")
+    return client
+
+
+# -- webhooks: one event per cluster-wide transition --------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_occupancy_and_presence_transitions_once_cluster_wide(cluster, receiver):  # noqa: F811
+    a, b, c = cluster
+    room = "presence-room"
+    ann_token = token(sub="ann", channels=[room])
+
+    ann = await join(a, "channel=news")
+    await wait_for(lambda: delivered(receiver) == [("channel_occupied", "news")])
+    # Another subscriber on another node, the first one leaving: the channel never emptied.
+    bob = await join(b, "channel=news")
+    await leave(ann)
+    # The last one leaves node B and a new one arrives on node C within the debounce: no event at all.
+    await leave(bob)
+    carol = await join(c, "channel=news")
+
+    # Presence: ann's first connection anywhere is member_added; her second tab on
+    # another node, and her first tab leaving, are nothing.
+    tab1 = await join(a, f"channel={room}&token={ann_token}")
+    tab2 = await join(b, f"channel={room}&token={ann_token}")
+    await leave(tab1)
+    # Her last tab leaves and she is back on a third node within the debounce: nothing.
+    await leave(tab2)
+    tab3 = await join(c, f"channel={room}&token={ann_token}")
+    await sleep(SETTLE)
+    assert Counter(delivered(receiver)) == Counter(
+        [("channel_occupied", "news"), ("channel_occupied", room), ("member_added", room, "ann")]
+    )
+
+    # The last subscriber and member anywhere leave: one event each, after the debounce.
+    await leave(carol)
+    await leave(tab3)
+    await wait_for(lambda: len(delivered(receiver)) == 6, timeout=SETTLE + 2)
+    await sleep(SETTLE)
+    assert Counter(delivered(receiver)[3:]) == Counter(
+        [("channel_vacated", "news"), ("channel_vacated", room), ("member_removed", room, "ann")]
+    )
+    assert len(delivered(receiver)) == 6
+    # Every node reads the stream; what was delivered was settled: nothing is left pending.
+    assert all(not node.engine._holding for node in cluster)
+
+
+@pytest_twisted.ensureDeferred
+async def test_subscribers_moving_between_nodes_make_no_duplicate_or_missing_event(cluster, receiver):  # noqa: F811
+    rng = random.Random(14)
+    channels = [f"move-{n}" for n in range(4)]
+    held: dict[str, list] = {name: [] for name in channels}
+    for name in channels:
+        held[name].append(await join(rng.choice(cluster), f"channel={name}"))
+    # Thirty moves: a client opens on one node and another closes on another; sometimes the
+    # close comes first (the channel is empty a moment, less than the debounce).
+    for _ in range(30):
+        name = rng.choice(channels)
+        if rng.random() < 0.3 and len(held[name]) == 1:
+            await leave(held[name].pop())
+            held[name].append(await join(rng.choice(cluster), f"channel={name}"))
+            continue
+        held[name].append(await join(rng.choice(cluster), f"channel={name}"))
+        if len(held[name]) > 1:
+            await leave(held[name].pop(rng.randrange(len(held[name]))))
+    await sleep(SETTLE)
+    assert sorted(delivered(receiver)) == sorted(("channel_occupied", name) for name in channels)
+    for name in channels:
+        for client in held[name]:
+            await leave(client)
+    await wait_for(lambda: len(delivered(receiver)) == 2 * len(channels), timeout=SETTLE + 2)
+    await sleep(SETTLE)
+    assert Counter(delivered(receiver)) == Counter(
+        [("channel_occupied", name) for name in channels] + [("channel_vacated", name) for name in channels]
+    )
+
+
+# -- counts across nodes --------------------------------------------------------
+
+
+async def get_json(node: Daemon, path: str) -> Any:
+    status, body, _ = await node.get(path)
+    assert status == 200, body
+    return json.loads(body)
+
+
+async def metrics(node: Daemon) -> dict[str, float]:
+    status, body, _ = await node.get("/metrics")
+    assert status == 200
+    values = {}
+    for line in body.decode().splitlines():
+        if line.startswith("pushie_cluster_"):
+            name, value = line.split()
+            values[name] = float(value)
+    return values
+
+
+@pytest_twisted.ensureDeferred
+async def test_counts_are_the_clusters(cluster):
+    a, b, c = cluster
+    await join(a, "channel=news")
+    await join(a, "channel=news&channel=sport")
+    await join(b, "channel=news")
+
+    async def channels_of(node):
+        return (await get_json(node, "/channels"))["channels"]
+
+    expected = [{"name": "news", "subscribers": 3}, {"name": "sport", "subscribers": 1}]
+    for node in cluster:
+        assert await channels_of(node) == expected
+    news = await get_json(c, "/channels/news")
+    assert news["subscribers"] == 3
+
+    # The Pusher HTTP API (app APP_ID shares the native channels): subscription_count everywhere it is asked.
+    sdk = SDK(c)
+    for node in (a, b):
+        await subscribe(await pusher_connect(node), "p-chan")
+    counted = await sdk("channels_info", "p-", ["subscription_count"])
+    assert counted == {"channels": {"p-chan": {"subscription_count": 2}}}
+    assert await sdk("channel_info", "p-chan", ["subscription_count"]) == {"occupied": True, "subscription_count": 2}
+    assert await sdk("channel_info", "p-none", ["subscription_count"]) == {"occupied": False, "subscription_count": 0}
+    status, body = await api(
+        c,
+        "POST",
+        f"/apps/{APP_ID}/events",
+        {"name": "e", "data": "{}", "channels": ["p-chan", "news"], "info": "subscription_count"},
+    )
+    assert (status, body) == (
+        200,
+        {"channels": {"p-chan": {"subscription_count": 2}, "news": {"subscription_count": 3}}},
+    )
+    status, body = await api(
+        c,
+        "POST",
+        f"/apps/{APP_ID}/batch_events",
+        {"batch": [{"name": "e", "data": "{}", "channel": "p-chan", "info": "subscription_count"}]},
+    )
+    assert (status, body) == (200, {"batch": [{"subscription_count": 2}]})
+
+    # /metrics: every node's figures, clearly cluster-wide, refreshed by the heartbeat.
+    want = {
+        "pushie_cluster_nodes": 3.0,
+        "pushie_cluster_connections": 5.0,
+        "pushie_cluster_subscriptions": 6.0,
+        "pushie_cluster_channels": 3.0,
+    }
+    found: dict[str, float] = {}
+
+    async def poll() -> None:
+        found.update(await metrics(c))
+
+    for _ in range(int(3 * HEARTBEAT_INTERVAL / 0.2)):
+        await poll()
+        if found == want:
+            break
+        await sleep(0.2)
+    assert found == want
+    local = (await c.get("/metrics"))[1].decode()
+    assert "\npushie_connections 0.0" in local  # the node's own gauges stay its own
+
+    # A node that stops takes its counts with it.
+    await b.stop()
+    assert await channels_of(c) == [
+        {"name": "news", "subscribers": 2},
+        {"name": "p-chan", "subscribers": 1},
+        {"name": "sport", "subscribers": 1},
+    ]
+
+
+# -- daemons that die (twistd processes, SIGKILL) -------------------------------
+
+
+async def start_nodes(redis: RedisServer, count: int, receiver: Receiver, *extra: str) -> list[Any]:  # noqa: F811
+    nodes = []
+    for _ in range(count):
+        args = ["-n", "--pidfile=", "pushie", "--listen", "tcp:0:interface=127.0.0.1", "--engine", redis.url]
+        args += ["--webhook-url", receiver.url, "--webhook-debounce", str(DEBOUNCE), *extra]
+        env = {"PUSHIE_SUBSCRIBER_SECRETS": SECRET_1, "PUSHIE_WEBHOOK_SECRET": HOOK_SECRET}
+        nodes.append(spawn(args, env))
+    for proc in nodes:
+        await wait_for(lambda p=proc: p.addresses or p.ended.called, timeout=20)
+        assert proc.addresses, proc.output.decode()
+        await wait_for(lambda p=proc: b"Redis engine connected" in p.output, timeout=10)
+    return nodes
+
+
+def port_of(proc) -> int:
+    return int(next(iter(proc.addresses.values())).rsplit(":", 1)[1])
+
+
+def node_id(proc) -> str:
+    text = proc.output.decode()
+    return text.split("(node ", 1)[1].split(")", 1)[0]
+
+
+def pending(redis: RedisServer) -> list[tuple[str, str]]:
+    """(entry id, consumer) of every transition delivered to a node and not settled."""
+    lines = redis.cli("XPENDING", "pushie:0:hookq", "hooks", "-", "+", "100").split()
+    return [(lines[i], lines[i + 1]) for i in range(0, len(lines), 4)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_killed_nodes_occupancy_and_members_go_with_its_heartbeat(own_redis, receiver):  # noqa: F811
+    _record_answers(receiver)
+    nodes = await start_nodes(own_redis, 2, receiver)
+    pool = HTTPConnectionPool(reactor, persistent=False)
+    room = "presence-room"
+    client = None
+    try:
+        doomed, survivor = (port_of(p) for p in nodes)
+        client = await connect_ws(
+            doomed, f"/websocket?channel=news&channel={room}&token={token(sub='ann', channels=[room])}"
+        )
+        await wait_for(lambda: len(delivered(receiver)) == 3)
+        assert Counter(delivered(receiver)) == Counter(
+            [("channel_occupied", "news"), ("channel_occupied", room), ("member_added", room, "ann")]
+        )
+
+        async def channels() -> Any:
+            response = await treq.get(f"http://127.0.0.1:{survivor}/channels", pool=pool)
+            return json.loads(await response.content())["channels"]
+
+        assert await channels() == [{"name": "news", "subscribers": 1}, {"name": room, "subscribers": 1}]
+
+        nodes[0].transport.signalProcess("KILL")
+        await nodes[0].ended
+        await client.closed
+        await wait_for(lambda: len(delivered(receiver)) == 6, timeout=DEATH)
+        await sleep(SETTLE)
+        assert Counter(delivered(receiver)[3:]) == Counter(
+            [("channel_vacated", "news"), ("channel_vacated", room), ("member_removed", room, "ann")]
+        )
+        assert len(delivered(receiver)) == 6
+        assert await channels() == []
+        assert pending(own_redis) == []
+        response = await treq.get(f"http://127.0.0.1:{survivor}/metrics", pool=pool)
+        figures = (await response.content()).decode()
+        for line in ("pushie_cluster_nodes 1.0", "pushie_cluster_connections 0.0", "pushie_cluster_channels 0.0"):
+            assert line in figures.splitlines(), figures
+    finally:
+        if client is not None:
+            client.close()
+        for proc in nodes:
+            await stop(proc)
+        await pool.closeCachedConnections()
+
+
+@pytest_twisted.ensureDeferred
+async def test_kill_9_of_the_delivering_node_mid_retry_still_delivers(own_redis, receiver):  # noqa: F811
+    _record_answers(receiver)
+    receiver.default = 500
+    nodes = await start_nodes(own_redis, 3, receiver, "--webhook-retry-for", "200")
+    client = None
+    try:
+        # The first subscriber: the transition is decided, one node takes it and gets 500s.
+        subscriber_node = nodes[2]
+        client = await connect_ws(port_of(subscriber_node), "/websocket?channel=news")
+        await wait_for(lambda: len(receiver.requests) >= 2, timeout=10)  # retrying
+        [(entry, consumer)] = pending(own_redis)
+        [delivering] = [p for p in nodes if node_id(p) == consumer]
+        delivering.transport.signalProcess("KILL")
+        await delivering.ended
+        attempts = len(receiver.requests)
+        receiver.default = 200
+        # A live node claims the entry once the killed node's heartbeat is gone, and delivers it.
+        await wait_for(lambda: ("channel_occupied", "news") in delivered(receiver), timeout=DEATH)
+        await wait_for(lambda: pending(own_redis) == [], timeout=5)
+        survivors = [p for p in nodes if p is not delivering]
+        claimed = [p for p in survivors if b"Took over 1 webhook transitions" in p.output]
+        assert len(claimed) == 1, [p.output.decode()[-2000:] for p in survivors]
+        assert all(events == [("channel_occupied", "news")] for _, events in receiver.answered[:attempts])
+        # The survivor sent the very same body (time_ms is when the event was decided), so the same signature.
+        assert len({request.body for request in receiver.requests}) == 1
+        await sleep(SETTLE)
+        if delivering is not subscriber_node:
+            # Delivered once; nothing else happened (the subscriber is still there).
+            assert delivered(receiver) == [("channel_occupied", "news")]
+        else:
+            assert delivered(receiver).count(("channel_occupied", "news")) == 1
+        assert own_redis.cli("XLEN", "pushie:0:hookq").strip() == "0"
+    finally:
+        if client is not None:
+            client.close()
+        for proc in nodes:
+            await stop(proc)
+
+
+def stream_length(redis: RedisServer) -> int:
+    return int(redis.cli("XLEN", "pushie:0:hookq").strip())
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_node_reads_only_what_its_queue_takes_and_the_stream_is_bounded(
+    clean_reactor,  # noqa: F811
+    own_redis,
+    receiver,  # noqa: F811
+):
+    _record_answers(receiver)
+    receiver.default = "hang"
+    node = await start_daemon(
+        engine=own_redis.url,
+        webhook_url=receiver.url,
+        webhook_secret=HOOK_SECRET,
+        webhook_debounce=DEBOUNCE,
+        webhook_timeout=60.0,
+        webhook_max_queue=5,
+    )
+    webhooks = node.hub.webhooks
+    try:
+        await wait_for(lambda: node.engine.cluster is not None)
+        await join(node, "&".join(f"channel=first-{n}" for n in range(30)))
+        # Four POSTs of five events hang (every delivery slot), five events wait in the queue:
+        # the node stops reading there, and the other five stay in Redis.
+        await wait_for(lambda: webhooks.in_flight == 4 and webhooks.queued == 5)
+        await sleep(3 * 0.1 + HEARTBEAT_INTERVAL)  # a few reads (and a heartbeat's claim) later: still so
+        assert webhooks.in_flight == 4 and webhooks.queued == 5 and webhooks.dropped == 0
+        assert len(node.engine._holding) == 25
+        assert stream_length(own_redis) == 30
+
+        # The stream keeps about webhook_max_queue undelivered events (MAXLEN ~: whole
+        # blocks of 100 are trimmed), however many more are decided meanwhile.
+        for block in range(3):
+            await join(node, "&".join(f"channel=more-{block}-{n}" for n in range(100)))
+        assert 5 <= stream_length(own_redis) <= 5 + 200
+
+        receiver.default = 200
+        for request in receiver.hung:
+            request.setResponseCode(200)
+            request.finish()
+        await wait_for(lambda: stream_length(own_redis) == 0, timeout=10)
+        assert pending(own_redis) == []
+        sent = [event for request in receiver.requests for event in request.events]
+        assert len({event for event in sent if event[1].startswith("first-")}) >= 25  # held: delivered, trimmed or not
+        await wait_for(lambda: not node.engine._holding)  # Redis's answers to the settlements are in
+    finally:
+        await node.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_counts_redis_lost_are_sent_again_and_webhooks_survive_a_redis_restart(
+    clean_reactor,  # noqa: F811
+    own_redis,
+    receiver,  # noqa: F811
+):
+    _record_answers(receiver)
+    node = await start_daemon(
+        engine=own_redis.url, webhook_url=receiver.url, webhook_secret=HOOK_SECRET, webhook_debounce=DEBOUNCE
+    )
+    try:
+        await wait_for(lambda: node.engine.cluster is not None)
+        client = await join(node, "channel=news")
+        await wait_for(lambda: delivered(receiver) == [("channel_occupied", "news")])
+        # Redis loses this node's counts (as when another node took it for dead after a long
+        # pause and swept it): its next heartbeat sees it and sends them all again; the channel
+        # is counted, and occupied once more (at least once: the same state again).
+        own_redis.cli("DEL", "pushie:0:occ:news", f"pushie:0:nchan:{node.engine.node}", "pushie:0:chans")
+        await wait_for(
+            lambda: delivered(receiver) == [("channel_occupied", "news")] * 2, timeout=HEARTBEAT_INTERVAL + 3
+        )
+        assert json.loads((await node.get("/channels"))[1])["channels"] == [{"name": "news", "subscribers": 1}]
+        await leave(client)
+        await wait_for(lambda: delivered(receiver)[-1:] == [("channel_vacated", "news")], timeout=SETTLE + 2)
+
+        # Redis restarts empty: the consumer group and the webhook settings are made again.
+        own_redis.stop()
+        own_redis.start()
+        await wait_for(
+            lambda: node.engine.healthy() and b"hooks" in own_redis.cli("XINFO", "GROUPS", "pushie:0:hookq").encode(),
+            timeout=15,
+        )
+        again = await join(node, "channel=sport")
+        await wait_for(lambda: delivered(receiver)[-1:] == [("channel_occupied", "sport")], timeout=5)
+        await leave(again)
+        await wait_for(lambda: delivered(receiver)[-1:] == [("channel_vacated", "sport")], timeout=SETTLE + 2)
+    finally:
+        await node.stop()
