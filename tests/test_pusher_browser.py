@@ -14,11 +14,13 @@ browser when C{PUSHIE_REQUIRE_BROWSER=1} (as in CI).
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
 from typing import Any
 
+import pusher
 import pytest
 import pytest_twisted
 from twisted.internet import reactor, threads
@@ -27,7 +29,7 @@ from twisted.web.server import Request, Site
 
 from tests.helpers import sleep
 from tests.test_browser import browser_binaries, console, start_browser  # noqa: F401  (a fixture)
-from tests.test_pusher import KEY, SDK, start
+from tests.test_pusher import APP_ID, KEY, SDK, SECRET, connect, expect, start
 
 NODE_MODULES = Path(__file__).resolve().parent / "js" / "node_modules"
 SCRIPTS = {
@@ -42,7 +44,7 @@ PAGE = """<!doctype html>
 <script src="/echo.iife.js"></script>
 <script src="http://127.0.0.1:%(port)d/pushie-pusher.js"></script>
 <script>
-  window.got = {news: [], orders: []};
+  window.got = {news: [], orders: [], chat: []};
   window.signals = {news: [], orders: []};
   window.connects = {news: 0, orders: 0};
   var options = {
@@ -51,10 +53,18 @@ PAGE = """<!doctype html>
   };
 
   // pusher-js, with the plugin.
-  var pusher = new Pusher("%(key)s", options);
-  PushieRecovery.enable(pusher, {onRecovery: function (name, info) { window.signals.news.push(info); }});
+  var pusher = new Pusher("%(key)s", Object.assign({channelAuthorization: {endpoint: "/auth"}}, options));
+  window.recovery = PushieRecovery.enable(pusher, {
+    onRecovery: function (name, info) { if (name === "news") window.signals.news.push(info); }
+  });
   pusher.connection.bind("connected", function () { window.connects.news += 1; });
   pusher.subscribe("news").bind("headline", function (data) { window.got.news.push(data); });
+  // A private channel (signed by the page site's /auth, as an app's endpoint
+  // would) where the page sends a client event: never echoed, not even after a drop.
+  var chat = pusher.subscribe("private-chat");
+  chat.bind("client-note", function (data) { window.got.chat.push(data); });
+  chat.bind("said", function (data) { window.got.chat.push(data); });
+  window.note = function (n) { chat.trigger("client-note", {n: n}); };
 
   // Laravel Echo, on a Pusher instance of its own with the plugin.
   var echoPusher = new Pusher("%(key)s", options);
@@ -100,12 +110,28 @@ def browser_scripts() -> dict[bytes, Path]:
     return SCRIPTS
 
 
+class ChannelAuth(Resource):
+    """An app's channel auth endpoint (pusher-js POSTs socket_id and channel_name), signing with the SDK."""
+
+    isLeaf = True
+
+    def render_POST(self, request: Request) -> bytes:
+        socket_id = request.args[b"socket_id"][0].decode()
+        channel = request.args[b"channel_name"][0].decode()
+        request.setHeader(b"content-type", b"application/json")
+        return json.dumps(SDK_SIGNER.authenticate(channel, socket_id)).encode()
+
+
+SDK_SIGNER = pusher.Pusher(app_id=APP_ID, key=KEY, secret=SECRET)
+
+
 @pytest_twisted.async_yield_fixture
 async def page_site(browser_scripts):
-    """Serve a page (given later) and the scripts on a port of their own: another origin than the daemon's."""
+    """Serve a page (given later), the scripts and /auth on a port of their own: another origin than the daemon's."""
     root = Pages()
     for name, path in browser_scripts.items():
         root.putChild(name, Served(path.read_bytes(), "application/javascript"))
+    root.putChild(b"auth", ChannelAuth())
     site = Site(root)
     port = reactor.listenTCP(0, site, interface="127.0.0.1")
 
@@ -119,7 +145,9 @@ async def page_site(browser_scripts):
 
 async def page_state(driver) -> dict[str, Any]:
     return await threads.deferToThread(
-        driver.execute_script, "return {got: window.got, signals: window.signals, connects: window.connects};"
+        driver.execute_script,
+        "return {got: window.got, signals: window.signals, connects: window.connects,"
+        " chat_position: window.recovery.position('private-chat')};",
     )
 
 
@@ -159,11 +187,12 @@ async def test_pusher_js_and_echo_get_every_missed_event_once(
             await sdk("trigger", "news", "headline", {"n": n})
             await sdk("trigger", "orders", "shipped", {"n": n})
 
+    def subscribed(state: Any) -> bool:
+        return all(hub.subscriber_count(name) == 1 for name in ("news", "orders", "private-chat"))
+
     async def drop() -> None:
         """Close every browser connection from the daemon's side (no close frame: as a network drop)."""
-        await until(
-            driver, lambda s: hub.subscriber_count("news") == hub.subscriber_count("orders") == 1, "both subscriptions"
-        )
+        await until(driver, subscribed, "the subscriptions")
         connections = list(hub.connections)
         assert len(connections) == 2
         for connection in connections:
@@ -171,25 +200,41 @@ async def test_pusher_js_and_echo_get_every_missed_event_once(
 
     try:
         await threads.deferToThread(driver.get, url)
-        await until(
-            driver, lambda s: hub.subscriber_count("news") == hub.subscriber_count("orders") == 1, "both subscriptions"
-        )
+        await until(driver, subscribed, "the subscriptions")
         await publish(1, 2)
         await until(driver, lambda s: len(s["got"]["news"]) == len(s["got"]["orders"]) == 2, "the first events")
+
+        # The page sends a client event; another client gets it (with its position).
+        other = await connect(daemon)
+        auth = sdk.authenticate("private-chat", other.socket_id)
+        other.send({"event": "pusher:subscribe", "data": {"channel": "private-chat", "pushie": {}, **auth}})
+        await expect(other, "pusher_internal:subscription_succeeded")
+        await threads.deferToThread(driver.execute_script, "window.note(1);")
+        note = await expect(other, "client-note")
+        assert note["data"] == {"n": 1}
+        # The page's plugin took the position of its own event (from the skip frame).
+        await until(
+            driver,
+            lambda s: s["chat_position"] is not None and s["chat_position"]["offset"] == note["pushie"]["offset"],
+            "the position of its own client event",
+        )
+        other.close()
+        await other.closed
 
         # Dropped; five events on each channel while the page is away.
         await drop()
         await publish(3, 7)
+        await sdk("trigger", "private-chat", "said", {"n": 2})
         assert not hub.connections, "the page came back before the events were published"
         state = await until(
             driver,
-            lambda s: len(s["got"]["news"]) >= 7 and len(s["got"]["orders"]) >= 7,
+            lambda s: len(s["got"]["news"]) >= 7 and len(s["got"]["orders"]) >= 7 and s["got"]["chat"],
             "the five events published while it was away",
         )
         await sleep(0.5)  # a duplicate would come right behind
         state = await page_state(driver)
         expected = [{"n": n} for n in range(1, 8)]
-        assert state["got"] == {"news": expected, "orders": expected}
+        assert state["got"] == {"news": expected, "orders": expected, "chat": [{"n": 2}]}
         assert state["connects"] == {"news": 2, "orders": 2}
         for channel in ("news", "orders"):
             assert [s["recovered"] for s in state["signals"][channel]] == [True]
@@ -209,6 +254,6 @@ async def test_pusher_js_and_echo_get_every_missed_event_once(
         state = await until(
             driver, lambda s: s["got"]["news"][-1:] == s["got"]["orders"][-1:] == [{"n": 21}], "a live event"
         )
-        assert state["got"] == {"news": expected + [{"n": 21}], "orders": expected + [{"n": 21}]}
+        assert state["got"]["news"] == state["got"]["orders"] == expected + [{"n": 21}]
     finally:
         await threads.deferToThread(driver.quit)
