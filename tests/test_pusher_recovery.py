@@ -146,7 +146,7 @@ async def test_what_cannot_be_recovered_is_said(make_daemon):
 
 @pytest_twisted.ensureDeferred
 async def test_a_cache_channel_resumes_or_sends_its_last_event(make_daemon):
-    daemon = await start(make_daemon)
+    daemon = await start(make_daemon, history_size=2)
     sdk = SDK(daemon)
     await sdk("trigger", "cache-prices", "price", {"p": 1})
     client = await connect(daemon)
@@ -172,6 +172,15 @@ async def test_a_cache_channel_resumes_or_sends_its_last_event(make_daemon):
     assert (await expect(other, "price"))["data"] == {"p": 2}
     await sleep(0.1)
     assert again.pending() == [] and other.pending() == []
+    # A position the history no longer reaches (it keeps two): the same.
+    for p in (3, 4, 5):
+        await sdk("trigger", "cache-prices", "price", {"p": p})
+        await expect(again, "price")
+    late = await connect(daemon)
+    succeeded = await subscribe_with(late, "cache-prices", {"since": {"offset": 2, "epoch": epoch}})
+    assert succeeded["data"]["pushie"] == {"offset": 4, "epoch": epoch, "recovered": False}
+    cached = await expect(late, "price")
+    assert cached["data"] == {"p": 5} and cached["pushie"]["offset"] == 5
 
 
 @pytest_twisted.ensureDeferred

@@ -620,13 +620,20 @@ class PusherProtocol(DoorProtocol):
                 self._positioned = set()
             self._positioned.add(self.app.hub_name(channel))
         if is_cache(channel):
-            d = self.factory.hub.state(self.app.hub_name(channel))
-            d.addCallback(lambda state: self._subscribe(channel, member, state))
+            name = self.app.hub_name(channel)
+            if since is not None:
+                # Whether the client's position can be resumed (else it
+                # gets the cached event): the one after it is still kept.
+                d = self.factory.hub.history(name, since.offset, 1)
+                d.addCallback(lambda history: self._subscribe(channel, member, history.state, history.complete))
+            else:
+                d = self.factory.hub.state(name)
+                d.addCallback(lambda state: self._subscribe(channel, member, state))
             d.addErrback(lambda failure: self._subscribe_failed(channel, failure))
         else:
             self._subscribe(channel, member)
 
-    def _subscribe(self, channel: str, member: Member | None, cache_state: Any = None) -> None:
+    def _subscribe(self, channel: str, member: Member | None, cache_state: Any = None, resumable: bool = False) -> None:
         assert self.app is not None
         subscription = self.subscriptions.get(channel)
         if subscription is None or self.state != OPEN:
@@ -635,9 +642,14 @@ class PusherProtocol(DoorProtocol):
         if cache_state is not None:
             # A cache- channel sends its last event on subscribe: from the
             # position before it, unless the client resumes from a position
-            # of the current epoch (then it has that event, or gets it among
+            # that can be resumed (then it has that event, or gets it among
             # the ones it missed).
-            if since is None or since.epoch != cache_state.epoch or since.offset > cache_state.offset:
+            if not (
+                resumable
+                and since is not None
+                and since.epoch == cache_state.epoch
+                and since.offset <= cache_state.offset
+            ):
                 since = Position(cache_state.offset - 1, cache_state.epoch) if cache_state.offset > 0 else None
         d = self.factory.hub.subscribe(self.app.hub_name(channel), self, since, member)
         d.addCallbacks(
