@@ -14,6 +14,14 @@ token) are refused with C{pusher:subscription_error}: a Pusher client has no
 token, only signatures for private and presence channels.  Frames for a publication are built once and shared
 by every Pusher subscriber, like the native door's.
 
+A subscription may opt in to Pushie's recovery extension (docs/PROTOCOL.md
+§13.1; the plugin C{static/pushie-pusher.js} does it for pusher-js): a
+C{pushie} field in C{pusher:subscribe}, and its frames then carry each
+event's position (L{positioned_frame}; L{skip_frame} for an event that
+leaves it out), and a C{since} in that field resumes through the Hub's
+recovery, as the native doors do.  Connections that never opt in are served
+Pusher's frames, byte for byte and shared as before.
+
 The apps may change while connections are open (L{PusherFactory.take_apps}:
 the apps file is reloaded on change and on C{SIGHUP}); each app may be
 disabled, hold a quota of connections and a client event rate of its own.
