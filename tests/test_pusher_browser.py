@@ -255,5 +255,22 @@ async def test_pusher_js_and_echo_get_every_missed_event_once(
             driver, lambda s: s["got"]["news"][-1:] == s["got"]["orders"][-1:] == [{"n": 21}], "a live event"
         )
         assert state["got"]["news"] == state["got"]["orders"] == expected + [{"n": 21}]
+
+        # The safety net: a frame at or before the channel's position never
+        # reaches the app (one after it does: the way in is the right one).
+        inject = """
+            var position = window.recovery.position("news");
+            function frame(offset, n) {
+              pusher.connection.connection.transport.emit("message", {data: JSON.stringify({
+                event: "headline", channel: "news", data: JSON.stringify({n: n}),
+                pushie: {offset: offset, epoch: position.epoch}})});
+            }
+            frame(position.offset, 21);
+            frame(position.offset - 1, 20);
+            frame(position.offset + 1, 22);
+        """
+        await threads.deferToThread(driver.execute_script, inject)
+        state = await page_state(driver)
+        assert state["got"]["news"] == expected + [{"n": 21}, {"n": 22}]
     finally:
         await threads.deferToThread(driver.quit)
