@@ -272,5 +272,12 @@ async def test_pusher_js_and_echo_get_every_missed_event_once(
         await threads.deferToThread(driver.execute_script, inject)
         state = await page_state(driver)
         assert state["got"]["news"] == expected + [{"n": 21}, {"n": 22}]
+
+        # An app that leaves a channel starts afresh there if it comes back.
+        left = await threads.deferToThread(
+            driver.execute_script, 'pusher.unsubscribe("news"); return window.recovery.position("news");'
+        )
+        assert left is None
+        await until(driver, lambda s: hub.subscriber_count("news") == 0, "the unsubscription")
     finally:
         await threads.deferToThread(driver.quit)
