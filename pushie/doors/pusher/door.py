@@ -46,6 +46,7 @@ import attr
 from autobahn.twisted.websocket import WebSocketServerFactory
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.application.service import Service
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -632,12 +633,12 @@ class PusherProtocol(DoorProtocol):
             if since is not None:
                 # Whether the client's position can be resumed (else it
                 # gets the cached event): the one after it is still kept.
-                d = self.factory.hub.history(name, since.offset, 1)
-                d.addCallback(lambda history: self._subscribe(channel, member, history.state, history.complete))
+                read: Deferred[None] = self.factory.hub.history(name, since.offset, 1).addCallback(
+                    lambda history: self._subscribe(channel, member, history.state, history.complete)
+                )
             else:
-                d = self.factory.hub.state(name)
-                d.addCallback(lambda state: self._subscribe(channel, member, state))
-            d.addErrback(lambda failure: self._subscribe_failed(channel, failure))
+                read = self.factory.hub.state(name).addCallback(lambda state: self._subscribe(channel, member, state))
+            read.addErrback(lambda failure: self._subscribe_failed(channel, failure))
         else:
             self._subscribe(channel, member)
 
