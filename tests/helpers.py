@@ -122,6 +122,7 @@ class WSClientProtocol(WebSocketClientProtocol):
         self.factory.client._opened(self)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        self.factory.client.raw.append(payload)
         self.factory.client.frames.put(json.loads(payload))
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
@@ -137,6 +138,8 @@ class WSClient:
     opened: Deferred = attr.ib(factory=Deferred)
     closed: Deferred = attr.ib(factory=Deferred)
     close_code: int | None = None
+    raw: list[bytes] = attr.ib(factory=list)
+    """Every message received, as the bytes that came (for byte-for-byte checks)."""
 
     def _opened(self, protocol: WSClientProtocol) -> None:
         self.protocol = protocol

@@ -5,6 +5,8 @@ app parsing, and channel kinds matched by anchored prefixes.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from pushie.doors.pusher.apps import (
@@ -22,6 +24,8 @@ from pushie.doors.pusher.apps import (
     is_valid_socket_id,
     parse_apps,
 )
+from pushie.doors.pusher.door import positioned_frame, publication_frame, skip_frame
+from pushie.records import Publication
 
 KEY = "278d425bdf160c739803"
 SECRET = "7ad3773142a6692b25b8"
@@ -188,3 +192,22 @@ def test_apps_file_keeps_the_last_good_apps(tmp_path):
     assert watched.refresh()
     assert [(a.id, a.enabled) for a in watched.apps] == [("3", False), ("2", True)]
     assert watched.refresh(force=True)  # SIGHUP: read again, changed or not
+
+
+def test_positioned_and_skip_frames_extend_pusher_frames_by_one_field():
+    """The recovery extension's frames (PROTOCOL §13.1): Pusher's frame, then the position; built without json.dumps."""
+    other = App("9", "otherkey", SECRET)
+    publication = Publication(other.hub_name("presence-room"), 18, "kJ3n-\u00e9", b'"{\\"a\\":1}"', "e\u00e9", "u1")
+    plain, _ = publication_frame(publication, other)
+    positioned, frame = positioned_frame(publication, other)
+    assert positioned.startswith(plain[:-1])
+    assert json.loads(positioned) == {**json.loads(plain), "pushie": {"offset": 18, "epoch": "kJ3n-\u00e9"}}
+    assert list(json.loads(positioned))[-1] == "pushie"
+    assert frame.endswith(positioned) and frame[0] == 0x81
+    skip = skip_frame(publication, other)
+    assert json.loads(skip[skip.index(b"{") :]) == {
+        "event": "pusher_internal:pushie_skip",
+        "channel": "presence-room",
+        "data": "{}",
+        "pushie": {"offset": 18, "epoch": "kJ3n-\u00e9"},
+    }

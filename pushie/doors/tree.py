@@ -4,6 +4,7 @@ The resource tree, built in one readable place.
 
   /            the demo page (static/index.html)
   /pushie.js   the browser client
+  /pushie-pusher.js  the recovery plugin for pusher-js apps (docs/PROTOCOL.md §13.1)
   /favicon.ico the demo page's icon (an SVG): browsers ask for it, a 404 would litter their console
   /openapi.json  the OpenAPI 3.1 description of the HTTP API (static/openapi.json; public)
   /publish     L{pushie.doors.api.PublishResource}
@@ -143,6 +144,7 @@ def build_site(
     """
     root = Root(StaticFile("index.html", b"text/html; charset=utf-8"))
     root.putChild(b"pushie.js", StaticFile("pushie.js", b"application/javascript; charset=utf-8"))
+    root.putChild(b"pushie-pusher.js", StaticFile("pushie-pusher.js", b"application/javascript; charset=utf-8"))
     root.putChild(b"favicon.ico", StaticFile("favicon.svg", b"image/svg+xml"))
     # Public documentation, as the README is: no key, whatever publisher_keys says.
     root.putChild(b"openapi.json", StaticFile("openapi.json", b"application/json"))

@@ -14,6 +14,14 @@ token) are refused with C{pusher:subscription_error}: a Pusher client has no
 token, only signatures for private and presence channels.  Frames for a publication are built once and shared
 by every Pusher subscriber, like the native door's.
 
+A subscription may opt in to Pushie's recovery extension (docs/PROTOCOL.md
+§13.1; the plugin C{static/pushie-pusher.js} does it for pusher-js): a
+C{pushie} field in C{pusher:subscribe}, and its frames then carry each
+event's position (L{positioned_frame}; L{skip_frame} for an event that
+leaves it out), and a C{since} in that field resumes through the Hub's
+recovery, as the native doors do.  Connections that never opt in are served
+Pusher's frames, byte for byte and shared as before.
+
 The apps may change while connections are open (L{PusherFactory.take_apps}:
 the apps file is reloaded on change and on C{SIGHUP}); each app may be
 disabled, hold a quota of connections and a client event rate of its own.
@@ -38,12 +46,13 @@ import attr
 from autobahn.twisted.websocket import WebSocketServerFactory
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.application.service import Service
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from pushie.channels import Position
+from pushie.channels import Position, check_since
 from pushie.doors._wsbase import OPEN, DoorProtocol, configure_factory
 from pushie.doors.context import Door, DoorContext
 from pushie.doors.pusher.apps import (
@@ -144,6 +153,51 @@ def publication_frame(publication: Publication, app: App) -> tuple[bytes, bytes]
     return payload, text_frame(payload)
 
 
+RECOVERY_FIELD = "pushie"
+"""
+The Pushie extension's key (docs/PROTOCOL.md §13.1, recovery for Pusher
+clients): in C{pusher:subscribe} data to opt in, in the event frames of a
+subscription that opted in (the event's position), and in its
+C{subscription_succeeded} data.  Connections that never send it see Pusher's
+frames byte for byte.
+"""
+SKIP_EVENT = "pusher_internal:pushie_skip"
+"""
+What an opted-in subscription gets in place of a publication that leaves it
+out (its own client event, a trigger with its C{socket_id}): only the position,
+so that a resubscribe after a drop does not replay it.  pusher-js ignores
+C{pusher_internal:} events it does not know.
+"""
+
+
+def position_field(publication: Publication) -> bytes:
+    """C{,"pushie":{"offset":N,"epoch":"E"}}: the position appended to an opted-in subscription's frames."""
+    return b"".join(
+        [b',"pushie":{"offset":', str(publication.offset).encode(), b',"epoch":', json_string(publication.epoch), b"}"]
+    )
+
+
+def positioned_frame(publication: Publication, app: App) -> tuple[bytes, bytes]:
+    """L{publication_frame} with the publication's position as a last top-level field."""
+    payload = publication_frame(publication, app)[0]
+    payload = payload[:-1] + position_field(publication) + b"}"
+    return payload, text_frame(payload)
+
+
+def skip_frame(publication: Publication, app: App) -> bytes:
+    """The L{SKIP_EVENT} frame for a publication that leaves an opted-in subscription out."""
+    payload = b"".join(
+        [
+            b'{"event":"' + SKIP_EVENT.encode() + b'","channel":',
+            json_string(app.channel_name(publication.channel)),
+            b',"data":"{}"',
+            position_field(publication),
+            b"}",
+        ]
+    )
+    return text_frame(payload)
+
+
 class FrameCache:
     """
     The Pusher frames of the publications and bursts that the Hub dispatches
@@ -154,21 +208,43 @@ class FrameCache:
     over again later (a recovery) has its frames built again.
     """
 
-    __slots__ = ("_clock", "_frames", "_bursts")
+    __slots__ = ("_clock", "_frames", "_bursts", "_positioned", "_positioned_bursts")
 
     def __init__(self, clock: IReactorTime) -> None:
         self._clock = clock
         # Keyed by the records themselves: they compare by identity.
         self._frames: dict[Publication, tuple[bytes, bytes]] = {}
         self._bursts: dict[Burst, bytes] = {}
+        # The same with positions, for the subscriptions that opted in to recovery.
+        self._positioned: dict[Publication, tuple[bytes, bytes]] = {}
+        self._positioned_bursts: dict[Burst, bytes] = {}
 
     def _forget_next_turn(self) -> None:
-        if not self._frames and not self._bursts:
+        if not (self._frames or self._bursts or self._positioned or self._positioned_bursts):
             self._clock.callLater(0, self._forget)
 
     def _forget(self) -> None:
         self._frames.clear()
         self._bursts.clear()
+        self._positioned.clear()
+        self._positioned_bursts.clear()
+
+    def positioned(self, publication: Publication, app: App) -> tuple[bytes, bytes]:
+        """L{positioned_frame}, built once per turn."""
+        cached = self._positioned.get(publication)
+        if cached is None:
+            self._forget_next_turn()
+            cached = self._positioned[publication] = positioned_frame(publication, app)
+        return cached
+
+    def positioned_burst(self, burst: Burst, app: App) -> bytes:
+        """The positioned frames of every publication of C{burst}, joined once per turn."""
+        frames = self._positioned_bursts.get(burst)
+        if frames is None:
+            frames = b"".join([self.positioned(p, app)[1] for p in burst.publications])
+            self._forget_next_turn()
+            self._positioned_bursts[burst] = frames
+        return frames
 
     def publication(self, publication: Publication, app: App) -> tuple[bytes, bytes]:
         """L{publication_frame}, built once per turn."""
@@ -192,6 +268,10 @@ class FrameCache:
 class _Subscription:
     member: Member | None = None
     live: bool = False
+    recovery: bool = False
+    """Whether it opted in to the recovery extension (a C{pushie} field in C{pusher:subscribe})."""
+    since: Position | None = None
+    """The position the client resumes from (C{pushie.since}), if it gave one."""
 
 
 class _UserChannel:
@@ -252,7 +332,7 @@ class PusherProtocol(DoorProtocol):
     deny_reasons = frozenset({"origin not allowed"})
     __slots__ = (
         "client_id", "app", "_refusal", "subscriptions", "user_id", "_user_channel", "_opened",
-        "last_seen", "pinged_at", "_event_window", "_event_count", "_outbox", "version", "_counted",
+        "last_seen", "pinged_at", "_event_window", "_event_count", "_outbox", "version", "_counted", "_positioned",
     )  # fmt: skip
 
     def __init__(self) -> None:
@@ -271,6 +351,10 @@ class PusherProtocol(DoorProtocol):
         self._outbox: list[PublishRequest] | None = None
         self.version = PROTOCOL_VERSION
         self._counted: str | None = None  # the app id this connection counts against
+        # The Hub names of the channels subscribed with the recovery extension
+        # (their frames carry positions); None while there is none, so that
+        # the hot path of every other connection tests one attribute.
+        self._positioned: set[str] | None = None
 
     @property
     def socket_id(self) -> str:
@@ -360,10 +444,18 @@ class PusherProtocol(DoorProtocol):
 
     def deliver(self, publication: Publication) -> None:
         """Send one publication (hot path), unless this socket is the one to leave out."""
-        if self.state != OPEN or (publication.meta and publication.meta.get(EXCLUDE) == self.client_id):
+        if self.state != OPEN:
             return
+        positioned = self._positioned is not None and publication.channel in self._positioned
         assert self.app is not None
-        payload, frame = self.factory.frames.publication(publication, self.app)
+        if publication.meta and publication.meta.get(EXCLUDE) == self.client_id:
+            if positioned:
+                self.send_prepared(b"", skip_frame(publication, self.app))
+            return
+        if positioned:
+            payload, frame = self.factory.frames.positioned(publication, self.app)
+        else:
+            payload, frame = self.factory.frames.publication(publication, self.app)
         self.send_prepared(payload, frame)
 
     def deliver_burst(self, burst: Burst) -> None:
@@ -383,7 +475,17 @@ class PusherProtocol(DoorProtocol):
                 self.deliver(publication)
             return
         cache = self.factory.frames
-        if any(p.meta and p.meta.get(EXCLUDE) == me for p in publications):
+        if self._positioned is not None and publications[0].channel in self._positioned:
+            if any(p.meta and p.meta.get(EXCLUDE) == me for p in publications):
+                frames = b"".join(
+                    [
+                        skip_frame(p, app) if p.meta and p.meta.get(EXCLUDE) == me else cache.positioned(p, app)[1]
+                        for p in publications
+                    ]
+                )
+            else:
+                frames = cache.positioned_burst(burst, app)
+        elif any(p.meta and p.meta.get(EXCLUDE) == me for p in publications):
             frames = b"".join(
                 [cache.publication(p, app)[1] for p in publications if not p.meta or p.meta.get(EXCLUDE) != me]
             )
@@ -520,33 +622,59 @@ class PusherProtocol(DoorProtocol):
                 channel=channel,
                 status=401,
             )
-        self.subscriptions[channel] = _Subscription(member)
+        recovery, since = _recovery_request(data.get(RECOVERY_FIELD), channel)
+        self.subscriptions[channel] = _Subscription(member, recovery=recovery, since=since)
+        if recovery:
+            if self._positioned is None:
+                self._positioned = set()
+            self._positioned.add(self.app.hub_name(channel))
         if is_cache(channel):
-            d = self.factory.hub.state(self.app.hub_name(channel))
-            d.addCallback(lambda state: self._subscribe(channel, member, state))
-            d.addErrback(lambda failure: self._subscribe_failed(channel, failure))
+            name = self.app.hub_name(channel)
+            if since is not None:
+                # Whether the client's position can be resumed (else it
+                # gets the cached event): the one after it is still kept.
+                read: Deferred[None] = self.factory.hub.history(name, since.offset, 1).addCallback(
+                    lambda history: self._subscribe(channel, member, history.state, history.complete)
+                )
+            else:
+                read = self.factory.hub.state(name).addCallback(lambda state: self._subscribe(channel, member, state))
+            read.addErrback(lambda failure: self._subscribe_failed(channel, failure))
         else:
             self._subscribe(channel, member)
 
-    def _subscribe(self, channel: str, member: Member | None, cache_state: Any = None) -> None:
+    def _subscribe(self, channel: str, member: Member | None, cache_state: Any = None, resumable: bool = False) -> None:
         assert self.app is not None
-        if channel not in self.subscriptions or self.state != OPEN:
+        subscription = self.subscriptions.get(channel)
+        if subscription is None or self.state != OPEN:
             return
-        since = None
-        if cache_state is not None and cache_state.offset > 0:
-            since = Position(cache_state.offset - 1, cache_state.epoch)
+        since = subscription.since
+        if cache_state is not None:
+            # A cache- channel sends its last event on subscribe: from the
+            # position before it, unless the client resumes from a position
+            # that can be resumed (then it has that event, or gets it among
+            # the ones it missed).
+            if not (
+                resumable
+                and since is not None
+                and since.epoch == cache_state.epoch
+                and since.offset <= cache_state.offset
+            ):
+                since = Position(cache_state.offset - 1, cache_state.epoch) if cache_state.offset > 0 else None
         d = self.factory.hub.subscribe(self.app.hub_name(channel), self, since, member)
         d.addCallbacks(
-            lambda answer: self._subscribed(channel, answer, cache_state is not None),
+            lambda answer: self._subscribed(channel, answer, cache_state is not None, since),
             lambda failure: self._subscribe_failed(channel, failure),
         )
 
-    def _subscribed(self, channel: str, answer: Subscribed | None, cache: bool) -> None:
+    def _subscribed(self, channel: str, answer: Subscribed | None, cache: bool, since: Position | None) -> None:
         subscription = self.subscriptions.get(channel)
         if answer is None or subscription is None or self.state != OPEN:
             return
+        data = _succeeded_data(answer.members)
+        if subscription.recovery:
+            data[RECOVERY_FIELD] = _recovery_answer(answer, since, subscription.since)
         try:
-            self.send_event("pusher_internal:subscription_succeeded", _succeeded_data(answer.members), channel)
+            self.send_event("pusher_internal:subscription_succeeded", data, channel)
         except Exception:
             # A subscriber that was never told is no subscriber (nor member).
             self._subscribe_failed(channel, Failure())
@@ -570,6 +698,7 @@ class PusherProtocol(DoorProtocol):
     def _subscribe_failed(self, channel: str, failure: Any, unsubscribe: bool = True) -> None:
         assert self.app is not None
         if unsubscribe and self.subscriptions.pop(channel, None) is not None:
+            self._forget_position(channel)
             self.factory.hub.unsubscribe(self.app.hub_name(channel), self)
         error = failure.value
         if isinstance(error, PushieError) and error.code == "presence_full":
@@ -592,7 +721,16 @@ class PusherProtocol(DoorProtocol):
         channel = data.get("channel") if isinstance(data, dict) else None
         assert self.app is not None
         if isinstance(channel, str) and self.subscriptions.pop(channel, None) is not None:
+            self._forget_position(channel)
             self.factory.hub.unsubscribe(self.app.hub_name(channel), self)
+
+    def _forget_position(self, channel: str) -> None:
+        """The subscription to C{channel} ended: its frames need no position any more."""
+        assert self.app is not None
+        if self._positioned is not None:
+            self._positioned.discard(self.app.hub_name(channel))
+            if not self._positioned:
+                self._positioned = None
 
     # -- user sign-in ----------------------------------------------------
 
@@ -733,6 +871,7 @@ class PusherProtocol(DoorProtocol):
             for channel in list(self.subscriptions):
                 hub.unsubscribe(self.app.hub_name(channel), self)
         self.subscriptions.clear()
+        self._positioned = None
         if self._user_channel is not None:
             hub.unsubscribe(self._user_channel.name, self._user_channel)
             self._user_channel = None
@@ -760,6 +899,45 @@ def _member(channel_data: str, channel: str) -> Member:
     if isinstance(user_id, bool) or not isinstance(user_id, (str, int)) or not is_valid_user_id(str(user_id)):
         raise PusherError('channel_data must be a JSON object with a "user_id"', channel=channel, status=400)
     return Member(str(user_id), parsed.get("user_info"))
+
+
+def _recovery_request(value: Any, channel: str) -> tuple[bool, Position | None]:
+    """
+    The recovery extension's field of a C{pusher:subscribe}: absent (no
+    recovery), C{{}} (opt in: positions from now on) or
+    C{{"since": {"offset": N, "epoch": "E"}}} (opt in and resume after N).
+
+    @return: whether the subscription opted in, and where it resumes.
+    @raise PusherError: a field of another shape.
+    """
+    if value is None:
+        return False, None
+    if not isinstance(value, dict):
+        raise PusherError(
+            '"pushie" must be an object: {} or {"since": {"offset": N, "epoch": "E"}}', channel=channel, status=400
+        )
+    if value.get("since") is None:
+        return True, None
+    try:
+        return True, check_since(value["since"], channel)
+    except PushieError as e:
+        raise PusherError(f"pushie.since: {e.message}", channel=channel, status=400) from None
+
+
+def _recovery_answer(answer: Subscribed, used: Position | None, asked: Position | None) -> dict[str, Any]:
+    """
+    The C{pushie} field of an opted-in C{subscription_succeeded}: the
+    position right before the next event this subscription receives (the one
+    resumed from, when the Hub could recover it; else the channel's current
+    one), and, when the client asked to resume, whether it was recovered.
+    """
+    if used is not None and answer.recovered:
+        field: dict[str, Any] = {"offset": used.offset, "epoch": used.epoch}
+    else:
+        field = {"offset": answer.state.offset, "epoch": answer.state.epoch}
+    if asked is not None:
+        field["recovered"] = bool(answer.recovered) and used == asked
+    return field
 
 
 def _succeeded_data(members: list[Member] | None) -> Any:
