@@ -1,27 +1,35 @@
 """
-Pushie's benchmark suite: every scenario against Pushie and against a minimal
-Twisted + Autobahn broadcast server (bench/baseline_server.py), in the same
-invocation, so that every Pushie figure is also a ratio to the baseline.
+Pushie's benchmark suite: every scenario against Pushie and against the other
+targets in the same invocation, so that every Pushie figure is also a ratio
+to each of them: a minimal Twisted + Autobahn broadcast server
+(bench/baseline_server.py), the peers Node `ws` (bench/node/server.js) and
+Nchan (nginx with its module, one worker, a config written here), and Pushie
+as 2 workers sharing its port (`reuseport:`) on a Redis engine.
 
-    python bench/run.py fanout-1k            # one scenario (both servers)
-    python bench/run.py fanout-1k latency --quick
-    python bench/run.py --all                # everything, about 4-5 minutes on 2 cores
+    bench/setup-peers                        # once: installs Nchan and ws
+    python bench/run.py fanout-1k            # one scenario, every target
+    python bench/run.py fanout-1k latency --quick --server pushie,nchan
+    python bench/run.py --all --quick        # everything, about 10 minutes on 2 cores
     python bench/run.py --list
 
-Each run starts the server(s) as a subprocess (Pushie: `twistd -n pushie` with
-every limit off; a `redis-server` on a free port for the Redis scenario),
-connects the subscribers from several load-generator processes
-(bench/loadgen.py: asyncio, raw sockets, hand-made WebSocket handshake and
-frame parsing), publishes over keep-alive HTTP from other processes, waits
-until every message has arrived, stops everything and reports: the
-scenario's figure, publish-to-receive latency percentiles, the server's CPU
-and the load generators' CPU over the measured window (from /proc/PID/stat),
-and the lost and duplicated messages (counted per connection from the
-envelope offsets; both must be 0, else the exit status is 1).  Results go to
-bench/results/<timestamp>.json and .md, and the markdown table is printed.
+A peer that is not installed gets "not installed" in its column (and
+--require-peers makes that an error).  Each run starts the server(s) as a
+subprocess (Pushie: `twistd -n pushie` with every limit off; a
+`redis-server` on a free port where Redis is needed), connects the
+subscribers from several load-generator processes (bench/loadgen.py: epoll,
+raw sockets, hand-made WebSocket handshake and frame parsing), publishes over
+keep-alive HTTP from other processes, waits until every message has arrived,
+stops everything and reports: the scenario's figure, publish-to-receive
+latency percentiles, the server's CPU and the load generators' CPU over the
+measured window (from /proc/PID/stat), and the lost and duplicated messages
+(counted per connection from the envelope offsets, or for Nchan, which sends
+bare bodies, from the counts; both must be 0, else the exit status is 1).
+Results go to bench/results/<timestamp>.json and .md, and the markdown
+tables are printed.
 
 Loopback only; messages carry about 100 bytes of data.  Needs only Twisted,
-Autobahn and the standard library (and redis-server for `redis-fanout`).
+Autobahn and the standard library (redis-server for `redis-fanout` and the
+2-worker target, the peers for theirs).
 """
 
 from __future__ import annotations
