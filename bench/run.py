@@ -61,11 +61,12 @@ sys.path.insert(0, BENCH)
 import loadgen  # noqa: E402
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-# The targets of a run, in the table's order.  Pushie; Pushie as 2 workers
-# sharing the port (SO_REUSEPORT, `reuseport:` endpoint) on a Redis engine;
-# the Twisted + Autobahn baseline; the peers, Node `ws` and Nchan (installed
-# by bench/setup-peers).
-SERVERS = ("pushie", "pushie-2w", "baseline", "node", "nchan")
+# The targets of a run, in the table's order.  Pushie; Pushie alone on a
+# Redis engine and as 2 workers sharing the port (SO_REUSEPORT, `reuseport:`
+# endpoint) on a Redis engine, so that 2 workers compare with 1 on the same
+# engine; the Twisted + Autobahn baseline; the peers, Node `ws` and Nchan
+# (installed by bench/setup-peers).
+SERVERS = ("pushie", "pushie-redis", "pushie-2w", "baseline", "node", "nchan")
 PEERS = ("node", "nchan")
 NODE_SERVER = os.path.join(BENCH, "node", "server.js")
 NCHAN_MODULE = "/usr/lib/nginx/modules/ngx_nchan_module.so"
@@ -74,6 +75,7 @@ NOT_APPLICABLE = {
     ("nchan", "batch"): "n/a: Nchan has no batch publish",
     ("pushie-2w", "memory"): "n/a: connections split over 2 processes",
     ("pushie-2w", "redis-fanout"): "n/a: already 2 processes on Redis",
+    ("pushie-redis", "redis-fanout"): "n/a: Pushie's column is 2 daemons on Redis",
 }
 
 
@@ -88,7 +90,7 @@ def missing(kind: str) -> str | None:
         return "not installed: nginx (run bench/setup-peers)"
     if kind == "nchan" and not os.path.exists(NCHAN_MODULE):
         return "not installed: libnginx-mod-nchan (run bench/setup-peers)"
-    if kind == "pushie-2w" and not shutil.which("redis-server"):
+    if kind in ("pushie-2w", "pushie-redis") and not shutil.which("redis-server"):
         return "needs redis-server"
     return None
 
@@ -353,13 +355,16 @@ class Cluster:
         self.redis: Server | None = None
         try:
             engine = None
-            if kind == "pushie-2w" or (kind == "pushie" and nodes > 1):
+            if kind in ("pushie-2w", "pushie-redis") or (kind == "pushie" and nodes > 1):
                 self.redis = Server("redis", logdir, f"{name}-redis")
                 engine = f"redis://127.0.0.1:{self.redis.port}/0"
             if kind == "pushie-2w":
                 port = free_port()
                 for i in range(2):
                     self.servers.append(Server("pushie-worker", logdir, f"{name}-worker{i}", engine, port))
+                return
+            if kind == "pushie-redis":
+                self.servers.append(Server("pushie", logdir, f"{name}-pushie", engine))
                 return
             for i in range(nodes if kind == "pushie" else 1):
                 self.servers.append(Server(kind, logdir, f"{name}-{kind}{i if nodes > 1 else ''}", engine))
@@ -864,13 +869,14 @@ def fmt(value: Any) -> str:
 
 LABELS = {
     "pushie": "Pushie",
-    "pushie-2w": "Pushie, 2 workers",
+    "pushie-redis": "Pushie on Redis",
+    "pushie-2w": "Pushie, 2 workers on Redis",
     "baseline": "baseline",
     "node": "Node ws",
     "nchan": "Nchan",
 }
-# Ratios in the table: Pushie to each other target, and 2 workers to 1.
-RATIOS = (("pushie", "baseline"), ("pushie", "node"), ("pushie", "nchan"), ("pushie-2w", "pushie"))
+# Ratios in the table: Pushie to each other target, and 2 workers to 1 (both on Redis).
+RATIOS = (("pushie", "baseline"), ("pushie", "node"), ("pushie", "nchan"), ("pushie-2w", "pushie-redis"))
 
 
 def ratios(entry: dict[str, Any]) -> dict[str, float | None]:
