@@ -14,8 +14,15 @@ publisher's send time C{"data":{"t":...}} (time.time_ns(), for the
 publish-to-receive latency).  Control frames (welcome, subscribed) are parsed
 as JSON; pings are answered.  Publishers speak HTTP/1.1 keep-alive by hand.
 
-Both servers (Pushie and bench/baseline_server.py) are driven through the
-same URLs: C{GET /websocket?channel=X} and C{POST /publish}.
+Pushie, bench/baseline_server.py and the Node peer (bench/node/server.js)
+are driven through the same URLs: C{GET /websocket?channel=X} and C{POST
+/publish}.  Nchan speaks otherwise, and the commands take a C{raw=True} for
+it: subscribers open C{/sub/X} and count as subscribed at the 101 (Nchan sends
+no frame of its own), each text frame is the message body itself (the data,
+no envelope, no offset: a connection's messages are counted, and more than
+were published to its channel count as duplicates), and publishers C{POST
+/pub/X} with the data as the body (no batches: Nchan has none), counting the
+messages each channel was sent from the 201/202 answers.
 """
 
 from __future__ import annotations
@@ -40,6 +47,8 @@ READ_SIZE = 65536  # not more: os.read() allocates this much each time, and 256 
 NICE = 10  # the server gets its core first: 2 cores, 1 server process and 5 load generators
 _LINGER_RST = struct.pack("ii", 1, 0)
 _MESSAGE_PREFIX = b'{"type":"message"'
+_RAW_PREFIX = b'{"t":'  # a raw (Nchan) message: the data itself
+PUBLISHED = ("200", "201", "202")  # Nchan answers 201 (delivered to subscribers) or 202 (queued, none listening)
 _PAD = b"x" * 68  # {"t":<19 digits>,"p":"<68 x>"} is 100 bytes of data
 
 
@@ -119,6 +128,9 @@ class Connection:
             self.open = True
             data = data[end + 4 :]
             self.buf = b""
+            if self.worker.raw:  # no subscribed frame: subscribed with the 101
+                self.start = self.last = 0
+                self.worker.subscribed(self)
         elif self.buf:
             data = self.buf + data
         n = len(data)
@@ -128,6 +140,7 @@ class Connection:
         unique = 0
         dups = 0
         prefix = _MESSAGE_PREFIX
+        raw = self.worker.raw
         while n - i >= 2:
             length = data[i + 1] & 0x7F
             if length < 126:
@@ -146,7 +159,12 @@ class Connection:
             if end > n:
                 break
             opcode = data[i] & 0x0F
-            if opcode == 1 and data.startswith(prefix, p):
+            if raw and opcode == 1 and data.startswith(_RAW_PREFIX, p):
+                unique += 1  # no offsets: counted, and checked against what was published in _counts
+                if not now:
+                    now = time.time_ns()
+                self.worker.latency(now - int(data[p + 5 : data.find(b",", p, end)]))
+            elif opcode == 1 and data.startswith(prefix, p):
                 j = data.find(b'"offset":', p, end) + 9
                 k = data.find(b",", j, end)
                 offset = int(data[j:k])
@@ -228,6 +246,7 @@ class SubscriberWorker:
         self.errors: Counter[str] = Counter()
         self.close_codes: Counter[int] = Counter()
         self.running = True
+        self.raw = False  # Nchan: /sub/X, subscribed at the 101, bare message bodies
 
     def run(self) -> None:
         control = self.pipe.fileno()
@@ -270,7 +289,7 @@ class SubscriberWorker:
             try:
                 sock = socket.create_connection((HOST, port), timeout=10)
                 sock.setblocking(False)
-                sock.send(handshake_request(f"/websocket?channel={channel}"))
+                sock.send(handshake_request(f"/sub/{channel}" if self.raw else f"/websocket?channel={channel}"))
             except OSError as e:
                 self.failures[f"{type(e).__name__}: {e}"[:120]] += 1
                 continue
@@ -319,8 +338,11 @@ class SubscriberWorker:
         if result is not None:
             self.pipe.send(("ok", result))
 
-    def cmd_subscribe(self, targets: list[tuple[int, str]], concurrency: int = 10, timeout: float = 30.0) -> None:
+    def cmd_subscribe(
+        self, targets: list[tuple[int, str]], concurrency: int = 10, timeout: float = 30.0, raw: bool = False
+    ) -> None:
         """Open one connection per (port, channel); answers when each has its subscribed frame or failed."""
+        self.raw = raw
         self.concurrency = concurrency
         self.timeout = timeout
         self.queue.extend(targets)
@@ -331,9 +353,14 @@ class SubscriberWorker:
         expected = unique = dups = 0
         for c in self.subscribers:
             assert c.start is not None
-            expected += max(0, finals.get(c.channel, c.start) - c.start)
-            unique += c.unique
-            dups += c.dups
+            due = max(0, finals.get(c.channel, c.start) - c.start)
+            expected += due
+            if self.raw:  # counted, not told apart: more than was published are duplicates
+                unique += min(c.unique, due)
+                dups += max(0, c.unique - due)
+            else:
+                unique += c.unique
+                dups += c.dups
         return {
             "connections": len(self.connections),
             "subscribers": len(self.subscribers),
@@ -369,21 +396,26 @@ class HTTPClient(asyncio.Protocol):
     """One keep-alive HTTP/1.1 connection, one request at a time."""
 
     def __init__(self, port: int) -> None:
-        self.head = (
-            b"POST /publish HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Type: application/json\r\nContent-Length: " % port
-        )
+        self.port = port
+        self.head = self.head_for(b"/publish")
         self.transport: asyncio.Transport | None = None
         self.waiter: asyncio.Future[tuple[int, bytes]] | None = None
         self.buf = b""
+
+    def head_for(self, path: bytes) -> bytes:
+        """The request line and headers of a POST to C{path}, up to the Content-Length's value."""
+        host = b"127.0.0.1:%d" % self.port
+        headers = b"\r\nContent-Type: application/json\r\nContent-Length: "
+        return b"POST " + path + b" HTTP/1.1\r\nHost: " + host + headers
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
 
-    def post(self, body: bytes) -> asyncio.Future[tuple[int, bytes]]:
+    def post(self, body: bytes, head: bytes | None = None) -> asyncio.Future[tuple[int, bytes]]:
         assert self.transport is not None and self.waiter is None
         self.waiter = asyncio.get_running_loop().create_future()
-        self.transport.write(self.head + b"%d\r\n\r\n" % len(body) + body)
+        self.transport.write((head or self.head) + b"%d\r\n\r\n" % len(body) + body)
         return self.waiter
 
     def data_received(self, data: bytes) -> None:
@@ -441,9 +473,10 @@ class HTTPClient(asyncio.Protocol):
 class Handshaker(asyncio.Protocol):
     """Opens, waits for the 101 and the subscribed frame, and is done."""
 
-    def __init__(self, path: str, done: asyncio.Future[None]) -> None:
+    def __init__(self, path: str, done: asyncio.Future[None], raw: bool = False) -> None:
         self.path = path
         self.done = done
+        self.raw = raw  # done at the 101's end (Nchan sends no subscribed frame)
         self.buf = b""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -456,7 +489,7 @@ class Handshaker(asyncio.Protocol):
             return
         if len(self.buf) >= 12 and not self.buf.startswith(b"HTTP/1.1 101"):
             self.done.set_exception(RuntimeError("handshake refused: " + self.buf[:12].decode("latin-1")))
-        elif b'"type":"subscribed"' in self.buf:
+        elif b'"type":"subscribed"' in self.buf or (self.raw and b"\r\n\r\n" in self.buf):
             self.done.set_result(None)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -512,6 +545,7 @@ class ClientWorker:
         batch: int = 0,
         window: int | None = None,
         per_message: float = 1.0,
+        raw: bool = False,
     ) -> dict[str, Any]:
         """
         Publish over C{concurrency} keep-alive connections, round-robin over
@@ -533,11 +567,17 @@ class ClientWorker:
         requests = 0
         position = 0
         channel_names = [c.encode() for c in channels]
+        heads: list[bytes | None] = [None] * len(channels)
+        last_channel = 0  # raw: the channel of the body next_body() made last
         started = time.monotonic()
         deadline = started + duration if duration is not None else None
 
         def next_body() -> bytes:
-            nonlocal position
+            nonlocal position, last_channel
+            if raw:
+                last_channel = position
+                position = (position + 1) % len(channel_names)
+                return make_data()
             if batch:
                 items = []
                 for _ in range(batch):
@@ -584,18 +624,29 @@ class ClientWorker:
                     await asyncio.sleep(0.001)
                 requests += 1
                 body = next_body()
+                head = None
+                channel = last_channel
+                if raw:
+                    head = heads[channel]
+                    if head is None:
+                        head = heads[channel] = client.head_for(b"/pub/" + channel_names[channel])
                 sent = time.perf_counter_ns()
                 try:
                     if client.transport is None:
                         client = await connect()
-                    status, answer = await client.post(body)
+                    status, answer = await client.post(body, head)
                 except ConnectionError:
                     statuses["connection_lost"] += 1
                     client = await connect()
                     continue
                 rtts.append(time.perf_counter_ns() - sent)
                 statuses[str(status)] += 1
-                if status == 200:
+                if raw and status in (201, 202):
+                    finals[channels[channel]] = finals.get(channels[channel], 0) + 1
+                    published += 1
+                    if self.published is not None:
+                        self.published[self.index] = published
+                elif status == 200:
                     published += record(answer)
                     if self.published is not None:
                         self.published[self.index] = published
@@ -615,10 +666,16 @@ class ClientWorker:
             "rtts_ns": rtts.tobytes(),
         }
 
-    async def cmd_handshakes(self, port: int, channel: str, duration: float, concurrency: int) -> dict[str, Any]:
-        """Open, handshake (101 and the subscribed frame), close with RST, again, for C{duration} seconds."""
+    async def cmd_handshakes(
+        self, port: int, channel: str, duration: float, concurrency: int, raw: bool = False
+    ) -> dict[str, Any]:
+        """
+        Open, handshake (101 and the subscribed frame), close with RST, again,
+        for C{duration} seconds.  C{raw} (Nchan): C{/sub/<channel>}, done at the
+        101, as Nchan sends no frame of its own.
+        """
         loop = asyncio.get_running_loop()
-        path = f"/websocket?channel={channel}"
+        path = f"/sub/{channel}" if raw else f"/websocket?channel={channel}"
         times = array("q")
         failures: Counter[str] = Counter()
         deadline = time.monotonic() + duration
@@ -629,7 +686,9 @@ class ClientWorker:
                 started = time.perf_counter_ns()
                 transport = None
                 try:
-                    transport, _ = await loop.create_connection(functools.partial(Handshaker, path, done), HOST, port)
+                    transport, _ = await loop.create_connection(
+                        functools.partial(Handshaker, path, done, raw), HOST, port
+                    )
                     await asyncio.wait_for(done, 10)
                     times.append(time.perf_counter_ns() - started)
                 except Exception as e:  # noqa: BLE001

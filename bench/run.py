@@ -1,28 +1,36 @@
 """
-Pushie's benchmark suite: every scenario against Pushie and against a minimal
-Twisted + Autobahn broadcast server (bench/baseline_server.py), in the same
-invocation, so that every Pushie figure is also a ratio to the baseline.
+Pushie's benchmark suite: every scenario against Pushie and against the other
+targets in the same invocation, so that every Pushie figure is also a ratio
+to each of them: a minimal Twisted + Autobahn broadcast server
+(bench/baseline_server.py), the peers Node `ws` (bench/node/server.js) and
+Nchan (nginx with its module, one worker, a config written here), and Pushie
+as 2 workers sharing its port (`reuseport:`) on a Redis engine.
 
-    python bench/run.py fanout-1k            # one scenario (both servers)
-    python bench/run.py fanout-1k latency --quick
-    python bench/run.py --all                # everything, about 8 minutes on 2 cores
+    bench/setup-peers                        # once: installs Nchan and ws
+    python bench/run.py fanout-1k            # one scenario, every target
+    python bench/run.py fanout-1k latency --quick --server pushie,nchan
+    python bench/run.py --all --quick        # everything, about 15 minutes on 2 cores
     python bench/run.py --list
 
-Each run starts the server(s) as a subprocess (Pushie: `twistd -n pushie` with
-every limit off; a `redis-server` on a free port for the Redis scenario),
-connects the subscribers from several load-generator processes
-(bench/loadgen.py: asyncio, raw sockets, hand-made WebSocket handshake and
-frame parsing), publishes over keep-alive HTTP from other processes, waits
-until every message has arrived, stops everything and reports: the
-scenario's figure, publish-to-receive latency percentiles, the server's CPU
-and the load generators' CPU over the measured window (from /proc/PID/stat),
-and the lost and duplicated messages (counted per connection from the
-envelope offsets; both must be 0, else the exit status is 1).  Results go to
-bench/results/<timestamp>.json and .md, and the markdown table is printed.
+A peer that is not installed gets "not installed" in its column (and
+--require-peers makes that an error).  Each run starts the server(s) as a
+subprocess (Pushie: `twistd -n pushie` with every limit off; a
+`redis-server` on a free port where Redis is needed), connects the
+subscribers from several load-generator processes (bench/loadgen.py: epoll,
+raw sockets, hand-made WebSocket handshake and frame parsing), publishes over
+keep-alive HTTP from other processes, waits until every message has arrived,
+stops everything and reports: the scenario's figure, publish-to-receive
+latency percentiles, the server's CPU and the load generators' CPU over the
+measured window (from /proc/PID/stat), and the lost and duplicated messages
+(counted per connection from the envelope offsets, or for Nchan, which sends
+bare bodies, from the counts; both must be 0, else the exit status is 1).
+Results go to bench/results/<timestamp>.json and .md, and the markdown
+tables are printed.
 
 Loopback only; messages carry about 100 bytes of data.  Needs only Twisted,
-Autobahn and the standard library (and redis-server for `redis-fanout` and
-`redis-shards`).
+Autobahn and the standard library (redis-server for `redis-fanout`,
+`redis-shards`, the cluster scenarios and the 2-worker target; the peers for
+theirs).
 """
 
 from __future__ import annotations
@@ -54,7 +62,82 @@ sys.path.insert(0, BENCH)
 import loadgen  # noqa: E402
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-SERVERS = ("pushie", "baseline")
+# The targets of a run, in the table's order.  Pushie; Pushie alone on a
+# Redis engine and as 2 workers sharing the port (SO_REUSEPORT, `reuseport:`
+# endpoint) on a Redis engine, so that 2 workers compare with 1 on the same
+# engine; the Twisted + Autobahn baseline; the peers, Node `ws` and Nchan
+# (installed by bench/setup-peers).
+SERVERS = ("pushie", "pushie-redis", "pushie-2w", "baseline", "node", "nchan")
+PEERS = ("node", "nchan")
+NODE_SERVER = os.path.join(BENCH, "node", "server.js")
+NCHAN_MODULE = "/usr/lib/nginx/modules/ngx_nchan_module.so"
+# What a target cannot run, and says so in its column instead of a figure.
+NOT_APPLICABLE = {
+    ("nchan", "batch"): "n/a: Nchan has no batch publish",
+    ("pushie-2w", "memory"): "n/a: connections split over 2 processes",
+    ("pushie-2w", "redis-fanout"): "n/a: already 2 processes on Redis",
+    ("pushie-redis", "redis-fanout"): "n/a: Pushie's column is 2 daemons on Redis",
+}
+
+
+def missing(kind: str) -> str | None:
+    """Why a peer cannot run here (then its column says so), or None."""
+    if kind == "node":
+        if not shutil.which("node"):
+            return "not installed: node (run bench/setup-peers)"
+        if not os.path.isdir(os.path.join(BENCH, "node", "node_modules", "ws")):
+            return "not installed: ws (run bench/setup-peers)"
+    if kind == "nchan" and not (shutil.which("nginx") or os.path.exists("/usr/sbin/nginx")):
+        return "not installed: nginx (run bench/setup-peers)"
+    if kind == "nchan" and not os.path.exists(NCHAN_MODULE):
+        return "not installed: libnginx-mod-nchan (run bench/setup-peers)"
+    if kind in ("pushie-2w", "pushie-redis") and not shutil.which("redis-server"):
+        return "needs redis-server"
+    return None
+
+
+NGINX_CONF = """\
+# Nchan for Pushie's bench, written by bench/run.py: one worker, no logs.
+load_module {module};
+worker_processes 1;
+worker_rlimit_nofile {nofile};
+daemon off;
+pid {dir}/nginx.pid;
+error_log {dir}/nginx-error.log warn;
+events {{ worker_connections {connections}; multi_accept on; }}
+http {{
+  access_log off;
+  client_body_temp_path {dir}/body;
+  keepalive_requests 100000000;
+  server {{
+    listen 127.0.0.1:{port} backlog=511;
+    location ~ ^/sub/(.+)$ {{
+      nchan_subscriber websocket;
+      nchan_channel_id $1;
+      nchan_subscriber_first_message newest;
+    }}
+    location ~ ^/pub/(.+)$ {{
+      nchan_publisher;
+      nchan_channel_id $1;
+    }}
+  }}
+}}
+"""
+
+
+def nginx_worker(master: int, timeout: float = 10) -> int:
+    """The pid of the nginx master's (only) worker process: the one that serves, measured like the others."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{master}/task/{master}/children") as f:
+                children = [int(pid) for pid in f.read().split()]
+        except OSError:
+            children = []
+        if children:
+            return children[0]
+        time.sleep(0.05)
+    raise RuntimeError("nginx started no worker process")
 
 
 # -- processes -------------------------------------------------------------------
@@ -155,29 +238,51 @@ class CPUWindow:
 
 
 class Server:
-    """One server process: a Pushie daemon, the baseline, or redis-server."""
+    """One server process: a Pushie daemon, the baseline, a peer (node, nchan), or redis-server."""
 
-    def __init__(self, kind: str, logdir: str, name: str, engine: str | None = None) -> None:
+    def __init__(self, kind: str, logdir: str, name: str, engine: str | None = None, port: int | None = None) -> None:
         self.kind = kind
-        self.port = free_port()
+        self.port = port or free_port()
         self.log_path = os.path.join(logdir, f"{name}.log")
-        if kind == "pushie":
+        if kind in ("pushie", "pushie-worker"):
             twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
             command = (
                 [twistd]
                 if os.path.exists(twistd)
                 else [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
             )
+            # A worker shares its port with the others (SO_REUSEPORT).
+            listen = "reuseport" if kind == "pushie-worker" else "tcp"
             command += [
                 "-n", "--pidfile=", "pushie",
-                "--listen", f"tcp:{self.port}:interface=127.0.0.1",
+                "--listen", f"{listen}:{self.port}:interface=127.0.0.1",
                 "--max-connections", "0", "--max-connections-per-ip", "0",
                 "--publish-rate", "0", "--max-subscriptions", "0",
             ]  # fmt: skip
             if engine:
-                command += ["--engine", engine]
+                # A loaded 2-core machine can keep Redis from answering within the
+                # default 2 s while 10,000 clients subscribe: not what is measured.
+                command += ["--engine", engine, "--redis-timeout", "10"]
         elif kind == "baseline":
             command = [sys.executable, os.path.join(BENCH, "baseline_server.py"), "--port", str(self.port)]
+        elif kind == "node":
+            command = ["node", NODE_SERVER, "--port", str(self.port)]
+        elif kind == "nchan":
+            directory = os.path.join(logdir, name)
+            os.makedirs(directory, exist_ok=True)
+            nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+            conf = os.path.join(directory, "nginx.conf")
+            with open(conf, "w") as f:
+                f.write(
+                    NGINX_CONF.format(
+                        module=NCHAN_MODULE,
+                        nofile=nofile,
+                        connections=max(1024, nofile - 100),
+                        dir=directory,
+                        port=self.port,
+                    )  # fmt: skip
+                )
+            command = [shutil.which("nginx") or "/usr/sbin/nginx", "-c", conf, "-p", directory]
         elif kind == "redis":
             command = [
                 "redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
@@ -192,13 +297,19 @@ class Server:
         )
         self.pid = self.process.pid
         self._wait_ready()
+        if kind == "nchan":
+            self.pid = nginx_worker(self.process.pid)  # measured: the worker, not the idle master
 
     def _ready(self) -> bool:
         if self.kind == "redis":
             with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
                 s.sendall(b"PING\r\n")
                 return s.recv(100).startswith(b"+PONG")
-        if self.kind == "pushie":
+        if self.kind in ("pushie", "pushie-worker"):
+            # A worker's port is shared: its own log line says that it listens.
+            with open(self.log_path, "rb") as f:
+                if b"Pushie listening on" not in f.read():
+                    return False
             connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
             try:
                 connection.request("GET", "/healthz")
@@ -236,7 +347,8 @@ class Server:
 
 class Cluster:
     """
-    The server side of one run: one Pushie (or several on a redis-server), or the baseline.
+    The server side of one run: one Pushie (or several on a redis-server), two
+    Pushie workers sharing one port on a redis-server, the baseline or a peer.
 
     C{redis}: a redis-server the scenario started for all its runs (the
     cluster scenarios compare several daemons with one on the same Redis);
@@ -256,10 +368,18 @@ class Cluster:
             if kind == "pushie" and redis is not None:
                 flush(redis)
                 engine = f"redis://127.0.0.1:{redis.port}/0"
-            elif kind == "pushie" and (nodes > 1 or shards):
+            elif kind in ("pushie-2w", "pushie-redis") or (kind == "pushie" and (nodes > 1 or shards)):
                 for i in range(max(1, shards)):
                     self.redis_servers.append(Server("redis", logdir, f"{name}-redis{i}"))
                 engine = ",".join(f"redis://127.0.0.1:{r.port}/0" for r in self.redis_servers)
+            if kind == "pushie-2w":
+                port = free_port()
+                for i in range(2):
+                    self.servers.append(Server("pushie-worker", logdir, f"{name}-worker{i}", engine, port))
+                return
+            if kind == "pushie-redis":
+                self.servers.append(Server("pushie", logdir, f"{name}-pushie", engine))
+                return
             for i in range(nodes if kind == "pushie" else 1):
                 self.servers.append(Server(kind, logdir, f"{name}-{kind}{i if nodes > 1 else ''}", engine))
         except BaseException:
@@ -376,11 +496,13 @@ def merge_finals(results: list[dict[str, Any]]) -> dict[str, int]:
     return finals
 
 
-def subscribe(workers: Workers, targets: list[tuple[int, str]], concurrency: int = 10) -> float:
-    """Connect every (port, channel) subscriber, spread over the workers; the time it took."""
+def subscribe(workers: Workers, targets: list[tuple[int, str]], concurrency: int = 10, raw: bool = False) -> float:
+    """Connect every (port, channel) subscriber, spread over the workers; the time it took (raw: Nchan's URLs)."""
     started = time.monotonic()
     results = workers.all(
-        "subscribe", [{"targets": t, "concurrency": concurrency} for t in split(targets, len(workers))], timeout=300
+        "subscribe",
+        [{"targets": t, "concurrency": concurrency, "raw": raw} for t in split(targets, len(workers))],
+        timeout=300,
     )
     failed: Counter[str] = Counter()
     for r in results:
@@ -439,6 +561,7 @@ class Run:
         redis: Server | None = None,
     ) -> None:
         self.kind = kind
+        self.raw = kind == "nchan"  # Nchan's URLs and bare message bodies (see loadgen)
         self.options = options
         self.cluster: Cluster | None = None
         self.subscribers: Workers | None = None
@@ -517,7 +640,9 @@ def deliveries_run(
         run.workers(options.workers, publishers, options.nap / 1000 if nap is None else nap)
         assert run.subscribers is not None and run.publishers is not None
         ports = run.cluster.ports
-        connect_seconds = subscribe(run.subscribers, [(ports[node % len(ports)], ch) for node, ch in subscribers])
+        connect_seconds = subscribe(
+            run.subscribers, [(ports[node % len(ports)], ch) for node, ch in subscribers], raw=run.raw
+        )
         cpu_window = run.cpu_window()
         cpu_window.start()
         published = run.publishers.all(
@@ -532,6 +657,7 @@ def deliveries_run(
                     "batch": batch,
                     "window": window,
                     "per_message": len(subscribers) / len(channels),
+                    "raw": run.raw,
                 }
                 for index, part in enumerate(
                     [channels] * publishers if spread_publishers else split(channels, publishers)
@@ -629,21 +755,27 @@ def memory(kind: str, options: argparse.Namespace, name: str) -> dict[str, Any]:
         pid = run.cluster.pids[0]
         # Warm up the code paths (handshake, subscribe, publish), then measure.
         warm = Workers(1)
+        # Nchan has no batches: single publishes there, as many messages.
+        per_request = 1 if run.raw else 100
         try:
-            subscribe(warm, [(port, f"w{i}") for i in range(10)])
-            run.publishers.all("publish", port=port, channels=[f"w{i}" for i in range(10)], count=2, batch=10)
+            subscribe(warm, [(port, f"w{i}") for i in range(10)], raw=run.raw)
+            run.publishers.all(
+                "publish", port=port, channels=[f"w{i}" for i in range(10)], count=20 if run.raw else 2,
+                batch=0 if run.raw else 10, raw=run.raw,
+            )  # fmt: skip
         finally:
             warm.close()
         time.sleep(1)
         before = rss_bytes(pid)
         channels = [f"m{i}" for i in range(n)]
-        connect_seconds = subscribe(run.subscribers, [(port, c) for c in channels])
+        connect_seconds = subscribe(run.subscribers, [(port, c) for c in channels], raw=run.raw)
         time.sleep(2)
         after = rss_bytes(pid)
         # Then one message to each of them, to check that they all work.
         published = run.publishers.all(
-            "publish", port=port, channels=channels, count=n // 100, concurrency=2, batch=100
-        )
+            "publish", port=port, channels=channels, count=n // per_request, concurrency=2,
+            batch=0 if run.raw else 100, raw=run.raw,
+        )  # fmt: skip
         finals = merge_finals(published)
         drain(run.subscribers, finals)
         counts = collect(run.subscribers, finals)
@@ -673,8 +805,9 @@ def handshakes(kind: str, options: argparse.Namespace, name: str) -> dict[str, A
         window = run.cpu_window()
         window.start()
         results = run.publishers.all(
-            "handshakes", port=run.cluster.ports[0], channel="hs", duration=d(options, 10, 3), concurrency=8
-        )
+            "handshakes", port=run.cluster.ports[0], channel="hs", duration=d(options, 10, 3), concurrency=8,
+            raw=run.raw,
+        )  # fmt: skip
         cpu = window.stop()
     finally:
         teardown = run.close()
@@ -873,6 +1006,16 @@ SCENARIOS: dict[str, tuple[Callable[[str, argparse.Namespace, str], dict[str, An
 PUSHIE_REFERENCE = {"cluster", "cluster-spread", "cluster-latency"}
 
 
+def pushie_only(name: str, kind: str) -> str | None:
+    """
+    The scenarios that compare Pushie with itself (several daemons with one,
+    two shards with one) run only in the "pushie" and "baseline" columns.
+    """
+    if (name in PUSHIE_REFERENCE or name == "redis-shards") and kind not in ("pushie", "baseline"):
+        return "n/a: a Pushie-to-Pushie scenario"
+    return None
+
+
 # -- reporting -------------------------------------------------------------------
 
 
@@ -891,7 +1034,7 @@ def problems(result: dict[str, Any]) -> list[str]:
         found.append(f"{result['lost']} lost")
     if result.get("duplicated"):
         found.append(f"{result['duplicated']} duplicated")
-    bad = {k: v for k, v in result.get("statuses", {}).items() if k != "200"}
+    bad = {k: v for k, v in result.get("statuses", {}).items() if k not in loadgen.PUBLISHED}
     if bad:
         found.append(f"publish answers {bad}")
     if result.get("subscriber_errors"):
@@ -925,45 +1068,102 @@ def fmt(value: Any) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
+LABELS = {
+    "pushie": "Pushie",
+    "pushie-redis": "Pushie on Redis",
+    "pushie-2w": "Pushie, 2 workers on Redis",
+    "baseline": "baseline",
+    "node": "Node ws",
+    "nchan": "Nchan",
+}
+# Ratios in the table: Pushie to each other target, and 2 workers to 1 (both on Redis).
+RATIOS = (("pushie", "baseline"), ("pushie", "node"), ("pushie", "nchan"), ("pushie-2w", "pushie-redis"))
+
+
+def ratios(entry: dict[str, Any]) -> dict[str, float | None]:
+    return {
+        f"{a}/{b}": ratio(entry.get(a, {}).get("value"), entry.get(b, {}).get("value"))
+        for a, b in RATIOS
+        if a in entry and b in entry
+    }
+
+
 def markdown(report: dict[str, Any]) -> str:
+    """Two tables: the figures and ratios, one row per scenario; then the details, one row per scenario and target."""
+    kinds = report["servers"]
+    shown = [(a, b) for a, b in RATIOS if a in kinds and b in kinds]
     lines = [
-        "| scenario | metric | Pushie | baseline | Pushie / baseline | p99 latency ms (P / B) "
-        "| server CPU % (P / B) | load-gen CPU % (P / B) | machine idle % (P / B) | lost / dup (P / B) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| scenario | metric | "
+        + " | ".join(LABELS[k] for k in kinds)
+        + "".join(f" | {LABELS[a]} / {LABELS[b]}" for a, b in shown)
+        + " |",
+        "|---|---|" + "---|" * (len(kinds) + len(shown)),
     ]
     for name, entry in report["scenarios"].items():
-        p, b = entry.get("pushie", {}), entry.get("baseline", {})
-
-        def lat(r: dict[str, Any]) -> str:
-            return fmt((r.get("latency_ms") or {}).get("p99"))
-
-        def cpu(r: dict[str, Any], group: str) -> str:
-            c = r.get("cpu_percent") or {}
-            if group == "server" and "redis" in c:
-                return f"{fmt(c['server'])}+{fmt(c['redis'])} redis"
-            return fmt(c.get(group))
-
-        def idle(r: dict[str, Any]) -> str:
-            machine = (r.get("cpu_percent") or {}).get("machine")
-            return fmt(round(machine["idle"] / (os.cpu_count() or 1), 1)) if machine else "-"
-
-        def lost(r: dict[str, Any]) -> str:
-            if not r or "error" in r or r.get("lost") is None:
-                return "-"
-            return f"{r['lost']}/{r['duplicated']}"
-
         better = "higher is better" if entry["higher_is_better"] else "lower is better"
+
+        def value(r: dict[str, Any]) -> str:
+            if "skipped" in r:
+                return r["skipped"]
+            if "error" in r or problems(r):
+                return f"{fmt(r.get('value'))} (PROBLEMS)"
+            return fmt(r.get("value"))
+
         lines.append(
-            f"| {name}: {entry['description']} | {entry['metric']} ({better}) | {fmt(p.get('value'))} "
-            f"| {fmt(b.get('value'))} | {fmt(entry.get('ratio'))} | {lat(p)} / {lat(b)} "
-            f"| {cpu(p, 'server')} / {cpu(b, 'server')} | {cpu(p, 'loadgen')} / {cpu(b, 'loadgen')} "
-            f"| {idle(p)} / {idle(b)} | {lost(p)} / {lost(b)} |"
+            f"| {name}: {entry['description']} | {entry['metric']} ({better}) | "
+            + " | ".join(value(entry.get(k, {})) for k in kinds)
+            + "".join(f" | {fmt(entry['ratios'].get(f'{a}/{b}'))}" for a, b in shown)
+            + " |"
         )
+    lines += [
+        "",
+        "| scenario | target | p99 latency ms | server CPU % | load-gen CPU % | machine idle % | lost / dup |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, entry in report["scenarios"].items():
+        for kind in kinds:
+            r = entry.get(kind, {})
+            if not r or "skipped" in r:
+                continue
+            c = r.get("cpu_percent") or {}
+            server = fmt(c.get("server"))
+            if "redis" in c:
+                server += f"+{fmt(c['redis'])} redis"
+            machine = c.get("machine")
+            idle = fmt(round(machine["idle"] / (os.cpu_count() or 1), 1)) if machine else "-"
+            lost = "-" if "error" in r or r.get("lost") is None else f"{r['lost']}/{r['duplicated']}"
+            p99 = (r.get("latency_ms") or r.get("handshake_ms") or {}).get("p99")
+            lines.append(
+                f"| {name} | {LABELS[kind]} | {fmt(p99)} | {server} | {fmt(c.get('loadgen'))} | {idle} | {lost} |"
+            )
     others = [name for name, entry in report["scenarios"].items() if entry.get("baseline_is")]
     if others:
         lines.append("")
         lines.append(f"In {', '.join(others)} the baseline column is one Pushie daemon on the same redis-server.")
     return "\n".join(lines)
+
+
+def peer_versions(kinds: tuple[str, ...]) -> dict[str, str | None]:
+    """The versions the peers ran with, for the report."""
+
+    def run(*command: str) -> str | None:
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return (done.stdout + done.stderr).strip().splitlines()[0] if done.returncode == 0 else None
+
+    versions: dict[str, str | None] = {}
+    if "node" in kinds:
+        ws = os.path.join(BENCH, "node", "node_modules", "ws", "package.json")
+        node = run("node", "--version")
+        versions["node"] = node and f"{node}, ws {json.load(open(ws))['version']}" if os.path.exists(ws) else node
+    if "nchan" in kinds:
+        versions["nchan"] = run("dpkg-query", "-W", "-f=nginx-light ${Version}", "nginx-light")
+        nchan = run("dpkg-query", "-W", "-f=libnginx-mod-nchan ${Version}", "libnginx-mod-nchan")
+        if nchan:
+            versions["nchan"] = f"{versions['nchan']}, {nchan}"
+    return versions
 
 
 def git_revision() -> str | None:
@@ -989,7 +1189,18 @@ def main() -> int:
     parser.add_argument("--all", action="store_true", help="run every scenario")
     parser.add_argument("--list", action="store_true", help="list the scenarios and exit")
     parser.add_argument("--quick", action="store_true", help="short measurements (3-4 s instead of 10-15 s)")
-    parser.add_argument("--server", choices=("both", *SERVERS), default="both", help="run only one server kind")
+    parser.add_argument(
+        "--server", default=",".join(SERVERS),
+        help=f"targets, comma-separated, from {', '.join(SERVERS)} (default: all; 'both': pushie,baseline)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--require-peers", action="store_true",
+        help="fail (status 2) when a peer (node, nchan) is not installed, instead of a 'not installed' column",
+    )  # fmt: skip
+    parser.add_argument(
+        "--setup-peers", action="store_true",
+        help="install the peers first (bench/setup-peers: apt-get nginx-light libnginx-mod-nchan, npm ci)",
+    )  # fmt: skip
     parser.add_argument("--workers", type=int, default=4, help="subscriber processes (default 4)")
     parser.add_argument(
         "--nap", type=float, default=2.0,
@@ -1007,20 +1218,28 @@ def main() -> int:
         parser.error(
             f"give --all or scenario names from: {', '.join(SCENARIOS)}" + (f" (unknown: {unknown})" if unknown else "")
         )
+    kinds = ("pushie", "baseline") if options.server == "both" else tuple(options.server.split(","))
+    unknown_kinds = [k for k in kinds if k not in SERVERS]
+    if unknown_kinds:
+        parser.error(f"unknown targets {unknown_kinds}: choose from {', '.join(SERVERS)}")
+    kinds = tuple(k for k in SERVERS if k in kinds)  # the table's order
     needs_redis = [
-        n
-        for n in names
-        if (n in ("redis-fanout", "redis-shards") and options.server != "baseline") or n in PUSHIE_REFERENCE
+        n for n in names if (n in ("redis-fanout", "redis-shards") and "pushie" in kinds) or n in PUSHIE_REFERENCE
     ]
     if needs_redis and not shutil.which("redis-server"):
         parser.error(f"{', '.join(needs_redis)} need redis-server on the PATH")
+    if options.setup_peers:
+        subprocess.run([os.path.join(BENCH, "setup-peers")], check=True)
+    absent = {k: why for k in kinds if (why := missing(k)) is not None}
+    if options.require_peers and absent:
+        print("; ".join(f"{k}: {why}" for k, why in absent.items()), file=sys.stderr)
+        return 2
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # inherited by the servers and workers
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     os.makedirs(options.out, exist_ok=True)
     options.logdir = tempfile.mkdtemp(prefix=f"pushie-bench-{stamp}-")
-    kinds = SERVERS if options.server == "both" else (options.server,)
     report: dict[str, Any] = {
         "started": datetime.datetime.now().isoformat(timespec="seconds"),
         "revision": git_revision(),
@@ -1032,6 +1251,8 @@ def main() -> int:
             "nofile": hard,
         },
         "load_generator": {"subscriber_processes": options.workers, "nap_ms": options.nap},
+        "servers": list(kinds),
+        "peers": peer_versions(kinds),
         "logs": options.logdir,  # removed at the end unless a run had problems
         "scenarios": {},
     }
@@ -1046,6 +1267,11 @@ def main() -> int:
         report["scenarios"][name] = entry
         options.shared_redis = None
         for kind in kinds:
+            skipped = absent.get(kind) or NOT_APPLICABLE.get((kind, name)) or pushie_only(name, kind)
+            if skipped:
+                entry[kind] = {"skipped": skipped}
+                print(f"[{time.monotonic() - started:6.1f}s] {name} / {kind}: {skipped}", flush=True)
+                continue
             t0 = time.monotonic()
             print(f"[{time.monotonic() - started:6.1f}s] {name} / {kind} ...", end=" ", flush=True)
             try:
@@ -1075,6 +1301,7 @@ def main() -> int:
             options.shared_redis.stop()
             options.shared_redis = None
         entry["ratio"] = ratio(entry.get("pushie", {}).get("value"), entry.get("baseline", {}).get("value"))
+        entry["ratios"] = ratios(entry)
     report["seconds"] = round(time.monotonic() - started, 1)
     table = markdown(report)
     report["table"] = table

@@ -259,7 +259,7 @@ SETTINGS: tuple[Setting, ...] = (
         "listen_backlog",
         _positive_int,
         511,
-        "Connections the kernel queues before the daemon accepts them, for tcp, tcp6, ssl and unix "
+        "Connections the kernel queues before the daemon accepts them, for tcp, tcp6, ssl, unix and reuseport "
         "(also under haproxy:) endpoints that give no backlog= of their own "
         "(Twisted's default, 50, drops SYNs in reconnect waves).",
         metavar="N",
@@ -737,6 +737,16 @@ def load_settings(
         raise ConfigError(str(e)) from None
     if values["webhook_url"] and not values["webhook_secret"]:
         raise ConfigError("webhook_url needs webhook_secret: set PUSHIE_WEBHOOK_SECRET (or webhook_secret in the file)")
+    from pushie.reuseport import shares_port
+
+    shared = [d for d in values["listen"] if shares_port(d)]
+    if shared and values["engine"] == "memory":
+        raise ConfigError(
+            f"listen {shared[0]} shares its port with other Pushie processes (one per core), but the memory engine "
+            "keeps each process's channels to itself: subscribers on one would miss what is published on another. "
+            "Run them on a shared Redis (engine = redis://host:port/db), or listen with tcp: for a single process; "
+            "see README, Using every core"
+        )
     return Settings(**values)
 
 

@@ -100,7 +100,7 @@ class Options(usage.Options):
             raise usage.UsageError(str(e)) from None
 
 
-_BACKLOG_TYPES = frozenset({"tcp", "tcp6", "ssl", "unix"})
+_BACKLOG_TYPES = frozenset({"tcp", "tcp6", "ssl", "unix", "reuseport"})
 _HAS_BACKLOG = re.compile(r"(?<!\\):backlog=", re.IGNORECASE)
 
 
