@@ -43,7 +43,7 @@ publication (L{PartiallyPublished}), never hidden.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 from twisted.internet import defer
@@ -55,7 +55,7 @@ from zope.interface import implementer
 from pushie.engines import ClusterFigures, EngineListener, IEngine, TransitionSink
 from pushie.engines.redis import RedisEngine, parse_redis_url
 from pushie.errors import EngineUnavailable, OutcomeUnknown, PartiallyPublished, PushieError
-from pushie.records import ChannelState, History, Member, Publication, PublishRequest
+from pushie.records import ChannelState, History, Member, Publication, PublishRequest, Transition
 
 log = Logger()
 
@@ -326,10 +326,14 @@ class ShardedEngine:
         """
         Every shard decides the transitions of its own channels (its own
         stream, consumer group and held zset, under its prefix) and sends them
-        to the same sink; each reads only what the sink has room for, so
-        together they may hand it a little more than C{backlog} at once.
+        to the same sink, through a L{_SinkShare} each: a shard reads no more
+        than its share of the sink's room, since the shards' reads run at the
+        same time (see L{_SinkShare} for what that bounds).
         """
-        decided = [shard.send_transitions(sink, debounce, backlog) for shard in self.shards]
+        decided = [
+            shard.send_transitions(None if sink is None else _SinkShare(sink, len(self.shards)), debounce, backlog)
+            for shard in self.shards
+        ]
         return all(decided)
 
     @property
@@ -338,10 +342,12 @@ class ShardedEngine:
         The cluster's figures over every shard: every node beats on every
         shard (nodes and connections: the most any shard saw), each channel
         lives on one (subscriptions and channels: the sum).  C{None} until
-        every shard has had a heartbeat.
+        every shard has had a heartbeat, and while a shard is unavailable
+        (never a figure that silently leaves a shard out: the gauges are
+        absent then, and C{pushie_redis_shard_up} says which shard is down).
         """
         figures = [shard.cluster for shard in self.shards]
-        if any(f is None for f in figures):
+        if any(f is None for f in figures) or not self.healthy():
             return None
         known = [f for f in figures if f is not None]
         return ClusterFigures(
@@ -350,3 +356,29 @@ class ShardedEngine:
             subscriptions=sum(f.subscriptions for f in known),
             channels=sum(f.channels for f in known),
         )
+
+
+class _SinkShare:
+    """
+    One shard's view of the transition sink the shards share.  Each shard
+    asks the sink's room before a blocking read and may get that many
+    entries back a second later; with every shard asking the whole room,
+    a burst on every shard would hand the sink up to (shards) x room at
+    once, and the sink drops (and settles: loses) what is past its bound.
+    So a shard's room is its share: C{room // shards}, at least 1 while
+    the sink has any room.  Reads started together then hand over at most
+    the room plus C{shards - 1} transitions (the rounding up of a room
+    smaller than the shard count); a read started before another shard's
+    batch landed may still add to that, by no more than its own share.
+    """
+
+    def __init__(self, sink: TransitionSink, shards: int) -> None:
+        self.sink = sink
+        self.shards = shards
+
+    def room(self) -> int:
+        room = self.sink.room()
+        return max(1, room // self.shards) if room > 0 else 0
+
+    def take(self, transitions: Sequence[Transition], settle: Callable[[Sequence[Transition]], None]) -> None:
+        self.sink.take(transitions, settle)
