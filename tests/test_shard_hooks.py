@@ -21,8 +21,8 @@ from typing import Any
 import pytest
 import pytest_twisted
 
-from pushie.engines.redis import HEARTBEAT_INTERVAL
-from pushie.engines.sharded import ShardedEngine, _SinkShare
+from pushie.engines.redis import HEARTBEAT_INTERVAL, READ_BLOCK
+from pushie.engines.sharded import ShardedEngine
 from tests.helpers import Daemon, sleep, start_daemon, wait_for
 from tests.redis_server import RedisServer, require_redis
 from tests.test_auth import SECRET_1, token
@@ -293,24 +293,53 @@ async def test_one_shard_down_503_for_counts_the_other_shard_flows_then_everythi
     await leave(again)
 
 
-class _Sink:
-    def __init__(self, room: int) -> None:
-        self.free = room
+@pytest_twisted.ensureDeferred
+async def test_a_burst_on_both_shards_stays_within_the_webhook_queue(clean_reactor, two_redis, receiver):  # noqa: F811
+    _record_answers(receiver)
+    receiver.default = "hang"
+    node = await start_daemon(
+        engine=",".join(s.url for s in two_redis),
+        webhook_url=receiver.url,
+        webhook_secret=HOOK_SECRET,
+        webhook_debounce=DEBOUNCE,
+        webhook_timeout=60.0,
+        webhook_max_queue=6,
+    )
+    webhooks = node.hub.webhooks
+    try:
+        await wait_for(lambda: node.engine.cluster is not None)
+        engine = node.engine
+        # Every delivery slot hangs, one event each; the queue is empty and both shards wait
+        # on a blocking read (each for its share of the room).
+        first = channels_on(engine, 0, 2, "first") + channels_on(engine, 1, 2, "first")
+        for slot, name in enumerate(first):
+            await join(node, f"channel={name}")
+            await wait_for(lambda n=slot + 1: webhooks.in_flight == n)
+        await sleep(0.2 + READ_BLOCK)
+        burst = channels_on(engine, 0, 18, "burst") + channels_on(engine, 1, 18, "burst")
+        # Thirty-six channels occupied in one reactor turn: both shards' blocked reads wake together.
+        await join(node, "&".join(f"channel={name}" for name in burst))
+        # Every delivery slot hangs, the queue is full: the shards stop reading there, and
+        # nothing was dropped (each read no more than its share of the room).
+        await wait_for(lambda: webhooks.in_flight == 4 and webhooks.queued == 6)
+        await sleep(3 * 0.1 + HEARTBEAT_INTERVAL)  # a few reads (and a heartbeat's claim) later: still so
+        assert webhooks.in_flight == 4 and webhooks.queued == 6 and webhooks.dropped == 0
+        sent = [event for request in receiver.requests for event in request.events]
+        waiting = sum(len(shard._holding) for shard in engine.shards)
+        assert waiting == len(sent) + 6  # handed over: being delivered or queued, nothing else
 
-    def room(self) -> int:
-        return self.free
+        receiver.default = 200
+        for request in receiver.hung:
+            request.setResponseCode(200)
+            request.finish()
 
-    def take(self, transitions: Any, settle: Any) -> None:
-        self.free -= len(transitions)
+        def posted() -> Counter:
+            return Counter(event for request in receiver.requests for event in request.events)
 
-
-def test_shards_share_the_sinks_room():
-    sink = _Sink(100)
-    shares = [_SinkShare(sink, 3) for _ in range(3)]
-    # Reads started together ask for no more than the room between them.
-    assert [s.room() for s in shares] == [33, 33, 33]
-    # A room smaller than the shard count: each still reads (no shard starves), at most shards - 1 over.
-    sink.free = 2
-    assert sum(s.room() for s in shares) == 3
-    sink.free = 0
-    assert [s.room() for s in shares] == [0, 0, 0]
+        # Every transition of both shards is delivered once (the hung POSTs were answered 200 late).
+        await wait_for(lambda: sum(posted().values()) == 40, timeout=15)
+        await sleep(SETTLE)
+        assert posted() == Counter(("channel_occupied", name) for name in first + burst)
+        assert webhooks.dropped == 0
+    finally:
+        await node.stop()

@@ -53,7 +53,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from pushie.engines import ClusterFigures, EngineListener, IEngine, TransitionSink
-from pushie.engines.redis import RedisEngine, parse_redis_url
+from pushie.engines.redis import READ_BATCH, RedisEngine, parse_redis_url
 from pushie.errors import EngineUnavailable, OutcomeUnknown, PartiallyPublished, PushieError
 from pushie.records import ChannelState, History, Member, Publication, PublishRequest, Transition
 
@@ -326,12 +326,12 @@ class ShardedEngine:
         """
         Every shard decides the transitions of its own channels (its own
         stream, consumer group and held zset, under its prefix) and sends them
-        to the same sink, through a L{_SinkShare} each: a shard reads no more
-        than its share of the sink's room, since the shards' reads run at the
-        same time (see L{_SinkShare} for what that bounds).
+        to the same sink, through a L{_SinkShare} each: the shards' reads run
+        at the same time, and together read no more than the sink's room.
         """
+        shares: list[_SinkShare] = []
         decided = [
-            shard.send_transitions(None if sink is None else _SinkShare(sink, len(self.shards)), debounce, backlog)
+            shard.send_transitions(None if sink is None else _SinkShare(sink, shard, shares), debounce, backlog)
             for shard in self.shards
         ]
         return all(decided)
@@ -360,25 +360,40 @@ class ShardedEngine:
 
 class _SinkShare:
     """
-    One shard's view of the transition sink the shards share.  Each shard
-    asks the sink's room before a blocking read and may get that many
-    entries back a second later; with every shard asking the whole room,
-    a burst on every shard would hand the sink up to (shards) x room at
-    once, and the sink drops (and settles: loses) what is past its bound.
-    So a shard's room is its share: C{room // shards}, at least 1 while
-    the sink has any room.  Reads started together then hand over at most
-    the room plus C{shards - 1} transitions (the rounding up of a room
-    smaller than the shard count); a read started before another shard's
-    batch landed may still add to that, by no more than its own share.
+    One shard's view of the transition sink the shards share.
+
+    A shard asks the sink's room before each blocking read (up to
+    L{READ_BATCH} entries, answered up to a second later); were every shard
+    told the whole room, a burst on several shards would hand the sink
+    several times its room at once, and the sink drops what is past its
+    bound, settling it: decided transitions lost, which would have waited
+    in Redis.  So each share reserves what it was told until its shard asks
+    again (the reader asks again right after handing over a read) or hands
+    it over (L{take}), and a shard is told no more than the sink's room less
+    the other shards' reservations, nor more than its fair part
+    (C{room // shards}, at least 1), nor anything while its reader is not
+    connected (a shard that is down holds no room).  Reads therefore never
+    overshoot the sink's bound.  What may: a heartbeat's claim of a dead
+    node's transitions made while that shard's read is under way replaces
+    the read's reservation (by at most one read's share).
     """
 
-    def __init__(self, sink: TransitionSink, shards: int) -> None:
+    def __init__(self, sink: TransitionSink, shard: RedisEngine, shares: list[_SinkShare]) -> None:
         self.sink = sink
-        self.shards = shards
+        self.shard = shard
+        self.shares = shares
+        self.reserved = 0
+        shares.append(self)
 
     def room(self) -> int:
+        self.reserved = 0
+        if self.shard._reader_connection() is None:
+            return 0
         room = self.sink.room()
-        return max(1, room // self.shards) if room > 0 else 0
+        free = room - sum(share.reserved for share in self.shares)
+        self.reserved = max(0, min(READ_BATCH, free, max(1, room // len(self.shares))))
+        return self.reserved
 
     def take(self, transitions: Sequence[Transition], settle: Callable[[Sequence[Transition]], None]) -> None:
+        self.reserved = max(0, self.reserved - len(transitions))
         self.sink.take(transitions, settle)
