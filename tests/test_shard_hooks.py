@@ -15,7 +15,9 @@ WebSocket and Pusher clients.
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -215,7 +217,20 @@ async def test_counts_and_gauges_add_up_over_both_shards(daemons):
     }
     assert await gauges(c, want) == want
     text = (await c.get("/metrics"))[1].decode()
-    assert 'pushie_redis_shard_up{shard="' in text
+    for shard in c.engine.shards:
+        assert f'pushie_redis_shard_up{{shard="{shard.name}"}} 1.0' in text
+    # Every cluster and shard metric the Grafana dashboard plots is one this daemon exposes.
+    dashboard = json.loads((Path(__file__).resolve().parent.parent / "contrib" / "grafana-dashboard.json").read_text())
+    plotted = {
+        name
+        for panel in dashboard["panels"]
+        for target in panel["targets"]
+        for name in re.findall(r"pushie_[a-z_]+", target["expr"])
+        if name.startswith(("pushie_cluster_", "pushie_redis_shard_"))
+    }
+    assert plotted == {*want, "pushie_redis_shard_up"}
+    exposed = {line.split("{")[0].split()[0] for line in text.splitlines() if line and not line.startswith("#")}
+    assert plotted <= exposed, plotted - exposed
 
 
 @pytest_twisted.ensureDeferred
