@@ -9,8 +9,13 @@ its pub/sub) to that channel's shard; each shard engine works exactly as it
 does alone, with its own connections, node heartbeat and resync, and reports
 to the same listener (the Hub).  Only what spans channels spans shards:
 L{ShardedEngine.append} of a request naming channels of several shards,
-L{ShardedEngine.occupied} (the union over every shard) and
-L{ShardedEngine.healthy} (every shard).
+L{ShardedEngine.occupied} and L{ShardedEngine.channel_counts} (the union
+over every shard, or L{EngineUnavailable}: never a partial list),
+L{ShardedEngine.healthy} (every shard) and L{ShardedEngine.cluster} (the
+figures of every shard).  Webhook transitions need nothing across shards:
+each shard counts and decides its own channels' (every daemon beats on every
+shard; each shard has its own stream and consumer group under its prefix),
+and the shards share the daemon's sink through a L{_SinkShare} each.
 
 Routing (L{shard_index}) is rendezvous hashing: a channel goes to the shard
 whose identity (C{host:port/db} as written in the setting) scores highest
