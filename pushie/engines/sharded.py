@@ -9,8 +9,13 @@ its pub/sub) to that channel's shard; each shard engine works exactly as it
 does alone, with its own connections, node heartbeat and resync, and reports
 to the same listener (the Hub).  Only what spans channels spans shards:
 L{ShardedEngine.append} of a request naming channels of several shards,
-L{ShardedEngine.occupied} (the union over every shard) and
-L{ShardedEngine.healthy} (every shard).
+L{ShardedEngine.occupied} and L{ShardedEngine.channel_counts} (the union
+over every shard, or L{EngineUnavailable}: never a partial list),
+L{ShardedEngine.healthy} (every shard) and L{ShardedEngine.cluster} (the
+figures of every shard).  Webhook transitions need nothing across shards:
+each shard counts and decides its own channels' (every daemon beats on every
+shard; each shard has its own stream and consumer group under its prefix),
+and the shards share the daemon's sink through a L{_SinkShare} each.
 
 Routing (L{shard_index}) is rendezvous hashing: a channel goes to the shard
 whose identity (C{host:port/db} as written in the setting) scores highest
@@ -43,7 +48,7 @@ publication (L{PartiallyPublished}), never hidden.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 from twisted.internet import defer
@@ -53,9 +58,9 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from pushie.engines import ClusterFigures, EngineListener, IEngine, TransitionSink
-from pushie.engines.redis import RedisEngine, parse_redis_url
+from pushie.engines.redis import READ_BATCH, RedisEngine, parse_redis_url
 from pushie.errors import EngineUnavailable, OutcomeUnknown, PartiallyPublished, PushieError
-from pushie.records import ChannelState, History, Member, Publication, PublishRequest
+from pushie.records import ChannelState, History, Member, Publication, PublishRequest, Transition
 
 log = Logger()
 
@@ -326,10 +331,14 @@ class ShardedEngine:
         """
         Every shard decides the transitions of its own channels (its own
         stream, consumer group and held zset, under its prefix) and sends them
-        to the same sink; each reads only what the sink has room for, so
-        together they may hand it a little more than C{backlog} at once.
+        to the same sink, through a L{_SinkShare} each: the shards' reads run
+        at the same time, and together read no more than the sink's room.
         """
-        decided = [shard.send_transitions(sink, debounce, backlog) for shard in self.shards]
+        shares: list[_SinkShare] = []
+        decided = [
+            shard.send_transitions(None if sink is None else _SinkShare(sink, shard, shares), debounce, backlog)
+            for shard in self.shards
+        ]
         return all(decided)
 
     @property
@@ -338,10 +347,12 @@ class ShardedEngine:
         The cluster's figures over every shard: every node beats on every
         shard (nodes and connections: the most any shard saw), each channel
         lives on one (subscriptions and channels: the sum).  C{None} until
-        every shard has had a heartbeat.
+        every shard has had a heartbeat, and while a shard is unavailable
+        (never a figure that silently leaves a shard out: the gauges are
+        absent then, and C{pushie_redis_shard_up} says which shard is down).
         """
         figures = [shard.cluster for shard in self.shards]
-        if any(f is None for f in figures):
+        if any(f is None for f in figures) or not self.healthy():
             return None
         known = [f for f in figures if f is not None]
         return ClusterFigures(
@@ -350,3 +361,44 @@ class ShardedEngine:
             subscriptions=sum(f.subscriptions for f in known),
             channels=sum(f.channels for f in known),
         )
+
+
+class _SinkShare:
+    """
+    One shard's view of the transition sink the shards share.
+
+    A shard asks the sink's room before each blocking read (up to
+    L{READ_BATCH} entries, answered up to a second later); were every shard
+    told the whole room, a burst on several shards would hand the sink
+    several times its room at once, and the sink drops what is past its
+    bound, settling it: decided transitions lost, which would have waited
+    in Redis.  So each share reserves what it was told until its shard asks
+    again (the reader asks again right after handing over a read) or hands
+    it over (L{take}), and a shard is told no more than the sink's room less
+    the other shards' reservations, nor more than its fair part
+    (C{room // shards}, at least 1), nor anything while its reader is not
+    connected (a shard that is down holds no room).  Reads therefore never
+    overshoot the sink's bound.  What may: a heartbeat's claim of a dead
+    node's transitions made while that shard's read is under way replaces
+    the read's reservation (by at most one read's share).
+    """
+
+    def __init__(self, sink: TransitionSink, shard: RedisEngine, shares: list[_SinkShare]) -> None:
+        self.sink = sink
+        self.shard = shard
+        self.shares = shares
+        self.reserved = 0
+        shares.append(self)
+
+    def room(self) -> int:
+        self.reserved = 0
+        if self.shard._reader_connection() is None:
+            return 0
+        room = self.sink.room()
+        free = room - sum(share.reserved for share in self.shares)
+        self.reserved = max(0, min(READ_BATCH, free, max(1, room // len(self.shares))))
+        return self.reserved
+
+    def take(self, transitions: Sequence[Transition], settle: Callable[[Sequence[Transition]], None]) -> None:
+        self.reserved = max(0, self.reserved - len(transitions))
+        self.sink.take(transitions, settle)
