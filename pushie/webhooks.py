@@ -76,6 +76,12 @@ Promises and limits, for the next engineer:
     gives what is queued or in flight up to C{stop_timeout} seconds, drops
     the rest with one log line, and closes the connection pool it owns.
 
+The same machine sends a Pusher app's webhooks
+(L{pushie.doors.pusher.hooks}): another C{signature_header}
+(C{X-Pusher-Signature}), an extra header (C{X-Pusher-Key}), and, besides the
+four paired events, events nothing undoes (L{Webhooks.send}: C{client_event},
+C{cache_miss}, C{subscription_count}), which are never held nor cancelled.
+
 L{sign} and L{verify} are pure; C{contrib/verify_webhook.py} shows the
 receiver's side with the standard library only.
 """
