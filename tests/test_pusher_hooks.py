@@ -23,7 +23,10 @@ import pytest
 import pytest_twisted
 from twisted.internet import threads
 
-from pushie.doors.pusher.apps import parse_apps
+from pushie.doors.pusher.apps import Apps, parse_apps
+from pushie.doors.pusher.hooks import PusherWebhooks
+from pushie.hub import NativeWebhookRoute, RoutedTransitionSink
+from pushie.records import Transition
 from tests.helpers import Daemon, sleep, start_daemon, wait_for
 from tests.pusher_js import PusherJS, node_executable, require_pusher_js
 from tests.test_cluster import own_redis  # noqa: F401  (the fixture)
@@ -39,7 +42,7 @@ from tests.test_pusher import (
     next_event,
     subscribe,
 )
-from tests.test_webhooks import Received, Receiver, clean_reactor, receiver  # noqa: F401  (the fixtures)
+from tests.test_webhooks import Received, Receiver, Stubbed, clean_reactor, receiver  # noqa: F401  (the fixtures)
 
 JS_DIR = os.path.join(os.path.dirname(__file__), "js")
 NATIVE_SECRET = "native-webhook-secret-for-these-tests"
@@ -87,10 +90,14 @@ def validate_with_python_sdk(posts: list[Received]) -> list[Any]:
 
 
 def validate_with_node_sdk(posts: list[Received], tamper: bool = False) -> list[Any]:
+    require_pusher_js()  # node itself: skips, or fails with PUSHIE_REQUIRE_NODE=1
     node = node_executable()
-    if node is None or not os.path.isdir(os.path.join(JS_DIR, "node_modules", "pusher")):
-        require_pusher_js()  # skips, or fails when PUSHIE_REQUIRE_PUSHER_JS is set
-        pytest.skip("npm pusher is not installed: npm ci --prefix tests/js")
+    assert node is not None
+    if not os.path.isdir(os.path.join(JS_DIR, "node_modules", "pusher")):
+        reason = "the npm pusher SDK is not installed: npm ci --prefix tests/js"
+        if os.environ.get("PUSHIE_REQUIRE_NODE") == "1":
+            pytest.fail(reason + " and PUSHIE_REQUIRE_NODE=1 is set")
+        pytest.skip(reason)
     items = []
     for post in posts:
         app_id, secret = SECRETS[post.headers["x-pusher-key"]]
@@ -171,6 +178,41 @@ def test_app_options_webhook_url_and_subscription_count():
         parse_apps(["1:k1:0123456789abcdef0 webhook_url=ftp://x/y"], "apps")
     with pytest.raises(ValueError, match="subscription_count must be true or false"):
         parse_apps(["1:k1:0123456789abcdef0 subscription_count=sometimes"], "apps")
+
+
+def test_a_transition_for_two_routes_is_settled_once_both_delivered_it():
+    """The engine's transitions go to the native webhooks and to the owning app's, renamed; settled once, at the end."""
+    native, app3, app4 = Stubbed(debounce=0), Stubbed(debounce=0), Stubbed(debounce=0)
+    apps = Apps(
+        parse_apps(
+            ["3:k3:0123456789abcdef0 webhook_url=http://app.example/", "4:k4:0123456789abcdef0 webhook_url=http://x/"],
+            "apps",
+        )
+    )
+    pusher_route = PusherWebhooks(apps, lambda url, app: {"3": app3, "4": app4}[app.id].webhooks)
+    sink = RoutedTransitionSink(lambda: [NativeWebhookRoute(native.webhooks), pusher_route])
+    settled: list[str] = []
+    sink.take(
+        [
+            Transition("channel_occupied", "news", None, "both"),  # app 3's channel is a native one too
+            Transition("channel_occupied", "4|news", None, "app-4"),
+            Transition("channel_occupied", "4|#server-to-user-9", None, "a-user"),  # nobody's webhook
+        ],
+        lambda ts: settled.extend(t.token for t in ts),
+    )
+    assert settled == ["a-user"]  # the unwanted one at once
+    native.advance(0)
+    assert settled == ["a-user"]  # "both" waits for app 3's delivery too
+    app3.advance(0)
+    assert settled == ["a-user", "both"]
+    app4.advance(0)
+    assert settled == ["a-user", "both", "app-4"]
+    assert native.receiver.events == [[("channel_occupied", "news")]]
+    assert app3.receiver.events == [[("channel_occupied", "news")]]
+    assert app4.receiver.events == [[("channel_occupied", "news")]]  # app 4's name, not 4|news
+    assert sink.room() == min(s.webhooks.room() for s in (native, app3, app4))
+    for stubbed in (native, app3, app4):
+        stubbed.stop()
 
 
 # -- webhooks, one daemon ----------------------------------------------------------
