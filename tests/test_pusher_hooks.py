@@ -439,3 +439,40 @@ async def test_pusher_js_sees_the_subscription_count_but_not_on_presence(make_da
     assert ann.find(type="event", channel="presence-room", event="pusher:subscription_count") == []
     assert bob.find(type="event", channel="presence-room", event="pusher:subscription_count") == []
     assert carl.find(type="event", event="pusher:subscription_count") == []
+
+
+async def count_of(client: Any) -> Any:
+    frame = await next_event(client)
+    assert (frame["event"], frame["channel"]) == ("pusher_internal:subscription_count", "counted"), frame
+    return frame["data"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_subscription_counts_are_the_clusters(clean_reactor, own_redis):  # noqa: F811
+    """A subscriber on another daemon counts: the first daemon's subscriber sees 2, then 1 again."""
+    nodes: list[Daemon] = []
+    try:
+        for _ in range(2):
+            nodes.append(
+                await start_daemon(
+                    engine=own_redis.url,
+                    pusher_apps=[f"{APP_ID}:{KEY}:{SECRET} subscription_count=true"],
+                    pusher_subscription_count_interval=INTERVAL,
+                )
+            )
+            await hooks_ready(nodes[-1])
+        ann = await connect(nodes[0])
+        await subscribe(ann, "counted")
+        assert await count_of(ann) == {"subscription_count": 1}
+        bob = await connect(nodes[1])
+        await subscribe(bob, "counted")
+        assert await count_of(ann) == {"subscription_count": 2}
+        assert await count_of(bob) == {"subscription_count": 2}
+        bob.close()
+        await bob.closed
+        assert await count_of(ann) == {"subscription_count": 1}
+        ann.close()
+        await ann.closed
+    finally:
+        for node in nodes:
+            await node.stop()
