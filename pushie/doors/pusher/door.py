@@ -831,9 +831,6 @@ class PusherProtocol(DoorProtocol):
         else:
             self._outbox = []
             self._send_client_events([request])
-        if factory.webhooks is not None:
-            extra = (("event", event), ("data", data.decode("utf-8", "surrogatepass")), ("socket_id", self.socket_id))
-            factory.webhooks.send(self.app, WebhookEvent("client_event", channel, user_id, extra))
 
     def _send_client_events(self, requests: list[PublishRequest]) -> None:
         """
@@ -844,6 +841,8 @@ class PusherProtocol(DoorProtocol):
         hub = self.factory.hub
         d = hub.publish(requests)
         d.addCallback(lambda publications: self.factory.metrics.publications.inc(len(publications)))
+        if self.factory.webhooks is not None and self.app is not None:
+            d.addCallback(lambda _: self._client_event_webhooks(requests))
         d.addErrback(lambda failure: self._error(PusherError("The client event could not be sent; retry later")))
 
         def next_batch(_: object) -> None:
@@ -853,6 +852,19 @@ class PusherProtocol(DoorProtocol):
                 self._send_client_events(waiting)
 
         d.addCallback(next_batch)
+
+    def _client_event_webhooks(self, requests: list[PublishRequest]) -> None:
+        """The app's C{client_event} webhooks, once the events are published (a refused one sends none)."""
+        app, webhooks = self.app, self.factory.webhooks
+        if app is None or webhooks is None:
+            return
+        for request in requests:
+            extra = (
+                ("event", request.event),
+                ("data", request.data.decode("utf-8", "surrogatepass")),
+                ("socket_id", self.socket_id),
+            )
+            webhooks.send(app, WebhookEvent("client_event", app.channel_name(request.channel), request.user_id, extra))
 
     _handlers: dict[str, Callable[[PusherProtocol, Any], None]] = {
         "pusher:ping": _on_ping,
