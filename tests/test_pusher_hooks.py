@@ -428,6 +428,10 @@ async def test_pusher_js_sees_the_subscription_count_but_not_on_presence(make_da
     assert (await bob.wait(type="event", channel="news", event="pusher:subscription_count"))["data"] == {
         "subscription_count": 2
     }
+    # pusher-js keeps it as channel.subscriptionCount too.
+    mark = ann.mark()
+    ann.send(cmd="status")
+    assert (await ann.wait(type="status", after=mark))["channels"]["news"]["subscription_count"] == 2
     # One leaves: the other sees 1 again.
     mark = ann.mark()
     await bob.command(cmd="unsubscribe", channel="news")
