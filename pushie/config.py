@@ -571,6 +571,14 @@ SETTINGS = SETTINGS + (
         metavar="N",
     ),
     Setting(
+        "pusher_subscription_count_interval",
+        _positive_seconds,
+        5.0,
+        "Seconds between two pusher_internal:subscription_count events of one channel (and subscription_count "
+        "webhooks), for apps with subscription_count=true: the first change is sent at once, later ones together.",
+        metavar="SECONDS",
+    ),
+    Setting(
         "pusher_max_data_size",
         _positive_int,
         10240,
@@ -662,6 +670,7 @@ class Settings:
     pusher_activity_timeout: float
     pusher_pong_timeout: float
     pusher_client_event_rate: float
+    pusher_subscription_count_interval: float
     pusher_max_data_size: int
     admin_token: str | None
     admin_max_streams: int

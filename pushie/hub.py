@@ -39,7 +39,7 @@ from typing import Any, Protocol
 
 import attr
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, fail, gatherResults, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -170,26 +170,91 @@ class _LocalChannel:
                 d.callback(None)
 
 
-class NativeWebhookSink:
+class WebhookRoute(Protocol):
     """
-    The engine's cluster-wide transitions, for the native webhooks: those of
-    channels a native client can name (L{is_valid_channel}) go to
-    L{Webhooks.take}; the others (another Pusher app's, a Pusher user's) are
-    settled at once, as the Hub's local transitions of them are never told.
+    Where the transitions of some channels go: the native webhooks (the
+    native space, L{NativeWebhookRoute}), or a Pusher app's webhooks (its
+    space, under the app's own channel names).
     """
+
+    def webhooks_for(self, channel: str) -> tuple[Webhooks, str] | None:
+        """The webhooks told about Hub channel C{channel}, and the name they know it by; None: none."""
+
+    def all_webhooks(self) -> Sequence[Webhooks]:
+        """Every webhooks of this route (for back-pressure and stopping)."""
+
+
+class NativeWebhookRoute:
+    """The native webhooks: told about the channels a native client can name (L{is_valid_channel})."""
 
     def __init__(self, webhooks: Webhooks) -> None:
         self.webhooks = webhooks
 
+    def webhooks_for(self, channel: str) -> tuple[Webhooks, str] | None:
+        return (self.webhooks, channel) if is_valid_channel(channel) else None
+
+    def all_webhooks(self) -> Sequence[Webhooks]:
+        return [self.webhooks]
+
+
+class RoutedTransitionSink:
+    """
+    The engine's cluster-wide transitions, for every route that wants them
+    (L{WebhookRoute.webhooks_for}): each one is handed to the webhooks of
+    each route that names it, renamed to the name they know it by, and is
+    settled back to the engine once every one of them has settled it.
+    Transitions no route wants (another Pusher app's without a webhook, a
+    Pusher user's) are settled at once.  C{room} is the smallest room of
+    all: the engine keeps what one of them cannot take yet.
+    """
+
+    MAX_ROOM = 1000
+    """The room when no webhooks exist yet (an apps file may add some)."""
+
+    def __init__(self, routes: Callable[[], Sequence[WebhookRoute]]) -> None:
+        self.routes = routes
+
     def room(self) -> int:
-        return self.webhooks.room()
+        rooms = [w.room() for route in self.routes() for w in route.all_webhooks()]
+        return min(rooms) if rooms else self.MAX_ROOM
 
     def take(self, transitions: Sequence[Transition], settle: Callable[[Sequence[Transition]], None]) -> None:
-        native = [t for t in transitions if is_valid_channel(t.channel)]
-        if len(native) < len(transitions):
-            settle([t for t in transitions if not is_valid_channel(t.channel)])
-        if native:
-            self.webhooks.take(native, settle)
+        routes = self.routes()
+        unwanted: list[Transition] = []
+        waiting: dict[int, list[Any]] = {}  # id(original) -> [original, deliveries left]
+        copies: dict[int, Transition] = {}  # id(copy) -> original
+        per_webhooks: dict[Webhooks, list[Transition]] = {}
+        for transition in transitions:
+            targets = [t for t in (route.webhooks_for(transition.channel) for route in routes) if t is not None]
+            if not targets:
+                unwanted.append(transition)
+                continue
+            waiting[id(transition)] = [transition, len(targets)]
+            for webhooks, name in targets:
+                copy = transition if name == transition.channel else attr.evolve(transition, channel=name)
+                if copy is transition:
+                    copy = attr.evolve(transition)  # its own identity, for the count below
+                copies[id(copy)] = transition
+                per_webhooks.setdefault(webhooks, []).append(copy)
+
+        def settled(group: Sequence[Transition]) -> None:
+            done = []
+            for copy in group:
+                original = copies.pop(id(copy), None)
+                if original is None:
+                    continue
+                entry = waiting[id(original)]
+                entry[1] -= 1
+                if entry[1] == 0:
+                    del waiting[id(original)]
+                    done.append(original)
+            if done:
+                settle(done)
+
+        if unwanted:
+            settle(unwanted)
+        for webhooks, group in per_webhooks.items():
+            webhooks.take(group, settled)
 
 
 class Hub(Service):
@@ -226,11 +291,18 @@ class Hub(Service):
             carries under names no native client can spell (another Pusher
             app's, a Pusher user's) are not told about.  When the engine
             decides transitions for the whole cluster (Redis), they are given
-            the engine's transitions (L{NativeWebhookSink}) and never the
-            Hub's local ones, which are one node's view.
+            the engine's transitions (L{RoutedTransitionSink}) and never the
+            Hub's local ones, which are one node's view.  Other webhooks
+            (a Pusher app's) join through L{webhook_routes} before the Hub
+            starts.
         """
         self.presence_max_members = presence_max_members
         self.webhooks = webhooks
+        self.webhook_routes: list[WebhookRoute] = []
+        """Routes of transitions besides the native webhooks (the Pusher door's apps)."""
+        self.webhook_debounce = 3.0
+        """The debounce and backlog the engine decides transitions with when there are no native webhooks."""
+        self.webhook_backlog = 10000
         self.coalesce = coalesce
         # (subscribers, publications) in dispatch order, until flush().
         self._bursts: list[tuple[tuple[Subscriber, ...], list[Publication]]] = []
@@ -253,16 +325,33 @@ class Hub(Service):
 
     def startService(self) -> Deferred[None]:  # type: ignore[override]
         super().startService()
-        if self.webhooks is not None:
+        if self._routes():
+            debounce, backlog = self.webhook_debounce, self.webhook_backlog
+            if self.webhooks is not None:
+                debounce, backlog = self.webhooks.debounce, self.webhooks.max_queue
             self._cluster_transitions = self._engine.send_transitions(
-                NativeWebhookSink(self.webhooks), self.webhooks.debounce, self.webhooks.max_queue
+                RoutedTransitionSink(self._routes), debounce, backlog
             )
         return self._engine.start(self)
 
-    @property
-    def _local_webhooks(self) -> Webhooks | None:
-        """The webhooks the Hub's local transitions are told to: none when the engine decides them cluster-wide."""
-        return None if self._cluster_transitions else self.webhooks
+    def _routes(self) -> list[WebhookRoute]:
+        native: list[WebhookRoute] = [NativeWebhookRoute(self.webhooks)] if self.webhooks is not None else []
+        return native + self.webhook_routes
+
+    def _local(self, channel: str) -> list[tuple[Webhooks, str]]:
+        """
+        The webhooks the Hub's local transitions of C{channel} are told to,
+        with the name they know it by: none when the engine decides them
+        cluster-wide.
+        """
+        if self._cluster_transitions:
+            return []
+        targets = []
+        for route in self._routes():
+            target = route.webhooks_for(channel)
+            if target is not None:
+                targets.append(target)
+        return targets
 
     def stopService(self) -> Deferred[None]:  # type: ignore[override]
         """
@@ -282,13 +371,14 @@ class Hub(Service):
         d.addCallback(lambda _: self._engine.stop())
         return d
 
-    def _stop_webhooks(self) -> Deferred[None] | None:
-        if self.webhooks is None:
+    def _stop_webhooks(self) -> Deferred[Any] | None:
+        routes = self._routes()
+        if not routes:
             return None
         if self._cluster_transitions:
             # What the engine handed over and is not settled yet is left to another node.
             self._engine.send_transitions(None, 0, 0)
-        return self.webhooks.stop()
+        return gatherResults([w.stop() for route in routes for w in route.all_webhooks()])
 
     def _drain(self) -> Deferred[None]:
         if not self.connections:
@@ -466,12 +556,11 @@ class Hub(Service):
 
     def presence_changed(self, event: PresenceEvent) -> None:
         """Tell a channel's local subscribers that a member joined or left."""
-        webhooks = self._local_webhooks
-        if webhooks is not None and is_valid_channel(event.channel):
+        for webhooks, name in self._local(event.channel):
             if event.kind == "join":
-                webhooks.member_added(event.channel, event.member.id)
+                webhooks.member_added(name, event.member.id)
             else:
-                webhooks.member_removed(event.channel, event.member.id)
+                webhooks.member_removed(name, event.member.id)
         channel = self._channels.get(event.channel)
         if channel is None:
             return
@@ -527,9 +616,8 @@ class Hub(Service):
         channel = self._channels.get(name)
         if channel is None:
             channel = self._channels[name] = _LocalChannel()
-            webhooks = self._local_webhooks
-            if webhooks is not None and is_valid_channel(name):
-                webhooks.channel_occupied(name)
+            for webhooks, hook_name in self._local(name):
+                webhooks.channel_occupied(hook_name)
             self._engine.watch(name).addBoth(channel.watch_done)
         channel.pending[subscriber] = []
         self._engine.local_count(name, len(channel.subscribers) + len(channel.pending))
@@ -646,9 +734,8 @@ class Hub(Service):
         self._engine.local_count(name, len(channel.subscribers) + len(channel.pending))
         if not channel.subscribers and not channel.pending:
             del self._channels[name]
-            webhooks = self._local_webhooks
-            if webhooks is not None and is_valid_channel(name):
-                webhooks.channel_vacated(name)
+            for webhooks, hook_name in self._local(name):
+                webhooks.channel_vacated(hook_name)
             self._engine.unwatch(name)
 
     def unsubscribe_all(self, names: Iterable[str], subscriber: Subscriber) -> None:

@@ -32,8 +32,9 @@ from pushie.config import SETTINGS, ConfigError, Settings, load_settings, pusher
 from pushie.doors._http import PushieSite
 from pushie.doors.admin import AdminMonitor, AdminSettings
 from pushie.doors.context import DoorContext
-from pushie.doors.pusher.apps import Apps, AppsFile
+from pushie.doors.pusher.apps import App, Apps, AppsFile
 from pushie.doors.pusher.door import PusherDoor, PusherDoorSettings, PusherFactory
+from pushie.doors.pusher.hooks import PusherWebhooks, pusher_webhooks_for
 from pushie.doors.sse import SSESettings
 from pushie.doors.tree import SiteSettings, build_metrics_site, build_site
 from pushie.doors.websocket import PushieServerFactory, WebSocketDoorSettings
@@ -245,6 +246,7 @@ def pusher_door_settings(settings: Settings) -> PusherDoorSettings:
         pong_timeout=settings.pusher_pong_timeout,
         client_event_rate=settings.pusher_client_event_rate,
         max_data_size=settings.pusher_max_data_size,
+        subscription_count_interval=settings.pusher_subscription_count_interval,
         max_message_size=settings.max_message_size,
         max_subscriptions=settings.max_subscriptions,
         require_token=settings.require_token,
@@ -342,9 +344,34 @@ class PushieService(MultiService):
             apps = Apps(apps_file.apps)
         else:
             apps = Apps(pusher_apps(settings))
+        self.hub.webhook_debounce = settings.webhook_debounce
+        self.hub.webhook_backlog = settings.webhook_max_queue
         if apps or apps_file is not None:
+            pusher_hooks = None
+            if apps_file is not None or any(app.webhook_url for app in apps.all):
+                # An apps file may give an app a webhook_url later (reload): the route is there from the start.
+
+                def make_hooks(url: str, app: App) -> Webhooks:
+                    return pusher_webhooks_for(
+                        url,
+                        app,
+                        reactor=reactor,
+                        debounce=settings.webhook_debounce,
+                        retry_for=settings.webhook_retry_for,
+                        timeout=settings.webhook_timeout,
+                        max_queue=settings.webhook_max_queue,
+                        on_failure=lambda count: metrics.webhooks_failed.inc(),
+                    )
+
+                pusher_hooks = PusherWebhooks(apps, make_hooks)
+                self.hub.webhook_routes.append(pusher_hooks)
             self.pusher_factory = PusherFactory(
-                context, apps, pusher_door_settings(settings), self.websocket_factory.origin_allowed, apps_file
+                context,
+                apps,
+                pusher_door_settings(settings),
+                self.websocket_factory.origin_allowed,
+                apps_file,
+                pusher_hooks,
             )
             PusherDoor(self.pusher_factory).setServiceParent(self)
         # The dashboard's sampler runs only when the dashboard is on.  Children

@@ -76,6 +76,12 @@ Promises and limits, for the next engineer:
     gives what is queued or in flight up to C{stop_timeout} seconds, drops
     the rest with one log line, and closes the connection pool it owns.
 
+The same machine sends a Pusher app's webhooks
+(L{pushie.doors.pusher.hooks}): another C{signature_header}
+(C{X-Pusher-Signature}), an extra header (C{X-Pusher-Key}), and, besides the
+four paired events, events nothing undoes (L{Webhooks.send}: C{client_event},
+C{cache_miss}, C{subscription_count}), which are never held nor cancelled.
+
 L{sign} and L{verify} are pure; C{contrib/verify_webhook.py} shows the
 receiver's side with the standard library only.
 """
@@ -86,7 +92,7 @@ import hashlib
 import hmac
 import random
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -210,19 +216,26 @@ def _loggable_url(url: str) -> str:
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)
 class WebhookEvent:
-    """One event of a webhook body; C{user_id} only for member events."""
+    """
+    One event of a webhook body; C{user_id} for member events (and a
+    Pusher C{client_event} on a presence channel); C{extra} holds the other
+    fields of events sent with L{Webhooks.send} (C{client_event},
+    C{subscription_count}), as C{(name, value)} pairs in body order.
+    """
 
     name: str
     channel: str
     user_id: str | None = None
+    extra: tuple[tuple[str, Any], ...] = ()
 
     @property
     def opposite(self) -> WebhookEvent:
         """The event that undoes this one (vacated for occupied, removed for added, and back)."""
         return WebhookEvent(_OPPOSITE[self.name], self.channel, self.user_id)
 
-    def to_json(self) -> dict[str, str]:
-        event = {"name": self.name, "channel": self.channel}
+    def to_json(self) -> dict[str, Any]:
+        event: dict[str, Any] = {"name": self.name, "channel": self.channel}
+        event.update(self.extra)
         if self.user_id is not None:
             event["user_id"] = self.user_id
         return event
@@ -332,6 +345,8 @@ class Webhooks:
         stop_timeout: float = 2.0,
         on_failure: Callable[[int], object] | None = None,
         on_drop: Callable[[str], object] | None = None,
+        signature_header: str = SIGNATURE_HEADER,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
         """
         @param url: where to POST; see L{check_url}.
@@ -356,6 +371,9 @@ class Webhooks:
             sent), e.g. to count failures in a metric.
         @param on_drop: called with the event's name each time an event is
             dropped from a full queue.
+        @param signature_header: the header that carries the signature
+            (C{X-Pusher-Signature} for an app of the Pusher door).
+        @param headers: more headers on every POST (C{X-Pusher-Key}).
         @raise ValueError: on a bad URL, an empty secret or a bad number.
         """
         check_url(url)
@@ -378,6 +396,8 @@ class Webhooks:
         self.on_failure = on_failure
         self.on_drop = on_drop
         self._secret = secret
+        self.signature_header = signature_header
+        self.headers: dict[bytes | str, bytes | str] = {name: value for name, value in (headers or {}).items()}
         self._pool: HTTPConnectionPool | None = None
         if http_client is None:
             self._pool = HTTPConnectionPool(reactor, persistent=True)
@@ -437,6 +457,19 @@ class Webhooks:
     def member_removed(self, channel: str, member_id: str) -> None:
         """A presence member left (held for C{debounce} seconds)."""
         self._later(WebhookEvent(MEMBER_REMOVED, channel, str(member_id)))
+
+    def send(self, event: WebhookEvent) -> None:
+        """
+        Queue an event that nothing undoes (a Pusher C{client_event},
+        C{cache_miss}, C{subscription_count}): never held, never cancelled,
+        batched, retried and bounded like the others (an occupancy-class
+        event when the queue is full).
+        """
+        try:
+            if not self._closed:
+                self._enqueue(event)
+        except Exception:
+            log.failure("Webhook bookkeeping failed for {event}", event=event)
 
     # -- what the engine hands over (the Redis engine: cluster-wide) --------
 
@@ -657,7 +690,8 @@ class Webhooks:
         headers: dict[bytes | str, bytes | str] = {
             "Content-Type": "application/json",
             "User-Agent": f"Pushie/{__version__}",
-            SIGNATURE_HEADER: sign(self._secret, body),
+            **self.headers,
+            self.signature_header: sign(self._secret, body),
         }
         delay = self.backoff
         attempts = 0

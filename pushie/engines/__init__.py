@@ -38,12 +38,13 @@ class EngineListener(Protocol):
 class TransitionSink(Protocol):
     """
     Where an engine that decides transitions cluster-wide sends them (see
-    L{IEngine.send_transitions}): the native webhooks today, other webhook
-    formats later.  The engine hands over at most L{room} transitions at a
-    time (back-pressure: what the sink cannot take stays in the engine's
-    store), and the sink calls C{settle} with each transition once it is done
-    with it (delivered, or given up); a transition never settled (the node
-    died, or stopped first) is delivered again, by this node or another.
+    L{IEngine.send_transitions}): the Hub's C{RoutedTransitionSink}, which
+    hands each to the native webhooks and to the Pusher apps' webhooks.  The
+    engine hands over at most L{room} transitions at a time (back-pressure:
+    what the sink cannot take stays in the engine's store), and the sink
+    calls C{settle} with each transition once it is done with it
+    (delivered, or given up); a transition never settled (the node died, or
+    stopped first) is delivered again, by this node or another.
     """
 
     def room(self) -> int:

@@ -34,7 +34,8 @@
  *   {"type":"triggered","channel":C,"event":E,"ok":bool}
  *   {"type":"user_event","event":E,"data":D}          pusher.user.bind_global
  *   {"type":"watchlist_event","event":E,"data":D}     pusher.user.watchlist.bind_global
- *   {"type":"status",...}                             answer to "status"
+ *   {"type":"status",...}                             answer to "status" (channels[C].subscription_count:
+ *                                                     pusher-js's channel.subscriptionCount)
  *   {"type":"ack","cmd":..,"ok":bool,"id"?:..}        after every command
  *   {"type":"driver_error","message":..,"cmd"?:..}
  */
@@ -285,6 +286,8 @@ function status() {
         pending: channel.subscriptionPending,
         cancelled: channel.subscriptionCancelled,
         members: channel.members ? presenceSummary(channel.members) : null,
+        // The last pusher:subscription_count pusher-js took (null: none yet).
+        subscription_count: channel.subscriptionCount === undefined ? null : channel.subscriptionCount,
       };
     }
   }

@@ -3,8 +3,9 @@
 Pusher apps and signatures.
 
 An app is C{id:key:secret}, with options after it on the same line:
-C{enabled=false}, C{max_connections=N}, C{client_event_rate=N}
-(L{parse_apps}).  Its channels live in the Hub under their own
+C{enabled=false}, C{max_connections=N}, C{client_event_rate=N},
+C{webhook_url=https://...} (Pusher-format webhooks, see
+L{pushie.doors.pusher.hooks}), C{subscription_count=true} (L{parse_apps}).  Its channels live in the Hub under their own
 names for the first app (shared with the native doors) and under
 C{<id>|<name>} for the others, so two apps never see each other's messages.
 
@@ -29,6 +30,7 @@ import attr
 
 from pushie.channels import APP_SEPARATOR
 from pushie.files import WatchedFile
+from pushie.webhooks import check_url
 
 MAX_CHANNEL_LENGTH = 164
 _CHANNEL_RE = re.compile(r"[A-Za-z0-9_\-=@,.;]{1,%d}\Z" % MAX_CHANNEL_LENGTH)  # noqa: UP031
@@ -50,6 +52,10 @@ class App:
     """Open Pusher connections of this app on this daemon; 0: no limit of its own."""
     client_event_rate: float | None = None
     """Client events per second per connection; None: the daemon's C{pusher_client_event_rate}."""
+    webhook_url: str | None = None
+    """Where this app's Pusher-format webhooks go (signed with its secret); None: none."""
+    subscription_count: bool = False
+    """Whether subscribers get C{pusher_internal:subscription_count} (and the webhook C{subscription_count} events)."""
 
     def hub_name(self, channel: str) -> str:
         """The Hub's name for this app's C{channel}."""
@@ -93,7 +99,7 @@ class App:
 
 _TRUE = frozenset({"true", "yes", "on", "1"})
 _FALSE = frozenset({"false", "no", "off", "0"})
-APP_OPTIONS = ("enabled", "max_connections", "client_event_rate")
+APP_OPTIONS = ("enabled", "max_connections", "client_event_rate", "webhook_url", "subscription_count")
 
 
 def _app_options(options: list[str], where: str) -> dict[str, Any]:
@@ -104,14 +110,20 @@ def _app_options(options: list[str], where: str) -> dict[str, Any]:
         if not equals or name not in APP_OPTIONS:
             raise ValueError(
                 f"{where}: unknown option {option[:40]!r}: an app is id:key:secret followed by any of "
-                "enabled=true|false max_connections=N client_event_rate=N"
+                "enabled=true|false max_connections=N client_event_rate=N webhook_url=https://... "
+                "subscription_count=true|false"
             )
         if name in values:
             raise ValueError(f"{where}: {name} is given twice")
-        if name == "enabled":
+        if name in ("enabled", "subscription_count"):
             if value.lower() not in _TRUE | _FALSE:
-                raise ValueError(f"{where}: enabled must be true or false, not {value[:20]!r}")
+                raise ValueError(f"{where}: {name} must be true or false, not {value[:20]!r}")
             values[name] = value.lower() in _TRUE
+        elif name == "webhook_url":
+            try:
+                values[name] = check_url(value)
+            except ValueError as e:
+                raise ValueError(f"{where}: webhook_url: {e}") from None
         elif name == "max_connections":
             if not value.isdigit() or len(value) > 9:
                 raise ValueError(f"{where}: max_connections must be a whole number (0: no limit of its own)")

@@ -69,10 +69,12 @@ from pushie.doors.pusher.apps import (
     is_valid_user_id,
     signin_string,
 )
+from pushie.doors.pusher.hooks import PusherWebhooks, SubscriptionCounts
 from pushie.errors import PushieError
 from pushie.hub import Subscribed
 from pushie.logs import Throttle
 from pushie.records import NO_META, Burst, Member, PresenceEvent, Publication, PublishRequest
+from pushie.webhooks import WebhookEvent
 from pushie.wire import InvalidJSON, dumps, json_string, loads, text_frame
 
 CLOSE_UNKNOWN_APP = 4001
@@ -680,9 +682,15 @@ class PusherProtocol(DoorProtocol):
             self._subscribe_failed(channel, Failure())
             return
         subscription.live = True
+        assert self.app is not None
+        factory = self.factory
         if cache and not answer.recovered:
             self.send_event("pusher:cache_miss", {}, channel)
+            if factory.webhooks is not None:
+                factory.webhooks.send(self.app, WebhookEvent("cache_miss", channel))
         answer.replay_to(self)
+        if factory.counts.wanted(self.app, channel):
+            factory.counts.subscribed(self.app, channel, self.app.hub_name(channel), self)
 
     def _resend_succeeded(self, channel: str) -> None:
         assert self.app is not None
@@ -700,6 +708,7 @@ class PusherProtocol(DoorProtocol):
         if unsubscribe and self.subscriptions.pop(channel, None) is not None:
             self._forget_position(channel)
             self.factory.hub.unsubscribe(self.app.hub_name(channel), self)
+            self.factory.counts.unsubscribed(self.app.hub_name(channel), self)
         error = failure.value
         if isinstance(error, PushieError) and error.code == "presence_full":
             # As Soketi: pusher-js reports it with the type and status.
@@ -723,6 +732,7 @@ class PusherProtocol(DoorProtocol):
         if isinstance(channel, str) and self.subscriptions.pop(channel, None) is not None:
             self._forget_position(channel)
             self.factory.hub.unsubscribe(self.app.hub_name(channel), self)
+            self.factory.counts.unsubscribed(self.app.hub_name(channel), self)
 
     def _forget_position(self, channel: str) -> None:
         """The subscription to C{channel} ended: its frames need no position any more."""
@@ -831,6 +841,8 @@ class PusherProtocol(DoorProtocol):
         hub = self.factory.hub
         d = hub.publish(requests)
         d.addCallback(lambda publications: self.factory.metrics.publications.inc(len(publications)))
+        if self.factory.webhooks is not None and self.app is not None:
+            d.addCallback(lambda _: self._client_event_webhooks(requests))
         d.addErrback(lambda failure: self._error(PusherError("The client event could not be sent; retry later")))
 
         def next_batch(_: object) -> None:
@@ -840,6 +852,19 @@ class PusherProtocol(DoorProtocol):
                 self._send_client_events(waiting)
 
         d.addCallback(next_batch)
+
+    def _client_event_webhooks(self, requests: list[PublishRequest]) -> None:
+        """The app's C{client_event} webhooks, once the events are published (a refused one sends none)."""
+        app, webhooks = self.app, self.factory.webhooks
+        if app is None or webhooks is None:
+            return
+        for request in requests:
+            extra = (
+                ("event", request.event),
+                ("data", request.data.decode("utf-8", "surrogatepass")),
+                ("socket_id", self.socket_id),
+            )
+            webhooks.send(app, WebhookEvent("client_event", app.channel_name(request.channel), request.user_id, extra))
 
     _handlers: dict[str, Callable[[PusherProtocol, Any], None]] = {
         "pusher:ping": _on_ping,
@@ -870,6 +895,7 @@ class PusherProtocol(DoorProtocol):
         if self.app is not None:
             for channel in list(self.subscriptions):
                 hub.unsubscribe(self.app.hub_name(channel), self)
+                factory.counts.unsubscribed(self.app.hub_name(channel), self)
         self.subscriptions.clear()
         self._positioned = None
         if self._user_channel is not None:
@@ -979,6 +1005,8 @@ class PusherDoorSettings:
     require_token: bool = False
     slow_consumer_buffer: int = 1 << 20
     slow_consumer_grace: float = 10.0
+    subscription_count_interval: float = 5.0
+    """Seconds between two C{pusher_internal:subscription_count} of a channel (setting of the same name)."""
 
 
 class PusherFactory(WebSocketServerFactory, Door):
@@ -994,10 +1022,13 @@ class PusherFactory(WebSocketServerFactory, Door):
         settings: PusherDoorSettings,
         origin_allowed: Callable[[str | None], bool],
         apps_file: AppsFile | None = None,
+        webhooks: PusherWebhooks | None = None,
     ) -> None:
         """
         @param apps_file: where C{apps} come from, re-read by L{reload_apps}
             (C{pusher_apps_file}); None: the apps never change.
+        @param webhooks: the apps' Pusher-format webhooks (the caller also
+            adds them to the Hub's C{webhook_routes}); None: no app has any.
         """
         super().__init__()
         self.take(context)
@@ -1010,6 +1041,10 @@ class PusherFactory(WebSocketServerFactory, Door):
         self.connections: dict[PusherProtocol, None] = {}
         # Its own throttle, in this door's log namespace (not the HTTP doors' one of the context).
         self.throttle = Throttle(self.log, context.clock)
+        self.webhooks = webhooks
+        self.counts = SubscriptionCounts(
+            self.hub.subscription_counts, context.clock, settings.subscription_count_interval, webhooks
+        )
         # Pusher clients keep connections alive with pusher:ping/pong (see
         # PusherDoor), not with WebSocket pings.
         configure_factory(
@@ -1056,6 +1091,8 @@ class PusherFactory(WebSocketServerFactory, Door):
         Connections over a lowered quota stay; new ones wait below it.
         """
         self.apps.replace(apps)
+        if self.webhooks is not None:
+            self.webhooks.sync()
         closed: dict[int, int] = {}
         for protocol in list(self.connections):
             old = protocol.app
@@ -1123,3 +1160,4 @@ class PusherDoor(Service):
             if call is not None and call.running:
                 call.stop()
         self._sweep = self._watch = None
+        self.factory.counts.stop()
