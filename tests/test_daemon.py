@@ -288,3 +288,38 @@ def _listen_backlogs() -> dict[int, int]:
         fields = line.split()
         backlogs[int(fields[3].rsplit(":", 1)[1])] = int(fields[2])
     return backlogs
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_daemon_tunes_the_garbage_collector_unless_told_not_to():
+    tuned = spawn(["-n", "--pidfile=", "pushie", "--listen", "tcp:0:interface=127.0.0.1", "--gc-threshold", "30000"])
+    untouched = spawn(
+        ["-n", "--pidfile=", "pushie", "--listen", "tcp:0:interface=127.0.0.1"], {"PUSHIE_GC_THRESHOLD": "0"}
+    )
+    try:
+        await wait_for(lambda: all(p.addresses or p.ended.called for p in (tuned, untouched)), timeout=20)
+        assert tuned.addresses and untouched.addresses, (tuned.output + untouched.output).decode()
+        found = re.search(
+            rb"Garbage collector: (\d+) startup objects frozen, young generation every (\d+)", tuned.output
+        )
+        assert found is not None, tuned.output.decode()
+        assert int(found.group(1)) > 1000 and int(found.group(2)) == 30000
+        assert b"Garbage collector" not in untouched.output
+    finally:
+        await stop(tuned)
+        await stop(untouched)
+
+
+def test_tune_gc_freezes_the_heap_and_sets_the_young_threshold():
+    import gc
+
+    from pushie.tap import tune_gc
+
+    before = gc.get_threshold()
+    try:
+        tune_gc(12345)
+        assert gc.get_threshold() == (12345, before[1], before[2])
+        assert gc.get_freeze_count() > 1000
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)

@@ -14,7 +14,10 @@ the versions the test suite runs on; pyproject.toml allows autobahn>=24.4,<27):
     while they keep their idle values;
   - its options, read from a per-factory subclass (L{configure_factory})
     instead of being copied onto every protocol;
-  - the write path of L{pushie._fastwrite} (twisted.internet.tcp internals).
+  - the write path of L{pushie._fastwrite} (twisted.internet.tcp internals);
+  - C{autobahn.util._HAS_CLICK}, turned off (see below);
+  - C{WebSocketServerProtocol._connectionLost}, replaced by its two lines of
+    work without the debug line (L{DoorProtocol._connectionLost}).
 tests/test_fastpath.py, tests/test_wsframes.py and the Autobahn|Testsuite run
 (tests/test_conformance.py) check the doors' frames and closes against
 Autobahn's own.
@@ -26,6 +29,7 @@ from collections import deque
 from types import FunctionType
 from typing import Any, cast
 
+import autobahn.util
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.protocol import WebSocketProtocol
 from twisted.internet.interfaces import IConsumer
@@ -268,6 +272,14 @@ class DoorProtocol(WebSocketServerProtocol):
             return
         super().dropConnection(abort)
 
+    def _connectionLost(self, reason: Failure) -> None:  # type: ignore[override]  # Autobahn annotates str
+        # As WebSocketServerProtocol's, without its debug line: that formats
+        # the Failure (str(), the class's qualified name) for every closed
+        # connection whether or not debug is logged, ~3.5 % of a handshake's
+        # CPU in py-spy (bench/PROFILES.md).
+        WebSocketProtocol._connectionLost(self, reason)  # type: ignore[arg-type]
+        self.factory.countConnections -= 1
+
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         super().connectionLost(reason)
         # Autobahn leaves the closing-handshake timer running when the TCP
@@ -297,6 +309,15 @@ class DoorProtocol(WebSocketServerProtocol):
 
 
 DoorProtocol.log = _QuietLog(DoorProtocol.log)
+
+# Autobahn builds the arguments of its debug lines whether or not debug is
+# logged: on every connection made and lost, every frame sent outside the
+# fan-out path (answers, pings) and every handshake, hltype()/hlval() colour
+# names with click.style when click happens to be importable (a development
+# dependency pulls it in).  That was ~5 % of a handshake's CPU in py-spy
+# (bench/PROFILES.md).  Plain text does for a log nobody reads in colour.
+if getattr(autobahn.util, "_HAS_CLICK", False):
+    autobahn.util._HAS_CLICK = False
 for _name, _value in _IDLE_DEFAULTS.items():
     setattr(DoorProtocol, _name, _value)
 for _name in _HANDSHAKE_ONLY:
