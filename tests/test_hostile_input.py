@@ -10,6 +10,7 @@ traceback.  Real daemons and clients, on both engines.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import pytest
@@ -322,3 +323,62 @@ def test_parse_offset(text, value):
     from pushie.channels import parse_offset
 
     assert parse_offset(text) == value
+
+
+def _ask_then_keep_writing_then_read_late(port: int) -> tuple[bytes, str | None]:
+    """
+    A careless client with a small receive buffer: one HTTP/1.0 request for
+    a large answer, then more bytes written behind it as long as the daemon
+    takes them, and only then, a little later, does it read.
+    """
+    import socket
+    import time
+
+    problem = None
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.settimeout(10)
+    s.connect(("127.0.0.1", port))
+    try:
+        s.sendall(b"GET /openapi.json HTTP/1.0\r\nHost: x\r\n\r\n")
+        s.setblocking(False)
+        for _ in range(200):
+            try:
+                s.send(b"x" * 4096)
+            except BlockingIOError:
+                time.sleep(0.01)
+            except OSError as e:  # the daemon reset the connection while it was written
+                problem = f"send: {e}"
+                break
+        time.sleep(0.3)
+        s.settimeout(10)
+        received = b""
+        try:
+            while chunk := s.recv(65536):
+                received += chunk
+        except OSError as e:
+            problem = f"recv: {e}"
+    finally:
+        s.close()
+    return received, problem
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_answer_before_a_close_survives_what_the_client_still_sends(daemon):
+    """
+    An answer after which the daemon closes (HTTP/1.0 here; a 413 or 400 on
+    any version) reaches a client that is still writing: the daemon shuts
+    its write side and discards the rest (a lingering close, RFC 9112 §9.6)
+    instead of closing with unread bytes, whose reset throws away what the
+    kernel had not sent yet (found by test_fuzz under load: a 413 lost, "no
+    answer, connection closed").
+    """
+    from twisted.internet.threads import deferToThread
+
+    received, problem = await deferToThread(_ask_then_keep_writing_then_read_late, daemon.port)
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 200 "), (received[:200], problem)
+    length = int(re.search(rb"(?i)content-length: (\d+)", head).group(1))
+    assert length > 100_000
+    assert len(body) == length, (len(body), length, problem)
+    assert json.loads(body)["openapi"].startswith("3.1")

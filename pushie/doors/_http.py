@@ -32,6 +32,7 @@ import re
 import time
 from typing import Any
 
+from twisted.internet.abstract import FileDescriptor
 from twisted.logger import Logger
 from twisted.protocols.haproxy._wrapper import HAProxyProtocolWrapper
 from twisted.protocols.policies import ProtocolWrapper
@@ -53,6 +54,9 @@ SERVER_HEADER = SERVER_NAME.encode("ascii")
 """Every HTTP answer's C{Server}: not twisted.web's C{TwistedWeb/<version>} (a version only helps an attacker)."""
 
 log = Logger()
+
+LINGER = 2.0
+"""Seconds a closed HTTP connection keeps reading (and discarding) what the client still sends."""
 
 
 class PushieRequest(Request):
@@ -247,6 +251,9 @@ class PushieHTTPChannel(HTTPChannel):
     _awaiting = False  # a request is due before the deadline
     _address = "local"
     _pending = False  # counted by the site's limits as pending
+    # A lingering close (see loseConnection): the write side is shut, input is discarded.
+    _lingering = False
+    _linger_call: Any = None
     _got_bytes = False
     _awaiting_proxy_header = False  # a haproxy: endpoint's connection, before its PROXY header
 
@@ -286,7 +293,45 @@ class PushieHTTPChannel(HTTPChannel):
         self._pending = True
         return True
 
+    def loseConnection(self) -> None:
+        """
+        Close after the answers written so far, lingering (RFC 9112 §9.6): a
+        client may still be sending (the rest of a body over the limit,
+        pipelined requests after a C{Connection: close} one), and a socket
+        closed with unread bytes sends a reset, which can destroy the answer
+        in the client's buffers before it reads it: a 413 or 400 would arrive
+        as a dropped connection.  So the write side is shut first (the client
+        reads the answer, then end of file), what still arrives is discarded,
+        and the connection is closed once the client closes, or after
+        L{LINGER} seconds at most.  TLS and wrapped transports close at once,
+        and so does a connection closed for its deadline or a limit
+        (L{timeoutConnection}).
+        """
+        transport = self.transport
+        if self._lingering or not isinstance(transport, FileDescriptor) or transport.disconnecting:
+            super().loseConnection()
+            return
+        self._lingering = True
+        # Nothing after the answer is parsed: not the rest of what arrived
+        # with it (twisted.web's line loop stops only for a transport that
+        # is disconnecting, which a half-closed one is not), nor what comes.
+        self.clearLineBuffer()
+        self.setTimeout(None)
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+        self._awaiting = False
+        self._linger_call = self.callLater(LINGER, self._linger_over)
+        transport.loseWriteConnection()
+
+    def _linger_over(self) -> None:
+        self._linger_call = None
+        if self.transport is not None:
+            self.transport.abortConnection()  # type: ignore[attr-defined]  # tcp and unix transports have it
+
     def dataReceived(self, data: bytes) -> None:
+        if self._lingering:
+            return  # the answer is written and the write side shut: what comes now is discarded
         if self._awaiting_proxy_header:
             # The wrapper hands on bytes only once the header is parsed: the
             # connection now counts for its client's address (or is refused).
@@ -367,7 +412,8 @@ class PushieHTTPChannel(HTTPChannel):
         self.setTimeout(None)  # the idle timer would only close it again
         if self.abortTimeout is not None and self._abortingCall is None:
             self._abortingCall = self.callLater(self.abortTimeout, self.forceAbortClient)
-        self.loseConnection()
+        # No lingering for a client that is too slow or refused: close now.
+        HTTPChannel.loseConnection(self)
 
     def forceAbortClient(self) -> None:
         # As twisted.web's, without its log line per connection.
@@ -608,6 +654,9 @@ class PushieHTTPChannel(HTTPChannel):
         self._respondToBadRequestAndDisconnect()
 
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+        if self._linger_call is not None and self._linger_call.active():
+            self._linger_call.cancel()
+        self._linger_call = None
         self._request_complete()
         if self._fast_request is not None:
             self._fast_request._disconnected = True
