@@ -35,6 +35,11 @@ def write_json(request: Request, status: int, body: bytes, headers: dict[str, st
     """Answer C{request} with a JSON body and finish it, unless the client has gone."""
     if getattr(request, "_disconnected", False) or request.finished:
         return
+    answer_json = getattr(request, "answer_json", None)
+    if answer_json is not None and not headers:
+        # The HTTP short path's request writes the same bytes in one piece.
+        answer_json(status, body)
+        return
     request.setResponseCode(status)
     request.setHeader(b"content-type", b"application/json")
     request.setHeader(b"cache-control", b"no-store")
@@ -261,6 +266,11 @@ class PublishResource(JSONResource, Door):
             requests, single = self._validate(request)
         except PushieError as e:
             refuse(self, request, e, "a publish")
+            return NOT_DONE_YET
+        publications = self.hub.publish_now(requests)
+        if publications is not None:
+            # The engine answered at once (memory): no Deferred to wait on.
+            self._answer(request, publications, single, started)
             return NOT_DONE_YET
         d = self.hub.publish(requests)
         d.addCallbacks(
