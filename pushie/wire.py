@@ -61,6 +61,7 @@ _DECODER = json.JSONDecoder(parse_constant=_no_constant)
 # Checking every float costs a Python call each: that decoder is only for
 # text that may hold one that overflows, found by L{_may_overflow}.
 _DECODER_CHECKING_FLOATS = json.JSONDecoder(parse_float=_finite_float, parse_constant=_no_constant)
+_OPENING = (b"{", b"[")
 _NUMBER_SHAPE = bytes.maketrans(b"123456789E", b"000000000e")
 _MANY_DIGITS = b"0" * 309
 # A lone surrogate can only come from a \uD800-\uDFFF escape once the bytes are
@@ -93,7 +94,9 @@ def loads(raw: bytes | str) -> Any:
     L{MAX_JSON_DEPTH}.  Whatever this returns, L{dumps} encodes as valid JSON.
     """
     if isinstance(raw, bytes):
-        encoding = json.detect_encoding(raw)
+        # A body that opens with a bracket and no NUL byte after it is UTF-8
+        # (json.detect_encoding's answer, without its calls).
+        encoding = "utf-8" if raw[:1] in _OPENING and raw[1:2] != b"\x00" else json.detect_encoding(raw)
         try:
             text = raw.decode(encoding)
         except UnicodeDecodeError:
@@ -107,8 +110,17 @@ def loads(raw: bytes | str) -> Any:
     huge = _may_overflow(utf8)
     surrogates = surrogates or _SURROGATE_ESCAPE.search(utf8) is not None
     brackets = utf8.count(b"[") + utf8.count(b"{")
+    decoder = _DECODER_CHECKING_FLOATS if huge else _DECODER
     try:
-        value = (_DECODER_CHECKING_FLOATS if huge else _DECODER).decode(text)
+        if text[:1] in "{[" and text[-1:] in "}]" and text:
+            # No surrounding white space: the scanner alone, as decode() would
+            # call it; anything after the value (an error, or white space
+            # inside) is left to decode(), which says what it is.
+            value, end = decoder.scan_once(text, 0)
+            if end != len(text):
+                value = decoder.decode(text)
+        else:
+            value = decoder.decode(text)
     except RecursionError:
         raise InvalidJSON(f"arrays and objects nest deeper than {MAX_JSON_DEPTH} levels") from None
     except InvalidJSON:

@@ -148,6 +148,20 @@ def _data(fields: dict[str, Any], where: str) -> bytes:
     return dumps(fields["data"])
 
 
+def _plain_request(fields: object) -> PublishRequest | None:
+    """
+    The publication of the usual shape, an object of a valid C{channel} and
+    C{data} and nothing else, checked in one step; C{None} for any other
+    (the general checks then take it, with their precise errors).  It gives
+    what the general checks give for the same object.
+    """
+    if type(fields) is dict and len(fields) == 2 and "data" in fields:
+        channel = fields.get("channel")
+        if type(channel) is str and is_valid_channel(channel):
+            return PublishRequest(channel, dumps(fields["data"]), "message", None)
+    return None
+
+
 def parse_publish_body(body: bytes) -> tuple[list[PublishRequest], bool]:
     """
     Parse and validate a C{/publish} body.
@@ -161,6 +175,9 @@ def parse_publish_body(body: bytes) -> tuple[list[PublishRequest], bool]:
     except InvalidJSON as e:
         raise bad_request("invalid_json", f"the body is not valid JSON: {e}") from None
     if isinstance(parsed, dict):
+        plain = _plain_request(parsed)
+        if plain is not None:
+            return [plain], True
         fields = _fold_keys(parsed, "body")
         event, key = _options(fields, "body")
         if "channel" in fields and "channels" in fields:
@@ -183,6 +200,10 @@ def parse_publish_body(body: bytes) -> tuple[list[PublishRequest], bool]:
             raise bad_request("invalid_batch", f"a batch holds 1 to {MAX_BATCH} publications")
         requests = []
         for index, item in enumerate(parsed):
+            plain = _plain_request(item)
+            if plain is not None:
+                requests.append(plain)
+                continue
             where = f"publication {index}"
             if not isinstance(item, dict):
                 raise bad_request("invalid_batch", f"{where}: each item of a batch must be an object")
