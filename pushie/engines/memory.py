@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import secrets
 from collections import OrderedDict, deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import attr
 from twisted.internet.defer import Deferred, succeed
@@ -40,7 +40,16 @@ from zope.interface import implementer
 
 from pushie.engines import EngineListener, IEngine, TransitionSink
 from pushie.logs import Throttle
-from pushie.records import ChannelState, History, Member, PresenceEvent, Publication, PublishRequest, history_after
+from pushie.records import (
+    NO_META,
+    ChannelState,
+    History,
+    Member,
+    PresenceEvent,
+    Publication,
+    PublishRequest,
+    history_after,
+)
 
 IDEMPOTENCY_WINDOW = 300.0
 SWEEP_INTERVAL = 1.0
@@ -78,13 +87,24 @@ def new_epoch() -> str:
     return secrets.token_urlsafe(8)
 
 
+_Kept = tuple[int, bytes, str, "str | None", bytes, "Mapping[str, str] | None"]
+"""
+A kept publication: offset, data, event, user_id, envelope, meta (None for
+none).  Plain values in a tuple rather than the L{Publication}: such a tuple
+is no object the garbage collector follows (it untracks it at its first
+look), so a full history adds nothing to the full collections that pause
+the daemon; the publications of a read are built again around the same
+envelope bytes.
+"""
+
+
 @attr.s(slots=True, auto_attribs=True, eq=False)
 class _Channel:
     offset: int
     epoch: str
     # None while the channel keeps nothing: a deque costs 600 bytes even empty,
     # and an idle channel (subscribed, nothing published lately) keeps nothing.
-    history: deque[Publication] | None = None  # oldest first (their times are in MemoryEngine._kept)
+    history: deque[_Kept] | None = None  # oldest first (their times are in MemoryEngine._kept)
     watchers: int = 0
     members: dict[str, list] = attr.ib(factory=dict)  # sub -> [connections, Member]
     subscriptions: int = 0  # the Hub's (one process: they are all there is)
@@ -179,7 +199,7 @@ class MemoryEngine:
         channel = self._channels.get(name)
         if channel is not None and channel.history:
             history = channel.history
-            while history and history[0].offset <= offset:
+            while history and history[0][0] <= offset:
                 history.popleft()
             if not history:
                 channel.history = None
@@ -193,7 +213,17 @@ class MemoryEngine:
         if history is None:
             history = channel.history = deque()
             self.used += CHANNEL_COST
-        history.append(publication)
+        meta = publication.meta
+        history.append(
+            (
+                publication.offset,
+                publication.data,
+                publication.event,
+                publication.user_id,
+                publication.envelope,
+                None if meta is NO_META else meta,
+            )
+        )
         # entry_cost(publication), inlined: this runs once per publication.
         data = len(publication.data)
         cost = (
@@ -207,7 +237,7 @@ class MemoryEngine:
         self.used += cost
         if len(history) > self.history_size:
             old = history.popleft()
-            gone = kept.pop((old.channel, old.offset), None)
+            gone = kept.pop((publication.channel, old[0]), None)
             if gone is not None:
                 self.used -= gone[1]
 
@@ -311,8 +341,13 @@ class MemoryEngine:
         channel = self._channels.get(name)
         if channel is None:
             return succeed(History(ChannelState(0, new_epoch()), [], since == 0))
-        kept = channel.history or ()
-        return succeed(history_after(ChannelState(channel.offset, channel.epoch), kept, since, limit))
+        epoch = channel.epoch
+        kept = [
+            Publication.kept(name, offset, epoch, data, event, user_id, envelope, meta or NO_META)
+            for offset, data, event, user_id, envelope, meta in channel.history or ()
+            if offset > since
+        ]
+        return succeed(history_after(ChannelState(channel.offset, epoch), kept, since, limit))
 
     # -- interest --------------------------------------------------------
 
