@@ -213,9 +213,27 @@ def envelope_parts(channel: str, event: str, data: bytes, user_id: str | None = 
     )
 
 
+def _plain_envelope_template() -> bytes:
+    """
+    L{envelope_parts} of an event C{"message"} without C{user_id}, as one
+    C{%}-format: the channel's characters (a plain name: inside the quotes
+    as they are), the offset, the epoch's JSON string and the data.
+    """
+    head, middle, tail = envelope_parts("%s", "message", b"%s")
+    template = head + b"%d" + middle + b"%s" + tail
+    assert template.count(b"%") == 4, template  # the four holes, and no other %
+    return template
+
+
+_PLAIN_ENVELOPE = _plain_envelope_template()
+
+
 def message_envelope(
     channel: str, event: str, offset: int, epoch: str, data: bytes, user_id: str | None = None
 ) -> bytes:
     """The envelope of one message (L{envelope_parts}) with its offset and epoch."""
+    if event == "message" and user_id is None and _PLAIN_RE.match(channel) is not None:
+        # The usual message, in one formatting (the same bytes).
+        return _PLAIN_ENVELOPE % (channel.encode("ascii"), offset, json_string(epoch), data)
     head, middle, tail = envelope_parts(channel, event, data, user_id)
     return b"%s%d%s%s%s" % (head, offset, middle, json_string(epoch), tail)

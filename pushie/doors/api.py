@@ -239,14 +239,10 @@ def result_of(publication: Publication) -> dict[str, Any]:
 
 def result_json(publication: Publication) -> bytes:
     """C{dumps(result_of(publication))}, built directly."""
-    return b"".join(
-        (
-            b'{"channel":',
-            json_string(publication.channel),
-            b',"offset":%d,"epoch":' % publication.offset,
-            json_string(publication.epoch),
-            b"}",
-        )
+    return b'{"channel":%s,"offset":%d,"epoch":%s}' % (
+        json_string(publication.channel),
+        publication.offset,
+        json_string(publication.epoch),
     )
 
 
