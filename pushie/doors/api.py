@@ -223,6 +223,18 @@ def is_json_content_type(value: bytes | None) -> bool:
     """Whether a C{Content-Type} header value says JSON (C{application/json}, any parameters)."""
     if value is None:
         return False
+    known = _content_types.get(value)
+    if known is None:
+        known = _is_json_content_type(value)
+        if len(_content_types) < 64:  # what clients send: a handful of spellings
+            _content_types[value] = known
+    return known
+
+
+_content_types: dict[bytes, bool] = {}
+
+
+def _is_json_content_type(value: bytes) -> bool:
     media_type, _, params = value.decode("latin-1").partition(";")
     if media_type.strip().lower() != "application/json":
         return False
