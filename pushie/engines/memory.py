@@ -59,7 +59,10 @@ ENTRY_COST = 600
 Bytes accounted for one kept publication beside its data, envelope and frame:
 the Publication object, its place in the channel's history and in the global
 age order.  Calibrated with C{bench/memory_budget.py} on CPython 3.11
-(tracemalloc), on the high side.
+(tracemalloc), on the high side.  History now keeps a tuple and the envelope
+(no Publication object, no frame), so the accounting is higher still than
+what is kept; it was left as it was so that C{memory_budget} evicts at the
+same points as before.
 """
 
 CHANNEL_COST = 1000
@@ -71,9 +74,8 @@ log = Logger(namespace="pushie.engines.memory")
 def entry_cost(publication: Publication) -> int:
     """
     The bytes one kept publication is accounted for: its data, its envelope
-    and the WebSocket frame around it (both built for the first subscriber
-    and then kept with it; estimated here from their parts, without building
-    them) and L{ENTRY_COST}.
+    and the WebSocket frame around it (estimated here from their parts,
+    without building them) and L{ENTRY_COST}.
     """
     data = len(publication.data)
     envelope = data + len(publication.channel) + len(publication.event) + len(publication.epoch) + 80
