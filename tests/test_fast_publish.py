@@ -18,12 +18,13 @@ import pytest_twisted
 from twisted.internet.task import Clock
 
 from pushie.doors import api
-from pushie.doors._http import FastPublishRequest
+from pushie.doors._http import KNOWN_HEADER_BLOCKS, FastPublishRequest
 from pushie.doors.api import _plain_request, is_json_content_type, parse_publish_body, result_json, write_json
 from pushie.engines.memory import MemoryEngine
 from pushie.errors import PushieError
 from pushie.records import Publication, PublishRequest
 from pushie.wire import InvalidJSON, envelope_parts, json_string, loads, message_envelope
+from tests.helpers import raw_connect, wait_for
 
 # Data that JSON decoding and encoding could get wrong: non-ASCII text (kept as
 # UTF-8), escapes (in the body, and characters that must be escaped on the way
@@ -313,3 +314,42 @@ async def test_the_hub_answers_at_once_only_on_the_memory_engine(make_daemon, en
         assert now is None
     status, body, _ = await daemon.publish({"channel": "a", "data": 2})
     assert status == 200 and body["offset"] == (2 if engine == "memory" else 1)
+
+
+def _post(body: bytes, extra: bytes = b"") -> bytes:
+    return (
+        b"POST /publish HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + extra
+        + b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+
+
+@pytest_twisted.ensureDeferred
+async def test_header_blocks_read_once_answer_as_before(make_daemon):
+    """
+    The short path keeps its reading of the header blocks it has seen: the
+    same block again is answered the same way, a block it would not take
+    (a body over the limit) is never kept, and it keeps a bounded number.
+    """
+    daemon = await make_daemon(max_message_size=64)
+    known = daemon.service.site.publish_header_blocks
+    client = await raw_connect(daemon.port)
+    body = b'{"channel": "a", "data": 1}'
+    client.transport.write(_post(body) + _post(body) + _post(b'{"channel": "b", "data": 2}'))
+    await wait_for(lambda: client.received.count(b"HTTP/1.1 200 OK") == 3)
+    assert b'{"channel":"a","offset":2,' in client.received and b'{"channel":"b","offset":1,' in client.received
+    block = b"Host: x\r\nContent-Type: application/json\r\nContent-Length: %d" % len(body)
+    assert known[block] == ({b"host": b"x", b"content-type": b"application/json", b"content-length": b"27"}, 27, True)
+    # Over the limit: twisted.web's 413, never kept.
+    big = b'{"channel": "a", "data": "' + b"x" * 100 + b'"}'
+    too_large = await raw_connect(daemon.port)
+    too_large.transport.write(_post(big))
+    await wait_for(lambda: b"HTTP/1.1 413 " in too_large.received)
+    assert not any(b"Content-Length: %d" % len(big) in block for block in known)
+    # Many different blocks: every one answered, at most KNOWN_HEADER_BLOCKS kept.
+    many = await raw_connect(daemon.port)
+    many.transport.write(b"".join(_post(body, b"X-N: %d\r\n" % i) for i in range(KNOWN_HEADER_BLOCKS + 50)))
+    await wait_for(lambda: many.received.count(b"HTTP/1.1 200 OK") == KNOWN_HEADER_BLOCKS + 50, timeout=20)
+    assert len(known) == KNOWN_HEADER_BLOCKS
+    for c in (client, too_large, many):
+        c.transport.loseConnection()

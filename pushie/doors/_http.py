@@ -120,6 +120,9 @@ _SIMPLE_HEADER = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([^\x00\r\n]
 _PUBLISH_NEEDS_TWISTED = frozenset({b"transfer-encoding", b"expect", b"upgrade"})
 _PUBLISH_LINE = b"POST /publish HTTP/1.1"
 
+KNOWN_HEADER_BLOCKS = 256
+"""Header blocks of C{POST /publish} requests whose reading a site keeps (the first ones seen)."""
+
 # A Content-Length of more digits is refused (400) before anything reads it as
 # a number: no body that large is accepted anyway.
 MAX_CONTENT_LENGTH_DIGITS = 18
@@ -555,14 +558,22 @@ class PushieHTTPChannel(HTTPChannel):
         buffer = self._buffer
         end = buffer.find(b"\r\n\r\n")
         if 0 < end < self.MAX_LENGTH and len(line) + end <= self.totalHeadersSize:
-            lines = buffer[:end].split(b"\r\n")
-            if len(lines) < self.maxHeaders:
-                parsed = self._publish_parse(lines)
-                if parsed is not None:
-                    rest = buffer[end + 4 :]
-                    self._buffer = b""
-                    self._publish_ready(*parsed, rest)
-                    return
+            block = buffer[:end]
+            # A publisher sends the same header block again and again (the same
+            # length for same-sized messages): its reading is kept, read-only.
+            known = self.site.publish_header_blocks
+            parsed = known.get(block)
+            if parsed is None:
+                lines = block.split(b"\r\n")
+                if len(lines) < self.maxHeaders:
+                    parsed = self._publish_parse(lines)
+                    if parsed is not None and len(known) < KNOWN_HEADER_BLOCKS:
+                        known[block] = parsed
+            if parsed is not None:
+                rest = buffer[end + 4 :]
+                self._buffer = b""
+                self._publish_ready(*parsed, rest)
+                return
         self._publish = [line]
 
     def _publish_line(self, line: bytes) -> None:
@@ -797,6 +808,8 @@ class PushieSite(Site):
         self.max_body_size = max_body_size
         self.websocket_factory = websocket_factory
         self.publish_resource: Any = None
+        # The short publish path's readings of header blocks (see _publish_start).
+        self.publish_header_blocks: dict[bytes, tuple[dict[bytes, bytes], int, bool]] = {}
         # Set by pushie.doors.tree.build_site: connections are counted (pending until their
         # request is whole) and refused at accept past the limits.
         self.limits: ConnectionLimits | None = None
