@@ -91,6 +91,23 @@ class Publication:
         return publication
 
     @classmethod
+    def kept(
+        cls,
+        channel: str,
+        offset: int,
+        epoch: str,
+        data: bytes,
+        event: str,
+        user_id: str | None,
+        envelope: bytes,
+        meta: Mapping[str, str] = NO_META,
+    ) -> Publication:
+        """A publication read back from an engine's history, around the envelope it was sent with."""
+        publication = cls(channel, offset, epoch, data, event, user_id, meta)
+        publication._envelope = envelope
+        return publication
+
+    @classmethod
     def of(cls, request: PublishRequest, offset: int, epoch: str) -> Publication:
         """The publication of C{request} at C{offset} in C{epoch}."""
         return cls(request.channel, offset, epoch, request.data, request.event, request.user_id, request.meta)

@@ -6,6 +6,13 @@ envelope, and WebSocket text frames.
 Every door decodes what clients send with L{loads} (strict: RFC 8259 only)
 and encodes with L{dumps}; a message's envelope is written by
 L{envelope_parts} only (L{message_envelope} fills it in), and framed by L{text_frame}.
+
+Private internals used (checked against CPython 3.11.7, the version the test
+suite runs on): C{json.JSONDecoder.scan_once}, the scanner that
+C{JSONDecoder.raw_decode} calls, undocumented; L{loads} calls it directly
+for a text with no white space around its value, and leaves everything else
+(and every error) to C{decode}.  L{tests.test_fast_publish} checks values and
+error messages against what C{decode} gives.
 """
 
 from __future__ import annotations
@@ -61,7 +68,10 @@ _DECODER = json.JSONDecoder(parse_constant=_no_constant)
 # Checking every float costs a Python call each: that decoder is only for
 # text that may hold one that overflows, found by L{_may_overflow}.
 _DECODER_CHECKING_FLOATS = json.JSONDecoder(parse_float=_finite_float, parse_constant=_no_constant)
-_NUMBER_SHAPE = bytes.maketrans(b"123456789E", b"000000000e")
+_OPENING = (b"{", b"[")
+# "+" becomes "e" rather than being deleted (a translation without deletions
+# is the cheaper one): "e+308" reads "ee000", which holds "e000" all the same.
+_NUMBER_SHAPE = bytes.maketrans(b"123456789E+", b"000000000ee")
 _MANY_DIGITS = b"0" * 309
 # A lone surrogate can only come from a \uD800-\uDFFF escape once the bytes are
 # strict UTF-8; text without one needs no walk for it.
@@ -76,7 +86,7 @@ def _may_overflow(raw: bytes) -> bool:
     of the bytes; a regular expression with a character class costs ten
     times more, and a Python call per float more still.)
     """
-    shape = raw.translate(_NUMBER_SHAPE, b"+")
+    shape = raw.translate(_NUMBER_SHAPE)
     return b"e000" in shape or _MANY_DIGITS in shape
 
 
@@ -93,7 +103,9 @@ def loads(raw: bytes | str) -> Any:
     L{MAX_JSON_DEPTH}.  Whatever this returns, L{dumps} encodes as valid JSON.
     """
     if isinstance(raw, bytes):
-        encoding = json.detect_encoding(raw)
+        # A body that opens with a bracket and no NUL byte after it is UTF-8
+        # (json.detect_encoding's answer, without its calls).
+        encoding = "utf-8" if raw[:1] in _OPENING and raw[1:2] != b"\x00" else json.detect_encoding(raw)
         try:
             text = raw.decode(encoding)
         except UnicodeDecodeError:
@@ -105,10 +117,22 @@ def loads(raw: bytes | str) -> Any:
         utf8 = raw.encode("utf-8", "surrogatepass")
         surrogates = _SURROGATE.search(raw) is not None
     huge = _may_overflow(utf8)
-    surrogates = surrogates or _SURROGATE_ESCAPE.search(utf8) is not None
+    surrogates = surrogates or (b"\\u" in utf8 and _SURROGATE_ESCAPE.search(utf8) is not None)
     brackets = utf8.count(b"[") + utf8.count(b"{")
+    decoder = _DECODER_CHECKING_FLOATS if huge else _DECODER
     try:
-        value = (_DECODER_CHECKING_FLOATS if huge else _DECODER).decode(text)
+        if text[:1] in "{[" and text[-1:] in "}]" and text:
+            # No surrounding white space: the scanner alone, as decode() would
+            # call it; anything after the value (an error, or white space
+            # inside) is left to decode(), which says what it is.
+            try:
+                value, end = decoder.scan_once(text, 0)  # type: ignore[attr-defined]
+            except StopIteration:  # a value missing inside: decode() says where
+                end = -1
+            if end != len(text):
+                value = decoder.decode(text)
+        else:
+            value = decoder.decode(text)
     except RecursionError:
         raise InvalidJSON(f"arrays and objects nest deeper than {MAX_JSON_DEPTH} levels") from None
     except InvalidJSON:
@@ -201,9 +225,27 @@ def envelope_parts(channel: str, event: str, data: bytes, user_id: str | None = 
     )
 
 
+def _plain_envelope_template() -> bytes:
+    """
+    L{envelope_parts} of an event C{"message"} without C{user_id}, as one
+    C{%}-format: the channel's characters (a plain name: inside the quotes
+    as they are), the offset, the epoch's JSON string and the data.
+    """
+    head, middle, tail = envelope_parts("%s", "message", b"%s")
+    template = head + b"%d" + middle + b"%s" + tail
+    assert template.count(b"%") == 4, template  # the four holes, and no other %
+    return template
+
+
+_PLAIN_ENVELOPE = _plain_envelope_template()
+
+
 def message_envelope(
     channel: str, event: str, offset: int, epoch: str, data: bytes, user_id: str | None = None
 ) -> bytes:
     """The envelope of one message (L{envelope_parts}) with its offset and epoch."""
+    if event == "message" and user_id is None and _PLAIN_RE.match(channel) is not None:
+        # The usual message, in one formatting (the same bytes).
+        return _PLAIN_ENVELOPE % (channel.encode("ascii"), offset, json_string(epoch), data)
     head, middle, tail = envelope_parts(channel, event, data, user_id)
     return b"%s%d%s%s%s" % (head, offset, middle, json_string(epoch), tail)

@@ -120,6 +120,9 @@ _SIMPLE_HEADER = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([^\x00\r\n]
 _PUBLISH_NEEDS_TWISTED = frozenset({b"transfer-encoding", b"expect", b"upgrade"})
 _PUBLISH_LINE = b"POST /publish HTTP/1.1"
 
+KNOWN_HEADER_BLOCKS = 256
+"""Header blocks of C{POST /publish} requests whose reading a site keeps (the first ones seen)."""
+
 # A Content-Length of more digits is refused (400) before anything reads it as
 # a number: no body that large is accepted anyway.
 MAX_CONTENT_LENGTH_DIGITS = 18
@@ -164,6 +167,28 @@ def _header_name(name: bytes) -> bytes:
     return canonical
 
 
+_answer_second = -1
+_answer_head = b""
+
+
+def _json_answer_head() -> bytes:
+    """
+    The headers of every JSON answer on the short path, after the status
+    line and the C{Connection: close} of a closing connection, up to the
+    C{Content-Length} value: as L{FastPublishRequest.finish} writes them
+    for L{pushie.doors.api.write_json}.  Built once per second (the C{Date}).
+    """
+    global _answer_second, _answer_head
+    date = _http_date()
+    if _date_second != _answer_second:
+        _answer_head = (
+            b"Server: %s\r\nDate: %s\r\nContent-Type: application/json\r\nCache-Control: no-store\r\nContent-Length: "
+            % (SERVER_HEADER, date)
+        )
+        _answer_second = _date_second
+    return _answer_head
+
+
 class FastPublishRequest:
     """
     The part of L{twisted.web.server.Request} that C{PublishResource.render_POST}
@@ -179,15 +204,24 @@ class FastPublishRequest:
     finished = False
     _disconnected = False
     code = 200
+    _response_headers: dict[bytes, bytes] | None = None
 
     def __init__(self, channel: PushieHTTPChannel, headers: dict[bytes, bytes], body: bytes) -> None:
         self.channel = channel
         self._request_headers = headers
         self.content = io.BytesIO(body)
-        self.responseHeaders: dict[bytes, bytes] = {} if channel.persistent else {b"Connection": b"close"}
-        self.responseHeaders[b"Server"] = SERVER_HEADER
-        self.responseHeaders[b"Date"] = _http_date()
+        self._close = not channel.persistent
         self._body: list[bytes] = []
+
+    @property
+    def responseHeaders(self) -> dict[bytes, bytes]:  # noqa: N802  (twisted.web's name)
+        """The answer's headers so far (built on first use: L{answer_json} needs none)."""
+        headers = self._response_headers
+        if headers is None:
+            headers = self._response_headers = {b"Connection": b"close"} if self._close else {}
+            headers[b"Server"] = SERVER_HEADER
+            headers[b"Date"] = _http_date()
+        return headers
 
     def getHeader(self, name: bytes) -> bytes | None:
         return self._request_headers.get(name.lower())
@@ -203,6 +237,38 @@ class FastPublishRequest:
 
     def write(self, data: bytes) -> None:
         self._body.append(data)
+
+    def answer_json(self, status: int, body: bytes) -> None:
+        """
+        C{write_json(self, status, body)} with no extra headers, in one
+        formatting: the same bytes as L{setResponseCode}, the three
+        L{setHeader} calls, L{write} and L{finish} would write.
+        """
+        if self._response_headers is not None or self._body:
+            # Something was set already: the general way keeps its order.
+            self.setResponseCode(status)
+            self.setHeader(b"content-type", b"application/json")
+            self.setHeader(b"cache-control", b"no-store")
+            self.setHeader(b"content-length", b"%d" % len(body))
+            self.write(body)
+            self.finish()
+            return
+        self.code = status
+        self.finished = True
+        if self._disconnected:
+            return
+        self.channel._fast_finished(
+            self,
+            b"HTTP/1.1 %d %s\r\n%s%s%d\r\n\r\n%s"
+            % (
+                status,
+                RESPONSES.get(status, b"Unknown Status"),
+                b"Connection: close\r\n" if self._close else b"",
+                _json_answer_head(),
+                len(body),
+                body,
+            ),
+        )
 
     def finish(self) -> None:
         self.finished = True
@@ -492,14 +558,22 @@ class PushieHTTPChannel(HTTPChannel):
         buffer = self._buffer
         end = buffer.find(b"\r\n\r\n")
         if 0 < end < self.MAX_LENGTH and len(line) + end <= self.totalHeadersSize:
-            lines = buffer[:end].split(b"\r\n")
-            if len(lines) < self.maxHeaders:
-                parsed = self._publish_parse(lines)
-                if parsed is not None:
-                    rest = buffer[end + 4 :]
-                    self._buffer = b""
-                    self._publish_ready(*parsed, rest)
-                    return
+            block = buffer[:end]
+            # A publisher sends the same header block again and again (the same
+            # length for same-sized messages): its reading is kept, read-only.
+            known = self.site.publish_header_blocks
+            parsed = known.get(block)
+            if parsed is None:
+                lines = block.split(b"\r\n")
+                if len(lines) < self.maxHeaders:
+                    parsed = self._publish_parse(lines)
+                    if parsed is not None and len(known) < KNOWN_HEADER_BLOCKS:
+                        known[block] = parsed
+            if parsed is not None:
+                rest = buffer[end + 4 :]
+                self._buffer = b""
+                self._publish_ready(*parsed, rest)
+                return
         self._publish = [line]
 
     def _publish_line(self, line: bytes) -> None:
@@ -734,6 +808,8 @@ class PushieSite(Site):
         self.max_body_size = max_body_size
         self.websocket_factory = websocket_factory
         self.publish_resource: Any = None
+        # The short publish path's readings of header blocks (see _publish_start).
+        self.publish_header_blocks: dict[bytes, tuple[dict[bytes, bytes], int, bool]] = {}
         # Set by pushie.doors.tree.build_site: connections are counted (pending until their
         # request is whole) and refused at accept past the limits.
         self.limits: ConnectionLimits | None = None

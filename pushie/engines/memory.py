@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import secrets
 from collections import OrderedDict, deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import attr
 from twisted.internet.defer import Deferred, succeed
@@ -40,7 +40,16 @@ from zope.interface import implementer
 
 from pushie.engines import EngineListener, IEngine, TransitionSink
 from pushie.logs import Throttle
-from pushie.records import ChannelState, History, Member, PresenceEvent, Publication, PublishRequest, history_after
+from pushie.records import (
+    NO_META,
+    ChannelState,
+    History,
+    Member,
+    PresenceEvent,
+    Publication,
+    PublishRequest,
+    history_after,
+)
 
 IDEMPOTENCY_WINDOW = 300.0
 SWEEP_INTERVAL = 1.0
@@ -50,7 +59,10 @@ ENTRY_COST = 600
 Bytes accounted for one kept publication beside its data, envelope and frame:
 the Publication object, its place in the channel's history and in the global
 age order.  Calibrated with C{bench/memory_budget.py} on CPython 3.11
-(tracemalloc), on the high side.
+(tracemalloc), on the high side.  History now keeps a tuple and the envelope
+(no Publication object, no frame), so the accounting is higher still than
+what is kept; it was left as it was so that C{memory_budget} evicts at the
+same points as before.
 """
 
 CHANNEL_COST = 1000
@@ -62,9 +74,8 @@ log = Logger(namespace="pushie.engines.memory")
 def entry_cost(publication: Publication) -> int:
     """
     The bytes one kept publication is accounted for: its data, its envelope
-    and the WebSocket frame around it (both built for the first subscriber
-    and then kept with it; estimated here from their parts, without building
-    them) and L{ENTRY_COST}.
+    and the WebSocket frame around it (estimated here from their parts,
+    without building them) and L{ENTRY_COST}.
     """
     data = len(publication.data)
     envelope = data + len(publication.channel) + len(publication.event) + len(publication.epoch) + 80
@@ -78,13 +89,24 @@ def new_epoch() -> str:
     return secrets.token_urlsafe(8)
 
 
+_Kept = tuple[int, bytes, str, "str | None", bytes, "Mapping[str, str] | None"]
+"""
+A kept publication: offset, data, event, user_id, envelope, meta (None for
+none).  Plain values in a tuple rather than the L{Publication}: such a tuple
+is no object the garbage collector follows (it untracks it at its first
+look), so a full history adds nothing to the full collections that pause
+the daemon; the publications of a read are built again around the same
+envelope bytes.
+"""
+
+
 @attr.s(slots=True, auto_attribs=True, eq=False)
 class _Channel:
     offset: int
     epoch: str
     # None while the channel keeps nothing: a deque costs 600 bytes even empty,
     # and an idle channel (subscribed, nothing published lately) keeps nothing.
-    history: deque[tuple[float, Publication]] | None = None
+    history: deque[_Kept] | None = None  # oldest first (their times are in MemoryEngine._kept)
     watchers: int = 0
     members: dict[str, list] = attr.ib(factory=dict)  # sub -> [connections, Member]
     subscriptions: int = 0  # the Hub's (one process: they are all there is)
@@ -179,7 +201,7 @@ class MemoryEngine:
         channel = self._channels.get(name)
         if channel is not None and channel.history:
             history = channel.history
-            while history and history[0][1].offset <= offset:
+            while history and history[0][0] <= offset:
                 history.popleft()
             if not history:
                 channel.history = None
@@ -188,18 +210,36 @@ class MemoryEngine:
         return name
 
     def _keep(self, channel: _Channel, now: float, publication: Publication) -> None:
-        """Put C{publication} in its channel's history and account for it."""
+        """Put C{publication} in its channel's history and account for it (L{entry_cost})."""
         history = channel.history
         if history is None:
             history = channel.history = deque()
             self.used += CHANNEL_COST
-        history.append((now, publication))
-        cost = entry_cost(publication)
-        self._kept[(publication.channel, publication.offset)] = (now + self.history_ttl, cost)
+        meta = publication.meta
+        history.append(
+            (
+                publication.offset,
+                publication.data,
+                publication.event,
+                publication.user_id,
+                publication.envelope,
+                None if meta is NO_META else meta,
+            )
+        )
+        # entry_cost(publication), inlined: this runs once per publication.
+        data = len(publication.data)
+        cost = (
+            ENTRY_COST
+            + 3 * data
+            + 2 * (len(publication.channel) + len(publication.event) + len(publication.epoch) + 80)
+            + (0 if publication.user_id is None else 2 * (len(publication.user_id) + 12))
+        )
+        kept = self._kept
+        kept[(publication.channel, publication.offset)] = (now + self.history_ttl, cost)
         self.used += cost
         if len(history) > self.history_size:
-            _, old = history.popleft()
-            gone = self._kept.pop((old.channel, old.offset), None)
+            old = history.popleft()
+            gone = kept.pop((publication.channel, old[0]), None)
             if gone is not None:
                 self.used -= gone[1]
 
@@ -239,10 +279,20 @@ class MemoryEngine:
     # -- publishing ------------------------------------------------------
 
     def append(self, requests: Sequence[PublishRequest]) -> Deferred[list[Publication]]:
+        return succeed(self.append_now(requests))
+
+    def append_now(self, requests: Sequence[PublishRequest]) -> list[Publication]:
+        """
+        L{append}, answered at once: the publications themselves rather than
+        a Deferred already fired with them (the Hub's L{Hub.publish_now}).
+        """
         now = self.clock.seconds()
         self.sweep()
         publications = []
         fresh = []
+        channels = self._channels
+        keep = self._keep if self.history_size > 0 else None
+        of = Publication.of
         for request in requests:
             key = None
             if request.idempotency_key is not None:
@@ -250,25 +300,33 @@ class MemoryEngine:
                 seen = self._idempotency.get(key)
                 if seen is not None:
                     first = seen[1]
-                    publications.append(Publication.of(request, first.offset, first.epoch))
+                    publications.append(of(request, first.offset, first.epoch))
                     continue
-            channel = self._channel(request.channel)
+            channel = channels.get(request.channel)
+            if channel is None:
+                channel = channels[request.channel] = _Channel(0, new_epoch())
             channel.offset += 1
-            publication = Publication.of(request, channel.offset, channel.epoch)
-            if self.history_size > 0:
-                self._keep(channel, now, publication)
+            publication = of(request, channel.offset, channel.epoch)
+            if keep is not None:
+                keep(channel, now, publication)
             if key is not None:
                 self._remember_key(key, now, ChannelState(channel.offset, channel.epoch))
             publications.append(publication)
             fresh.append(publication)
         # After the whole batch: a batch bigger than the budget keeps its newest part.
-        self._within_budget()
+        if self.memory_budget > 0 and self.used > self.memory_budget:
+            self._within_budget()
         listener = self._listener
-        for publication in fresh:
-            if listener is not None:
-                listener.dispatch(publication)
-            self._forget_if_idle(publication.channel)
-        return succeed(publications)
+        if listener is not None:
+            dispatch = listener.dispatch
+            for publication in fresh:
+                dispatch(publication)
+        if keep is None:
+            # Nothing kept: a channel nobody watches is forgotten at once.  (With
+            # history, a publication was just kept in each of these channels.)
+            for publication in fresh:
+                self._forget_if_idle(publication.channel)
+        return publications
 
     def state(self, channel: str) -> Deferred[ChannelState]:
         return succeed(self.state_now(channel))
@@ -285,8 +343,13 @@ class MemoryEngine:
         channel = self._channels.get(name)
         if channel is None:
             return succeed(History(ChannelState(0, new_epoch()), [], since == 0))
-        kept = (p for _, p in channel.history or ())
-        return succeed(history_after(ChannelState(channel.offset, channel.epoch), kept, since, limit))
+        epoch = channel.epoch
+        kept = [
+            Publication.kept(name, offset, epoch, data, event, user_id, envelope, meta or NO_META)
+            for offset, data, event, user_id, envelope, meta in channel.history or ()
+            if offset > since
+        ]
+        return succeed(history_after(ChannelState(channel.offset, epoch), kept, since, limit))
 
     # -- interest --------------------------------------------------------
 

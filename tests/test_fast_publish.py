@@ -1,0 +1,355 @@
+"""
+The fast publish path (issue 15) gives what the general path gives, byte for
+byte: the one-step check of the usual publication, the JSON scanner shortcut,
+the one-formatting envelope and HTTP answer, the memory engine's synchronous
+answer and its history kept as plain tuples.  Anything unusual takes the
+general path, with its own errors.  No timing is asserted here (bench/ is
+for that).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+from types import MappingProxyType
+
+import pytest
+import pytest_twisted
+from twisted.internet.task import Clock
+
+from pushie.doors import api
+from pushie.doors._http import KNOWN_HEADER_BLOCKS, FastPublishRequest
+from pushie.doors.api import _plain_request, is_json_content_type, parse_publish_body, result_json, write_json
+from pushie.engines.memory import MemoryEngine
+from pushie.errors import PushieError
+from pushie.records import Publication, PublishRequest
+from pushie.wire import InvalidJSON, envelope_parts, json_string, loads, message_envelope
+from tests.helpers import raw_connect, wait_for
+
+# Data that JSON decoding and encoding could get wrong: non-ASCII text (kept as
+# UTF-8), escapes (in the body, and characters that must be escaped on the way
+# out), numbers past 64 bits, floats at the edges, nesting, empty containers.
+DATA = [
+    b"null",
+    b"true",
+    b"0",
+    b"-0.0",
+    b"123456789012345678901234567890",
+    b"-98765432109876543210",
+    b"1.7976931348623157e308",
+    b"5e-324",
+    b"1E2",
+    b"2.50",
+    b'""',
+    '"\u00e9\u4e2d\U0001f600"'.encode(),
+    b'"\\u00e9\\u4e2d\\ud83d\\ude00"',
+    b'"line\\nbreak \\"quoted\\" back\\\\slash \\t tab \\/ \\u0000 \\u001f"',
+    '"\u2028\u2029"'.encode(),
+    b"{}",
+    b"[]",
+    b'{"t": 1733000000000000000, "p": "xxxxxxxx"}',
+    b'{"nested": [1, [2, [3, {"deep": [[[[["x"]]]]]}]]], "b": {"c": {"d": null}}}',
+    b'{ "spaced" :\t[ 1 , 2 ]\n}',
+    b'{"a": 1, "a": 2}',
+    b'{"channel": "x", "data": 1}',
+]
+
+
+def _bodies(data: bytes) -> tuple[bytes, bytes]:
+    """A usual body and one the one-step check leaves to the general checks (an explicit event)."""
+    return (
+        b'{"channel": "room-1", "data": %s}' % data,
+        b'{"channel": "room-1", "data": %s, "event": "message"}' % data,
+    )
+
+
+@pytest.mark.parametrize("data", DATA)
+def test_usual_publication_parses_as_the_general_checks(data):
+    usual, general = _bodies(data)
+    assert _plain_request(loads(usual)) is not None  # the fast check takes it
+    assert _plain_request(loads(general)) is None  # ... and not this one
+    fast = parse_publish_body(usual)
+    slow = parse_publish_body(general)
+    assert fast == slow
+    assert fast[0][0].data == json.dumps(json.loads(data), separators=(",", ":"), ensure_ascii=False).encode()
+    # In a batch, item by item, mixed with items that take the general checks.
+    batch = b"[" + b",".join([usual, general, usual]) + b"]"
+    requests, single = parse_publish_body(batch)
+    assert not single and requests == [slow[0][0]] * 3
+
+
+@pytest.mark.parametrize(
+    ("body", "code", "message"),
+    [
+        (b'{"channel": "bad name!", "data": 1}', "invalid_channel", "a channel name"),
+        (b'{"channel": 5, "data": 1}', "invalid_channel", "a channel name"),
+        (b'{"channel": "a", "data": 1e999}', "invalid_json", "too large"),
+        (b'{"channel": "a", "data": "\\ud800"}', "invalid_json", "surrogate"),
+        (b'{"Channel": "a", "data": 1}', None, None),  # folded: published
+        (b'{"channel": "a", "Data": 1}', None, None),
+        (b'{"channel": "a", "dat": 1}', "unknown_field", "dat"),
+        (b'{"channels": ["a"], "data": 1}', None, None),
+        (b'{"channel": "a", "channels": 1}', "invalid_body", "not both"),
+        (b'{"channel": "a"}', "missing_data", "data"),
+        (b'[{"channel": "a", "data": 1}, {"channel": "b"}]', "missing_data", "publication 1"),
+        (b'[{"channel": "a", "data": 1}, {"channel": "b b", "data": 1}]', "invalid_channel", "a channel name"),
+        (b'[{"channel": "a", "data": 1}, 7]', "invalid_batch", "publication 1"),
+    ],
+)
+def test_unusual_publications_take_the_general_checks(body, code, message):
+    if code is None:
+        requests, _ = parse_publish_body(body)
+        assert [r.channel for r in requests] == ["a"]
+        return
+    with pytest.raises(PushieError) as caught:
+        parse_publish_body(body)
+    assert caught.value.code == code
+    assert message in caught.value.message
+
+
+# Each with what loads() answered before the shortcut existed.
+TEXTS = [
+    (b'{"a": 1}', ("value", {"a": 1})),
+    (b'[1, 2, {"b": [3]}]', ("value", [1, 2, {"b": [3]}])),
+    (b'{"a": 1}  ', ("value", {"a": 1})),
+    (b'  {"a": 1}', ("value", {"a": 1})),
+    (b"{}", ("value", {})),
+    (b"[]", ("value", [])),
+    (b'{"a": 1}}', ("error", "Extra data at character 8")),
+    (b'{"a": 1} x', ("error", "Extra data at character 9")),
+    (b"[1,]", ("error", "Expecting value at character 3")),
+    (b"[[1,]]", ("error", "Expecting value at character 4")),
+    (b'{"a": [}', ("error", "Expecting value at character 7")),
+    (b'{"a": 1, }', ("error", "Expecting property name enclosed in double quotes at character 9")),
+    (b'{"a" 1}', ("error", "Expecting ':' delimiter at character 5")),
+    (b"[", ("error", "Expecting value at character 1")),
+    (b"]", ("error", "Expecting value at character 0")),
+    (b"", ("error", "Expecting value at character 0")),
+    (b"[1e999]", ("error", "the number 1e999 is too large for a 64-bit float (RFC 8259 interoperability)")),
+    (b"[NaN]", ("error", "NaN is not JSON (RFC 8259 has no NaN or Infinity)")),
+    (b'["\\\\ud800"]', ("value", ["\\ud800"])),
+    (b'["\\ud800"]', ("error", "a string holds a lone UTF-16 surrogate (such as \\ud800); it is not Unicode text")),
+    (b"[" * 70 + b"]" * 70, ("error", "arrays and objects nest deeper than 64 levels")),
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), TEXTS)
+def test_loads_shortcut_matches_the_decoder(text, expected):
+    """
+    The scanner shortcut (a body with no surrounding white space) gives the
+    value or the error that the decoder gives, whether the text comes as
+    bytes or as str.
+    """
+
+    def outcome(raw):
+        try:
+            return ("value", loads(raw))
+        except InvalidJSON as e:
+            return ("error", str(e))
+
+    assert outcome(text) == expected
+    assert outcome(text.decode()) == expected
+
+
+def test_loads_still_detects_utf16_and_utf32_bodies():
+    for encoding in ("utf-16-le", "utf-16-be", "utf-16", "utf-32", "utf-32-le"):
+        assert loads('{"a": "\u00e9"}'.encode(encoding)) == {"a": "\u00e9"}
+        assert loads('["\u00e9"]'.encode(encoding)) == ["\u00e9"]
+    assert loads('\ufeff{"a": 1}'.encode()) == {"a": 1}  # UTF-8 with a BOM, as before
+
+
+@pytest.mark.parametrize("channel", ["a", "room-1_x=y@z,w.v;u:t", "with space", "#hash", "\u00e9", 'q"uote'])
+@pytest.mark.parametrize("event", ["message", "other", "m\u00e9"])
+@pytest.mark.parametrize("user_id", [None, "u-1"])
+@pytest.mark.parametrize("epoch", ["AbC-_09", 'odd"epoch'])
+def test_envelope_is_the_one_envelope_parts_writes(channel, event, user_id, epoch):
+    data = b'{"x":[1,"%s"]}'
+    head, middle, tail = envelope_parts(channel, event, data, user_id)
+    expected = head + b"%d" % 42 + middle + json_string(epoch) + tail
+    envelope = message_envelope(channel, event, 42, epoch, data, user_id)
+    assert envelope == expected
+    fields = json.loads(envelope)
+    assert fields["channel"] == channel and fields["epoch"] == epoch and fields["data"] == {"x": [1, "%s"]}
+
+
+def test_result_json_is_dumps_of_the_result():
+    for channel, epoch in (("a", "e"), ("\u00e9 x", 'q"')):
+        publication = Publication(channel, 12345678901234, epoch, b"1")
+        assert result_json(publication) == json.dumps(
+            api.result_of(publication), separators=(",", ":"), ensure_ascii=False
+        ).encode("utf-8")
+
+
+class _Channel:
+    """What a FastPublishRequest needs of its HTTP channel: whether it stays open, and where answers go."""
+
+    def __init__(self, persistent: bool) -> None:
+        self.persistent = persistent
+        self.written: list[bytes] = []
+
+    def _fast_finished(self, request, data: bytes) -> None:
+        self.written.append(data)
+
+
+@pytest.mark.parametrize("persistent", [True, False])
+@pytest.mark.parametrize("status", [200, 400, 503, 299])
+def test_one_formatting_answer_is_the_general_answer(persistent, status):
+    body = '{"channel":"\u00e9","offset":1}'.encode()
+    fast_channel, general_channel = _Channel(persistent), _Channel(persistent)
+    fast = FastPublishRequest(fast_channel, {}, b"")  # type: ignore[arg-type]
+    general = FastPublishRequest(general_channel, {}, b"")  # type: ignore[arg-type]
+    general.responseHeaders  # noqa: B018  (headers begun: the general way)
+    write_json(fast, status, body)
+    write_json(general, status, body)
+    assert fast_channel.written == general_channel.written
+    assert len(fast_channel.written) == 1 and fast_channel.written[0].endswith(b"\r\n\r\n" + body)
+    assert (b"Connection: close\r\n" in fast_channel.written[0]) is not persistent
+    assert fast.finished and fast.code == status
+    # Extra headers (a 401's WWW-Authenticate, a 503's Retry-After) take the general way.
+    with_headers = _Channel(persistent)
+    write_json(FastPublishRequest(with_headers, {}, b""), status, body, {"Retry-After": "1"})  # type: ignore[arg-type]
+    assert b"\r\nRetry-After: 1\r\n" in with_headers.written[0]
+
+
+def test_an_answer_to_a_client_gone_is_not_written():
+    channel = _Channel(True)
+    request = FastPublishRequest(channel, {}, b"")  # type: ignore[arg-type]
+    request._disconnected = True
+    write_json(request, 200, b"{}")
+    assert channel.written == []
+
+
+def test_content_type_answers_are_remembered_within_bounds():
+    values = [
+        b"application/json",
+        b"Application/JSON; charset=UTF-8",
+        b"text/plain",
+        b"application/json;charset=latin-1",
+    ]
+    first = [is_json_content_type(v) for v in values]
+    assert first == [True, True, False, False]
+    assert [is_json_content_type(v) for v in values] == first
+    for i in range(200):
+        assert not is_json_content_type(b"text/x-%d" % i)
+    assert len(api._content_types) <= 64
+
+
+def _engine(**kwargs) -> tuple[MemoryEngine, list[Publication]]:
+    dispatched: list[Publication] = []
+
+    class Listener:
+        def dispatch(self, publication: Publication) -> None:
+            dispatched.append(publication)
+
+        def presence_changed(self, event: object) -> None:
+            pass
+
+    engine = MemoryEngine(clock=Clock(), **kwargs)
+    engine.start(Listener())  # type: ignore[arg-type]
+    return engine, dispatched
+
+
+def test_append_now_answers_as_append():
+    sync, sync_dispatched = _engine()
+    deferred, deferred_dispatched = _engine()
+    requests = [
+        PublishRequest("a", b"1"),
+        PublishRequest("b", b"2", "other", "key-1", "user-1"),
+        PublishRequest("a", b"3"),
+        PublishRequest("b", b"2", "other", "key-1", "user-1"),  # a repeat: the first one's place
+    ]
+    now = sync.append_now(requests)
+    later = deferred.append(requests).result
+
+    def fields(publications):
+        return [(p.channel, p.offset, p.data, p.event, p.user_id) for p in publications]
+
+    assert (
+        fields(now)
+        == fields(later)
+        == [
+            ("a", 1, b"1", "message", None),
+            ("b", 1, b"2", "other", "user-1"),
+            ("a", 2, b"3", "message", None),
+            ("b", 1, b"2", "other", "user-1"),
+        ]
+    )
+    assert fields(sync_dispatched) == fields(deferred_dispatched) == fields(now[:3])
+    assert sync.used == deferred.used > 0
+
+
+def test_history_is_kept_as_plain_tuples_and_read_back_whole():
+    engine, dispatched = _engine()
+    meta = MappingProxyType({"exclude": "socket-1"})
+    engine.append_now(
+        [
+            PublishRequest("c", b'{"a":"\xc3\xa9"}'),
+            PublishRequest("c", b"2", "ev", None, "user-1"),
+            PublishRequest("c", b"3", meta=meta),
+        ]
+    )
+    kept = engine.history("c", 0, None).result.publications
+    assert [(p.channel, p.offset, p.epoch, p.data, p.event, p.user_id, p.meta) for p in kept] == [
+        (p.channel, p.offset, p.epoch, p.data, p.event, p.user_id, p.meta) for p in dispatched
+    ]
+    assert [p.envelope for p in kept] == [
+        message_envelope(p.channel, p.event, p.offset, p.epoch, p.data, p.user_id) for p in dispatched
+    ]
+    assert [p.websocket_frame for p in kept] == [p.websocket_frame for p in dispatched]
+    assert [p.offset for p in engine.history("c", 1, None).result.publications] == [2, 3]
+    # The garbage collector stops following the entries without metadata.
+    gc.collect()
+    history = engine._channels["c"].history
+    assert history is not None
+    assert [gc.is_tracked(entry) for entry in history] == [False, False, True]
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_hub_answers_at_once_only_on_the_memory_engine(make_daemon, engine):
+    daemon = await make_daemon()
+    now = daemon.hub.publish_now([PublishRequest("a", b"1")])
+    if engine == "memory":
+        assert now is not None and [p.offset for p in now] == [1]
+    else:
+        assert now is None
+    status, body, _ = await daemon.publish({"channel": "a", "data": 2})
+    assert status == 200 and body["offset"] == (2 if engine == "memory" else 1)
+
+
+def _post(body: bytes, extra: bytes = b"") -> bytes:
+    return (
+        b"POST /publish HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + extra
+        + b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+
+
+@pytest_twisted.ensureDeferred
+async def test_header_blocks_read_once_answer_as_before(make_daemon):
+    """
+    The short path keeps its reading of the header blocks it has seen: the
+    same block again is answered the same way, a block it would not take
+    (a body over the limit) is never kept, and it keeps a bounded number.
+    """
+    daemon = await make_daemon(max_message_size=64)
+    known = daemon.service.site.publish_header_blocks
+    client = await raw_connect(daemon.port)
+    body = b'{"channel": "a", "data": 1}'
+    client.transport.write(_post(body) + _post(body) + _post(b'{"channel": "b", "data": 2}'))
+    await wait_for(lambda: client.received.count(b"HTTP/1.1 200 OK") == 3)
+    assert b'{"channel":"a","offset":2,' in client.received and b'{"channel":"b","offset":1,' in client.received
+    block = b"Host: x\r\nContent-Type: application/json\r\nContent-Length: %d" % len(body)
+    assert known[block] == ({b"host": b"x", b"content-type": b"application/json", b"content-length": b"27"}, 27, True)
+    # Over the limit: twisted.web's 413, never kept.
+    big = b'{"channel": "a", "data": "' + b"x" * 100 + b'"}'
+    too_large = await raw_connect(daemon.port)
+    too_large.transport.write(_post(big))
+    await wait_for(lambda: b"HTTP/1.1 413 " in too_large.received)
+    assert not any(b"Content-Length: %d" % len(big) in block for block in known)
+    # Many different blocks: every one answered, at most KNOWN_HEADER_BLOCKS kept.
+    many = await raw_connect(daemon.port)
+    many.transport.write(b"".join(_post(body, b"X-N: %d\r\n" % i) for i in range(KNOWN_HEADER_BLOCKS + 50)))
+    await wait_for(lambda: many.received.count(b"HTTP/1.1 200 OK") == KNOWN_HEADER_BLOCKS + 50, timeout=20)
+    assert len(known) == KNOWN_HEADER_BLOCKS
+    for c in (client, too_large, many):
+        c.transport.loseConnection()
