@@ -24,7 +24,7 @@ import treq
 from twisted.internet import reactor
 from twisted.web.client import HTTPConnectionPool
 
-from pushie.engines.redis import HEARTBEAT_INTERVAL, HEARTBEAT_TTL
+from pushie.engines.redis import CLAIM_GRACE, HEARTBEAT_INTERVAL, HEARTBEAT_TTL
 from tests.helpers import Daemon, connect_ws, sleep, start_daemon, wait_for
 from tests.redis_server import RedisServer, require_redis
 from tests.test_auth import SECRET_1, token
@@ -40,6 +40,8 @@ DEBOUNCE = 0.6
 SETTLE = DEBOUNCE + HEARTBEAT_INTERVAL + 1.0
 # A node killed without a word: its heartbeat key expires, and the next heartbeat of a live node sweeps it.
 DEATH = HEARTBEAT_TTL + 2 * HEARTBEAT_INTERVAL + DEBOUNCE + 2.0
+# A killed node's pending transitions: claimed CLAIM_GRACE after a live node first finds its heartbeat gone.
+CLAIMED = HEARTBEAT_TTL + 2 * HEARTBEAT_INTERVAL + CLAIM_GRACE + HEARTBEAT_INTERVAL + 2.0
 
 
 @pytest.fixture
@@ -367,15 +369,18 @@ async def test_kill_9_of_the_delivering_node_mid_retry_still_delivers(own_redis,
         await delivering.ended
         attempts = len(receiver.requests)
         receiver.default = 200
-        # A live node claims the entry once the killed node's heartbeat is gone, and delivers it.
-        await wait_for(lambda: ("channel_occupied", "news") in delivered(receiver), timeout=DEATH)
+        # A live node claims the entry once the killed node's heartbeat has been gone for
+        # CLAIM_GRACE, and delivers it.
+        await wait_for(lambda: ("channel_occupied", "news") in delivered(receiver), timeout=CLAIMED)
         await wait_for(lambda: pending(own_redis) == [], timeout=5)
         survivors = [p for p in nodes if p is not delivering]
         claimed = [p for p in survivors if b"Took over 1 webhook transitions" in p.output]
         assert len(claimed) == 1, [p.output.decode()[-2000:] for p in survivors]
         assert all(events == [("channel_occupied", "news")] for _, events in receiver.answered[:attempts])
-        # The survivor sent the very same body (time_ms is when the event was decided), so the same signature.
-        assert len({request.body for request in receiver.requests}) == 1
+        # The survivor sent the very same body (time_ms is when the event was decided), so the same
+        # signature (the killed node's channel_vacated, when it held the subscriber, may come first).
+        occupied = [request for request in receiver.requests if request.events == [("channel_occupied", "news")]]
+        assert len(occupied) == attempts + 1 and len({request.body for request in occupied}) == 1
         await sleep(SETTLE)
         if delivering is not subscriber_node:
             # Delivered once; nothing else happened (the subscriber is still there).
@@ -479,3 +484,61 @@ async def test_counts_redis_lost_are_sent_again_and_webhooks_survive_a_redis_res
         await wait_for(lambda: delivered(receiver)[-1:] == [("channel_vacated", "sport")], timeout=SETTLE + 2)
     finally:
         await node.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_redis_outage_longer_than_the_heartbeat_ttl_takes_no_live_nodes_transition(
+    clean_reactor,  # noqa: F811
+    tmp_path,
+    receiver,  # noqa: F811
+):
+    """
+    Every heartbeat expires while Redis is away; the node delivering a
+    transition (its POST hanging across the outage) keeps it once Redis is
+    back: no other node claims it, and it is delivered exactly once.
+    """
+    require_redis()
+    redis = RedisServer(str(tmp_path), appendonly=True)
+    redis.start()
+    _record_answers(receiver)
+    receiver.default = "hang"
+    nodes: list[Daemon] = []
+    try:
+        for _ in range(3):
+            nodes.append(
+                await start_daemon(
+                    engine=redis.url,
+                    webhook_url=receiver.url,
+                    webhook_secret=HOOK_SECRET,
+                    webhook_debounce=DEBOUNCE,
+                    webhook_timeout=120.0,
+                )
+            )
+            await wait_for(lambda: nodes[-1].engine.cluster is not None)
+        client = await join(nodes[0], "channel=news")
+        await wait_for(lambda: len(receiver.hung) == 1, timeout=10)
+        [(entry, consumer)] = pending(redis)
+        [delivering] = [node for node in nodes if node.engine.node == consumer]
+
+        redis.stop()
+        await sleep(HEARTBEAT_TTL + 1.0)  # every node's heartbeat key expires meanwhile
+        redis.start()
+        await wait_for(lambda: all(node.engine.healthy() for node in nodes), timeout=15)
+        assert redis.cli("KEYS", "pushie:0:node:*").split(), "the heartbeats are back"
+        # Longer than a claim of a dead node takes: the delivering node still holds it.
+        await sleep(CLAIM_GRACE + 2 * HEARTBEAT_INTERVAL + 1.0)
+        assert pending(redis) == [(entry, consumer)]
+        assert len(receiver.requests) == 1
+        assert all(not node.engine._holding for node in nodes if node is not delivering)
+
+        receiver.default = 200
+        receiver.hung.pop().finish()
+        await wait_for(lambda: pending(redis) == [], timeout=5)
+        await sleep(SETTLE)
+        # One POST in all (answered 200 once it was let go), with the one event.
+        assert [request.events for request in receiver.requests] == [[("channel_occupied", "news")]]
+        await leave(client)
+    finally:
+        for node in nodes:
+            await node.stop()
+        redis.stop()

@@ -287,10 +287,11 @@ async def test_one_shard_down_503_for_counts_the_other_shard_flows_then_everythi
         lambda: delivered(receiver)[-1:] == [("channel_vacated", chan_1)], timeout=2 * HEARTBEAT_INTERVAL + SETTLE
     )
     await sleep(SETTLE)
-    # Each transition is decided once and delivered at least once: after a
-    # shard's outage a transition of that shard was seen delivered twice
-    # (once, in a CI run), which the contract allows; none may be missing.
-    expected = Counter(
+    # Each transition is decided once and delivered once, the recovered shard's
+    # too: every heartbeat on shard 1 expired while it was down, and no node
+    # claims what another is delivering before it has had time to beat again
+    # (CLAIM_GRACE).
+    assert Counter(delivered(receiver)) == Counter(
         [
             ("channel_occupied", chan_0),
             ("channel_occupied", chan_1),
@@ -299,10 +300,6 @@ async def test_one_shard_down_503_for_counts_the_other_shard_flows_then_everythi
             ("channel_vacated", chan_1),
         ]
     )
-    got = Counter(delivered(receiver))
-    assert set(got) == set(expected), got
-    assert all(got[event] >= count for event, count in expected.items()), got
-    assert got[("channel_occupied", chan_0)] == 2 and got[("channel_vacated", chan_0)] == 1, got  # shard 0: exact
     for node in daemons:
         assert await channel_list(node) == (200, {"channels": [{"name": chan_0, "subscribers": 1}]})
     want = {
