@@ -28,8 +28,7 @@ from pushie.doors.pusher.hooks import PusherWebhooks
 from pushie.hub import NativeWebhookRoute, RoutedTransitionSink
 from pushie.records import Transition
 from tests.helpers import Daemon, sleep, start_daemon, wait_for
-from tests.pusher_js import PusherJS, node_executable, require_pusher_js
-from tests.test_cluster import own_redis  # noqa: F401  (the fixture)
+from tests.pusher_js import browsers, node_executable, pusher_js_installed, require_pusher_js  # noqa: F401  (the fixtures)
 from tests.test_pusher import (
     APP_ID,
     KEY,
@@ -387,27 +386,8 @@ async def test_two_daemons_on_one_redis_send_one_channel_occupied(clean_reactor,
 # -- subscription counts to clients ------------------------------------------------
 
 
-@pytest.fixture
-def pusher_js_installed():
-    require_pusher_js()
-
-
-@pytest_twisted.async_yield_fixture
-async def browsers(pusher_js_installed):
-    started: list[PusherJS] = []
-
-    def spawn() -> PusherJS:
-        driver = PusherJS.spawn()
-        started.append(driver)
-        return driver
-
-    yield spawn
-    for driver in started:
-        await driver.stop()
-
-
 @pytest_twisted.ensureDeferred
-async def test_pusher_js_sees_the_subscription_count_but_not_on_presence(make_daemon, browsers):
+async def test_pusher_js_sees_the_subscription_count_but_not_on_presence(make_daemon, browsers):  # noqa: F811
     daemon = await make_daemon(
         pusher_apps=[f"{APP_ID}:{KEY}:{SECRET} subscription_count=true", f"{OTHER_ID}:{OTHER_KEY}:{OTHER_SECRET}"],
         pusher_subscription_count_interval=INTERVAL,
