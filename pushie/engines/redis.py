@@ -51,6 +51,8 @@ Cluster-wide counts and transitions (see "Counts" and "Transitions" below):
                    C{[name, channel]} or C{[name, channel, user id]}),
                    consumer group C{hooks}, one consumer per node id;
                    C{MAXLEN ~} the stream bound; settled entries are deleted.
+  - C{hookdead}    hash: a consumer whose node heartbeat is gone -> since
+                   when (ms, Redis's clock; 0: it stopped); see L{CLAIM_SCRIPT}.
 
 Every name is C{<kind>:} then one channel name, except C{ikey}, C{node},
 C{pub}, C{nchan} and the bare names above (which have no C{:}); kinds are
