@@ -442,3 +442,42 @@ async def test_a_redis_outage_longer_than_the_heartbeat_ttl_takes_no_live_nodes_
         for node in nodes:
             await node.stop()
         redis.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_node_that_stops_leaves_its_transition_to_another_at_once(
+    clean_reactor,  # noqa: F811
+    own_redis,
+    receiver,  # noqa: F811
+):
+    """
+    A node that stops with a POST hanging leaves the transition pending:
+    another node takes it over at its next heartbeat (no CLAIM_GRACE: a node
+    that stopped is not coming back) and delivers it.
+    """
+    receiver.default = "hang"
+    nodes = await start_hook_daemons(own_redis.url, receiver.url, count=2, webhook_timeout=60.0)
+    try:
+        await join(nodes[0], "channel=news")
+        await wait_for(lambda: len(receiver.hung) == 1, timeout=10)
+        [(entry, consumer)] = pending(own_redis)
+        [delivering] = [node for node in nodes if node.engine.node == consumer]
+        receiver.default = 200
+        await delivering.stop()
+        assert own_redis.cli("HGET", "pushie:0:hookdead", consumer).strip() == "0"
+        # Taken over within two heartbeats, well before CLAIM_GRACE.
+        await wait_for(lambda: ("channel_occupied", "news") in receiver.delivered(), timeout=2 * HEARTBEAT_INTERVAL)
+        assert CLAIM_GRACE > 2 * HEARTBEAT_INTERVAL
+        await wait_for(lambda: pending(own_redis) == [], timeout=5)
+        # (The stopped node may have held the subscriber: then channel_vacated follows.)
+        assert receiver.delivered().count(("channel_occupied", "news")) == 1
+        # Once it holds nothing, the stopped node's consumer and its hookdead field go.
+        await wait_for(
+            lambda: own_redis.cli("HGET", "pushie:0:hookdead", consumer).strip() == "",
+            timeout=2 * HEARTBEAT_INTERVAL + 1,
+        )
+        assert consumer not in own_redis.cli("XINFO", "CONSUMERS", "pushie:0:hookq", "hooks")
+        assert entry not in own_redis.cli("XRANGE", "pushie:0:hookq", "-", "+")
+    finally:
+        for node in nodes:
+            await node.stop()
