@@ -245,6 +245,32 @@ def _is_json_content_type(value: bytes) -> bool:
     return True
 
 
+def read_publish_body(request: Request, draining: bool) -> tuple[list[PublishRequest], bool]:
+    """
+    The publications of a publish request (C{POST /publish} or the admin
+    dashboard's test publication), once its door has checked who sends it:
+    503 C{shutting_down} while C{draining}, 415 unless the body says it is
+    JSON, then L{parse_publish_body}.
+
+    @raise PushieError: as said.
+    """
+    if draining:
+        raise PushieError(
+            503, "shutting_down", "the server is shutting down; retry on another node", {"Retry-After": "1"}
+        )
+    if not is_json_content_type(request.getHeader(b"content-type")):
+        raise PushieError(415, "unsupported_media_type", "send the body as JSON with Content-Type: application/json")
+    assert request.content is not None
+    return parse_publish_body(request.content.read())
+
+
+def publish_answer(publications: list[Publication], single: bool) -> bytes:
+    """The body of a publish's 200: one result for a single publish, else C{{"results": [...]}}."""
+    if single:
+        return result_json(publications[0])
+    return b'{"results":[' + b",".join([result_json(p) for p in publications]) + b"]}"
+
+
 def result_of(publication: Publication) -> dict[str, Any]:
     return {"channel": publication.channel, "offset": publication.offset, "epoch": publication.epoch}
 
@@ -314,23 +340,10 @@ class PublishResource(JSONResource, Door):
         if self.rate_limiter is not None and self.rate_limiter.rate > 0:  # 0: no limit, no key needed
             key = authorization if not self.guard.publishing_open and authorization else None
             self.rate_limiter.check(key or b"address:" + address_of(request.getClientAddress()).encode())
-        if self.hub.draining:
-            raise PushieError(
-                503, "shutting_down", "the server is shutting down; retry on another node", {"Retry-After": "1"}
-            )
-        if not is_json_content_type(request.getHeader(b"content-type")):
-            raise PushieError(
-                415, "unsupported_media_type", "send the body as JSON with Content-Type: application/json"
-            )
-        assert request.content is not None
-        return parse_publish_body(request.content.read())
+        return read_publish_body(request, self.hub.draining)
 
     def _answer(self, request: Request, publications: list[Publication], single: bool, started: float) -> None:
-        if single:
-            body = result_json(publications[0])
-        else:
-            body = b'{"results":[' + b",".join([result_json(p) for p in publications]) + b"]}"
-        write_json(request, 200, body)
+        write_json(request, 200, publish_answer(publications, single))
         metrics = self.metrics
         metrics.publications.inc(len(publications))
         metrics.publish_seconds.observe(self.clock.seconds() - started)
