@@ -54,6 +54,7 @@ class PushieServerProtocol(DoorProtocol):
     slow_close_code = CLOSE_TRY_AGAIN_LATER
     shutdown_close = (CLOSE_GOING_AWAY, "server shutting down")
     deny_reasons = frozenset({"server shutting down", "refused"})  # and _DENY_REASONS, below
+    fast_handshake = True  # onConnect answers at once
 
     def __init__(self) -> None:
         super().__init__()
@@ -314,7 +315,13 @@ class PushieServerProtocol(DoorProtocol):
         member = None
         if is_presence(name) and self.token is not None:
             member = Member(self.token.sub, self.token.info)
-        d = self.factory.hub.subscribe(name, self, since, member)
+        hub = self.factory.hub
+        if member is None:
+            answer = hub.subscribe_now(name, self, since)
+            if answer is not None:
+                self._subscribed(name, answer)
+                return
+        d = hub.subscribe(name, self, since, member)
         d.addCallbacks(
             lambda answer: self._subscribed(name, answer),
             lambda failure: self._subscribe_failed(name, failure),
