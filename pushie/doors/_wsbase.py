@@ -35,6 +35,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import re
+import weakref
 from collections import deque
 from types import FunctionType
 from typing import Any, cast
@@ -143,6 +144,7 @@ class DoorProtocol(WebSocketServerProtocol):
     deny_reasons: frozenset[str] = frozenset()
     """The fixed texts a door's onConnect refuses with; any other refusal gets the status's standard phrase."""
     _drain_call: Any = None
+    _corked: list[bytes] | None = None  # writes held back while opening (see _open)
     closeHandshakeTimeout: float | None  # one of Autobahn's options, copied from the factory
     fast_handshake = False
     """
@@ -322,7 +324,10 @@ class DoorProtocol(WebSocketServerProtocol):
             b"HTTP/1.1 101 Switching Protocols\r\n"
         )
         self.websocket_extensions_in_use = []
-        self.sendData(head + b"Upgrade: WebSocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n\r\n" % accept)
+        self.factory.hub.flush()  # as sendData would
+        # The 101 and what onOpen sends (welcome, subscribed) leave in one
+        # send, straight to the socket, once onOpen is done (see _uncork).
+        self._corked = [head + b"Upgrade: WebSocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n\r\n" % accept]
         self.state = OPEN
         if self.openHandshakeTimeoutCall is not None:
             self.openHandshakeTimeoutCall.cancel()
@@ -338,9 +343,17 @@ class DoorProtocol(WebSocketServerProtocol):
         except Exception:
             # As under Autobahn, whose succeedHandshake runs as a callback: logged, the connection stays.
             self.log.failure("onOpen failed", Failure())
+        finally:
+            self._uncork()
         txaio.resolve(self.is_open, None)
         if self.data:
             self.consumeData()
+
+    def _uncork(self) -> None:
+        """Write what was held back while opening (see L{_open}) in one piece."""
+        held = self.__dict__.pop("_corked", None)
+        if held and self.transport is not None:
+            write_now(self.transport, b"".join(held))
 
     # -- sending ---------------------------------------------------------
 
@@ -381,6 +394,9 @@ class DoorProtocol(WebSocketServerProtocol):
 
     def write_frames(self, frames: bytes) -> None:
         """Write ready frames (one or several) on the fast path; see L{fast_path_open}."""
+        if self._corked is not None:
+            self._corked.append(frames)
+            return
         guard = self._guard
         # Only what is written once the buffer is already full counts: the
         # write that fills it (one frame, however large) is the transport's
@@ -396,6 +412,10 @@ class DoorProtocol(WebSocketServerProtocol):
         # the end of the turn) must leave before it, and it counts against
         # the slow-consumer budget like a publication.
         self.factory.hub.flush()
+        if self._corked is not None and not (sync or chopsize):
+            self._corked.append(data)
+            return
+        self._uncork()
         if (sync or chopsize) and self.send_queue is _NO_QUEUE:
             self.send_queue = deque()
         guard = self._guard
@@ -441,6 +461,7 @@ class DoorProtocol(WebSocketServerProtocol):
             self.dropConnection(abort=True)
 
     def abort(self) -> None:
+        self.__dict__.pop("_corked", None)  # dropped anyway
         if self.transport is not None:
             self.transport.abortConnection()  # type: ignore[attr-defined]  # ITCPTransport's; TLS has it too
 
@@ -455,6 +476,7 @@ class DoorProtocol(WebSocketServerProtocol):
         client sees a TCP reset.  Here the buffer is flushed first (a
         normal close), within C{closeHandshakeTimeout} seconds.
         """
+        self._uncork()
         if abort and self.wasClean and self.failedByMe and self.state == CLOSING and self.transport is not None:
             super().dropConnection(abort=False)
             if self.transport is not None and self.transport.connected:  # type: ignore[attr-defined]  # tcp's
@@ -483,11 +505,21 @@ class DoorProtocol(WebSocketServerProtocol):
             if self._drain_call.active():
                 self._drain_call.cancel()
             self._drain_call = None
+        # Autobahn fires is_closed with the protocol itself, a reference
+        # cycle (protocol -> Deferred -> protocol) that only the garbage
+        # collector frees, with the transport and everything else this
+        # connection held: with many short connections that was ~10 % of a
+        # handshake's CPU in collections (bench/PROFILES.md).  A weak proxy
+        # is the same protocol for whoever still holds it.
+        closed = self.is_closed
+        if closed.called and closed.result is self:
+            closed.result = weakref.proxy(self)
 
     def closed(self) -> None:
         """Common bookkeeping once the connection is closed (call from onClose)."""
         if self._guard is not None:
             self._guard.cancel()
+            self._guard = None  # it holds a method of this protocol: a reference cycle
         if self.failedByMe and self.localCloseCode in QUIET_CLOSE_CODES:
             self.factory.metrics.reject(f"websocket_close_{self.localCloseCode}")
             self.factory.throttle.warn(
