@@ -13,12 +13,14 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
+import re
 
 import pytest
 import pytest_twisted
 from autobahn.twisted.websocket import WebSocketServerProtocol
 
-from pushie.doors.websocket import PushieServerProtocol
+from pushie.doors.websocket import PushieServerProtocol, new_client_id
 from tests.helpers import raw_connect, wait_for
 
 KEY = "dGhlIHNhbXBsZSBub25jZQ=="
@@ -243,3 +245,19 @@ async def test_bad_frame_right_behind_the_handshake_fails_the_connection(daemon,
     await client.lost
     assert not processed
     assert frame_types(client.received.partition(b"\r\n\r\n")[2])[-1] == ("close", 1002)
+
+
+def test_client_ids_are_random_and_not_shared_with_a_forked_child():
+    ids = [new_client_id() for _ in range(600)]  # past the first pool of 256
+    assert len(set(ids)) == 600
+    assert all(re.fullmatch(r"[A-Za-z0-9_-]{16}", i) for i in ids)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next id
+        os.write(write, new_client_id().encode())
+        os._exit(0)
+    os.close(write)
+    child = os.read(read, 64).decode()
+    os.close(read)
+    os.waitpid(pid, 0)
+    assert len(child) == 16 and child != new_client_id()

@@ -15,7 +15,9 @@ the versions the test suite runs on; pyproject.toml allows autobahn>=24.4,<27):
   - its options, read from a per-factory subclass (L{configure_factory})
     instead of being copied onto every protocol;
   - the write path of L{pushie._fastwrite} (twisted.internet.tcp internals);
-  - C{autobahn.util._HAS_CLICK}, turned off (see below);
+  - C{autobahn.util._HAS_CLICK}, turned off, and the names C{hltype},
+    C{hlval} and C{pformat} in C{autobahn.websocket.protocol} and
+    C{autobahn.twisted.websocket}, made lazy (see below);
   - C{WebSocketServerProtocol._connectionLost}, replaced by its two lines of
     work without the debug line (L{DoorProtocol._connectionLost});
   - the opening handshake's state that C{processHandshake} and
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import pprint
 import re
 import weakref
 from collections import deque
@@ -41,7 +44,9 @@ from types import FunctionType
 from typing import Any, cast
 from urllib.parse import parse_qs
 
+import autobahn.twisted.websocket
 import autobahn.util
+import autobahn.websocket.protocol
 import txaio
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.compress import PERMESSAGE_COMPRESSION_EXTENSION
@@ -145,6 +150,8 @@ class DoorProtocol(WebSocketServerProtocol):
     """The fixed texts a door's onConnect refuses with; any other refusal gets the status's standard phrase."""
     _drain_call: Any = None
     _corked: list[bytes] | None = None  # writes held back while opening (see _open)
+    query_params: dict[str, list[str]] | None = None
+    """The request's query, blank values kept, when L{open_handshake} parsed it (for C{onConnect})."""
     closeHandshakeTimeout: float | None  # one of Autobahn's options, copied from the factory
     fast_handshake = False
     """
@@ -285,7 +292,9 @@ class DoorProtocol(WebSocketServerProtocol):
                 return False  # compression accepted: Autobahn sets it up
         # The request is one Autobahn would accept and pass to onConnect:
         # from here on this path answers.
-        params = parse_qs(query)
+        # Blank values kept (a door refuses `channel=`); Autobahn's params leave them out.
+        self.query_params = parse_qs(query, keep_blank_values=True)
+        params = {name: kept for name, values in self.query_params.items() if (kept := [v for v in values if v])}
         self.http_status_line = request_line
         self.http_headers = headers
         self.http_request_uri = uri
@@ -546,6 +555,50 @@ def _has_token(value: str | None, token: str) -> bool:
 # (bench/PROFILES.md).  Plain text does for a log nobody reads in colour.
 if getattr(autobahn.util, "_HAS_CLICK", False):
     autobahn.util._HAS_CLICK = False
+
+
+class _LazyText:
+    """A debug line's argument, rendered only if the line is written."""
+
+    __slots__ = ("_render", "_args", "_kwargs")
+
+    def __init__(self, render: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self._render, self._args, self._kwargs = render, args, kwargs
+
+    def __str__(self) -> str:
+        return str(self._render(*self._args, **self._kwargs))
+
+    __repr__ = __str__
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self), spec)
+
+
+def _lazy(render: Any) -> Any:
+    def lazy(*args: Any, **kwargs: Any) -> _LazyText:
+        return _LazyText(render, args, kwargs)
+
+    return lazy
+
+
+def _pformat(value: Any, *args: Any, **kwargs: Any) -> str:
+    # pprint.pformat of an empty container is its repr; Autobahn pretty-prints
+    # the (empty, see configure_factory) list of per-connection options for a
+    # debug line on every connection.
+    if not value and type(value) in (list, tuple, dict):
+        return repr(value)
+    return pprint.pformat(value, *args, **kwargs)
+
+
+# The rest of that cost: hltype() and hlval() still build the qualified names
+# and texts of ~10 debug lines per connection (only ever passed as a debug
+# line's keyword arguments in these two modules); pformat() an empty list.
+for _module in (autobahn.websocket.protocol, autobahn.twisted.websocket):
+    for _name in ("hltype", "hlval"):
+        if getattr(_module, _name, None) is getattr(autobahn.util, _name):
+            setattr(_module, _name, _lazy(getattr(autobahn.util, _name)))
+if getattr(autobahn.websocket.protocol, "pformat", None) is pprint.pformat:
+    autobahn.websocket.protocol.pformat = _pformat
 for _name, _value in _IDLE_DEFAULTS.items():
     setattr(DoorProtocol, _name, _value)
 for _name in _HANDSHAKE_ONLY:
