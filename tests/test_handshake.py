@@ -166,6 +166,9 @@ async def test_same_answer_as_autobahns(daemon, monkeypatch, processed, argument
     processed.clear()
     autobahns = await exchange(daemon.port, data, frames)
     assert processed, "Autobahn's processHandshake answered"
+    if daemon.hub.engine_name != "memory":
+        # Redis answers the subscribes of several channels in any order, either way.
+        ours, autobahns = [(head, kinds[:1] + sorted(kinds[1:], key=str)) for head, kinds in (ours, autobahns)]
     assert ours == autobahns
     head = ours[0]
     if status is not None:
