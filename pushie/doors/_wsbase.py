@@ -152,7 +152,14 @@ class DoorProtocol(WebSocketServerProtocol):
     _corked: list[bytes] | None = None  # writes held back while opening (see _open)
     query_params: dict[str, list[str]] | None = None
     """The request's query, blank values kept, when L{open_handshake} parsed it (for C{onConnect})."""
-    closeHandshakeTimeout: float | None  # one of Autobahn's options, copied from the factory
+    # Autobahn's options, read from the per-factory subclass (configure_factory):
+    closeHandshakeTimeout: float | None
+    maxConnections: int
+    versions: list[int]
+    trustXForwardedFor: int
+    allowedOriginsPatterns: list[Any]
+    perMessageCompressionAccept: Any
+    autoPingInterval: float
     fast_handshake = False
     """
     Whether L{open_handshake} may answer plain opening handshakes without
@@ -282,7 +289,7 @@ class DoorProtocol(WebSocketServerProtocol):
             try:
                 extensions = self._parseExtensionsHeader(headers["sec-websocket-extensions"])
                 offers = [
-                    PERMESSAGE_COMPRESSION_EXTENSION[name]["Offer"].parse(params)
+                    cast(Any, PERMESSAGE_COMPRESSION_EXTENSION[name]["Offer"]).parse(params)
                     for name, params in extensions
                     if name in PERMESSAGE_COMPRESSION_EXTENSION
                 ]
@@ -329,20 +336,24 @@ class DoorProtocol(WebSocketServerProtocol):
         """Send the 101 and open, as Autobahn's succeedHandshake does for C{onConnect} returning None."""
         accept = base64.b64encode(hashlib.sha1(key.encode("ascii") + _WS_MAGIC).digest())
         server = self.factory.server
-        head = b"HTTP/1.1 101 Switching Protocols\r\nServer: %s\r\n" % server.encode("utf-8") if server else (
-            b"HTTP/1.1 101 Switching Protocols\r\n"
+        head = (
+            b"HTTP/1.1 101 Switching Protocols\r\nServer: %s\r\n" % server.encode("utf-8")
+            if server
+            else (b"HTTP/1.1 101 Switching Protocols\r\n")
         )
         self.websocket_extensions_in_use = []
         self.factory.hub.flush()  # as sendData would
         # The 101 and what onOpen sends (welcome, subscribed) leave in one
         # send, straight to the socket, once onOpen is done (see _uncork).
-        self._corked = [head + b"Upgrade: WebSocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n\r\n" % accept]
+        self._corked = [
+            head + b"Upgrade: WebSocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n\r\n" % accept
+        ]
         self.state = OPEN
         if self.openHandshakeTimeoutCall is not None:
             self.openHandshakeTimeoutCall.cancel()
             self.openHandshakeTimeoutCall = None
         self.inside_message = False
-        self.current_frame = None
+        self.current_frame = None  # type: ignore[assignment]  # Autobahn's own "no frame"
         if self.autoPingInterval:
             self.autoPingPendingCall = self.factory._batched_timer.call_later(self.autoPingInterval, self._sendAutoPing)
         if self.trackedTimings:
@@ -354,7 +365,7 @@ class DoorProtocol(WebSocketServerProtocol):
             self.log.failure("onOpen failed", Failure())
         finally:
             self._uncork()
-        txaio.resolve(self.is_open, None)
+        cast(Any, txaio).resolve(self.is_open, None)
         if self.data:
             self.consumeData()
 
@@ -547,6 +558,7 @@ def _has_token(value: str | None, token: str) -> bool:
     """Whether a comma-separated header value holds C{token} (case-insensitive), as Autobahn checks it."""
     return value is not None and any(part.strip().lower() == token for part in value.split(","))
 
+
 # Autobahn builds the arguments of its debug lines whether or not debug is
 # logged: on every connection made and lost, every frame sent outside the
 # fan-out path (answers, pings) and every handshake, hltype()/hlval() colour
@@ -598,7 +610,7 @@ for _module in (autobahn.websocket.protocol, autobahn.twisted.websocket):
         if getattr(_module, _name, None) is getattr(autobahn.util, _name):
             setattr(_module, _name, _lazy(getattr(autobahn.util, _name)))
 if getattr(autobahn.websocket.protocol, "pformat", None) is pprint.pformat:
-    autobahn.websocket.protocol.pformat = _pformat
+    setattr(autobahn.websocket.protocol, "pformat", _pformat)  # noqa: B010  # typeshed's signature
 for _name, _value in _IDLE_DEFAULTS.items():
     setattr(DoorProtocol, _name, _value)
 for _name in _HANDSHAKE_ONLY:
