@@ -200,13 +200,10 @@ async def test_query_subscriptions_receive_publications(daemon, processed):
     for channel in ("b", "a"):
         await daemon.publish({"channel": channel, "data": channel})
     await wait_for(lambda: len(frame_types(client.received.partition(b"\r\n\r\n")[2])) == 5)
-    assert frame_types(client.received.partition(b"\r\n\r\n")[2]) == [
-        ("welcome", None),
-        ("subscribed", "a"),
-        ("subscribed", "b"),
-        ("message", "b"),
-        ("message", "a"),
-    ]
+    kinds = frame_types(client.received.partition(b"\r\n\r\n")[2])
+    if daemon.hub.engine_name != "memory":
+        kinds[1:3] = sorted(kinds[1:3])  # Redis answers the two subscribes in any order
+    assert kinds == [("welcome", None), ("subscribed", "a"), ("subscribed", "b"), ("message", "b"), ("message", "a")]
     client.transport.loseConnection()
     await client.lost
 
@@ -221,7 +218,6 @@ async def test_frames_right_behind_the_handshake_are_answered_in_order(daemon, p
     kinds = frame_types(client.received.partition(b"\r\n\r\n")[2])
     # A Redis engine answers subscribes later than the ping: only the memory engine's order is fixed.
     assert kinds[0] == ("welcome", None)
-    assert kinds.index(("subscribed", "a")) < kinds.index(("subscribed", "b"))
     assert sorted(kinds[1:], key=str) == [("pong", None), ("subscribed", "a"), ("subscribed", "b")]
     if daemon.service.hub.engine_name == "memory":
         assert kinds[1:] == [("subscribed", "a"), ("subscribed", "b"), ("pong", None)]

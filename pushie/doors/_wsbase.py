@@ -432,10 +432,12 @@ class DoorProtocol(WebSocketServerProtocol):
         # the end of the turn) must leave before it, and it counts against
         # the slow-consumer budget like a publication.
         self.factory.hub.flush()
-        if self._corked is not None and not (sync or chopsize):
-            self._corked.append(data)
-            return
-        self._uncork()
+        corked = self._corked
+        if corked is not None:
+            if not (sync or chopsize):
+                corked.append(data)
+                return
+            self._uncork()
         if (sync or chopsize) and self.send_queue is _NO_QUEUE:
             self.send_queue = deque()
         guard = self._guard
@@ -496,7 +498,8 @@ class DoorProtocol(WebSocketServerProtocol):
         client sees a TCP reset.  Here the buffer is flushed first (a
         normal close), within C{closeHandshakeTimeout} seconds.
         """
-        self._uncork()
+        if self._corked is not None:
+            self._uncork()
         if abort and self.wasClean and self.failedByMe and self.state == CLOSING and self.transport is not None:
             super().dropConnection(abort=False)
             if self.transport is not None and self.transport.connected:  # type: ignore[attr-defined]  # tcp's
