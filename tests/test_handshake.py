@@ -15,10 +15,14 @@ import hashlib
 import json
 import os
 import re
+from collections import deque
 
 import pytest
 import pytest_twisted
 from autobahn.twisted.websocket import WebSocketServerProtocol
+from autobahn.websocket.protocol import TrafficStats
+from autobahn.websocket.protocol import WebSocketServerProtocol as AutobahnServerProtocol
+from autobahn.websocket.utf8validator import Utf8Validator
 
 from pushie.doors.websocket import PushieServerProtocol, new_client_id
 from tests.helpers import raw_connect, wait_for
@@ -260,3 +264,24 @@ def test_client_ids_are_random_and_not_shared_with_a_forked_child():
     os.close(read)
     os.waitpid(pid, 0)
     assert len(child) == 16 and child != new_client_id()
+
+
+@pytest_twisted.ensureDeferred
+async def test_connection_made_leaves_the_state_autobahns_would(daemon):
+    """DoorProtocol._connectionMade against Autobahn's own, attribute by attribute."""
+    factory = daemon.service.websocket_factory
+    theirs, ours = factory.buildProtocol(None), factory.buildProtocol(None)
+    before = factory.countConnections
+    AutobahnServerProtocol._connectionMade(theirs)
+    ours._connectionMade()
+    assert factory.countConnections == before + 2
+    set_by_autobahn = set(vars(theirs)) - set(vars(factory.buildProtocol(None)))
+    assert set_by_autobahn  # Autobahn set its state
+    for name in sorted(set_by_autobahn):
+        expected, got = getattr(theirs, name), getattr(ours, name)
+        if isinstance(expected, (TrafficStats, Utf8Validator, deque)):
+            assert type(got) is type(expected), name
+            assert got is not expected, name  # one per connection
+        else:
+            assert got == expected, name
+    factory.countConnections = before

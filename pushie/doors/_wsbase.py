@@ -50,8 +50,9 @@ import autobahn.websocket.protocol
 import txaio
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.compress import PERMESSAGE_COMPRESSION_EXTENSION
-from autobahn.websocket.protocol import WebSocketProtocol, _is_same_origin, _url_to_origin
+from autobahn.websocket.protocol import TrafficStats, WebSocketProtocol, _is_same_origin, _url_to_origin
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
+from autobahn.websocket.utf8validator import Utf8Validator
 from twisted.internet.interfaces import IConsumer
 from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
@@ -160,6 +161,7 @@ class DoorProtocol(WebSocketServerProtocol):
     allowedOriginsPatterns: list[Any]
     perMessageCompressionAccept: Any
     autoPingInterval: float
+    openHandshakeTimeout: float
     fast_handshake = False
     """
     Whether L{open_handshake} may answer plain opening handshakes without
@@ -170,6 +172,30 @@ class DoorProtocol(WebSocketServerProtocol):
     def __init__(self) -> None:
         super().__init__()
         self._guard: SlowConsumerWatch | None = None
+
+    def _connectionMade(self) -> None:
+        """
+        As Autobahn's (C{WebSocketServerProtocol._connectionMade} and
+        C{WebSocketProtocol._connectionMade}, the same from 24.4.2 to
+        26.11.1), for a protocol whose options are class attributes
+        (L{configure_factory}), without setting the ~35 attributes whose
+        value is the class's own here (L{_IDLE_DEFAULTS}: L{shrink} would
+        take them out again) and without its debug lines.  The UTF-8
+        validator is made when the client's first text frame needs it.
+        tests/test_handshake.py compares the result with Autobahn's.
+        """
+        if self.CONFIG_ATTRS or self.trackTimings or not self.factory.isServer:
+            super()._connectionMade()  # not configured by configure_factory: Autobahn's own
+            return
+        self.trafficStats = TrafficStats()
+        self.state = CONNECTING
+        self.send_queue = deque()
+        self.autoPingPendingCall = None
+        if self.openHandshakeTimeout > 0:
+            self.openHandshakeTimeoutCall = self.factory._batched_timer.call_later(
+                self.openHandshakeTimeout, self.onOpenHandshakeTimeout
+            )
+        self.factory.countConnections += 1
 
     def peer_address(self) -> str:
         assert self.transport is not None  # asked only while connected
@@ -614,6 +640,27 @@ for _module in (autobahn.websocket.protocol, autobahn.twisted.websocket):
             setattr(_module, _name, _lazy(getattr(autobahn.util, _name)))
 if getattr(autobahn.websocket.protocol, "pformat", None) is pprint.pformat:
     setattr(autobahn.websocket.protocol, "pformat", _pformat)  # noqa: B010  # typeshed's signature
+
+
+class _FirstUse:
+    """A per-connection attribute made when first read (a non-data descriptor: the instance's value wins after)."""
+
+    def __init__(self, make: Any) -> None:
+        self._make = make
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self._name = name
+
+    def __get__(self, instance: Any, owner: type | None = None) -> Any:
+        if instance is None:
+            return self
+        value = instance.__dict__[self._name] = self._make()
+        return value
+
+
+_validator = _FirstUse(Utf8Validator)
+_validator.__set_name__(DoorProtocol, "utf8validator")
+DoorProtocol.utf8validator = _validator  # type: ignore[assignment]  # Autobahn's attribute, made on first use
 for _name, _value in _IDLE_DEFAULTS.items():
     setattr(DoorProtocol, _name, _value)
 for _name in _HANDSHAKE_ONLY:
