@@ -222,6 +222,13 @@ longer than a live node takes to beat again once Redis is back after an
 outage (reconnection backs off to 5 s, then a heartbeat within
 HEARTBEAT_INTERVAL).  See L{CLAIM_SCRIPT}.
 """
+REGROUP = CLAIM_GRACE
+"""
+Seconds after a heartbeat that found no node had beaten for a heartbeat TTL
+(Redis back after an outage, or a whole cluster starting) during which no
+node is swept as dead (L{BEAT_SCRIPT}): long enough for live nodes to
+reconnect and beat.  A node that died meanwhile is swept after it.
+"""
 DUE_SLACK = 0.05
 """Seconds after a held transition falls due before this node moves it to the stream (the heartbeat also does)."""
 
@@ -389,8 +396,12 @@ local function hook_last(prefix, event)
 end
 local function occupancy(name, channel) return cjson.encode({name, channel}) end
 local function membership(name, channel, user) return cjson.encode({name, channel, tostring(user)}) end
+-- A node is alive while its heartbeat key lives, and every node is presumed
+-- alive while the cluster regroups (see BEAT_SCRIPT: 'regroup').
 local function alive(prefix, cache, node)
-  if cache[node] == nil then cache[node] = redis.call('EXISTS', prefix .. 'node:' .. node) == 1 end
+  if cache[node] == nil then
+    cache[node] = redis.call('EXISTS', prefix .. 'node:' .. node) == 1 or redis.call('EXISTS', prefix .. 'regroup') == 1
+  end
   return cache[node]
 end
 -- Remove the presence fields of dead nodes from a channel: a 'leave' to the
@@ -518,9 +529,19 @@ BEAT_SCRIPT = (
 -- presence fields go, with the transitions that makes), move the held
 -- transitions that are due to the stream.  Returns the channels this node is
 -- known to hold, then the cluster's live nodes, connections, subscriptions
--- and occupied channels.
+-- and occupied channels.  ARGV[7]: the regroup window (ms).  When no node at
+-- all has beaten for a heartbeat TTL (the key 'beat' is gone: Redis was away
+-- or restarted, or every node stopped), every heartbeat has expired at once,
+-- which says nothing about which nodes died (a new cluster, with no nodes
+-- known yet, has nothing to regroup): for the regroup window nothing
+-- is swept, so the nodes that are alive beat again first and a Redis outage
+-- makes no vacated/occupied pair of transitions that never happened.
 local prefix, node = ARGV[1], ARGV[2]
 local ttl = tonumber(ARGV[3])
+if redis.call('EXISTS', prefix .. 'beat') == 0 and redis.call('SCARD', prefix .. 'nodes') > 0 then
+  redis.call('SET', prefix .. 'regroup', '1', 'PX', ARGV[7])
+end
+redis.call('SET', prefix .. 'beat', '1', 'EX', ttl)
 redis.call('SET', prefix .. 'node:' .. node, '1', 'EX', ttl)
 redis.call('SADD', prefix .. 'nodes', node)
 redis.call('HSET', prefix .. 'nstat', node, ARGV[4] .. ' ' .. ARGV[5])
@@ -1247,7 +1268,15 @@ class RedisEngine:
             return None
         hooks = f"{int(self._debounce * 1000)} {self._backlog}" if self._sink is not None else ""
         connections = self._listener.connection_count() if self._listener is not None else 0
-        args = [self.prefix, self.node, HEARTBEAT_TTL, connections, sum(self._local.values()), hooks]
+        args = [
+            self.prefix,
+            self.node,
+            HEARTBEAT_TTL,
+            connections,
+            sum(self._local.values()),
+            hooks,
+            int(REGROUP * 1000),
+        ]
         d = self._call("eval", BEAT_SCRIPT, [], args).addCallback(self._beaten)
         for channel in [c for c in self._watched if is_presence(c)]:
             d.addCallback(lambda _, c: self.presence(c), channel)
