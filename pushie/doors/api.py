@@ -190,7 +190,7 @@ def plain_batch(parsed: Any) -> list[tuple[str, bytes]] | None:
     """
     if type(parsed) is not list or not 1 <= len(parsed) <= MAX_BATCH:
         return None
-    items = []
+    items: list[tuple[str, bytes]] = []
     append = items.append
     for fields in parsed:
         if type(fields) is not dict or len(fields) != 2 or "data" not in fields:
