@@ -184,7 +184,11 @@ class DoorProtocol(WebSocketServerProtocol):
         otherwise (as its sendFrame would, with no size check).
         """
         if self._perMessageCompress is None and self.send_state == _GROUND and not self.send_queue:
-            self.write_frames(frame)
+            guard = self._guard
+            if guard is None or not guard.paused:
+                write_now(self.transport, frame)  # write_frames, with nothing to count
+            else:
+                self.write_frames(frame)
         else:
             self.sendData(frame)
 

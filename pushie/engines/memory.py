@@ -348,7 +348,7 @@ class MemoryEngine:
         kept = self._kept
         expires = now + self.history_ttl
         used = self.used
-        kept_publication = Publication.kept
+        new_publication = Publication
         for name, data in items:
             channel = channels.get(name)
             if channel is None:
@@ -359,7 +359,9 @@ class MemoryEngine:
             if epoch_json is None:
                 epoch_json = channel.epoch_json = json_string(epoch)
             envelope = PLAIN_ENVELOPE % (name.encode("ascii"), offset, epoch_json, data)
-            publications.append(kept_publication(name, offset, epoch, data, "message", None, envelope))
+            publication = new_publication(name, offset, epoch, data)
+            publication._envelope = envelope
+            publications.append(publication)
             if history_size > 0:
                 # _keep, inlined for this shape (event "message": 7 characters).
                 history = channel.history
