@@ -35,7 +35,7 @@ with C{engine_unavailable}.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import attr
 from twisted.application.service import Service
@@ -60,6 +60,14 @@ from pushie.records import (
     Transition,
 )
 from pushie.webhooks import Webhooks
+
+
+class _AnswersAtOnce(Protocol):
+    """An engine whose reads need no round trip (the memory engine): L{Hub.subscribe_now} uses them."""
+
+    def state_now(self, name: str) -> ChannelState: ...
+
+    def history_now(self, name: str, since: int, limit: int | None) -> History: ...
 
 
 def _presence_full(cap: int) -> PushieError:
@@ -308,6 +316,10 @@ class Hub(Service):
         self._bursts: list[tuple[tuple[Subscriber, ...], list[Publication]]] = []
         self._flush_call: Any = None
         self._engine = engine
+        # The engine's synchronous reads, when it has them (the memory engine): see subscribe_now.
+        self._engine_now: _AnswersAtOnce | None = (
+            cast(_AnswersAtOnce, engine) if hasattr(engine, "state_now") and hasattr(engine, "history_now") else None
+        )
         self.reactor = reactor
         self.shutdown_timeout = shutdown_timeout
         self.metrics = metrics or Metrics()
@@ -639,15 +651,46 @@ class Hub(Service):
             subscriber unsubscribed before the answer came.  Once it fires the
             subscriber is live: the caller must send the answer at once.
         """
+        channel = self._channel(name)
+        channel.pending[subscriber] = []
+        self._engine.local_count(name, len(channel.subscribers) + len(channel.pending))
+        return Deferred.fromCoroutine(self._subscribe(name, channel, subscriber, since, member))
+
+    def subscribe_now(self, name: str, subscriber: Subscriber, since: Position | None = None) -> Subscribed | None:
+        """
+        L{subscribe} answered at once, without a coroutine or a Deferred,
+        when the engine answers at once (the memory engine) and the channel
+        is not a presence channel; the same answer, in the same order of
+        events.
+
+        @return: the answer (the subscriber is then live: send it at once),
+            or C{None}: not possible here, use L{subscribe}.
+        """
+        engine = self._engine_now
+        if engine is None or is_presence(name):
+            return None
+        channel = self._channel(name)
+        if channel.watched is not True:
+            return None
+        channel.pending[subscriber] = []
+        self._engine.local_count(name, len(channel.subscribers) + len(channel.pending))
+        history = None
+        if since is not None:
+            history = engine.history_now(name, since.offset, None)
+            state = history.state
+        else:
+            state = engine.state_now(name)
+        return self._settle(name, channel, subscriber, since, state, history, None)
+
+    def _channel(self, name: str) -> _LocalChannel:
+        """The channel's local record; a new one is watched on the engine."""
         channel = self._channels.get(name)
         if channel is None:
             channel = self._channels[name] = _LocalChannel()
             for webhooks, hook_name in self._local(name):
                 webhooks.channel_occupied(hook_name)
             self._engine.watch(name).addBoth(channel.watch_done)
-        channel.pending[subscriber] = []
-        self._engine.local_count(name, len(channel.subscribers) + len(channel.pending))
-        return Deferred.fromCoroutine(self._subscribe(name, channel, subscriber, since, member))
+        return channel
 
     async def _subscribe(
         self,
@@ -678,6 +721,19 @@ class Hub(Service):
         except BaseException:
             self.unsubscribe(name, subscriber)
             raise
+        return self._settle(name, channel, subscriber, since, state, history, members)
+
+    def _settle(
+        self,
+        name: str,
+        channel: _LocalChannel,
+        subscriber: Subscriber,
+        since: Position | None,
+        state: ChannelState,
+        history: History | None,
+        members: list[Member] | None,
+    ) -> Subscribed | None:
+        """The engine has answered: make the pending subscriber live and build its answer."""
         buffered = channel.pending.pop(subscriber, None)
         if buffered is None:
             return None  # unsubscribed meanwhile

@@ -44,7 +44,7 @@ from pushie.hub import Hub
 from pushie.limits import ConnectionLimits, RateLimiter
 from pushie.logs import Throttle
 from pushie.metrics import Metrics
-from pushie.webhooks import Webhooks
+from pushie.webhooks import Webhooks, WebhookSettings
 
 log = Logger(namespace="pushie")
 
@@ -267,6 +267,17 @@ def admin_settings(settings: Settings) -> AdminSettings:
     )
 
 
+def webhook_settings(settings: Settings, metrics: Metrics) -> WebhookSettings:
+    """What the native webhooks and every Pusher app's share; each POST given up counts in C{metrics}."""
+    return WebhookSettings(
+        debounce=settings.webhook_debounce,
+        retry_for=settings.webhook_retry_for,
+        timeout=settings.webhook_timeout,
+        max_queue=settings.webhook_max_queue,
+        on_failure=lambda count: metrics.webhooks_failed.inc(),
+    )
+
+
 def site_settings(settings: Settings) -> SiteSettings:
     return SiteSettings(
         max_body_size=settings.max_message_size,
@@ -312,18 +323,10 @@ class PushieService(MultiService):
             presence_max_members=settings.presence_max_members,
         )
         self.hub.setServiceParent(self)
+        hooks = webhook_settings(settings, metrics)
         if settings.webhook_url is not None:
             assert settings.webhook_secret is not None
-            self.hub.webhooks = Webhooks(
-                settings.webhook_url,
-                settings.webhook_secret.encode("utf-8"),
-                reactor,
-                debounce=settings.webhook_debounce,
-                retry_for=settings.webhook_retry_for,
-                timeout=settings.webhook_timeout,
-                max_queue=settings.webhook_max_queue,
-                on_failure=lambda count: metrics.webhooks_failed.inc(),
-            )
+            self.hub.webhooks = hooks.webhooks(settings.webhook_url, settings.webhook_secret.encode("utf-8"), reactor)
         self.guard = guard_from_settings(guard_settings(settings), reactor)
         context = DoorContext(
             hub=self.hub,
@@ -345,24 +348,15 @@ class PushieService(MultiService):
             apps = Apps(apps_file.apps)
         else:
             apps = Apps(pusher_apps(settings))
-        self.hub.webhook_debounce = settings.webhook_debounce
-        self.hub.webhook_backlog = settings.webhook_max_queue
+        self.hub.webhook_debounce = hooks.debounce
+        self.hub.webhook_backlog = hooks.max_queue
         if apps or apps_file is not None:
             pusher_hooks = None
             if apps_file is not None or any(app.webhook_url for app in apps.all):
                 # An apps file may give an app a webhook_url later (reload): the route is there from the start.
 
                 def make_hooks(url: str, app: App) -> Webhooks:
-                    return pusher_webhooks_for(
-                        url,
-                        app,
-                        reactor=reactor,
-                        debounce=settings.webhook_debounce,
-                        retry_for=settings.webhook_retry_for,
-                        timeout=settings.webhook_timeout,
-                        max_queue=settings.webhook_max_queue,
-                        on_failure=lambda count: metrics.webhooks_failed.inc(),
-                    )
+                    return pusher_webhooks_for(url, app, hooks, reactor)
 
                 pusher_hooks = PusherWebhooks(apps, make_hooks)
                 self.hub.webhook_routes.append(pusher_hooks)

@@ -312,6 +312,34 @@ class _Outcome:
 _DELIVERED = _Outcome(None)
 
 
+@attr.s(frozen=True, auto_attribs=True)
+class WebhookSettings:
+    """
+    What every L{Webhooks} of a daemon shares (its C{webhook_*} settings,
+    the URL and secret apart): the native webhooks' and each Pusher app's.
+    """
+
+    debounce: float = 3.0
+    retry_for: float = 60.0
+    timeout: float = 10.0
+    max_queue: int = 10000
+    on_failure: Callable[[int], object] | None = None
+
+    def webhooks(self, url: str, secret: bytes, reactor: Any, **more: Any) -> Webhooks:
+        """L{Webhooks} to C{url} with these settings; C{more} as L{Webhooks.__init__} takes it."""
+        return Webhooks(
+            url,
+            secret,
+            reactor,
+            debounce=self.debounce,
+            retry_for=self.retry_for,
+            timeout=self.timeout,
+            max_queue=self.max_queue,
+            on_failure=self.on_failure,
+            **more,
+        )
+
+
 class Webhooks:
     """
     Signed webhook POSTs to one URL, debounced, batched, retried, bounded.

@@ -35,6 +35,16 @@ def second_redis_server(tmp_path_factory):
     server.stop()
 
 
+@pytest.fixture
+def own_redis(tmp_path):
+    """A redis-server of this test's own, which it may stop and start."""
+    require_redis()
+    server = RedisServer(str(tmp_path))
+    server.start()
+    yield server
+    server.stop()
+
+
 ENGINES = ["memory", "redis"] + (["shards"] if os.environ.get("PUSHIE_TEST_SHARDS") == "1" else [])
 """
 The engines of the behaviour tests.  PUSHIE_TEST_SHARDS=1 adds a third run,

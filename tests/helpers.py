@@ -20,6 +20,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.web.client import HTTPConnectionPool
 
 from pushie.config import Settings
+from pushie.engines.redis import HEARTBEAT_INTERVAL
 from pushie.tap import PushieService
 
 
@@ -458,3 +459,97 @@ def daemon_counts(daemon: Daemon) -> dict[str, int]:
         engine.sweep()
         counts["engine_channels"] = engine.channel_count()
     return counts
+
+
+# -- daemons with webhooks on Redis (the cluster tests) ----------------------
+
+HOOK_SECRET = "webhook-secret-for-the-cluster-tests"
+HOOK_DEBOUNCE = 0.6
+HOOK_SETTLE = HOOK_DEBOUNCE + HEARTBEAT_INTERVAL + 1.0
+"""
+A held transition is sent HOOK_DEBOUNCE after it was decided (by the
+deciding node's timer, or by any node's heartbeat): quiet for this long,
+nothing is left to come.
+"""
+
+
+async def start_hook_daemons(engine: str, webhook_url: str, count: int = 3, **settings: Any) -> list[Daemon]:
+    """
+    C{count} in-process daemons on C{engine} (a Redis URL, or several: shards),
+    webhooks to C{webhook_url} (HOOK_SECRET, HOOK_DEBOUNCE unless C{settings}
+    say otherwise), each started once its first heartbeat is in (the cluster
+    knows it delivers webhooks).  Stop them all, also when a test fails.
+    """
+    settings.setdefault("webhook_secret", HOOK_SECRET)
+    settings.setdefault("webhook_debounce", HOOK_DEBOUNCE)
+    nodes: list[Daemon] = []
+    try:
+        for _ in range(count):
+            nodes.append(await start_daemon(engine=engine, webhook_url=webhook_url, **settings))
+            await wait_for(lambda: nodes[-1].engine.cluster is not None)
+    except BaseException:
+        for node in nodes:
+            await node.stop()
+        raise
+    return nodes
+
+
+async def join(node: Daemon, query: str) -> WSClient:
+    """A native WebSocket client of C{node}, once welcomed and subscribed to each C{channel=} of C{query}."""
+    client = await node.connect(query)
+    await client.next_of("welcome")
+    for _ in range(query.count("channel=")):
+        await client.next_of("subscribed")
+    return client
+
+
+async def leave(client: WSClient) -> None:
+    client.close()
+    await client.closed
+
+
+async def cluster_gauges(node: Daemon) -> dict[str, float]:
+    """The C{pushie_cluster_*} gauges of C{node}'s /metrics (none while a Redis shard is down)."""
+    status, body, _ = await node.get("/metrics")
+    assert status == 200
+    values = {}
+    for line in body.decode().splitlines():
+        if line.startswith("pushie_cluster_"):
+            name, value = line.split()
+            values[name] = float(value)
+    return values
+
+
+# -- daemons as twistd processes on Redis -------------------------------------
+
+
+async def start_nodes(redis_url: str, count: int, *extra: str, env: dict[str, str] | None = None) -> list[Any]:
+    """
+    C{count} C{twistd pushie} processes (L{tests.test_daemon.spawn}) on
+    C{redis_url}, listening on port 0, with C{extra} arguments and C{env}
+    (the subscriber secret SECRET_1 unless given), once each has connected
+    to Redis.  Stop them with L{tests.test_daemon.stop}.
+    """
+    from tests.test_auth import SECRET_1  # here: these test modules import this one
+    from tests.test_daemon import spawn
+
+    nodes = []
+    for _ in range(count):
+        args = ["-n", "--pidfile=", "pushie", "--listen", "tcp:0:interface=127.0.0.1", "--engine", redis_url, *extra]
+        nodes.append(spawn(args, {"PUSHIE_SUBSCRIBER_SECRETS": SECRET_1, **(env or {})}))
+    for proc in nodes:
+        await wait_for(lambda p=proc: p.addresses or p.ended.called, timeout=20)
+        assert proc.addresses, proc.output.decode()
+        await wait_for(lambda p=proc: b"Redis engine connected" in p.output, timeout=10)
+    return nodes
+
+
+def port_of(proc: Any) -> int:
+    """The TCP port of a process started by L{start_nodes}."""
+    return int(next(iter(proc.addresses.values())).rsplit(":", 1)[1])
+
+
+def node_id(proc: Any) -> str:
+    """The Redis engine's node id of a process started by L{start_nodes} (from its log)."""
+    text = proc.output.decode()
+    return text.split("(node ", 1)[1].split(")", 1)[0]

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import ProcessProtocol
@@ -330,3 +331,27 @@ class PusherJS:
         if report.get("event") != "pusher:subscription_succeeded":
             raise AssertionError(f"subscribing to {channel} failed: {report}\n{self.describe()}")
         return report
+
+
+# -- fixtures (import them into a test module) ------------------------------
+
+
+@pytest.fixture
+def pusher_js_installed():
+    """Skip without node and pusher-js (fail in CI): outside the async fixture, where a skip is clean."""
+    require_pusher_js()
+
+
+@pytest_twisted.async_yield_fixture
+async def browsers(pusher_js_installed):
+    """Start pusher-js drivers (C{browsers()}); all are stopped at the end (before the daemons)."""
+    started: list[PusherJS] = []
+
+    def spawn() -> PusherJS:
+        driver = PusherJS.spawn()
+        started.append(driver)
+        return driver
+
+    yield spawn
+    for driver in started:
+        await driver.stop()

@@ -18,92 +18,48 @@ import random
 from collections import Counter
 from typing import Any
 
-import pytest
 import pytest_twisted
 import treq
 from twisted.internet import reactor
 from twisted.web.client import HTTPConnectionPool
 
-from pushie.engines.redis import HEARTBEAT_INTERVAL, HEARTBEAT_TTL
-from tests.helpers import Daemon, connect_ws, sleep, start_daemon, wait_for
+from pushie.engines.redis import CLAIM_GRACE, HEARTBEAT_INTERVAL, HEARTBEAT_TTL
+from tests.helpers import (
+    HOOK_DEBOUNCE,
+    HOOK_SECRET,
+    HOOK_SETTLE,
+    Daemon,
+    cluster_gauges,
+    connect_ws,
+    join,
+    leave,
+    node_id,
+    port_of,
+    sleep,
+    start_hook_daemons,
+    start_nodes,
+    wait_for,
+)
 from tests.redis_server import RedisServer, require_redis
 from tests.test_auth import SECRET_1, token
-from tests.test_daemon import spawn, stop
+from tests.test_daemon import stop
 from tests.test_pusher import APP_ID, APPS, SDK, api, subscribe
 from tests.test_pusher import connect as pusher_connect
 from tests.test_webhooks import Receiver, clean_reactor, receiver  # noqa: F401  (the fixtures)
 
-HOOK_SECRET = "webhook-secret-for-the-cluster-tests"
-DEBOUNCE = 0.6
-# A held transition is sent DEBOUNCE after it was decided (by the deciding
-# node's timer, or by any node's heartbeat): quiet for this long, nothing is left to come.
-SETTLE = DEBOUNCE + HEARTBEAT_INTERVAL + 1.0
 # A node killed without a word: its heartbeat key expires, and the next heartbeat of a live node sweeps it.
-DEATH = HEARTBEAT_TTL + 2 * HEARTBEAT_INTERVAL + DEBOUNCE + 2.0
-
-
-@pytest.fixture
-def own_redis(tmp_path):
-    require_redis()
-    server = RedisServer(str(tmp_path))
-    server.start()
-    yield server
-    server.stop()
-
-
-def delivered(receiver: Receiver) -> list[tuple[str, ...]]:  # noqa: F811
-    """Every event of every POST that was answered 2xx, in arrival order."""
-    return [event for answer, events in receiver.answered if 200 <= answer < 300 for event in events]
-
-
-def _record_answers(receiver: Receiver) -> None:  # noqa: F811
-    """Make the receiver remember what it answered to each POST (and the events it carried)."""
-    receiver.answered = []
-    render = receiver.render_POST
-
-    def render_post(request: Any) -> Any:
-        answer = receiver.script[0] if receiver.script else receiver.default
-        result = render(request)
-        receiver.answered.append((answer if isinstance(answer, int) else 0, receiver.requests[-1].events))
-        return result
-
-    receiver.render_POST = render_post
+DEATH = HEARTBEAT_TTL + 2 * HEARTBEAT_INTERVAL + HOOK_DEBOUNCE + 2.0
+# A killed node's pending transitions: claimed CLAIM_GRACE after a live node first finds its heartbeat gone.
+CLAIMED = HEARTBEAT_TTL + 2 * HEARTBEAT_INTERVAL + CLAIM_GRACE + HEARTBEAT_INTERVAL + 2.0
 
 
 @pytest_twisted.async_yield_fixture
 async def cluster(clean_reactor, own_redis, receiver):  # noqa: F811
     """Three in-process daemons on one Redis, with webhooks to the receiver."""
-    _record_answers(receiver)
-    nodes: list[Daemon] = []
-    for _ in range(3):
-        nodes.append(
-            await start_daemon(
-                engine=own_redis.url,
-                subscriber_secrets=[SECRET_1],
-                pusher_apps=APPS,
-                webhook_url=receiver.url,
-                webhook_secret=HOOK_SECRET,
-                webhook_debounce=DEBOUNCE,
-            )
-        )
-        # Its first heartbeat is in: the cluster knows it delivers webhooks.
-        await wait_for(lambda: nodes[-1].engine.cluster is not None)
+    nodes = await start_hook_daemons(own_redis.url, receiver.url, subscriber_secrets=[SECRET_1], pusher_apps=APPS)
     yield nodes
     for node in nodes:
         await node.stop()
-
-
-async def leave(client) -> None:
-    client.close()
-    await client.closed
-
-
-async def join(node: Daemon, query: str):
-    client = await node.connect(query)
-    await client.next_of("welcome")
-    for _ in range(query.count("channel=")):
-        await client.next_of("subscribed")
-    return client
 
 
 # -- webhooks: one event per cluster-wide transition --------------------------
@@ -116,7 +72,7 @@ async def test_occupancy_and_presence_transitions_once_cluster_wide(cluster, rec
     ann_token = token(sub="ann", channels=[room])
 
     ann = await join(a, "channel=news")
-    await wait_for(lambda: delivered(receiver) == [("channel_occupied", "news")])
+    await wait_for(lambda: receiver.delivered() == [("channel_occupied", "news")])
     # Another subscriber on another node, the first one leaving: the channel never emptied.
     bob = await join(b, "channel=news")
     await leave(ann)
@@ -132,20 +88,20 @@ async def test_occupancy_and_presence_transitions_once_cluster_wide(cluster, rec
     # Her last tab leaves and she is back on a third node within the debounce: nothing.
     await leave(tab2)
     tab3 = await join(c, f"channel={room}&token={ann_token}")
-    await sleep(SETTLE)
-    assert Counter(delivered(receiver)) == Counter(
+    await sleep(HOOK_SETTLE)
+    assert Counter(receiver.delivered()) == Counter(
         [("channel_occupied", "news"), ("channel_occupied", room), ("member_added", room, "ann")]
     )
 
     # The last subscriber and member anywhere leave: one event each, after the debounce.
     await leave(carol)
     await leave(tab3)
-    await wait_for(lambda: len(delivered(receiver)) == 6, timeout=SETTLE + 2)
-    await sleep(SETTLE)
-    assert Counter(delivered(receiver)[3:]) == Counter(
+    await wait_for(lambda: len(receiver.delivered()) == 6, timeout=HOOK_SETTLE + 2)
+    await sleep(HOOK_SETTLE)
+    assert Counter(receiver.delivered()[3:]) == Counter(
         [("channel_vacated", "news"), ("channel_vacated", room), ("member_removed", room, "ann")]
     )
-    assert len(delivered(receiver)) == 6
+    assert len(receiver.delivered()) == 6
     # Every node reads the stream; what was delivered was settled: nothing is left pending.
     assert all(not node.engine._holding for node in cluster)
 
@@ -168,14 +124,14 @@ async def test_subscribers_moving_between_nodes_make_no_duplicate_or_missing_eve
         held[name].append(await join(rng.choice(cluster), f"channel={name}"))
         if len(held[name]) > 1:
             await leave(held[name].pop(rng.randrange(len(held[name]))))
-    await sleep(SETTLE)
-    assert sorted(delivered(receiver)) == sorted(("channel_occupied", name) for name in channels)
+    await sleep(HOOK_SETTLE)
+    assert sorted(receiver.delivered()) == sorted(("channel_occupied", name) for name in channels)
     for name in channels:
         for client in held[name]:
             await leave(client)
-    await wait_for(lambda: len(delivered(receiver)) == 2 * len(channels), timeout=SETTLE + 2)
-    await sleep(SETTLE)
-    assert Counter(delivered(receiver)) == Counter(
+    await wait_for(lambda: len(receiver.delivered()) == 2 * len(channels), timeout=HOOK_SETTLE + 2)
+    await sleep(HOOK_SETTLE)
+    assert Counter(receiver.delivered()) == Counter(
         [("channel_occupied", name) for name in channels] + [("channel_vacated", name) for name in channels]
     )
 
@@ -187,17 +143,6 @@ async def get_json(node: Daemon, path: str) -> Any:
     status, body, _ = await node.get(path)
     assert status == 200, body
     return json.loads(body)
-
-
-async def metrics(node: Daemon) -> dict[str, float]:
-    status, body, _ = await node.get("/metrics")
-    assert status == 200
-    values = {}
-    for line in body.decode().splitlines():
-        if line.startswith("pushie_cluster_"):
-            name, value = line.split()
-            values[name] = float(value)
-    return values
 
 
 @pytest_twisted.ensureDeferred
@@ -252,7 +197,7 @@ async def test_counts_are_the_clusters(cluster):
     found: dict[str, float] = {}
 
     async def poll() -> None:
-        found.update(await metrics(c))
+        found.update(await cluster_gauges(c))
 
     for _ in range(int(3 * HEARTBEAT_INTERVAL / 0.2)):
         await poll()
@@ -275,27 +220,10 @@ async def test_counts_are_the_clusters(cluster):
 # -- daemons that die (twistd processes, SIGKILL) -------------------------------
 
 
-async def start_nodes(redis: RedisServer, count: int, receiver: Receiver, *extra: str) -> list[Any]:  # noqa: F811
-    nodes = []
-    for _ in range(count):
-        args = ["-n", "--pidfile=", "pushie", "--listen", "tcp:0:interface=127.0.0.1", "--engine", redis.url]
-        args += ["--webhook-url", receiver.url, "--webhook-debounce", str(DEBOUNCE), *extra]
-        env = {"PUSHIE_SUBSCRIBER_SECRETS": SECRET_1, "PUSHIE_WEBHOOK_SECRET": HOOK_SECRET}
-        nodes.append(spawn(args, env))
-    for proc in nodes:
-        await wait_for(lambda p=proc: p.addresses or p.ended.called, timeout=20)
-        assert proc.addresses, proc.output.decode()
-        await wait_for(lambda p=proc: b"Redis engine connected" in p.output, timeout=10)
-    return nodes
-
-
-def port_of(proc) -> int:
-    return int(next(iter(proc.addresses.values())).rsplit(":", 1)[1])
-
-
-def node_id(proc) -> str:
-    text = proc.output.decode()
-    return text.split("(node ", 1)[1].split(")", 1)[0]
+async def start_hook_nodes(redis: RedisServer, count: int, receiver: Receiver, *extra: str) -> list[Any]:  # noqa: F811
+    """L{start_nodes} with webhooks to the receiver."""
+    hooks = ["--webhook-url", receiver.url, "--webhook-debounce", str(HOOK_DEBOUNCE), *extra]
+    return await start_nodes(redis.url, count, *hooks, env={"PUSHIE_WEBHOOK_SECRET": HOOK_SECRET})
 
 
 def pending(redis: RedisServer) -> list[tuple[str, str]]:
@@ -306,8 +234,7 @@ def pending(redis: RedisServer) -> list[tuple[str, str]]:
 
 @pytest_twisted.ensureDeferred
 async def test_a_killed_nodes_occupancy_and_members_go_with_its_heartbeat(own_redis, receiver):  # noqa: F811
-    _record_answers(receiver)
-    nodes = await start_nodes(own_redis, 2, receiver)
+    nodes = await start_hook_nodes(own_redis, 2, receiver)
     pool = HTTPConnectionPool(reactor, persistent=False)
     room = "presence-room"
     client = None
@@ -316,8 +243,8 @@ async def test_a_killed_nodes_occupancy_and_members_go_with_its_heartbeat(own_re
         client = await connect_ws(
             doomed, f"/websocket?channel=news&channel={room}&token={token(sub='ann', channels=[room])}"
         )
-        await wait_for(lambda: len(delivered(receiver)) == 3)
-        assert Counter(delivered(receiver)) == Counter(
+        await wait_for(lambda: len(receiver.delivered()) == 3)
+        assert Counter(receiver.delivered()) == Counter(
             [("channel_occupied", "news"), ("channel_occupied", room), ("member_added", room, "ann")]
         )
 
@@ -330,12 +257,12 @@ async def test_a_killed_nodes_occupancy_and_members_go_with_its_heartbeat(own_re
         nodes[0].transport.signalProcess("KILL")
         await nodes[0].ended
         await client.closed
-        await wait_for(lambda: len(delivered(receiver)) == 6, timeout=DEATH)
-        await sleep(SETTLE)
-        assert Counter(delivered(receiver)[3:]) == Counter(
+        await wait_for(lambda: len(receiver.delivered()) == 6, timeout=DEATH)
+        await sleep(HOOK_SETTLE)
+        assert Counter(receiver.delivered()[3:]) == Counter(
             [("channel_vacated", "news"), ("channel_vacated", room), ("member_removed", room, "ann")]
         )
-        assert len(delivered(receiver)) == 6
+        assert len(receiver.delivered()) == 6
         assert await channels() == []
         assert pending(own_redis) == []
         response = await treq.get(f"http://127.0.0.1:{survivor}/metrics", pool=pool)
@@ -352,9 +279,8 @@ async def test_a_killed_nodes_occupancy_and_members_go_with_its_heartbeat(own_re
 
 @pytest_twisted.ensureDeferred
 async def test_kill_9_of_the_delivering_node_mid_retry_still_delivers(own_redis, receiver):  # noqa: F811
-    _record_answers(receiver)
     receiver.default = 500
-    nodes = await start_nodes(own_redis, 3, receiver, "--webhook-retry-for", "200")
+    nodes = await start_hook_nodes(own_redis, 3, receiver, "--webhook-retry-for", "200")
     client = None
     try:
         # The first subscriber: the transition is decided, one node takes it and gets 500s.
@@ -367,21 +293,24 @@ async def test_kill_9_of_the_delivering_node_mid_retry_still_delivers(own_redis,
         await delivering.ended
         attempts = len(receiver.requests)
         receiver.default = 200
-        # A live node claims the entry once the killed node's heartbeat is gone, and delivers it.
-        await wait_for(lambda: ("channel_occupied", "news") in delivered(receiver), timeout=DEATH)
+        # A live node claims the entry once the killed node's heartbeat has been gone for
+        # CLAIM_GRACE, and delivers it.
+        await wait_for(lambda: ("channel_occupied", "news") in receiver.delivered(), timeout=CLAIMED)
         await wait_for(lambda: pending(own_redis) == [], timeout=5)
         survivors = [p for p in nodes if p is not delivering]
         claimed = [p for p in survivors if b"Took over 1 webhook transitions" in p.output]
         assert len(claimed) == 1, [p.output.decode()[-2000:] for p in survivors]
-        assert all(events == [("channel_occupied", "news")] for _, events in receiver.answered[:attempts])
-        # The survivor sent the very same body (time_ms is when the event was decided), so the same signature.
-        assert len({request.body for request in receiver.requests}) == 1
-        await sleep(SETTLE)
+        assert all(posted.events == [("channel_occupied", "news")] for _, posted in receiver.answered[:attempts])
+        # The survivor sent the very same body (time_ms is when the event was decided), so the same
+        # signature (the killed node's channel_vacated, when it held the subscriber, may come first).
+        occupied = [request for request in receiver.requests if request.events == [("channel_occupied", "news")]]
+        assert len(occupied) == attempts + 1 and len({request.body for request in occupied}) == 1
+        await sleep(HOOK_SETTLE)
         if delivering is not subscriber_node:
             # Delivered once; nothing else happened (the subscriber is still there).
-            assert delivered(receiver) == [("channel_occupied", "news")]
+            assert receiver.delivered() == [("channel_occupied", "news")]
         else:
-            assert delivered(receiver).count(("channel_occupied", "news")) == 1
+            assert receiver.delivered().count(("channel_occupied", "news")) == 1
         assert own_redis.cli("XLEN", "pushie:0:hookq").strip() == "0"
     finally:
         if client is not None:
@@ -400,19 +329,10 @@ async def test_a_node_reads_only_what_its_queue_takes_and_the_stream_is_bounded(
     own_redis,
     receiver,  # noqa: F811
 ):
-    _record_answers(receiver)
     receiver.default = "hang"
-    node = await start_daemon(
-        engine=own_redis.url,
-        webhook_url=receiver.url,
-        webhook_secret=HOOK_SECRET,
-        webhook_debounce=DEBOUNCE,
-        webhook_timeout=60.0,
-        webhook_max_queue=5,
-    )
+    [node] = await start_hook_daemons(own_redis.url, receiver.url, count=1, webhook_timeout=60.0, webhook_max_queue=5)
     webhooks = node.hub.webhooks
     try:
-        await wait_for(lambda: node.engine.cluster is not None)
         await join(node, "&".join(f"channel=first-{n}" for n in range(30)))
         # Four POSTs of five events hang (every delivery slot), five events wait in the queue:
         # the node stops reading there, and the other five stay in Redis.
@@ -447,24 +367,20 @@ async def test_counts_redis_lost_are_sent_again_and_webhooks_survive_a_redis_res
     own_redis,
     receiver,  # noqa: F811
 ):
-    _record_answers(receiver)
-    node = await start_daemon(
-        engine=own_redis.url, webhook_url=receiver.url, webhook_secret=HOOK_SECRET, webhook_debounce=DEBOUNCE
-    )
+    [node] = await start_hook_daemons(own_redis.url, receiver.url, count=1)
     try:
-        await wait_for(lambda: node.engine.cluster is not None)
         client = await join(node, "channel=news")
-        await wait_for(lambda: delivered(receiver) == [("channel_occupied", "news")])
+        await wait_for(lambda: receiver.delivered() == [("channel_occupied", "news")])
         # Redis loses this node's counts (as when another node took it for dead after a long
         # pause and swept it): its next heartbeat sees it and sends them all again; the channel
         # is counted, and occupied once more (at least once: the same state again).
         own_redis.cli("DEL", "pushie:0:occ:news", f"pushie:0:nchan:{node.engine.node}", "pushie:0:chans")
         await wait_for(
-            lambda: delivered(receiver) == [("channel_occupied", "news")] * 2, timeout=HEARTBEAT_INTERVAL + 3
+            lambda: receiver.delivered() == [("channel_occupied", "news")] * 2, timeout=HEARTBEAT_INTERVAL + 3
         )
         assert json.loads((await node.get("/channels"))[1])["channels"] == [{"name": "news", "subscribers": 1}]
         await leave(client)
-        await wait_for(lambda: delivered(receiver)[-1:] == [("channel_vacated", "news")], timeout=SETTLE + 2)
+        await wait_for(lambda: receiver.delivered()[-1:] == [("channel_vacated", "news")], timeout=HOOK_SETTLE + 2)
 
         # Redis restarts empty: the consumer group and the webhook settings are made again.
         own_redis.stop()
@@ -474,8 +390,94 @@ async def test_counts_redis_lost_are_sent_again_and_webhooks_survive_a_redis_res
             timeout=15,
         )
         again = await join(node, "channel=sport")
-        await wait_for(lambda: delivered(receiver)[-1:] == [("channel_occupied", "sport")], timeout=5)
+        await wait_for(lambda: receiver.delivered()[-1:] == [("channel_occupied", "sport")], timeout=5)
         await leave(again)
-        await wait_for(lambda: delivered(receiver)[-1:] == [("channel_vacated", "sport")], timeout=SETTLE + 2)
+        await wait_for(lambda: receiver.delivered()[-1:] == [("channel_vacated", "sport")], timeout=HOOK_SETTLE + 2)
     finally:
         await node.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_redis_outage_longer_than_the_heartbeat_ttl_takes_no_live_nodes_transition(
+    clean_reactor,  # noqa: F811
+    tmp_path,
+    receiver,  # noqa: F811
+):
+    """
+    Every heartbeat expires while Redis is away; the node delivering a
+    transition (its POST hanging across the outage) keeps it once Redis is
+    back: no other node claims it, and it is delivered exactly once.
+    """
+    require_redis()
+    redis = RedisServer(str(tmp_path), appendonly=True)
+    redis.start()
+    receiver.default = "hang"
+    nodes: list[Daemon] = []
+    try:
+        nodes = await start_hook_daemons(redis.url, receiver.url, webhook_timeout=120.0)
+        client = await join(nodes[0], "channel=news")
+        await wait_for(lambda: len(receiver.hung) == 1, timeout=10)
+        [(entry, consumer)] = pending(redis)
+        [delivering] = [node for node in nodes if node.engine.node == consumer]
+
+        redis.stop()
+        await sleep(HEARTBEAT_TTL + 1.0)  # every node's heartbeat key expires meanwhile
+        redis.start()
+        await wait_for(lambda: all(node.engine.healthy() for node in nodes), timeout=15)
+        assert redis.cli("KEYS", "pushie:0:node:*").split(), "the heartbeats are back"
+        # Longer than a claim of a dead node takes: the delivering node still holds it.
+        await sleep(CLAIM_GRACE + 2 * HEARTBEAT_INTERVAL + 1.0)
+        assert pending(redis) == [(entry, consumer)]
+        assert len(receiver.requests) == 1
+        assert all(not node.engine._holding for node in nodes if node is not delivering)
+
+        receiver.default = 200
+        receiver.hung.pop().finish()
+        await wait_for(lambda: pending(redis) == [], timeout=5)
+        await sleep(HOOK_SETTLE)
+        # One POST in all (answered 200 once it was let go), with the one event.
+        assert [request.events for request in receiver.requests] == [[("channel_occupied", "news")]]
+        await leave(client)
+    finally:
+        for node in nodes:
+            await node.stop()
+        redis.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_node_that_stops_leaves_its_transition_to_another_at_once(
+    clean_reactor,  # noqa: F811
+    own_redis,
+    receiver,  # noqa: F811
+):
+    """
+    A node that stops with a POST hanging leaves the transition pending:
+    another node takes it over at its next heartbeat (no CLAIM_GRACE: a node
+    that stopped is not coming back) and delivers it.
+    """
+    receiver.default = "hang"
+    nodes = await start_hook_daemons(own_redis.url, receiver.url, count=2, webhook_timeout=60.0)
+    try:
+        await join(nodes[0], "channel=news")
+        await wait_for(lambda: len(receiver.hung) == 1, timeout=10)
+        [(entry, consumer)] = pending(own_redis)
+        [delivering] = [node for node in nodes if node.engine.node == consumer]
+        receiver.default = 200
+        await delivering.stop()
+        assert own_redis.cli("HGET", "pushie:0:hookdead", consumer).strip() == "0"
+        # Taken over within two heartbeats, well before CLAIM_GRACE.
+        await wait_for(lambda: ("channel_occupied", "news") in receiver.delivered(), timeout=2 * HEARTBEAT_INTERVAL)
+        assert CLAIM_GRACE > 2 * HEARTBEAT_INTERVAL
+        await wait_for(lambda: pending(own_redis) == [], timeout=5)
+        # (The stopped node may have held the subscriber: then channel_vacated follows.)
+        assert receiver.delivered().count(("channel_occupied", "news")) == 1
+        # Once it holds nothing, the stopped node's consumer and its hookdead field go.
+        await wait_for(
+            lambda: own_redis.cli("HGET", "pushie:0:hookdead", consumer).strip() == "",
+            timeout=2 * HEARTBEAT_INTERVAL + 1,
+        )
+        assert consumer not in own_redis.cli("XINFO", "CONSUMERS", "pushie:0:hookq", "hooks")
+        assert entry not in own_redis.cli("XRANGE", "pushie:0:hookq", "-", "+")
+    finally:
+        for node in nodes:
+            await node.stop()

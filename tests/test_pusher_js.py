@@ -14,29 +14,8 @@ import pytest
 import pytest_twisted
 
 from tests.helpers import sleep
-from tests.pusher_js import PusherJS, require_pusher_js
+from tests.pusher_js import browsers, pusher_js_installed  # noqa: F401  (the fixtures)
 from tests.test_pusher import APPS, KEY, SDK, SECRET
-
-
-@pytest.fixture
-def pusher_js_installed():
-    """Skip without node and pusher-js (fail in CI): outside the async fixture, where a skip is clean."""
-    require_pusher_js()
-
-
-@pytest_twisted.async_yield_fixture
-async def browsers(pusher_js_installed):
-    """Start pusher-js drivers; all are stopped at the end (before the daemons)."""
-    started: list[PusherJS] = []
-
-    def spawn() -> PusherJS:
-        driver = PusherJS.spawn()
-        started.append(driver)
-        return driver
-
-    yield spawn
-    for driver in started:
-        await driver.stop()
 
 
 @pytest.fixture
@@ -49,7 +28,7 @@ def pusher_daemon(make_daemon):
 
 
 @pytest_twisted.ensureDeferred
-async def test_pusher_js_channels_and_client_events(pusher_daemon, browsers):
+async def test_pusher_js_channels_and_client_events(pusher_daemon, browsers):  # noqa: F811
     daemon = await pusher_daemon()
     sdk = SDK(daemon)
     ann, bob = browsers(), browsers()
@@ -101,7 +80,7 @@ async def test_pusher_js_channels_and_client_events(pusher_daemon, browsers):
 
 
 @pytest_twisted.ensureDeferred
-async def test_pusher_js_signin_user_events_and_terminate(pusher_daemon, browsers):
+async def test_pusher_js_signin_user_events_and_terminate(pusher_daemon, browsers):  # noqa: F811
     daemon = await pusher_daemon()
     sdk = SDK(daemon)
     user = browsers()
@@ -125,7 +104,7 @@ async def test_pusher_js_signin_user_events_and_terminate(pusher_daemon, browser
 
 
 @pytest_twisted.ensureDeferred
-async def test_pusher_js_keeps_alive_with_ping_pong(pusher_daemon, browsers):
+async def test_pusher_js_keeps_alive_with_ping_pong(pusher_daemon, browsers):  # noqa: F811
     daemon = await pusher_daemon(pusher_activity_timeout=0.5, pusher_pong_timeout=0.5)
     client = browsers()
     # pusher-js pings after its own activity timeout too (1 s, the least the server advertises).

@@ -16,20 +16,9 @@ from twisted.web.client import HTTPConnectionPool
 
 from pushie.config import ConfigError, load_settings
 from pushie.engines.redis import HEARTBEAT_INTERVAL, HEARTBEAT_TTL, meta_header, parse_redis_url, read_meta_header
-from tests.helpers import connect_ws, sleep, start_daemon, wait_for
-from tests.redis_server import RedisServer, require_redis
-from tests.test_auth import SECRET_1, token
-from tests.test_daemon import spawn, stop
-
-
-@pytest.fixture
-def own_redis(tmp_path):
-    """A redis-server of this test's own, which it may stop and start."""
-    require_redis()
-    server = RedisServer(str(tmp_path))
-    server.start()
-    yield server
-    server.stop()
+from tests.helpers import connect_ws, port_of, sleep, start_daemon, start_nodes, wait_for
+from tests.test_auth import token
+from tests.test_daemon import stop
 
 
 def test_redis_urls():
@@ -55,25 +44,6 @@ def test_redis_urls():
 # -- several daemons, one Redis ---------------------------------------------
 
 
-async def start_nodes(redis: RedisServer, count: int, *extra: str):
-    nodes = []
-    for _ in range(count):
-        proc = spawn(
-            ["-n", "--pidfile=", "pushie", "--listen", "tcp:0:interface=127.0.0.1", "--engine", redis.url, *extra],
-            {"PUSHIE_SUBSCRIBER_SECRETS": SECRET_1},
-        )
-        nodes.append(proc)
-    for proc in nodes:
-        await wait_for(lambda p=proc: p.addresses or p.ended.called, timeout=20)
-        assert proc.addresses, proc.output.decode()
-        await wait_for(lambda p=proc: b"Redis engine connected" in p.output, timeout=10)
-    return nodes
-
-
-def port_of(proc) -> int:
-    return int(next(iter(proc.addresses.values())).rsplit(":", 1)[1])
-
-
 async def publish(pool, port, body):
     response = await treq.post(f"http://127.0.0.1:{port}/publish", json=body, pool=pool)
     return response.code, json.loads(await response.content())
@@ -81,7 +51,7 @@ async def publish(pool, port, body):
 
 @pytest_twisted.ensureDeferred
 async def test_three_nodes_share_offsets_history_and_presence(own_redis):
-    nodes = await start_nodes(own_redis, 3)
+    nodes = await start_nodes(own_redis.url, 3)
     pool = HTTPConnectionPool(__import__("twisted.internet.reactor").internet.reactor, persistent=False)
     clients = []
     try:
@@ -128,7 +98,7 @@ async def test_three_nodes_share_offsets_history_and_presence(own_redis):
 
 @pytest_twisted.ensureDeferred
 async def test_presence_across_nodes_and_a_crashed_node(own_redis):
-    nodes = await start_nodes(own_redis, 2)
+    nodes = await start_nodes(own_redis.url, 2)
     clients = []
     room = "presence-room"
     try:

@@ -31,15 +31,6 @@ from tests.sentinel_servers import SERVICE, SentinelSetup
 
 
 @pytest.fixture
-def own_redis(tmp_path):
-    require_redis()
-    server = RedisServer(str(tmp_path))
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
 def sentinels(tmp_path):
     require_redis()
     setup = SentinelSetup(str(tmp_path))

@@ -25,10 +25,18 @@ import pytest_twisted
 
 from pushie.engines.redis import HEARTBEAT_INTERVAL, READ_BLOCK
 from pushie.engines.sharded import ShardedEngine
-from tests.helpers import Daemon, sleep, start_daemon, wait_for
+from tests.helpers import (
+    HOOK_SETTLE,
+    Daemon,
+    cluster_gauges,
+    join,
+    leave,
+    sleep,
+    start_hook_daemons,
+    wait_for,
+)
 from tests.redis_server import RedisServer, require_redis
 from tests.test_auth import SECRET_1, token
-from tests.test_cluster import DEBOUNCE, HOOK_SECRET, SETTLE, _record_answers, delivered, join, leave, metrics
 from tests.test_pusher import APP_ID, APPS, SDK, api, subscribe
 from tests.test_pusher import connect as pusher_connect
 from tests.test_shards import channels_on
@@ -53,26 +61,12 @@ def two_redis(tmp_path):
 @pytest_twisted.async_yield_fixture
 async def daemons(clean_reactor, two_redis, receiver):  # noqa: F811
     """Three in-process daemons with both shards, webhooks to the receiver."""
-    _record_answers(receiver)
-    setting = ",".join(s.url for s in two_redis)
-    nodes: list[Daemon] = []
-    try:
-        for _ in range(3):
-            nodes.append(
-                await start_daemon(
-                    engine=setting,
-                    subscriber_secrets=[SECRET_1],
-                    pusher_apps=APPS,
-                    webhook_url=receiver.url,
-                    webhook_secret=HOOK_SECRET,
-                    webhook_debounce=DEBOUNCE,
-                )
-            )
-            await wait_for(lambda: nodes[-1].engine.cluster is not None)
-        yield nodes
-    finally:
-        for node in nodes:
-            await node.stop()
+    nodes = await start_hook_daemons(
+        ",".join(s.url for s in two_redis), receiver.url, subscriber_secrets=[SECRET_1], pusher_apps=APPS
+    )
+    yield nodes
+    for node in nodes:
+        await node.stop()
 
 
 def names(engine: ShardedEngine) -> tuple[str, str, str, str]:
@@ -114,8 +108,8 @@ async def test_each_shards_transitions_once_cluster_wide_debounced_across_daemon
         await leave(tab1)
         await leave(tab2)
         first.append(await join(c, f"channel={room}&token={ann}"))
-    await sleep(SETTLE)
-    assert Counter(delivered(receiver)) == Counter(
+    await sleep(HOOK_SETTLE)
+    assert Counter(receiver.delivered()) == Counter(
         [
             ("channel_occupied", chan_0),
             ("channel_occupied", room_0),
@@ -131,9 +125,9 @@ async def test_each_shards_transitions_once_cluster_wide_debounced_across_daemon
 
     for client in first:
         await leave(client)
-    await wait_for(lambda: len(delivered(receiver)) == 12, timeout=SETTLE + 3)
-    await sleep(SETTLE)
-    assert Counter(delivered(receiver)[6:]) == Counter(
+    await wait_for(lambda: len(receiver.delivered()) == 12, timeout=HOOK_SETTLE + 3)
+    await sleep(HOOK_SETTLE)
+    assert Counter(receiver.delivered()[6:]) == Counter(
         [
             ("channel_vacated", chan_0),
             ("channel_vacated", room_0),
@@ -143,7 +137,7 @@ async def test_each_shards_transitions_once_cluster_wide_debounced_across_daemon
             ("member_removed", room_1, "ann"),
         ]
     )
-    assert len(delivered(receiver)) == 12
+    assert len(receiver.delivered()) == 12
     for node in daemons:
         assert not any(shard._holding for shard in node.engine.shards)
 
@@ -157,7 +151,7 @@ async def gauges(node: Daemon, want: dict[str, float]) -> dict[str, float]:
     """The pushie_cluster_* gauges once they equal C{want} (they follow the heartbeats), else as last read."""
     found: dict[str, float] = {}
     for _ in range(int(3 * HEARTBEAT_INTERVAL / 0.2)):
-        found = await metrics(node)
+        found = await cluster_gauges(node)
         if found == want:
             break
         await sleep(0.2)
@@ -245,7 +239,7 @@ async def test_one_shard_down_503_for_counts_the_other_shard_flows_then_everythi
     stay = await join(a, f"channel={chan_0}&channel={chan_1}")
     going = await join(b, f"channel={chan_1}")
     await wait_for(
-        lambda: Counter(delivered(receiver)) == Counter([("channel_occupied", chan_0), ("channel_occupied", chan_1)])
+        lambda: Counter(receiver.delivered()) == Counter([("channel_occupied", chan_0), ("channel_occupied", chan_1)])
     )
     await leave(stay)  # chan_0: still nothing (the next one comes within the debounce); chan_1 still has `going`
     stay = await join(c, f"channel={chan_0}")
@@ -264,33 +258,34 @@ async def test_one_shard_down_503_for_counts_the_other_shard_flows_then_everythi
     assert status == 503, body
     # The cluster gauges go (no figure leaving a shard out); the shard's gauge says why.
     for _ in range(20):
-        if not await metrics(a):
+        if not await cluster_gauges(a):
             break
         await sleep(0.2)
-    assert await metrics(a) == {}
+    assert await cluster_gauges(a) == {}
     text = (await a.get("/metrics"))[1].decode()
     assert f'pushie_redis_shard_up{{shard="{a.engine.shards[1].name}"}} 0.0' in text
 
     # Shard 0's webhooks keep flowing: chan_0 is vacated and comes back.
     await leave(stay)
-    await wait_for(lambda: delivered(receiver)[-1:] == [("channel_vacated", chan_0)], timeout=SETTLE + 3)
+    await wait_for(lambda: receiver.delivered()[-1:] == [("channel_vacated", chan_0)], timeout=HOOK_SETTLE + 3)
     again = await join(b, f"channel={chan_0}")
-    await wait_for(lambda: delivered(receiver)[-1:] == [("channel_occupied", chan_0)], timeout=5)
+    await wait_for(lambda: receiver.delivered()[-1:] == [("channel_occupied", chan_0)], timeout=5)
     # Shard 1's last subscriber leaves while it is down: decided once it is back.
     await leave(going)
-    await sleep(SETTLE)
-    assert ("channel_vacated", chan_1) not in delivered(receiver)
+    await sleep(HOOK_SETTLE)
+    assert ("channel_vacated", chan_1) not in receiver.delivered()
 
     server_1.start()
     await wait_for(lambda: all(node.engine.healthy() for node in daemons), timeout=15)
     await wait_for(
-        lambda: delivered(receiver)[-1:] == [("channel_vacated", chan_1)], timeout=2 * HEARTBEAT_INTERVAL + SETTLE
+        lambda: receiver.delivered()[-1:] == [("channel_vacated", chan_1)], timeout=2 * HEARTBEAT_INTERVAL + HOOK_SETTLE
     )
-    await sleep(SETTLE)
-    # Each transition is decided once and delivered at least once: after a
-    # shard's outage a transition of that shard was seen delivered twice
-    # (once, in a CI run), which the contract allows; none may be missing.
-    expected = Counter(
+    await sleep(HOOK_SETTLE)
+    # Each transition is decided once and delivered once, the recovered shard's
+    # too: every heartbeat on shard 1 expired while it was down, and no node
+    # claims what another is delivering before it has had time to beat again
+    # (CLAIM_GRACE).
+    assert Counter(receiver.delivered()) == Counter(
         [
             ("channel_occupied", chan_0),
             ("channel_occupied", chan_1),
@@ -299,10 +294,6 @@ async def test_one_shard_down_503_for_counts_the_other_shard_flows_then_everythi
             ("channel_vacated", chan_1),
         ]
     )
-    got = Counter(delivered(receiver))
-    assert set(got) == set(expected), got
-    assert all(got[event] >= count for event, count in expected.items()), got
-    assert got[("channel_occupied", chan_0)] == 2 and got[("channel_vacated", chan_0)] == 1, got  # shard 0: exact
     for node in daemons:
         assert await channel_list(node) == (200, {"channels": [{"name": chan_0, "subscribers": 1}]})
     want = {
@@ -317,19 +308,12 @@ async def test_one_shard_down_503_for_counts_the_other_shard_flows_then_everythi
 
 @pytest_twisted.ensureDeferred
 async def test_a_burst_on_both_shards_stays_within_the_webhook_queue(clean_reactor, two_redis, receiver):  # noqa: F811
-    _record_answers(receiver)
     receiver.default = "hang"
-    node = await start_daemon(
-        engine=",".join(s.url for s in two_redis),
-        webhook_url=receiver.url,
-        webhook_secret=HOOK_SECRET,
-        webhook_debounce=DEBOUNCE,
-        webhook_timeout=60.0,
-        webhook_max_queue=6,
+    [node] = await start_hook_daemons(
+        ",".join(s.url for s in two_redis), receiver.url, count=1, webhook_timeout=60.0, webhook_max_queue=6
     )
     webhooks = node.hub.webhooks
     try:
-        await wait_for(lambda: node.engine.cluster is not None)
         engine = node.engine
         # Every delivery slot hangs, one event each; the queue is empty and both shards wait
         # on a blocking read (each for its share of the room).
@@ -360,7 +344,7 @@ async def test_a_burst_on_both_shards_stays_within_the_webhook_queue(clean_react
 
         # Every transition of both shards is delivered once (the hung POSTs were answered 200 late).
         await wait_for(lambda: sum(posted().values()) == 40, timeout=15)
-        await sleep(SETTLE)
+        await sleep(HOOK_SETTLE)
         assert posted() == Counter(("channel_occupied", name) for name in first + burst)
         assert webhooks.dropped == 0
     finally:

@@ -62,6 +62,7 @@ class Receiver(Resource):
     """
     Records every POST and answers from a script: a status code, or
     C{"hang"} to never answer.  With the script empty it answers C{default}.
+    C{answered} pairs each POST with its answer (in arrival order).
     """
 
     isLeaf = True
@@ -72,11 +73,13 @@ class Receiver(Resource):
         self.script: deque[int | str] = deque()
         self.default: int | str = 200
         self.hung: list[Any] = []
+        self.answered: list[tuple[int | str, Received]] = []
 
     def render_POST(self, request: Any) -> Any:
         headers = {k.decode().lower(): v[-1].decode() for k, v in request.requestHeaders.getAllRawHeaders()}
         self.requests.append(Received(headers, request.content.read()))
         answer = self.script.popleft() if self.script else self.default
+        self.answered.append((answer, self.requests[-1]))
         if answer == "hang":
             self.hung.append(request)
             request.notifyFinish().addErrback(lambda f: None)
@@ -87,6 +90,15 @@ class Receiver(Resource):
     @property
     def events(self) -> list[list[tuple[str, ...]]]:
         return [r.events for r in self.requests]
+
+    def delivered(self) -> list[tuple[str, ...]]:
+        """Every event of every POST that was answered 2xx, in arrival order."""
+        return [
+            event
+            for answer, received in self.answered
+            if isinstance(answer, int) and 200 <= answer < 300
+            for event in received.events
+        ]
 
 
 class _QuietSite(Site):

@@ -20,20 +20,11 @@ from twisted.web.client import HTTPConnectionPool
 from pushie.config import ConfigError, load_settings
 from pushie.reuseport import ReusePortParser, shares_port
 from tests.helpers import connect_ws, wait_for
-from tests.redis_server import RedisServer, free_port, require_redis
+from tests.redis_server import free_port
 from tests.test_daemon import _listen_backlogs, spawn, stop
 
 METRICS = re.compile(rb"Metrics endpoint \(/metrics only\) listening on \S+ \(([^)]*)\)")
 CLIENTS = 40
-
-
-@pytest.fixture
-def redis(tmp_path):
-    require_redis()
-    server = RedisServer(str(tmp_path))
-    server.start()
-    yield server
-    server.stop()
 
 
 def start_worker(port: int, engine: str):
@@ -74,9 +65,9 @@ async def publish(pool, port: int, data) -> dict:
 
 
 @pytest_twisted.ensureDeferred
-async def test_two_workers_share_a_port_and_their_publications(redis):
+async def test_two_workers_share_a_port_and_their_publications(own_redis):
     port = free_port()
-    workers = [start_worker(port, redis.url) for _ in range(2)]
+    workers = [start_worker(port, own_redis.url) for _ in range(2)]
     pool = HTTPConnectionPool(reactor, persistent=False)
     clients = []
     try:

@@ -763,9 +763,13 @@ class PushieHTTPChannel(HTTPChannel):
         self.loseConnection()
 
     def _hand_over(self) -> None:
-        """Give the connection to a WebSocket protocol, as WebSocketResource does."""
-        assert self._upgrade is not None
-        data = b"\r\n".join(self._upgrade) + b"\r\n\r\n" + self.clearLineBuffer()
+        """
+        Give the connection to a WebSocket protocol, as WebSocketResource
+        does; see L{pushie.doors._wsbase.DoorProtocol.open_handshake}.
+        """
+        lines = self._upgrade
+        assert lines is not None
+        rest = self.clearLineBuffer()
         self._upgrade = None
         self.setTimeout(None)
         self._request_complete()
@@ -783,7 +787,11 @@ class PushieHTTPChannel(HTTPChannel):
         else:
             transport.protocol = protocol  # type: ignore[attr-defined]
         protocol.makeConnection(transport)
-        protocol.dataReceived(data)
+        # The door answers a plain handshake from the lines read here;
+        # anything else goes to Autobahn as the bytes that arrived.
+        open_handshake = getattr(protocol, "open_handshake", None)
+        if open_handshake is None or not open_handshake(lines, rest):
+            protocol.dataReceived(b"\r\n".join(lines) + b"\r\n\r\n" + rest)
 
 
 def _channel(site: Site) -> _GenericHTTPChannelProtocol:

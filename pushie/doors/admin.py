@@ -49,7 +49,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from pushie.channels import check_channel, is_presence, is_valid_channel
-from pushie.doors.api import error_of, is_json_content_type, parse_publish_body, refuse, result_json, write_json
+from pushie.doors.api import error_of, publish_answer, read_publish_body, refuse, write_json
 from pushie.doors.context import Door, DoorContext
 from pushie.doors.pusher.door import PusherProtocol
 from pushie.doors.sse import EventStream
@@ -430,25 +430,12 @@ class AdminResource(Resource, Door):
         return NOT_DONE_YET
 
     def _publish(self, request: Request) -> Any:
-        if self.hub.draining:
-            raise PushieError(
-                503, "shutting_down", "the server is shutting down; retry on another node", {"Retry-After": "1"}
-            )
-        if not is_json_content_type(request.getHeader(b"content-type")):
-            raise PushieError(
-                415, "unsupported_media_type", "send the body as JSON with Content-Type: application/json"
-            )
-        assert request.content is not None
-        requests, single = parse_publish_body(request.content.read())
+        requests, single = read_publish_body(request, self.hub.draining)
         log.info("Admin test publication to {channels}", channels=", ".join(sorted({r.channel for r in requests})))
 
         def answer(publications: list[Any]) -> None:
             self.metrics.publications.inc(len(publications))
-            if single:
-                body = result_json(publications[0])
-            else:
-                body = b'{"results":[' + b",".join([result_json(p) for p in publications]) + b"]}"
-            write_json(request, 200, body)
+            write_json(request, 200, publish_answer(publications, single))
 
         self.hub.publish(requests).addCallbacks(answer, self._failed(request, "An admin publication failed"))
         return NOT_DONE_YET

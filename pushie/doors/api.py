@@ -275,6 +275,41 @@ def _is_json_content_type(value: bytes) -> bool:
     return True
 
 
+def read_publish_body(request: Request, draining: bool) -> tuple[list[PublishRequest], bool]:
+    """
+    The publications of a publish request (C{POST /publish} or the admin
+    dashboard's test publication), once its door has checked who sends it:
+    L{checked_publish_body}, then L{parse_publish_body}.
+
+    @raise PushieError: as said.
+    """
+    return parse_publish_body(checked_publish_body(request, draining))
+
+
+def checked_publish_body(request: Request, draining: bool) -> bytes:
+    """
+    The body of a publish request, not parsed yet: 503 C{shutting_down}
+    while C{draining}, 415 unless the body says it is JSON.
+
+    @raise PushieError: as said.
+    """
+    if draining:
+        raise PushieError(
+            503, "shutting_down", "the server is shutting down; retry on another node", {"Retry-After": "1"}
+        )
+    if not is_json_content_type(request.getHeader(b"content-type")):
+        raise PushieError(415, "unsupported_media_type", "send the body as JSON with Content-Type: application/json")
+    assert request.content is not None
+    return request.content.read()
+
+
+def publish_answer(publications: list[Publication], single: bool) -> bytes:
+    """The body of a publish's 200: one result for a single publish, else C{{"results": [...]}}."""
+    if single:
+        return result_json(publications[0])
+    return results_json(publications)
+
+
 def result_of(publication: Publication) -> dict[str, Any]:
     return {"channel": publication.channel, "offset": publication.offset, "epoch": publication.epoch}
 
@@ -370,23 +405,10 @@ class PublishResource(JSONResource, Door):
         if self.rate_limiter is not None and self.rate_limiter.rate > 0:  # 0: no limit, no key needed
             key = authorization if not self.guard.publishing_open and authorization else None
             self.rate_limiter.check(key or b"address:" + address_of(request.getClientAddress()).encode())
-        if self.hub.draining:
-            raise PushieError(
-                503, "shutting_down", "the server is shutting down; retry on another node", {"Retry-After": "1"}
-            )
-        if not is_json_content_type(request.getHeader(b"content-type")):
-            raise PushieError(
-                415, "unsupported_media_type", "send the body as JSON with Content-Type: application/json"
-            )
-        assert request.content is not None
-        return request.content.read()
+        return checked_publish_body(request, self.hub.draining)
 
     def _answer(self, request: Request, publications: list[Publication], single: bool, started: float) -> None:
-        if single:
-            body = result_json(publications[0])
-        else:
-            body = results_json(publications)
-        write_json(request, 200, body)
+        write_json(request, 200, publish_answer(publications, single))
         metrics = self.metrics
         metrics.publications.inc(len(publications))
         metrics.publish_seconds.observe(self.clock.seconds() - started)

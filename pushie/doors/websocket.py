@@ -11,7 +11,8 @@ queued: no per-subscriber encoding or framing.
 
 from __future__ import annotations
 
-import secrets
+import base64
+import os
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -44,6 +45,33 @@ CLOSE_RESUBSCRIBE = 4002
 
 _NO_CHANNELS: list[str] = []
 
+_ID_BYTES = 12
+_id_pool = b""
+_id_at = 0
+
+
+def new_client_id() -> str:
+    """
+    A connection's id: 12 random bytes, URL-safe base64 (as
+    C{secrets.token_urlsafe(12)}).  The bytes come from C{os.urandom} 256
+    ids at a time: one system call per 256 connections instead of one each.
+    """
+    global _id_pool, _id_at
+    at = _id_at
+    if at + _ID_BYTES > len(_id_pool):
+        _id_pool, at = os.urandom(_ID_BYTES * 256), 0
+    _id_at = at + _ID_BYTES
+    return base64.urlsafe_b64encode(_id_pool[at : at + _ID_BYTES]).decode("ascii")
+
+
+def _forget_ids() -> None:
+    """A forked process must not hand out its parent's next ids."""
+    global _id_pool, _id_at
+    _id_pool, _id_at = b"", 0
+
+
+os.register_at_fork(after_in_child=_forget_ids)
+
 
 class PushieServerProtocol(DoorProtocol):
     """One browser's WebSocket connection: a subscriber of any number of channels."""
@@ -54,10 +82,11 @@ class PushieServerProtocol(DoorProtocol):
     slow_close_code = CLOSE_TRY_AGAIN_LATER
     shutdown_close = (CLOSE_GOING_AWAY, "server shutting down")
     deny_reasons = frozenset({"server shutting down", "refused"})  # and _DENY_REASONS, below
+    fast_handshake = True  # onConnect answers at once
 
     def __init__(self) -> None:
         super().__init__()
-        self.client_id = secrets.token_urlsafe(12)
+        self.client_id = new_client_id()
         self.token: SubscriberToken | None = None
         self._expiry: Any = None
         self.subscriptions: dict[str, None] = {}
@@ -71,7 +100,9 @@ class PushieServerProtocol(DoorProtocol):
         if factory.hub.draining:
             raise ConnectionDeny(503, "server shutting down")
         # Autobahn's params drop blank values; `channel=` must be refused, not ignored.
-        params = parse_qs(urlsplit(self.http_request_uri).query, keep_blank_values=True)
+        params = self.__dict__.pop("query_params", None)
+        if params is None:
+            params = parse_qs(urlsplit(self.http_request_uri).query, keep_blank_values=True)
         channels: list[str] = []
         try:
             factory.hub.admit(self.peer_address())
@@ -314,7 +345,13 @@ class PushieServerProtocol(DoorProtocol):
         member = None
         if is_presence(name) and self.token is not None:
             member = Member(self.token.sub, self.token.info)
-        d = self.factory.hub.subscribe(name, self, since, member)
+        hub = self.factory.hub
+        if member is None:
+            answer = hub.subscribe_now(name, self, since)
+            if answer is not None:
+                self._subscribed(name, answer)
+                return
+        d = hub.subscribe(name, self, since, member)
         d.addCallbacks(
             lambda answer: self._subscribed(name, answer),
             lambda failure: self._subscribe_failed(name, failure),

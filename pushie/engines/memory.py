@@ -400,17 +400,21 @@ class MemoryEngine:
         return ChannelState(channel.offset, channel.epoch)
 
     def history(self, name: str, since: int, limit: int | None) -> Deferred[History]:
+        return succeed(self.history_now(name, since, limit))
+
+    def history_now(self, name: str, since: int, limit: int | None) -> History:
+        """L{history}, synchronously (the Hub's subscribe answers at once with it)."""
         self.sweep()
         channel = self._channels.get(name)
         if channel is None:
-            return succeed(History(ChannelState(0, new_epoch()), [], since == 0))
+            return History(ChannelState(0, new_epoch()), [], since == 0)
         epoch = channel.epoch
         kept = [
             Publication.kept(name, offset, epoch, data, event, user_id, envelope, meta or NO_META)
             for offset, data, event, user_id, envelope, meta in channel.history or ()
             if offset > since
         ]
-        return succeed(history_after(ChannelState(channel.offset, epoch), kept, since, limit))
+        return history_after(ChannelState(channel.offset, epoch), kept, since, limit)
 
     # -- interest --------------------------------------------------------
 

@@ -51,6 +51,8 @@ Cluster-wide counts and transitions (see "Counts" and "Transitions" below):
                    C{[name, channel]} or C{[name, channel, user id]}),
                    consumer group C{hooks}, one consumer per node id;
                    C{MAXLEN ~} the stream bound; settled entries are deleted.
+  - C{hookdead}    hash: a consumer whose node heartbeat is gone -> since
+                   when (ms, Redis's clock; 0: it stopped); see L{CLAIM_SCRIPT}.
 
 Every name is C{<kind>:} then one channel name, except C{ikey}, C{node},
 C{pub}, C{nchan} and the bare names above (which have no C{:}); kinds are
@@ -136,9 +138,12 @@ sent even if the node that decided it dies.  Nodes read the stream in the
 consumer group C{hooks} on a connection of their own (a blocking
 C{XREADGROUP}), no more than their sink has room for, and acknowledge and
 delete each entry once the sink settles it (delivered or given up).  The
-entries pending with a consumer whose node heartbeat is gone are claimed by
-a live node (L{CLAIM_SCRIPT}, at its heartbeat) and delivered again: at least
-once.  The stream is bounded (C{MAXLEN ~} the sink's queue bound): past it,
+entries pending with a consumer whose node heartbeat has been gone for
+L{CLAIM_GRACE} are claimed by a live node (L{CLAIM_SCRIPT}, at its heartbeat)
+and delivered again: at least once.  The grace keeps a live node's entries
+its own after an outage of Redis longer than the heartbeat TTL (when every
+heartbeat has expired); a node that stops leaves its entries to be claimed
+at once (L{GONE_SCRIPT}).  The stream is bounded (C{MAXLEN ~} the sink's queue bound): past it,
 when no node has delivered for long, the oldest undelivered transitions are
 trimmed and lost.  Transitions are recorded only while some node delivers
 webhooks (the C{hooks} key): give every node the same webhook settings.
@@ -209,6 +214,14 @@ READ_RETRY = 0.5
 """Seconds before reading the transition stream again after a failure (no connection, no group yet)."""
 READ_IDLE = 0.1
 """Seconds before asking again whether the sink has room, when it had none."""
+CLAIM_GRACE = HEARTBEAT_TTL + 2 * HEARTBEAT_INTERVAL
+"""
+Seconds a consumer's heartbeat must have been gone (from the first claim that
+found it gone, by Redis's clock) before its pending transitions are claimed:
+longer than a live node takes to beat again once Redis is back after an
+outage (reconnection backs off to 5 s, then a heartbeat within
+HEARTBEAT_INTERVAL).  See L{CLAIM_SCRIPT}.
+"""
 DUE_SLACK = 0.05
 """Seconds after a held transition falls due before this node moves it to the stream (the heartbeat also does)."""
 
@@ -601,34 +614,72 @@ return out
 )
 
 CLAIM_SCRIPT = r"""
--- ARGV: prefix, node, count.  Claim (for this node) up to count transitions
--- pending with consumers whose node heartbeat is gone (they died before
--- settling them), then forget such consumers once they hold nothing.
-local prefix, me, count = ARGV[1], ARGV[2], tonumber(ARGV[3])
-local stream = prefix .. 'hookq'
+-- ARGV: prefix, node, count, grace (ms).  Claim (for this node) up to count
+-- transitions pending with consumers whose node heartbeat has been gone for
+-- at least grace, as Redis's clock measures it from the first claim that
+-- found it gone (the hash 'hookdead': consumer -> that time; 0 for a node
+-- that stopped).  An expired heartbeat alone is not enough: after an outage
+-- of Redis longer than the heartbeat TTL every node's heartbeat has expired
+-- when it comes back, and a live node delivering an entry at that moment
+-- (its reader may be back before its heartbeat) must not lose it to another
+-- node: it beats again well within grace.  Nor is an entry's idle time
+-- enough: it counts the outage too.  A consumer seen alive again is struck
+-- from 'hookdead'; one whose node is gone and that holds nothing is
+-- forgotten.  A node that dies is claimed from within heartbeat TTL +
+-- heartbeat interval + grace + heartbeat interval (the claiming node's own
+-- heartbeats run this script).
+local prefix, me, count, grace = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local stream, dead = prefix .. 'hookq', prefix .. 'hookdead'
 if redis.call('EXISTS', stream) == 0 then return {} end
-local ok, pending = pcall(redis.call, 'XPENDING', stream, 'hooks', '-', '+', 1000)
+local ok, consumers = pcall(redis.call, 'XINFO', 'CONSUMERS', stream, 'hooks')
 if not ok then return {} end
-local cache, ids = {}, {}
-for _, entry in ipairs(pending) do
-  local consumer = entry[2]
-  if consumer ~= me and #ids < count then
-    if cache[consumer] == nil then cache[consumer] = redis.call('EXISTS', prefix .. 'node:' .. consumer) == 1 end
-    if not cache[consumer] then ids[#ids + 1] = entry[1] end
-  end
-end
-local claimed = {}
-if #ids > 0 then claimed = redis.call('XCLAIM', stream, 'hooks', me, 0, unpack(ids)) end
-for _, consumer in ipairs(redis.call('XINFO', 'CONSUMERS', stream, 'hooks')) do
-  local name, held = nil, nil
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local claimed, seen = {}, {}
+for _, consumer in ipairs(consumers) do
+  local name, held = nil, 0
   for i = 1, #consumer, 2 do
     if consumer[i] == 'name' then name = consumer[i + 1] elseif consumer[i] == 'pending' then held = consumer[i + 1] end
   end
-  if name and name ~= me and held == 0 and redis.call('EXISTS', prefix .. 'node:' .. name) == 0 then
-    redis.call('XGROUP', 'DELCONSUMER', stream, 'hooks', name)
+  if name and name ~= me then
+    if redis.call('EXISTS', prefix .. 'node:' .. name) == 1 then
+      redis.call('HDEL', dead, name)
+    elseif held == 0 then
+      redis.call('XGROUP', 'DELCONSUMER', stream, 'hooks', name)
+      redis.call('HDEL', dead, name)
+    else
+      seen[name] = true
+      local since = tonumber(redis.call('HGET', dead, name))
+      if not since then
+        redis.call('HSET', dead, name, now)
+      elseif now - since >= grace and #claimed < count then
+        local ids = {}
+        for _, entry in ipairs(redis.call('XPENDING', stream, 'hooks', '-', '+', count - #claimed, name)) do
+          ids[#ids + 1] = entry[1]
+        end
+        if #ids > 0 then
+          for _, entry in ipairs(redis.call('XCLAIM', stream, 'hooks', me, 0, unpack(ids))) do
+            claimed[#claimed + 1] = entry
+          end
+        end
+      end
+    end
   end
 end
+for _, name in ipairs(redis.call('HKEYS', dead)) do
+  if not seen[name] then redis.call('HDEL', dead, name) end
+end
+if redis.call('EXISTS', dead) == 1 then redis.call('PEXPIRE', dead, 6 * grace) end
 return claimed
+"""
+
+GONE_SCRIPT = r"""
+-- ARGV: prefix, node.  This node stops: its heartbeat goes, and what it
+-- leaves pending may be claimed at the next claim (no grace: it is not coming back).
+redis.call('DEL', ARGV[1] .. 'node:' .. ARGV[2])
+redis.call('HSET', ARGV[1] .. 'hookdead', ARGV[2], 0)
+redis.call('PEXPIRE', ARGV[1] .. 'hookdead', 60000)
+return 1
 """
 
 SETTLE_SCRIPT = r"""
@@ -1121,7 +1172,7 @@ class RedisEngine:
         """
         Stop: tell Redis this node's last counts, stop taking transitions
         (those handed over and not settled stay pending and are claimed by
-        another node at once, as this node's heartbeat key goes), disconnect.
+        another node at its next heartbeat: L{GONE_SCRIPT}), disconnect.
         """
         self._listener = None
         self._sink = None
@@ -1143,7 +1194,7 @@ class RedisEngine:
             if self._unsettled:
                 yield self._settle_ids([])
             try:
-                yield self._run(self._commands.handler.delete(self.prefix + "node:" + self.node))
+                yield self._call("eval", GONE_SCRIPT, [], [self.prefix, self.node])
             except Exception:  # noqa: BLE001  best effort: the heartbeat expires anyway
                 pass
         for factory in (self._commands, self._pubsub_factory, self._reader_factory):
@@ -1433,7 +1484,7 @@ class RedisEngine:
         room = min(READ_BATCH, self._sink.room())
         if room <= 0:
             return None
-        d = self._call("eval", CLAIM_SCRIPT, [], [self.prefix, self.node, room])
+        d = self._call("eval", CLAIM_SCRIPT, [], [self.prefix, self.node, room, int(CLAIM_GRACE * 1000)])
 
         def claimed(entries: list[Any]) -> None:
             if entries:

@@ -40,7 +40,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from pushie.doors.pusher.apps import App, Apps, is_pusher_channel, is_pusher_presence
-from pushie.webhooks import WebhookEvent, Webhooks
+from pushie.webhooks import WebhookEvent, Webhooks, WebhookSettings
 
 log = Logger(namespace="pushie.doors.pusher")
 
@@ -102,14 +102,10 @@ class PusherWebhooks:
             webhooks.send(event)
 
 
-def pusher_webhooks_for(url: str, app: App, **settings: Any) -> Webhooks:
+def pusher_webhooks_for(url: str, app: App, settings: WebhookSettings, reactor: Any) -> Webhooks:
     """An app's L{Webhooks}: signed with its secret, in Pusher's headers."""
-    return Webhooks(
-        url,
-        app.secret.encode("utf-8"),
-        signature_header=SIGNATURE_HEADER,
-        headers={KEY_HEADER: app.key},
-        **settings,
+    return settings.webhooks(
+        url, app.secret.encode("utf-8"), reactor, signature_header=SIGNATURE_HEADER, headers={KEY_HEADER: app.key}
     )
 
 
