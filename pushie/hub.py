@@ -472,6 +472,20 @@ class Hub(Service):
         publications: list[Publication] = append_now(requests)
         return publications
 
+    def publish_plain(self, items: Sequence[tuple[str, bytes]]) -> list[Publication] | None:
+        """
+        L{publish_now} of publications of the usual shape, given as
+        C{(channel, data)} (a valid channel name, compact JSON data, event
+        C{message}, nothing else), when the engine takes them so (the memory
+        engine's C{append_plain}); C{None} otherwise: publish them as
+        L{PublishRequest}s.
+        """
+        append_plain = getattr(self._engine, "append_plain", None)
+        if append_plain is None:
+            return None
+        publications: list[Publication] = append_plain(items)
+        return publications
+
     # -- reading: the doors' narrow view of the engine ---------------------
     #
     # Doors never hold the engine (the design's one rule of layers, checked by

@@ -150,7 +150,6 @@ def loads(raw: bytes | str) -> Any:
 
 _ESCAPE = re.compile(rb"\\.")
 _KEPT_FOR_DEPTH = bytes(b for b in range(256) if b not in b'"[]{}')
-_STRING = re.compile(rb'"[^"]*"')
 _INNERMOST = re.compile(rb"\{\}|\[\]")
 
 
@@ -163,7 +162,10 @@ def _depth(utf8: bytes) -> int:
     brackets out, strings out, then innermost pairs removed one level a pass.
     """
     skeleton = _ESCAPE.sub(b"", utf8) if b"\\" in utf8 else utf8
-    brackets = _STRING.sub(b"", skeleton.translate(None, _KEPT_FOR_DEPTH))
+    # Strings out: with the escapes gone, valid JSON's quotes pair up, and
+    # what lies outside them is every other piece between quotes (no regular
+    # expression with a match object per string).
+    brackets = b"".join(skeleton.translate(None, _KEPT_FOR_DEPTH).split(b'"')[::2])
     depth = 0
     while brackets and depth <= MAX_JSON_DEPTH:
         brackets = _INNERMOST.sub(b"", brackets)
@@ -188,6 +190,11 @@ def _check_decoded(value: Any) -> None:
                 stack.extend((child, depth + 1) for child in item.values())
             else:
                 stack.extend((child, depth + 1) for child in item)
+
+
+def is_plain(text: str) -> bool:
+    """Whether C{json_string(text)} is C{text} between quotes (nothing to escape, ASCII only)."""
+    return _PLAIN_RE.match(text) is not None
 
 
 def json_string(text: str) -> bytes:
@@ -238,6 +245,14 @@ def _plain_envelope_template() -> bytes:
 
 
 _PLAIN_ENVELOPE = _plain_envelope_template()
+PLAIN_ENVELOPE = _PLAIN_ENVELOPE
+"""
+The envelope of the usual message as one C{%}-format: C{PLAIN_ENVELOPE %
+(channel, offset, epoch_json, data)}, the channel's ASCII bytes (a name
+L{_PLAIN_RE} matches: every valid channel name), the offset, the epoch as
+a JSON string (L{json_string}) and the compact JSON data.  The same bytes as
+L{message_envelope} for event C{message} and no C{user_id}.
+"""
 
 
 def message_envelope(

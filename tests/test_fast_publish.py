@@ -23,8 +23,8 @@ from pushie.doors.api import _plain_request, is_json_content_type, parse_publish
 from pushie.engines.memory import MemoryEngine
 from pushie.errors import PushieError
 from pushie.records import Publication, PublishRequest
-from pushie.wire import InvalidJSON, envelope_parts, json_string, loads, message_envelope
-from tests.helpers import raw_connect, wait_for
+from pushie.wire import InvalidJSON, envelope_parts, json_string, loads, message_envelope, text_frame
+from tests.helpers import raw_connect, raw_websocket, wait_for
 
 # Data that JSON decoding and encoding could get wrong: non-ASCII text (kept as
 # UTF-8), escapes (in the body, and characters that must be escaped on the way
@@ -353,3 +353,183 @@ async def test_header_blocks_read_once_answer_as_before(make_daemon):
     assert len(known) == KNOWN_HEADER_BLOCKS
     for c in (client, too_large, many):
         c.transport.loseConnection()
+
+
+# -- batches of the usual shape, in one pass (plain_batch, append_plain) ------
+
+
+@pytest.mark.parametrize("data", DATA)
+def test_plain_batch_is_what_the_general_checks_give(data):
+    usual, general = _bodies(data)
+    other = b'{"channel": "room-2", "data": %s}' % data
+    body = b"[" + b",".join([usual, other, usual]) + b"]"
+    items = api.plain_batch(loads(body))
+    requests, single = parse_publish_body(body)
+    assert not single
+    assert items == [(r.channel, r.data) for r in requests]
+    assert requests == [PublishRequest(c, d, "message", None) for c, d in items]  # ... and nothing else
+    # One item of another shape: the whole batch takes the general checks.
+    assert api.plain_batch(loads(b"[" + b",".join([usual, general]) + b"]")) is None
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"[]",
+        b"[" + b",".join([b'{"channel": "c%d", "data": 1}' % i for i in range(101)]) + b"]",
+        b'[{"channel": "a", "data": 1}, 5]',
+        b'[{"channel": "a", "data": 1}, {"channel": "#bad", "data": 2}]',
+        b'[{"channel": "a", "data": 1}, {"channel": 7, "data": 2}]',
+        b'[{"channel": "a", "data": 1}, {"Channel": "b", "data": 2}]',
+        b'[{"channel": "a", "data": 1}, {"channel": "b", "Data": 2}]',
+        b'[{"channel": "a", "data": 1}, {"channel": "b"}]',
+        b'[{"channel": "a", "data": 1}, {"channels": ["b"], "data": 2}]',
+        b'{"channel": "a", "data": 1}',
+    ],
+)
+def test_plain_batch_leaves_everything_else_to_the_general_checks(body):
+    assert api.plain_batch(loads(body)) is None
+
+
+def _plain_engines(monkeypatch, **kwargs):
+    """Two memory engines whose epochs are the same sequence: one for each path."""
+    from pushie.engines import memory
+
+    def epochs():
+        n = 0
+        while True:
+            n += 1
+            yield f"epoch-{n}"
+
+    sequences = [epochs(), epochs()]
+    current = [0]
+    monkeypatch.setattr(memory, "new_epoch", lambda: next(sequences[current[0]]))
+    general, general_dispatched = _engine(**kwargs)
+    plain, plain_dispatched = _engine(**kwargs)
+
+    def use(which: int) -> None:
+        current[0] = which
+
+    return (general, general_dispatched), (plain, plain_dispatched), use
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {},
+        {"history_size": 2},
+        {"history_size": 0},
+        {"memory_budget": 5000},  # evicts the oldest history as batches arrive
+    ],
+)
+def test_append_plain_is_append_now(monkeypatch, settings):
+    (general, general_dispatched), (plain, plain_dispatched), use = _plain_engines(monkeypatch, **settings)
+    datas = [b"1", b'{"t":1,"p":"xxxx"}', '"\u00e9"'.encode(), b"null", b"[1,[2]]"]
+    batches = [
+        [("a", datas[0]), ("b", datas[1]), ("a", datas[2])],  # a channel twice in a batch
+        [(f"c-{i}", datas[i % len(datas)]) for i in range(40)],
+        [("a", datas[3]), ("b", datas[4]), ("a", datas[0]), ("a", datas[1])],
+    ]
+    for batch in batches:
+        use(0)
+        expected = general.append_now([PublishRequest(c, d, "message", None) for c, d in batch])
+        use(1)
+        got = plain.append_plain(batch)
+
+        def fields(publications):
+            return [
+                (p.channel, p.offset, p.epoch, p.data, p.event, p.user_id, p.meta, p.envelope, p.websocket_frame)
+                for p in publications
+            ]
+
+        assert fields(got) == fields(expected)
+        assert fields(plain_dispatched) == fields(general_dispatched)
+        assert [p.envelope for p in got] == [
+            message_envelope(p.channel, p.event, p.offset, p.epoch, p.data, p.user_id) for p in got
+        ]
+        # History, accounting, age order and budget: the same.
+        assert plain.used == general.used
+        assert plain._kept == general._kept
+        assert plain.evicted == general.evicted
+        assert sorted(plain._channels) == sorted(general._channels)
+        for name in {c for c, _ in batch}:
+            use(0)
+            expected_history = general.history(name, 0, None).result
+            use(1)
+            history = plain.history(name, 0, None).result
+            assert fields(history.publications) == fields(expected_history.publications)
+            assert (history.state, history.complete) == (expected_history.state, expected_history.complete)
+    if settings.get("memory_budget"):
+        assert general.evicted > 0  # the budget did evict on both paths
+
+
+@pytest.mark.parametrize("epoch", ["AbC-_09", 'odd"epoch', "\u00e9"])
+@pytest.mark.parametrize("channel", ["a", "room-1_x=y@z,w.v;u:t", "\u00e9 x", 'q"uote'])
+def test_results_json_is_the_general_answer(channel, epoch):
+    publications = [
+        Publication("plain", 1, "e-1", b"1"),
+        Publication(channel, 12345678901234, epoch, b"2"),
+        Publication("plain", 2, "e-1", b"3"),
+    ]
+    for some in (publications, publications[:1], publications[1:2], []):
+        expected = b'{"results":[' + b",".join([result_json(p) for p in some]) + b"]}"
+        assert api.results_json(some) == expected
+        assert json.loads(api.results_json(some)) == {"results": [api.result_of(p) for p in some]}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_usual_batch_answers_and_delivers_as_the_general_path(make_daemon, engine):
+    """
+    Over HTTP and WebSocket, on both engines: a batch of the usual shape (in
+    one pass on the memory engine) and the same batch with an explicit event
+    on every item (the general path) give the same answers and the same
+    frames, byte for byte, at the next offsets.
+    """
+    daemon = await make_daemon()
+    names = ["pa", "pb", "pc"]
+    sockets = {}
+    for name in names:
+        sockets[name] = await raw_websocket(daemon.port, "/websocket?channel=" + name)
+        await wait_for(lambda s=sockets[name]: b'"subscribed"' in s.received, timeout=30)
+        sockets[name].received = b""
+    datas = [b'{"t":1,"p":"xx"}', '"\u00e9\\n"'.encode(), b"[1,2.5,null]"]
+    items = [(names[0], datas[0]), (names[1], datas[1]), (names[0], datas[2]), (names[2], datas[0])]
+    usual = b"[" + b",".join([b'{"channel":"%s","data":%s}' % (c.encode(), d) for c, d in items]) + b"]"
+    general = b"[" + b",".join([b'{"channel":"%s","event":"message","data":%s}' % (c.encode(), d) for c, d in items])
+    general += b"]"
+    assert api.plain_batch(loads(usual)) is not None and api.plain_batch(loads(general)) is None
+    answers, frames = [], []
+    for body in (usual, general):
+        client = await raw_connect(daemon.port)
+        client.transport.write(_post(body))
+        await wait_for(lambda c=client: c.received.endswith(b"]}"), timeout=30)
+        answers.append(client.received.partition(b"\r\n\r\n"))
+        client.transport.loseConnection()
+        counts = {name: sum(1 for c, _ in items if c == name) for name in names}
+        await wait_for(
+            lambda counts=counts: all(sockets[n].received.count(b'"type":"message"') == counts[n] for n in names),
+            timeout=30,
+        )
+        frames.append({n: sockets[n].received for n in names})
+        for n in names:
+            sockets[n].received = b""
+    assert answers[0][0] == answers[1][0]  # the same status line and headers
+    for (_, _, body), sent, base in zip(answers, frames, (0, 1), strict=True):
+        results = json.loads(body)["results"]
+        assert [r["channel"] for r in results] == [c for c, _ in items]
+        # The first message of channel pa is at offset 1, then 2; in the second batch 3, then 4.
+        assert [r["offset"] for r in results] == [1 + 2 * base, 1 + base, 2 + 2 * base, 1 + base]
+        publications = [
+            Publication(r["channel"], r["offset"], r["epoch"], d) for r, (_, d) in zip(results, items, strict=True)
+        ]
+        assert body == b'{"results":[' + b",".join([result_json(p) for p in publications]) + b"]}"
+        for name in names:
+            assert sent[name] == b"".join(
+                [
+                    text_frame(message_envelope(p.channel, "message", p.offset, p.epoch, p.data))
+                    for p in publications
+                    if p.channel == name
+                ]
+            )
+    for client in sockets.values():
+        client.transport.loseConnection()
