@@ -533,3 +533,44 @@ async def test_a_usual_batch_answers_and_delivers_as_the_general_path(make_daemo
             )
     for client in sockets.values():
         client.transport.loseConnection()
+
+
+# -- review of the fast paths: floats that overflow without a 3-digit exponent --
+
+# A float overflows when its integer digits and its exponent together pass
+# 308, whatever the exponent's length: a long mantissa with a short exponent
+# overflows as surely as 1e999.
+OVERFLOWING = [
+    b"1" + b"0" * 250 + b"e99",
+    b"9" * 308 + b"e1",
+    b"-" + b"2" * 300 + b".5e+9",
+    b"1" + b"0" * 300 + b".0E10",
+]
+
+
+@pytest.mark.parametrize("number", OVERFLOWING)
+def test_loads_refuses_every_float_that_overflows(number):
+    with pytest.raises(InvalidJSON, match="too large for a 64-bit float"):
+        loads(b'{"channel":"a","data":%s}' % number)
+    with pytest.raises(InvalidJSON, match="too large for a 64-bit float"):
+        loads(b"[1, %s]" % number)
+
+
+def test_loads_keeps_long_floats_that_do_not_overflow():
+    for number in (b"1" * 209 + b"e99", b"1" * 308 + b".5", b"0." + b"1" * 400 + b"e99", b"1" * 308 + b"e-9"):
+        value = loads(b"[%s]" % number)
+        assert value == [float(number)] and value[0] - value[0] == 0.0
+
+
+@pytest.mark.parametrize("number", OVERFLOWING)
+@pytest_twisted.ensureDeferred
+async def test_a_float_that_overflows_publishes_nothing(make_daemon, number):
+    daemon = await make_daemon()
+    single = b'{"channel":"ov","data":%s}' % number
+    batch = b'[{"channel":"ov","data":1},{"channel":"ov","data":%s}]' % number
+    for body in (single, batch):
+        status, answer, _ = await daemon.publish(None, raw=body)
+        assert status == 400, answer
+        assert answer["error"] == "invalid_json" and "too large" in answer["message"]
+    state = await daemon.hub.state("ov")
+    assert state.offset == 0  # nothing published, no Infinity sent on
