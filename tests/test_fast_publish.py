@@ -607,3 +607,24 @@ async def test_header_blocks_are_still_kept_after_many_different_ones(make_daemo
     assert len(known) <= KNOWN_HEADER_BLOCKS
     for client in (varied, steady):
         client.transport.loseConnection()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_field_given_twice_in_one_spelling_keeps_its_last_value(make_daemon):
+    """
+    {"channel": "a", "data": 1, "data": 2}: the last value counts, on the
+    one-step path and the general one (an event forces it), single or batch,
+    as docs/PROTOCOL.md §3.2 says.
+    """
+    daemon = await make_daemon()
+    bodies = [
+        b'{"channel":"dup","data":1,"data":2}',
+        b'{"channel":"dup","data":1,"event":"message","data":2}',
+        b'[{"channel":"dup","data":1,"data":2},{"channel":"nope","channel":"dup","data":2}]',
+    ]
+    for body in bodies:
+        status, answer, _ = await daemon.publish(None, raw=body)
+        assert status == 200, answer
+    history = await daemon.hub.history("dup", 0, None)
+    assert [p.data for p in history.publications] == [b"2"] * 4
+    assert (await daemon.hub.state("nope")).offset == 0
