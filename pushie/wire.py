@@ -72,7 +72,10 @@ _OPENING = (b"{", b"[")
 # "+" becomes "e" rather than being deleted (a translation without deletions
 # is the cheaper one): "e+308" reads "ee000", which holds "e000" all the same.
 _NUMBER_SHAPE = bytes.maketrans(b"123456789E+", b"000000000ee")
-_MANY_DIGITS = b"0" * 309
+# A float of at most 209 digits in a row and an exponent of at most two
+# digits stays below 10**(209 + 99) = 1e308: longer runs may overflow
+# (a long mantissa with a short exponent, 1000...0e99, as surely as 1e999).
+_MANY_DIGITS = b"0" * 210
 # A lone surrogate can only come from a \uD800-\uDFFF escape once the bytes are
 # strict UTF-8; text without one needs no walk for it.
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89abcdefABCDEF]")
@@ -82,7 +85,8 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 def _may_overflow(raw: bytes) -> bool:
     """
     Whether C{raw} may hold a float that overflows to infinity: one with an
-    exponent of three digits or more, or 309 digits in a row.  (Two C scans
+    exponent of three digits or more, or 210 digits in a row (what a
+    two-digit exponent needs to reach 1.8e308).  (Two C scans
     of the bytes; a regular expression with a character class costs ten
     times more, and a Python call per float more still.)
     """

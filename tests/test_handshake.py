@@ -285,3 +285,36 @@ async def test_connection_made_leaves_the_state_autobahns_would(daemon):
         else:
             assert got == expected, name
     factory.countConnections = before
+
+
+@pytest.mark.parametrize("how", ["close", "abort"])
+@pytest_twisted.ensureDeferred
+async def test_client_gone_right_after_its_handshake_leaves_nothing_behind(daemon, monkeypatch, processed, how):
+    """A handshake and the client's FIN (or RST) in one go: no connection, subscriber or count is left."""
+    hub = daemon.service.hub
+    factory = daemon.service.websocket_factory
+    before = factory.countConnections
+    answered = []
+    original = PushieServerProtocol.open_handshake
+
+    def recorded(self, lines, rest):
+        answered.append(original(self, lines, rest))
+        return answered[-1]
+
+    monkeypatch.setattr(PushieServerProtocol, "open_handshake", recorded)
+    clients = []
+    for count in range(1, 21):
+        client = await raw_connect(daemon.port)
+        client.transport.socket.sendall(request(daemon.port, "/websocket?channel=gone"))  # on the wire now
+        if how == "close":
+            client.transport.loseConnection()  # the FIN right behind the handshake
+        else:
+            # An RST may overtake data the server has not read yet: it goes once the handshake is read.
+            await wait_for(lambda count=count: len(answered) == count)
+            client.transport.abortConnection()
+        clients.append(client)
+    for client in clients:
+        await client.lost
+    await wait_for(lambda: len(answered) == 20 and not hub.connections and hub.subscriber_count("gone") == 0)
+    await wait_for(lambda: factory.countConnections == before)
+    assert all(answered) and not processed  # the door's own handshake took them

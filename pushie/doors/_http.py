@@ -121,7 +121,7 @@ _PUBLISH_NEEDS_TWISTED = frozenset({b"transfer-encoding", b"expect", b"upgrade"}
 _PUBLISH_LINE = b"POST /publish HTTP/1.1"
 
 KNOWN_HEADER_BLOCKS = 256
-"""Header blocks of C{POST /publish} requests whose reading a site keeps (the first ones seen)."""
+"""Header blocks of C{POST /publish} requests whose reading a site keeps (all forgotten when it is full)."""
 
 # A Content-Length of more digits is refused (400) before anything reads it as
 # a number: no body that large is accepted anyway.
@@ -567,7 +567,11 @@ class PushieHTTPChannel(HTTPChannel):
                 lines = block.split(b"\r\n")
                 if len(lines) < self.maxHeaders:
                     parsed = self._publish_parse(lines)
-                    if parsed is not None and len(known) < KNOWN_HEADER_BLOCKS:
+                    if parsed is not None:
+                        if len(known) >= KNOWN_HEADER_BLOCKS:
+                            # Full (bodies of many lengths, or junk): start
+                            # afresh rather than keep the first ones for good.
+                            known.clear()
                         known[block] = parsed
             if parsed is not None:
                 rest = buffer[end + 4 :]
