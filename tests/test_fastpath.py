@@ -12,6 +12,7 @@ import json
 
 import pytest_twisted
 
+from pushie.wire import text_frame
 from tests.helpers import raw_handshake, sleep, wait_for
 from tests.test_operations import metric
 
@@ -138,5 +139,46 @@ async def test_slow_consumer_on_bursts_is_dropped_and_others_keep_up(make_daemon
         assert int.from_bytes(closes[0][:2], "big") == 1013
     got = messages(frames)
     assert [m["offset"] for m in got] == list(range(1, len(got) + 1))  # what did arrive is whole and in order
+    status, body, _ = await daemon.get("/metrics")
+    assert metric(body.decode(), "pushie_slow_consumer_disconnects_total") == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_single_publications_leave_as_the_general_paths_frames(daemon):
+    # One publication per request: each is delivered alone (deliver, not
+    # deliver_burst); its bytes must be text_frame(envelope), for every
+    # length encoding a publish body allows.
+    client = await subscribed_raw(daemon, "single")
+    start = len(client.received)
+    sizes = [1, 100, 1_000, 60_000]  # 7-bit and 16-bit frame lengths
+    for i, size in enumerate(sizes):
+        status, _, _ = await daemon.publish({"channel": "single", "data": {"i": i, "x": "y" * size}})
+        assert status == 200
+    await wait_for(lambda: len(messages(server_frames(client.received))) == len(sizes))
+    envelopes = [payload for first, payload in server_frames(client.received) if b'"message"' in payload]
+    got = [json.loads(e) for e in envelopes]
+    assert [(m["offset"], m["data"]) for m in got] == [(i + 1, {"i": i, "x": "y" * n}) for i, n in enumerate(sizes)]
+    assert client.received[start:] == b"".join(text_frame(e) for e in envelopes)
+
+
+@pytest_twisted.ensureDeferred
+async def test_slow_consumer_on_single_publications_is_dropped(make_daemon):
+    daemon = await make_daemon(slow_consumer_buffer=300 * 1024, slow_consumer_grace=30)
+    status, slow = await raw_handshake(daemon.port, "/websocket?channel=alone")
+    assert status == 101
+    await wait_for(lambda: b'"subscribed"' in slow.received)
+    slow.transport.pauseProducing()  # it stops reading
+    payload = "x" * 50_000
+    sent = 0
+    while len(daemon.hub.connections) == 1 and sent < 2000:
+        status, _, _ = await daemon.publish({"channel": "alone", "data": payload})
+        assert status == 200
+        sent += 1
+    assert len(daemon.hub.connections) == 0, "the slow consumer was never dropped"
+    slow.transport.resumeProducing()
+    await wait_for(lambda: slow.lost.called)
+    got = messages(server_frames(slow.received))
+    assert [m["offset"] for m in got] == list(range(1, len(got) + 1))
+    assert len(got) < sent
     status, body, _ = await daemon.get("/metrics")
     assert metric(body.decode(), "pushie_slow_consumer_disconnects_total") == 1
