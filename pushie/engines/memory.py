@@ -315,7 +315,16 @@ class MemoryEngine:
                 self._remember_key(key, now, ChannelState(channel.offset, channel.epoch))
             publications.append(publication)
             fresh.append(publication)
-        # After the whole batch: a batch bigger than the budget keeps its newest part.
+        self._appended(fresh, keep is not None)
+        return publications
+
+    def _appended(self, fresh: Sequence[Publication], kept: bool) -> None:
+        """
+        After a batch of new publications (L{append_now}, L{append_plain}):
+        hold the memory budget (after the whole batch: a batch bigger than
+        the budget keeps its newest part), dispatch them, and forget the
+        channels nobody watches when nothing was kept.
+        """
         if self.memory_budget > 0 and self.used > self.memory_budget:
             self._within_budget()
         listener = self._listener
@@ -323,12 +332,11 @@ class MemoryEngine:
             dispatch = listener.dispatch
             for publication in fresh:
                 dispatch(publication)
-        if keep is None:
+        if not kept:
             # Nothing kept: a channel nobody watches is forgotten at once.  (With
             # history, a publication was just kept in each of these channels.)
             for publication in fresh:
                 self._forget_if_idle(publication.channel)
-        return publications
 
     def append_plain(self, items: Sequence[tuple[str, bytes]]) -> list[Publication]:
         """
@@ -377,16 +385,7 @@ class MemoryEngine:
                     if gone is not None:
                         used -= gone[1]
         self.used = used
-        if self.memory_budget > 0 and used > self.memory_budget:
-            self._within_budget()
-        listener = self._listener
-        if listener is not None:
-            dispatch = listener.dispatch
-            for publication in publications:
-                dispatch(publication)
-        if history_size <= 0:
-            for publication in publications:
-                self._forget_if_idle(publication.channel)
+        self._appended(publications, history_size > 0)
         return publications
 
     def state(self, channel: str) -> Deferred[ChannelState]:
